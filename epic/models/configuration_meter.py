@@ -1,0 +1,36 @@
+"""METER architecture configuration (HF style: one config dataclass per model family)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class METERConfig:
+    # Vision tower: CLIP ViT (OpenAI layout, QuickGELU, pre-norm). METER keeps only the first 11 of CLIP's 12
+    # blocks and applies ln_post to every token, so `vit_layers` counts the blocks actually built.
+    image_size: int = 288
+    patch_size: int = 16
+    vit_width: int = 768
+    vit_layers: int = 11
+    vit_heads: int = 12
+    vit_pretrained: Optional[str] = None  # local OpenAI-CLIP state dict (.pt / .bin / .safetensors)
+
+    # Text tower: HF RoBERTa (or BERT) built from these sizes, or loaded from a local pretrained path.
+    text_model_type: str = "roberta"  # "roberta" | "bert"
+    text_pretrained: Optional[str] = None  # local HF folder; overrides the sizes below
+    vocab_size: int = 50265
+    text_hidden_size: int = 768
+    text_layers: int = 12
+    text_heads: int = 12
+    text_intermediate_size: int = 3072
+    max_text_len: int = 50
+    pad_token_id: int = 1
+
+    # Co-attention fusion (METER's BertCrossLayer stack).
+    hidden_size: int = 768
+    num_heads: int = 12
+    num_fusion_layers: int = 6
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    num_token_types: int = 2  # 3 for NLVR2 (second image gets type 2)
