@@ -1,0 +1,331 @@
+"""Typed run configuration: packaged YAML files -> dataclasses, with `extends:` and dotted `key=value` overrides.
+
+    cfg = load_config("shapes_tiny", overrides=["train.lr=2e-5", "data.micro_batch_size=8"])
+
+A config file is YAML (read with `yaml.safe_load` only). `extends: <name or path>` merges this file over another
+one (recursively for sections). Names without a path are looked up in the packaged `epic/configs/` folder.
+Unknown keys, values of the wrong type and missing files raise `ConfigError` at load time, naming the key and
+the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from epic.models.configuration_meter import METERConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix (the message says what and how)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # checkpoints, TensorBoard logs and the resolved config live here
+    name: str = "epic"
+    seed: int = 0
+
+
+@dataclass
+class SourceConfig:
+    shards: str = ""  # brace spec, e.g. /data/cc3m/{00000..00331}.tar
+    weight: float = 1.0  # sampling weight in the mixture
+    name: str = ""
+
+
+@dataclass
+class DataConfig:
+    # `root` is a folder written by tools/make_synthetic_shards.py (train/, val/, tokenizer/). When set, it fills
+    # `sources`, `val_shards` and `tokenizer` where those are left empty.
+    root: Optional[str] = None
+    sources: list[SourceConfig] = field(default_factory=list)
+    val_shards: Optional[str] = None
+    tokenizer: Optional[str] = None  # local HF tokenizer folder (e.g. a saved roberta-base tokenizer)
+    image_size: int = 288
+    max_text_len: int = 50
+    micro_batch_size: int = 32  # per rank, per forward/backward
+    eval_batch_size: int = 64
+    num_workers: int = 4
+    mlm_probability: float = 0.15
+    randaugment: bool = True
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100_000  # optimizer steps (one step = one global batch)
+    global_batch_size: int = 4096
+    lr: float = 1e-5
+    lr_mult_fusion: float = 5.0  # METER: x5 for cross_modal_* layers
+    lr_mult_head: float = 5.0  # METER: x5 for the task heads
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    schedule: str = "linear"  # "linear" (METER: warm-up then linear decay to 0) | "tri_stage" (EPIC App. F)
+    warmup_ratio: float = 0.1
+    hold_ratio: float = 0.8  # tri_stage only
+    final_lr_scale: float = 0.01  # tri_stage only: exponential decay down to lr * final_lr_scale
+    grad_clip: float = 1.0  # 0 disables clipping
+    log_every: int = 50
+    save_every: int = 2000
+    keep_last: int = 3
+    eval_every: int = 0  # 0: no periodic evaluation
+    deterministic: bool = False  # CPU exact-resume mode: deterministic algorithms, fixed thread count
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = guess from the device name (none on CPU)
+
+
+@dataclass
+class EvalConfig:
+    k_test: int = 0  # retrieval: 0 = exhaustive ITM over all pairs, else shortlist size per query
+    max_images: int = 0  # 0 = all
+    batch_size: int = 64
+
+
+@dataclass
+class GeneratorConfig:
+    """The auxiliary BERT-like language model of EPIC (Sec. 4.3); same family as the VLM's text encoder."""
+
+    pretrained: Optional[str] = None  # local HF folder (roberta-base for real runs); None = random init from sizes
+    hidden_size: int = 0  # 0 = same as the VLM's text encoder
+    layers: int = 0
+    heads: int = 0
+    intermediate_size: int = 0
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    ds_config: Optional[str] = None  # its own DeepSpeed JSON (fp16 on GPU); None = derived from the VLM's
+
+
+@dataclass
+class EpicConfig:
+    enabled: bool = False
+    teacher: Optional[str] = None  # run dir, checkpoint dir, export dir or official METER .ckpt
+    teacher_dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32
+    mask_ratio: float = 0.35
+    lambda_itc: float = 8.0  # Eq. 9
+    masking: str = "saliency"  # "saliency" (Sec. 4.4) | "uniform" (ablation "ITC+LM")
+    corruption: str = "generator"  # "generator" | "random" (ablation "ITC (rand.)": uniform vocabulary tokens)
+    generator_mode: str = "finetune"  # finetune | fixed | pretrained_fixed | conditioned | vlm_sas (Table 5)
+    sas_refresh_every: int = 1000  # vlm_sas: refresh the generator VLM from the main VLM every k steps
+    cmlm_saliency: bool = False  # "†CMLM": saliency masking for the MLM objective
+    log_saliency_every: int = 0  # every N steps, a Fig. 4-style image of the saliency of a fixed val batch
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: METERConfig = field(default_factory=METERConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    epic: EpicConfig = field(default_factory=EpicConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_config_path(name: str, relative_to: Optional[Path] = None) -> Path:
+    """A config name (`shapes_tiny`), a packaged file name (`shapes_tiny.yaml`) or a path."""
+    candidates = [Path(name)]
+    if relative_to is not None:
+        candidates.append(relative_to / name)
+    candidates += [CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    packaged = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(Path(name).stem, packaged, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"config file '{name}' not found (looked in {[str(c) for c in candidates]}).{hint} "
+                      f"Packaged configs: {', '.join(packaged)}.")
+
+
+def _read_yaml_with_extends(path: Path, seen: tuple = ()) -> dict:
+    if path in seen:
+        raise ConfigError(f"circular 'extends' chain: {' -> '.join(map(str, seen + (path,)))}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _read_yaml_with_extends(resolve_config_path(parent, path.parent), seen + (path,))
+    return deep_merge(base, data)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=2e-5` -> (['train', 'lr'], 2e-05). The value is parsed as YAML (`null`, lists, numbers)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.lr=2e-5)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': empty key")
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{'.'.join(path)}': '{part}' is not a section")
+    node[path[-1]] = value
+
+
+def _unknown_key_error(where: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{where}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{where}{key}'.{hint} Valid keys here: {', '.join(valid)}")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a type annotation, converting only where it is lossless (int -> float)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"'{where}': unsupported value {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{where}' must be a section (mapping), got {value!r}")
+        return build_dataclass(annotation, value, where + ".")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{where}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{where}' must be a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"'{where}' must be an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{where}' must be true or false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{where}' must be a string, got {value!r} ({type(value).__name__})")
+        return value
+    raise ConfigError(f"'{where}': unsupported annotation {annotation!r}")
+
+
+def build_dataclass(cls: type, data: dict, where: str = ""):
+    """Build `cls` from a mapping, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown_key_error(where, str(key), valid)
+        kwargs[key] = _coerce(value, hints[key], where + key)
+    return cls(**kwargs)
+
+
+def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a packaged or local YAML config (or the defaults when None) and apply dotted overrides."""
+    data: dict = {}
+    if name_or_path is not None:
+        data = _read_yaml_with_extends(resolve_config_path(name_or_path))
+    for text in overrides or []:
+        path, value = parse_override(text)
+        apply_override(data, path, value)
+    cfg = build_dataclass(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a resolved config (e.g. the one saved with a checkpoint)."""
+    cfg = build_dataclass(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+_CHOICES = {
+    "train.schedule": ("linear", "tri_stage"),
+    "epic.masking": ("saliency", "uniform"),
+    "epic.corruption": ("generator", "random"),
+    "epic.generator_mode": ("finetune", "fixed", "pretrained_fixed", "conditioned", "vlm_sas"),
+    "epic.teacher_dtype": ("auto", "fp16", "bf16", "fp32"),
+    "model.text_model_type": ("roberta", "bert"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    for dotted, choices in _CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"'{dotted}' must be one of {choices}, got {value!r}")
+    positive = {"train.max_steps": cfg.train.max_steps, "train.global_batch_size": cfg.train.global_batch_size,
+                "data.micro_batch_size": cfg.data.micro_batch_size, "data.image_size": cfg.data.image_size,
+                "data.max_text_len": cfg.data.max_text_len, "train.log_every": cfg.train.log_every,
+                "train.save_every": cfg.train.save_every, "train.keep_last": cfg.train.keep_last}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be > 0, got {value}")
+    if not 0.0 < cfg.epic.mask_ratio <= 1.0:
+        raise ConfigError(f"'epic.mask_ratio' must be in (0, 1], got {cfg.epic.mask_ratio}")
+    if not 0.0 <= cfg.train.warmup_ratio <= 1.0 or cfg.train.warmup_ratio + (
+            cfg.train.hold_ratio if cfg.train.schedule == "tri_stage" else 0.0) > 1.0:
+        raise ConfigError("'train.warmup_ratio' (+ 'train.hold_ratio' for tri_stage) must lie in [0, 1]")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"'train.betas' must have two values, got {cfg.train.betas}")
+    for i, src in enumerate(cfg.data.sources):
+        if not src.shards:
+            raise ConfigError(f"'data.sources[{i}].shards' is empty: give a shard spec like /data/cc3m/{{00000..00331}}.tar")
+        if src.weight <= 0:
+            raise ConfigError(f"'data.sources[{i}].weight' must be > 0, got {src.weight}")
+    if cfg.epic.enabled and cfg.epic.teacher is None and cfg.epic.masking == "saliency":
+        raise ConfigError("EPIC saliency masking needs a teacher: set epic.teacher=<run dir | checkpoint | "
+                          "official METER .ckpt>, or epic.masking=uniform")
