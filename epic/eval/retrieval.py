@@ -1,0 +1,285 @@
+"""Image-text retrieval evaluation: R@1/5/10 for text retrieval (TR) and image retrieval (IR) from ITM scores.
+
+METER scores every (image, text) pair with its ITM head and re-encodes the image for every text batch, which is
+why its COCO-5k evaluation takes hours. Here every image goes through the vision tower once and every caption
+through the text encoder once; only the fusion layers run per pair:
+
+    1. encode: image tower once per image (this rank's images only), text encoder once per caption
+    2. first stage (only when k_test > 0): a cheap similarity between pooled unimodal features picks, for every
+       image, its k_test best texts (TR) and, for every text, its k_test best images (IR)
+    3. ITM: the fusion layers + ITM head score every pair (exhaustive) or the union of both shortlists
+    4. the score matrix rows (images) are split across ranks and all-gathered; metrics are computed on it.
+
+First-stage score. METER has no contrastive head, so its unimodal features are not trained to be comparable by
+cosine. We use the cosine of the mean-pooled unimodal features after METER's two `cross_modal_*_transform` layers,
+which map both streams into the space the fusion layers read; it is a heuristic shortlist (ALBEF and X-VLM use
+their contrastive embeddings the same way, where it is a trained one). A model may override it by defining
+`retrieval_embeddings(image_embeds, text_embeds, text_mask) -> (image_vectors, text_vectors)`. With
+k_test >= the number of candidates the shortlist is everything and the result equals the exhaustive one.
+
+Pair score. The default is log p(match) = log_softmax(ITM logits)[:, 1]: the same ranking as METER's softmax
+probability, but without the ties that saturated probabilities produce in half precision. A task model may define
+`pair_score(cls_feats)` (the fine-tuned retrieval model's rank head does).
+
+Metrics (in percent, as papers report them). With S the [images x texts] score matrix and gt(t) the image of text t:
+    TR rank of image i = #{wrong texts t : S[i, t] >= max over i's own texts of S[i, t']}
+    IR rank of text t  = #{wrong images i : S[i, t] >= S[gt(t), t]}
+    R@k = 100 * mean(rank < k)
+Ties count against the ground truth, so a model that scores everything alike gets R@1 = 0, not an accident.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+RECALL_KS = (1, 5, 10)
+METRIC_KEYS = tuple(f"{d}_r{k}" for d in ("tr", "ir") for k in RECALL_KS) + ("r_mean",)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics on a score matrix
+# ----------------------------------------------------------------------------------------------------------------
+def text_retrieval_ranks(scores: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:
+    """For each image (row), the number of wrong texts scored at least as high as its best ground-truth text."""
+    n_images, n_texts = scores.shape
+    is_gt = text_to_image.view(1, n_texts) == torch.arange(n_images).view(n_images, 1)  # [I, T]
+    if not bool(is_gt.any(dim=1).all()):
+        missing = (~is_gt.any(dim=1)).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"images {missing} have no caption in the eval set: every image needs at least one")
+    best_gt = scores.masked_fill(~is_gt, float("-inf")).amax(dim=1, keepdim=True)
+    return ((scores >= best_gt) & ~is_gt).sum(dim=1)
+
+
+def image_retrieval_ranks(scores: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:
+    """For each text (column), the number of wrong images scored at least as high as its own image."""
+    n_texts = scores.shape[1]
+    own = scores[text_to_image, torch.arange(n_texts)].view(1, n_texts)
+    is_gt = torch.arange(scores.shape[0]).view(-1, 1) == text_to_image.view(1, n_texts)
+    return ((scores >= own) & ~is_gt).sum(dim=0)
+
+
+def recall_metrics(scores: torch.Tensor, text_to_image: torch.Tensor, ks: Iterable[int] = RECALL_KS) -> dict:
+    """`tr_r1 … ir_r10` in percent and their mean `r_mean` from an [images x texts] score matrix."""
+    scores = scores.float().cpu()
+    text_to_image = text_to_image.long().cpu()
+    if scores.shape[1] != text_to_image.numel():
+        raise ValueError(f"score matrix has {scores.shape[1]} text columns but text_to_image has "
+                         f"{text_to_image.numel()} entries")
+    tr = text_retrieval_ranks(scores, text_to_image)
+    ir = image_retrieval_ranks(scores, text_to_image)
+    out = {}
+    for name, ranks in (("tr", tr), ("ir", ir)):
+        for k in ks:
+            out[f"{name}_r{k}"] = 100.0 * (ranks < k).float().mean().item()
+    out["r_mean"] = sum(out.values()) / len(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding the eval set once
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class EncodedEvalSet:
+    """Everything the fusion layers need, computed once. Images: only the ones this rank owns."""
+
+    image_ids: torch.Tensor  # [I_local] global image index (0..I-1) of each cached image, ascending
+    image_embeds: torch.Tensor  # [I_local, N, vit_width] vision tower output
+    num_images: int  # I, over all ranks
+    text_embeds: torch.Tensor  # [T, L, text_width] text encoder output, every caption
+    input_ids: torch.Tensor  # [T, L]
+    attention_mask: torch.Tensor  # [T, L]
+    text_to_image: torch.Tensor  # [T] global image index of each caption
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(model.parameters())
+    return param.device, param.dtype
+
+
+@torch.no_grad()
+def encode_eval_set(model, loader, max_images: int = 0, batch_size: int = 64) -> EncodedEvalSet:
+    """Run the vision tower once per image this rank owns and the text encoder once per caption.
+
+    The loader yields one row per (image, caption) with `image_index`; it must give every rank the whole set (the
+    rows are cheap; the work is split by image below). Image `i` belongs to rank `i % world_size`.
+    `max_images` > 0 keeps the captions of the first `max_images` images (by image index).
+    """
+    rank, world = _dist_info()
+    device, dtype = _model_device_dtype(model)
+    seen_images: set[int] = set()
+    image_ids, image_embeds, pending_ids, pending_pixels = [], [], [], []
+    input_ids, attention_mask, text_to_image, text_embeds = [], [], [], []
+
+    def flush_images():
+        if pending_ids:
+            pixels = torch.stack(pending_pixels).to(device=device, dtype=dtype)
+            image_embeds.append(model.encode_image(pixels))
+            image_ids.extend(pending_ids)
+            pending_ids.clear()
+            pending_pixels.clear()
+
+    for batch in loader:
+        if "image_index" not in batch:
+            raise KeyError("retrieval evaluation needs an eval loader whose batches carry `image_index` "
+                           "(one row per (image, caption)); build it with the data package's eval loader")
+        index = batch["image_index"].long()
+        keep = index < max_images if max_images > 0 else torch.ones_like(index, dtype=torch.bool)
+        if not bool(keep.any()):
+            continue
+        ids = batch["input_ids"][keep]
+        mask = batch["attention_mask"][keep]
+        text_embeds.append(model.encode_text(ids.to(device), mask.to(device)))
+        input_ids.append(ids)
+        attention_mask.append(mask)
+        text_to_image.append(index[keep])
+        for row in keep.nonzero().flatten().tolist():
+            i = int(index[row])
+            if i in seen_images:
+                continue
+            seen_images.add(i)
+            if i % world == rank:
+                pending_ids.append(i)
+                pending_pixels.append(batch["pixel_values"][row])
+                if len(pending_ids) == batch_size:
+                    flush_images()
+    flush_images()
+    if not text_to_image:
+        raise ValueError("the eval loader yielded no rows: check the eval shards (data.val_shards / --data)")
+
+    num_images = len(seen_images)
+    if sorted(seen_images) != list(range(num_images)):
+        raise ValueError(f"image_index values must be 0..N-1 without gaps; got {num_images} distinct values "
+                         f"with max {max(seen_images)}")
+    order = torch.tensor(image_ids, dtype=torch.long).argsort()
+    empty = torch.empty(0, *(image_embeds[0].shape[1:] if image_embeds else (0, 0)), device=device, dtype=dtype)
+    return EncodedEvalSet(
+        image_ids=torch.tensor(image_ids, dtype=torch.long)[order],
+        image_embeds=torch.cat(image_embeds)[order.to(device)] if image_embeds else empty,
+        num_images=num_images,
+        text_embeds=torch.cat(text_embeds),
+        input_ids=torch.cat(input_ids).to(device),
+        attention_mask=torch.cat(attention_mask).to(device),
+        text_to_image=torch.cat(text_to_image),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------------------------
+def default_pair_score(model, cls_feats: torch.Tensor) -> torch.Tensor:
+    """log p(match | image, text) from the ITM head (fp32)."""
+    return model.itm_score(cls_feats).float().log_softmax(dim=-1)[:, 1]
+
+
+@torch.no_grad()
+def score_pairs(model, data: EncodedEvalSet, local_image: torch.Tensor, text: torch.Tensor,
+                batch_size: int) -> torch.Tensor:
+    """Fusion + ITM for the pairs (data.image_embeds[local_image[j]], caption text[j]); returns [P] fp32 scores."""
+    pair_score = getattr(model, "pair_score", None) or (lambda feats: default_pair_score(model, feats))
+    device = data.text_embeds.device
+    out = []
+    for start in range(0, local_image.numel(), batch_size):
+        img = local_image[start:start + batch_size].to(device)
+        txt = text[start:start + batch_size].to(device)
+        result = model.infer(input_ids=data.input_ids[txt], attention_mask=data.attention_mask[txt],
+                             image_embeds=data.image_embeds[img], text_embeds=data.text_embeds[txt])
+        out.append(pair_score(result["cls_feats"]).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def _mean_pool(features: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return features.float().mean(dim=1)
+    weights = mask.to(features.dtype).unsqueeze(-1)
+    return (features * weights).float().sum(dim=1) / weights.float().sum(dim=1).clamp_min(1.0)
+
+
+@torch.no_grad()
+def first_stage_embeddings(model, data: EncodedEvalSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit vectors for the shortlist: (this rank's images [I_local, D], all texts [T, D]); see the module doc."""
+    custom = getattr(model, "retrieval_embeddings", None)
+    if custom is not None:
+        image_vec, text_vec = custom(data.image_embeds, data.text_embeds, data.attention_mask)
+    else:
+        for name in ("cross_modal_image_transform", "cross_modal_text_transform"):
+            if not hasattr(model, name):
+                raise AttributeError(f"k_test > 0 needs a first-stage score: {type(model).__name__} has no '{name}'"
+                                     f" and no retrieval_embeddings(); use eval.k_test=0 (exhaustive ITM)")
+        image_vec = _mean_pool(model.cross_modal_image_transform(data.image_embeds), None)
+        text_vec = _mean_pool(model.cross_modal_text_transform(data.text_embeds), data.attention_mask)
+    return F.normalize(image_vec.float(), dim=-1).cpu(), F.normalize(text_vec.float(), dim=-1).cpu()
+
+
+def _all_gather_rows(local_rows: torch.Tensor, local_ids: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Assemble the full [num_rows, C] matrix from each rank's rows (`local_ids` says which)."""
+    rank, world = _dist_info()
+    full = torch.empty(num_rows, local_rows.shape[1], dtype=local_rows.dtype)
+    if world == 1:
+        full[local_ids] = local_rows
+        return full
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+    max_rows = -(-num_rows // world)  # rank r owns ids r, r+W, ... so at most ceil(I/W) rows
+    padded = torch.zeros(max_rows, local_rows.shape[1], dtype=local_rows.dtype)
+    padded[:local_rows.shape[0]] = local_rows
+    gathered = [torch.empty_like(padded, device=backend_device) for _ in range(world)]
+    dist.all_gather(gathered, padded.to(backend_device))
+    for r, rows in enumerate(gathered):
+        ids = torch.arange(r, num_rows, world)
+        full[ids] = rows[:ids.numel()].cpu()
+    return full
+
+
+def shortlist_mask(image_vec_all: torch.Tensor, text_vec: torch.Tensor, k_test: int) -> torch.Tensor:
+    """[I, T] bool: pair is among the image's k_test best texts or the text's k_test best images."""
+    sim = image_vec_all @ text_vec.T
+    mask = torch.zeros_like(sim, dtype=torch.bool)
+    k_txt = min(k_test, sim.shape[1])
+    k_img = min(k_test, sim.shape[0])
+    mask.scatter_(1, sim.topk(k_txt, dim=1).indices, True)  # TR shortlist per image
+    mask.scatter_(0, sim.topk(k_img, dim=0).indices, True)  # IR shortlist per text
+    return mask
+
+
+@torch.no_grad()
+def retrieval_scores(model, data: EncodedEvalSet, k_test: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """The full [I, T] score matrix on every rank; pairs outside the shortlist (k_test > 0) get -inf."""
+    num_texts = data.text_embeds.shape[0]
+    if k_test > 0:
+        image_vec, text_vec = first_stage_embeddings(model, data)
+        image_vec_all = _all_gather_rows(image_vec, data.image_ids, data.num_images)
+        wanted = shortlist_mask(image_vec_all, text_vec, k_test)[data.image_ids]  # this rank's rows
+    else:
+        wanted = torch.ones(data.image_ids.numel(), num_texts, dtype=torch.bool)
+    local_image, text = wanted.nonzero(as_tuple=True)
+    local_scores = torch.full((data.image_ids.numel(), num_texts), float("-inf"))
+    local_scores[local_image, text] = score_pairs(model, data, local_image, text, batch_size)
+    return _all_gather_rows(local_scores, data.image_ids, data.num_images)
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, loader, k_test: int = 0, max_images: int = 0, batch_size: int = 64) -> dict:
+    """Encode once, score, and return `tr_r1 tr_r5 tr_r10 ir_r1 ir_r5 ir_r10 r_mean` (percent) plus set sizes."""
+    was_training = model.training
+    model.eval()
+    try:
+        data = encode_eval_set(model, loader, max_images=max_images, batch_size=batch_size)
+        scores = retrieval_scores(model, data, k_test=k_test, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    metrics = recall_metrics(scores, data.text_to_image)
+    metrics.update(num_images=data.num_images, num_texts=int(data.text_to_image.numel()), k_test=k_test)
+    return metrics
