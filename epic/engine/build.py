@@ -1,0 +1,190 @@
+"""Config -> the objects of a run: data paths, tokenizer, model, objective, data loaders."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import braceexpand
+import torch
+
+from epic.config import Config, ConfigError
+
+_ENV_VAR = re.compile(r"\$\{([^}]+)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+@dataclass
+class DataPaths:
+    sources: list[tuple[str, list[str], float]]  # (name, shard files, weight)
+    val_shards: Optional[list[str]]
+    tokenizer: str
+
+
+def expand_env(text: str, what: str) -> str:
+    """`${EPIC_DATA}/cc3m` -> `/data/cc3m`; an unset variable is an error naming it."""
+    def substitute(match):
+        name = match.group(1) or match.group(2)
+        if name not in os.environ:
+            raise ConfigError(f"{what}: environment variable ${name} is not set (used in '{text}'). "
+                              f"Export it, e.g. `export {name}=/path/...`, or give the path directly.")
+        return os.environ[name]
+
+    return _ENV_VAR.sub(substitute, text)
+
+
+def expand_shards(spec: str, what: str) -> list[str]:
+    """Brace expansion + globbing; every braced shard must exist, a glob must match at least one file."""
+    spec = expand_env(spec, what)
+    files: list[str] = []
+    missing: list[str] = []
+    for item in braceexpand.braceexpand(spec):
+        if any(c in item for c in "*?["):
+            matched = sorted(glob.glob(item))
+            if not matched:
+                raise ConfigError(f"{what}: no shard matches '{item}'. Check the path (and ${{EPIC_DATA}}).")
+            files.extend(matched)
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            missing.append(item)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        raise ConfigError(f"{what}: {len(missing)} shard(s) of '{spec}' do not exist: {shown}. Fix the spec, or "
+                          f"use a glob (*.tar) to take whatever shards exist.")
+    return files
+
+
+def resolve_data_paths(cfg: Config) -> DataPaths:
+    data = cfg.data
+    sources = [(s.name or f"source{i}", s.shards, s.weight) for i, s in enumerate(data.sources)]
+    val, tokenizer = data.val_shards, data.tokenizer
+    if data.root is not None:
+        root = Path(expand_env(data.root, "data.root"))
+        if not root.is_dir():
+            raise ConfigError(f"data.root={root} does not exist. Generate the shapes world with "
+                              f"`python tools/make_synthetic_shards.py --out {root} --train 2000 --val 200`.")
+        if not sources:
+            sources = [("shapes", str(root / "train" / "*.tar"), 1.0)]
+        val = val or str(root / "val" / "*.tar")
+        tokenizer = tokenizer or str(root / "tokenizer")
+    if not sources:
+        raise ConfigError("no training data: set data.root (a shapes world) or data.sources "
+                          "(list of {name, shards, weight})")
+    if tokenizer is None:
+        raise ConfigError("data.tokenizer is not set: give a local HF tokenizer folder (e.g. a saved roberta-base)")
+    tokenizer = expand_env(tokenizer, "data.tokenizer")
+    if not os.path.exists(tokenizer):
+        raise ConfigError(f"data.tokenizer={tokenizer} does not exist")
+    resolved = [(name, expand_shards(spec, f"data source '{name}'"), weight) for name, spec, weight in sources]
+    val_files = expand_shards(val, "data.val_shards") if val else None
+    return DataPaths(resolved, val_files, tokenizer)
+
+
+def resolve_model_config(model_cfg, tokenizer):
+    """Fill the sizes that come from the tokenizer (vocab, pad id) and the data (max text length)."""
+    vocab = len(tokenizer)
+    if model_cfg.vocab_size == 0:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab)
+    elif model_cfg.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab} tokens; "
+                          f"set model.vocab_size=0 to take it from the tokenizer")
+    return dataclasses.replace(model_cfg, pad_token_id=tokenizer.pad_token_id)
+
+
+def expand_model_paths(model_cfg):
+    for name in ("vit_pretrained", "text_pretrained"):
+        value = getattr(model_cfg, name)
+        if value is not None:
+            path = expand_env(value, f"model.{name}")
+            if not os.path.exists(path):
+                raise ConfigError(f"model.{name}={path} does not exist (pretrained weights are loaded from local "
+                                  f"files; set it to null for random initialisation)")
+            model_cfg = dataclasses.replace(model_cfg, **{name: path})
+    return model_cfg
+
+
+def build_model(cfg: Config, paths: DataPaths):
+    from epic.data import load_tokenizer
+    from epic.models.meter import METER
+
+    tokenizer = load_tokenizer(paths.tokenizer)
+    model_cfg = expand_model_paths(resolve_model_config(cfg.model, tokenizer))
+    if model_cfg.max_text_len < cfg.data.max_text_len:
+        raise ConfigError(f"data.max_text_len={cfg.data.max_text_len} exceeds model.max_text_len="
+                          f"{model_cfg.max_text_len}")
+    cfg.model = model_cfg  # the resolved sizes are saved with the checkpoint
+    return METER.from_config(model_cfg), tokenizer
+
+
+def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_size: int, state=None):
+    from epic.data import build_train_loader
+
+    sources = [{"name": name, "shards": files, "weight": weight} for name, files, weight in paths.sources]
+    return build_train_loader(sources, tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
+                              batch_size=cfg.data.micro_batch_size, num_workers=cfg.data.num_workers,
+                              seed=cfg.run.seed, rank=rank, world_size=world_size,
+                              mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment, state=state)
+
+
+class VanillaObjective:
+    """METER's objectives: ITM + MLM with the image encoded once per step."""
+
+    def __init__(self) -> None:
+        from epic.objectives.vanilla import vanilla_losses
+
+        self._losses = vanilla_losses
+
+    def extra_engines(self) -> dict:
+        return {}
+
+    def losses(self, model, batch: dict, rng: torch.Generator, step: int) -> dict:
+        return self._losses(model, batch, rng, share_image_embeds=True)
+
+    def log_values(self, step: int) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build_objective(cfg: Config, engine, tokenizer, ds_config: dict, batch_math, paths: DataPaths, device):
+    if not cfg.epic.enabled:
+        return VanillaObjective()
+    from epic.objectives.consistency import EpicObjective
+
+    return EpicObjective(cfg, engine, tokenizer, ds_config, batch_math, paths, device)
+
+
+def evaluate_retrieval_during_training(cfg: Config, paths: DataPaths, model, tokenizer, rank: int,
+                                       world_size: int, device, dtype) -> dict:
+    if not paths.val_shards:
+        return {}
+    from epic.data import build_eval_loader
+    from epic.eval.retrieval import evaluate_retrieval
+
+    loader = build_eval_loader(paths.val_shards, tokenizer, image_size=cfg.data.image_size,
+                               max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size,
+                               rank=rank, world_size=world_size)
+    return evaluate_retrieval(model, loader, k_test=cfg.eval.k_test, device=device, dtype=dtype,
+                              max_images=cfg.eval.max_images)
+
+
+def check_run_inputs(trainer) -> None:
+    """--check-only: everything a run needs, without building engines. Raises ConfigError on a problem."""
+    cfg = trainer.cfg
+    from epic.data import load_tokenizer
+
+    tokenizer = load_tokenizer(trainer.paths.tokenizer)
+    expand_model_paths(resolve_model_config(cfg.model, tokenizer))
+    if cfg.epic.enabled and cfg.epic.teacher is not None:
+        teacher = expand_env(cfg.epic.teacher, "epic.teacher")
+        if not os.path.exists(teacher):
+            raise ConfigError(f"epic.teacher={teacher} does not exist (a run dir, checkpoint dir, export dir or "
+                              f"official METER .ckpt)")

@@ -1,0 +1,267 @@
+"""The pretraining loop: shards -> batch -> objectives -> engine step -> logs / checkpoints.
+
+One optimizer step consumes `grad_accum_steps` micro-batches on every rank. The objective (vanilla METER or EPIC)
+returns the VLM's total loss for a micro-batch; objectives that own further engines (the EPIC generator) step them
+inside `losses()` so that each engine has its own backward, step and loss scaler.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from epic.config import Config, config_to_dict, dump_config
+from epic.engine import checkpoint as ckpt
+from epic.engine.logger import MetricAverager, RunLogger, StepTimer, guess_peak_tflops, log_console
+from epic.engine.setup import (BatchMath, build_optimizer, derive_batch_math, engine_dtype, initialize_engine,
+                               load_ds_config, loss_scale_of, resolve_ds_config)
+from epic.engine.schedule import build_lr_scheduler
+from epic.engine.build import build_model, build_objective, build_train_data, resolve_data_paths
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)  # mean VLM loss per optimizer step, this run only
+    checkpoint: Optional[str] = None
+    preempted: bool = False
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    flag = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=value.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def _mean_across_ranks(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.item()
+
+
+def move_batch(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.is_floating_point():
+                value = value.to(float_dtype)
+        out[key] = value
+    return out
+
+
+def count_step_flops(fn) -> tuple[object, Optional[int]]:
+    """Run `fn()` (forward + backward of one micro-batch) under FlopCounterMode; FLOPs or None if unsupported."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            result = fn()
+        return result, int(counter.get_total_flops())
+    except Exception as err:  # pragma: no cover - depends on the ops in the graph
+        log_console(f"[flops] FlopCounterMode failed ({err}); MFU will not be logged")
+        return None, None
+
+
+def pick_resume_checkpoint(run_dir: str, resume: str) -> Optional[Path]:
+    """`auto`: newest complete checkpoint in run.dir if any; `none`: refuse to resume; else an explicit path."""
+    if resume == "none":
+        found = ckpt.find_checkpoint(run_dir) if Path(run_dir).exists() else None
+        if found is not None:
+            raise ckpt.CheckpointError(
+                f"--resume none, but {run_dir} already holds checkpoint {found}. Use another run.dir, or "
+                f"--resume auto to continue it.")
+        return None
+    if resume == "auto":
+        return ckpt.find_checkpoint(run_dir) if Path(run_dir).exists() else None
+    found = ckpt.find_checkpoint(resume)
+    if found is None:
+        raise ckpt.CheckpointError(f"--resume {resume}: no complete checkpoint there")
+    return found
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ds_config_path: str, dist_info, resume: str = "auto") -> None:
+        self.cfg = cfg
+        self.rank, self.world_size = dist_info.rank, dist_info.world_size
+        self.device = torch.device("cuda", dist_info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.batch: BatchMath = derive_batch_math(cfg.train.global_batch_size, cfg.data.micro_batch_size,
+                                                  self.world_size)
+        self.ds_config = resolve_ds_config(load_ds_config(ds_config_path), self.batch, cfg.train.grad_clip,
+                                           on_cpu=self.device.type == "cpu")
+        self.paths = resolve_data_paths(cfg)
+        self.resume_from = pick_resume_checkpoint(cfg.run.dir, resume)
+
+    # -- construction ---------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        self.model, self.tokenizer = build_model(cfg, self.paths)
+        optimizer = build_optimizer(self.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas,
+                                    cfg.train.eps, cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
+        scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio,
+                                       cfg.train.hold_ratio, cfg.train.final_lr_scale)
+        self.engine = initialize_engine(self.model, optimizer, scheduler, self.ds_config)
+        self.dtype = engine_dtype(self.ds_config)
+        self.objective = build_objective(cfg, self.engine, self.tokenizer, self.ds_config, self.batch, self.paths,
+                                         self.device)
+        self.engines = {"vlm": self.engine, **self.objective.extra_engines()}
+        # Per-rank randomness of the objectives (ITM negatives, EPIC sampling) lives in its own generator.
+        self.rng = torch.Generator(device="cpu").manual_seed(cfg.run.seed * 100_003 + self.rank)
+        torch.manual_seed(cfg.run.seed * 7919 + self.rank)  # dropout differs across ranks
+        self.step = 0
+        data_state = None
+        if self.resume_from is not None:
+            trainer_state, rank_state = ckpt.load_checkpoint(self.resume_from, self.engines, self.world_size)
+            self.step = int(trainer_state["step"])
+            data_state = rank_state["data"]
+            ckpt.restore_rng_state(rank_state["rng"], {"objective": self.rng})
+            self.objective.load_state_dict(rank_state.get("objective", {}))
+            log_console(f"resumed from {self.resume_from} at step {self.step}", self.rank)
+        self.loader = build_train_data(cfg, self.paths, self.tokenizer, self.rank, self.world_size, data_state)
+        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            dump_config(cfg, Path(cfg.run.dir) / "config.yaml")
+        self.logger = RunLogger(cfg.run.dir, enabled=self.rank == 0, max_steps=cfg.train.max_steps)
+        self.flops_per_micro: Optional[int] = None
+        self.peak_tflops = cfg.train.peak_tflops or guess_peak_tflops()
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        rank_state = {"rng": ckpt.capture_rng_state({"objective": self.rng}), "data": self.loader.state_dict(),
+                      "objective": self.objective.state_dict()}
+        trainer_state = {"step": self.step, "world_size": self.world_size,
+                         "samples_seen": self.step * self.batch.global_batch_size,
+                         "config": config_to_dict(self.cfg), "time": time.time()}
+        return ckpt.save_checkpoint(Path(self.cfg.run.dir) / "checkpoints", self.step, self.engines, rank_state,
+                                    trainer_state, self.cfg.train.keep_last)
+
+    # -- one optimizer step ---------------------------------------------------------------------------------
+    def _micro_step(self, batch: dict, timer: StepTimer, averager: MetricAverager) -> float:
+        def forward_backward():
+            out = self.objective.losses(self.engine.module, batch, self.rng, self.step)
+            timer.stop("forward")
+            loss = out["loss"]
+            if not _all_finite(loss.detach()):
+                # Back-propagating the non-finite loss makes DeepSpeed's overflow check skip the whole
+                # optimizer step on every rank (nothing is applied; lr schedule not advanced).
+                self.nonfinite_losses += 1
+            self.engine.backward(loss)
+            timer.stop("backward")
+            return out
+
+        if self.flops_per_micro is None and self.step == self.first_step:
+            out, self.flops_per_micro = count_step_flops(forward_backward)
+            if out is None:
+                out = forward_backward()
+                self.flops_per_micro = 0
+        else:
+            out = forward_backward()
+        self.engine.step()
+        timer.stop("step")
+        averager.add({k: v for k, v in out.items() if k != "loss"})
+        loss_value = out["loss"].detach().float().item()
+        averager.add({"loss": loss_value})
+        return loss_value
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        from epic.engine.preemption import PreemptionHandler
+
+        preemption = PreemptionHandler()
+        result = TrainResult(step=self.step)
+        averager, timer = MetricAverager(), StepTimer()
+        self.nonfinite_losses = 0
+        self.first_step = self.step
+        skipped_before = self.engine.skipped_steps
+        data_iter = iter(self.loader)
+        log_console(f"training: world {self.world_size}, micro batch {self.batch.micro_batch_size}, grad accum "
+                    f"{self.batch.grad_accum_steps}, global batch {self.batch.global_batch_size}, "
+                    f"{self.dtype}, from step {self.step} to {cfg.train.max_steps}", self.rank)
+        window_start, window_samples = time.perf_counter(), 0
+        try:
+            while self.step < cfg.train.max_steps:
+                step_losses = []
+                for _ in range(self.batch.grad_accum_steps):
+                    timer.start()
+                    batch = next(data_iter)
+                    batch = move_batch(batch, self.device, self.dtype)
+                    timer.stop("data")
+                    step_losses.append(self._micro_step(batch, timer, averager))
+                    window_samples += self.batch.micro_batch_size * self.world_size
+                self.step += 1
+                result.losses.append(_mean_across_ranks(sum(step_losses) / len(step_losses), self.device))
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    self._log(averager, timer, window_samples / elapsed, skipped_before)
+                    window_start, window_samples = time.perf_counter(), 0
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                    self._evaluate()
+                if self.step % cfg.train.save_every == 0 and self.step < cfg.train.max_steps:
+                    result.checkpoint = str(self.save())
+                if preemption.should_stop():
+                    result.checkpoint = str(self.save())
+                    result.preempted = True
+                    log_console(f"preempted: checkpoint saved at step {self.step}", self.rank)
+                    break
+            else:
+                result.checkpoint = str(self.save())
+        finally:
+            preemption.close()
+            self.logger.close()
+        result.step = self.step
+        return result
+
+    # -- logging / evaluation -------------------------------------------------------------------------------
+    def _log(self, averager: MetricAverager, timer: StepTimer, samples_per_s: float, skipped_before: int) -> None:
+        metrics = averager.pop()
+        times = timer.pop()
+        values = {f"train/{k}": v for k, v in metrics.items()}
+        scheduler = self.engine.lr_scheduler
+        values["train/lr"] = self.cfg.train.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            values["train/grad_norm"] = float(grad_norm)
+        scale = loss_scale_of(self.engine)
+        if scale is not None:
+            values["train/loss_scale"] = scale
+        values["train/skipped_steps"] = float(self.engine.skipped_steps - skipped_before)
+        values["train/nonfinite_losses"] = float(self.nonfinite_losses)
+        values["perf/samples_per_s"] = samples_per_s
+        if self.flops_per_micro:
+            flops_per_sample = self.flops_per_micro / self.batch.micro_batch_size
+            tflops = flops_per_sample * samples_per_s / self.world_size / 1e12
+            values["perf/tflops_per_device"] = tflops
+            values["perf/flops_per_sample"] = float(flops_per_sample)
+            if self.peak_tflops:
+                values["perf/mfu"] = tflops / self.peak_tflops
+        total_time = sum(times.values()) or 1.0
+        for phase, seconds in times.items():
+            values[f"time/{phase}_share"] = seconds / total_time
+        for reason, count in self.loader.skip_counts().items():
+            values[f"data/skipped_{reason}"] = float(count)
+        for key, value in self.objective.log_values(self.step).items():
+            values[key] = value
+        self.logger.scalars(self.step, values)
+        self.logger.console(self.step, {**values, "loss": metrics.get("loss", float("nan"))})
+
+    def _evaluate(self) -> None:
+        from epic.engine.build import evaluate_retrieval_during_training
+
+        metrics = evaluate_retrieval_during_training(self.cfg, self.paths, self.engine.module, self.tokenizer,
+                                                     self.rank, self.world_size, self.device, self.dtype)
+        if metrics:
+            self.logger.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items()})
+            log_console(f"eval step {self.step}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()),
+                        self.rank)
+        self.engine.module.train()
