@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -202,6 +203,9 @@ def _unknown_key_error(where: str, key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{where}{key}'.{hint} Valid keys here: {', '.join(valid)}")
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check `value` against a type annotation, converting only where it is lossless (int -> float)."""
     origin = typing.get_origin(annotation)
@@ -229,6 +233,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"'{where}' must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if annotation is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads `2e-5` (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{where}' must be a number, got {value!r} ({type(value).__name__})")
         return float(value)

@@ -40,7 +40,7 @@ def derive_batch_math(global_batch_size: int, micro_batch_size: int, world_size:
 
 
 def _is_no_decay(name: str, param: torch.Tensor) -> bool:
-    return name.endswith("bias") or any(marker in name for marker in NO_DECAY_MARKERS)
+    return param.ndim <= 1 or name.endswith("bias") or any(marker in name for marker in NO_DECAY_MARKERS)
 
 
 def lr_multiplier_for(name: str, lr_mult_fusion: float, lr_mult_head: float) -> float:
