@@ -24,6 +24,9 @@ class METERConfig:
     text_layers: int = 12
     text_heads: int = 12
     text_intermediate_size: int = 3072
+    text_max_position_embeddings: int = 514  # RoBERTa: max_text_len slots + 2 (positions start at pad_token_id + 1)
+    text_type_vocab_size: int = 1  # RoBERTa 1, BERT 2
+    text_layer_norm_eps: float = 1e-5  # roberta-base 1e-5, bert-base 1e-12
     max_text_len: int = 50
     pad_token_id: int = 1
 
@@ -33,4 +36,5 @@ class METERConfig:
     num_fusion_layers: int = 6
     mlp_ratio: int = 4
     dropout: float = 0.1
+    layer_norm_eps: float = 1e-12  # fusion layers and MLM head (METER builds them from a default RobertaConfig)
     num_token_types: int = 2  # 3 for NLVR2 (second image gets type 2)

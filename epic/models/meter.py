@@ -1,0 +1,368 @@
+"""METER (Dou et al., CVPR 2022): CLIP-ViT + RoBERTa towers, co-attention fusion, pooler/ITM/MLM heads.
+
+Submodule names follow METER's state dict (``text_transformer``, ``cross_modal_*``, ``token_type_embeddings``,
+``mlm_score``, ``itm_score``); only the vision tower differs (timm names under ``vit_model`` instead of OpenAI-CLIP
+names under ``vit_model.visual``), which ``to_official_state_dict`` / ``load_official_meter`` translate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from .configuration_meter import METERConfig
+from .fusion import BertCrossLayer, additive_attention_mask
+from .heads import ITMHead, MLMHead, Pooler
+from .text import build_text_tower, encode_text_tokens
+from .vision import (build_vision_tower, clip_to_timm_state_dict, encode_image_tokens, load_clip_weights,
+                     read_state_dict, timm_to_clip_state_dict)
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def init_meter_weights(module: nn.Module) -> None:
+    """METER's init for the modules it creates (objectives.init_weights): N(0, 0.02), zero bias, unit LayerNorm."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(mean=0.0, std=0.02)
+    elif isinstance(module, nn.LayerNorm):
+        module.bias.data.zero_()
+        module.weight.data.fill_(1.0)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.data.zero_()
+
+
+class METER(nn.Module):
+    def __init__(self, cfg: METERConfig):
+        super().__init__()
+        self.config = cfg
+        self.vit_model = build_vision_tower(cfg)
+        if cfg.vit_pretrained:
+            load_clip_weights(self.vit_model, cfg.vit_pretrained)
+        self.text_transformer = build_text_tower(cfg)
+
+        self.cross_modal_text_transform = nn.Linear(cfg.text_hidden_size, cfg.hidden_size)
+        self.cross_modal_image_transform = nn.Linear(cfg.vit_width, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.num_token_types, cfg.hidden_size)
+        self.cross_modal_text_layers = nn.ModuleList(BertCrossLayer(cfg) for _ in range(cfg.num_fusion_layers))
+        self.cross_modal_image_layers = nn.ModuleList(BertCrossLayer(cfg) for _ in range(cfg.num_fusion_layers))
+        self.cross_modal_text_pooler = Pooler(cfg.hidden_size)
+        self.cross_modal_image_pooler = Pooler(cfg.hidden_size)
+        self.mlm_score = MLMHead(cfg)
+        self.itm_score = ITMHead(cfg.hidden_size * 2)
+        for name, module in self.named_children():
+            if name not in ("vit_model", "text_transformer"):
+                module.apply(init_meter_weights)
+
+    @classmethod
+    def from_config(cls, cfg: METERConfig) -> "METER":
+        return cls(cfg)
+
+    # ----------------------------------------------------------------------------------------------- towers
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] → vision tower output [B, N_img, vit_width] (ln_post on every token)."""
+        size = self.config.image_size
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected [B, 3, {size}, {size}] "
+                             f"(config.image_size={size}; resize the images or build the model at this size)")
+        return encode_image_tokens(self.vit_model, pixel_values)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] → text tower output [B, L, text_hidden_size]."""
+        return encode_text_tokens(self.text_transformer, input_ids, attention_mask)
+
+    # ----------------------------------------------------------------------------------------------- fusion
+    def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              pixel_values: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None,
+              image_token_type_idx: int = 1, stop_before_last_layer: bool = False,
+              return_saliency_qk: bool = False) -> Dict[str, torch.Tensor]:
+        """METER's forward up to the poolers.
+
+        ``image_embeds`` (output of ``encode_image``) skips the vision tower. Returns ``text_embeds`` and
+        ``image_embeds`` (unimodal tower outputs), ``text_feats`` [B, L, H], ``image_feats`` [B, N, H] and
+        ``cls_feats`` [B, 2H]. ``return_saliency_qk`` adds, from the penultimate fusion layer's image-stream
+        cross-attention (EPIC Eq. 8), ``saliency_query`` [B, heads, dh] (query of the image [CLS]) and
+        ``saliency_keys`` [B, heads, L, dh] (keys of every text position, padding included: mask it with
+        ``attention_mask``); both are raw projections, without the 1/√dh attention scale.
+        ``stop_before_last_layer`` (needs ``return_saliency_qk``) runs only what those two need: the layers
+        before the penultimate one and the penultimate image layer's self-attention; no feats are returned.
+        """
+        num_layers = self.config.num_fusion_layers
+        if return_saliency_qk and num_layers < 2:
+            raise ValueError(f"saliency needs a penultimate fusion layer, but num_fusion_layers={num_layers}")
+        if stop_before_last_layer and not return_saliency_qk:
+            raise ValueError("stop_before_last_layer only serves the saliency teacher; pass return_saliency_qk=True")
+        if not 0 <= image_token_type_idx < self.config.num_token_types:
+            raise ValueError(f"image_token_type_idx={image_token_type_idx} but the model has "
+                             f"{self.config.num_token_types} token types (NLVR2's second image needs num_token_types=3)")
+        if image_embeds is None:
+            if pixel_values is None:
+                raise ValueError("infer needs pixel_values or image_embeds (the output of encode_image)")
+            image_embeds = self.encode_image(pixel_values)
+        text_embeds = self.encode_text(input_ids, attention_mask)
+
+        text_states = self.cross_modal_text_transform(text_embeds) + self.token_type_embeddings(
+            torch.zeros_like(input_ids))
+        image_states = self.cross_modal_image_transform(image_embeds)
+        image_types = torch.full(image_states.shape[:2], image_token_type_idx, dtype=torch.long,
+                                 device=image_states.device)
+        image_states = image_states + self.token_type_embeddings(image_types)
+        text_mask = additive_attention_mask(attention_mask, text_states.dtype)
+        image_mask = None  # every image token is real: METER's all-ones mask adds zeros
+
+        out = {"text_embeds": text_embeds, "image_embeds": image_embeds}
+        penultimate = num_layers - 2
+        for index, (text_layer, image_layer) in enumerate(zip(self.cross_modal_text_layers,
+                                                              self.cross_modal_image_layers)):
+            wants_saliency = return_saliency_qk and index == penultimate
+            if wants_saliency and stop_before_last_layer:
+                query, keys = image_layer.cross_query_key(image_states, text_states, image_mask)
+                out.update(saliency_query=query[:, :, 0], saliency_keys=keys)
+                return out
+            # both streams read the previous layer's outputs (parallel update)
+            new_text, _ = text_layer(text_states, image_states, text_mask, image_mask)
+            new_image, query_key = image_layer(image_states, text_states, image_mask, text_mask,
+                                               return_cross_query_key=wants_saliency)
+            if wants_saliency:
+                out.update(saliency_query=query_key[0][:, :, 0], saliency_keys=query_key[1])
+            text_states, image_states = new_text, new_image
+
+        cls_feats = torch.cat([self.cross_modal_text_pooler(text_states),
+                               self.cross_modal_image_pooler(image_states)], dim=-1)
+        out.update(text_feats=text_states, image_feats=image_states, cls_feats=cls_feats)
+        return out
+
+    # ----------------------------------------------------------------------------------------------- optimizer
+    def param_groups_spec(self) -> Dict[str, Dict[str, List[str]]]:
+        """Names of the trainable parameters grouped for lr multipliers and weight decay (see ``param_groups_spec``)."""
+        return param_groups_spec(name for name, p in self.named_parameters() if p.requires_grad)
+
+    # ----------------------------------------------------------------------------------------------- files
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``model.safetensors`` (our key layout) and ``config.json`` (METERConfig) to ``directory``."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, WEIGHTS_NAME))
+        config = dataclasses.replace(self.config, vit_pretrained=None, text_pretrained=None)  # weights are in the file
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "METER":
+        """Inverse of ``save_pretrained``."""
+        from safetensors.torch import load_file
+
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            if not os.path.isfile(os.path.join(directory, name)):
+                raise FileNotFoundError(f"{directory!r} has no {name}; write it with METER.save_pretrained or "
+                                        f"tools/convert_meter_ckpt.py")
+        with open(os.path.join(directory, CONFIG_NAME)) as f:
+            cfg = config_from_dict(json.load(f), source=os.path.join(directory, CONFIG_NAME))
+        model = cls(dataclasses.replace(cfg, vit_pretrained=None, text_pretrained=None))
+        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)))
+        return model
+
+
+def config_from_dict(values: dict, source: str = "config") -> METERConfig:
+    """METERConfig from a dict, with a clear error on unknown fields."""
+    known = {f.name for f in dataclasses.fields(METERConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source} has unknown METERConfig fields {unknown}; known fields: {sorted(known)}")
+    return METERConfig(**values)
+
+
+# ------------------------------------------------------------------------------------------------ parameter groups
+HEAD_MODULES = ("mlm_score", "itm_score", "vqa_classifier", "nlvr2_classifier", "snli_classifier")
+FUSION_MARKER = "cross_modal"  # METER: lr × lr_mult_cross_modal for any name containing it
+
+
+def lr_group_of(name: str) -> str:
+    """'fusion' (``cross_modal*``), 'head' (pretraining and downstream heads) or 'backbone' (towers, token types)."""
+    if FUSION_MARKER in name:
+        return "fusion"
+    if name.split(".")[0] in HEAD_MODULES:
+        return "head"
+    return "backbone"
+
+
+def uses_weight_decay(name: str) -> bool:
+    """No decay on biases and on every normalisation layer (LayerNorm, timm's norm/norm1/norm2/norm_pre, CLIP ln_*)."""
+    if name.endswith("bias"):
+        return False
+    return not any(part == "LayerNorm" or part.startswith("norm") or part.startswith("ln_")
+                   for part in name.split(".")[:-1])
+
+
+def param_groups_spec(names: Iterable[str]) -> Dict[str, Dict[str, List[str]]]:
+    """{'backbone'|'fusion'|'head': {'decay': [...], 'no_decay': [...]}} — a pure function of parameter names."""
+    spec = {group: {"decay": [], "no_decay": []} for group in ("backbone", "fusion", "head")}
+    for name in names:
+        spec[lr_group_of(name)]["decay" if uses_weight_decay(name) else "no_decay"].append(name)
+    return spec
+
+
+# ------------------------------------------------------------------------------------------------ official import
+OFFICIAL_VISION_PREFIX = "vit_model.visual."
+# Keys present in official METER checkpoints that METER itself never uses (CLIP's text tower, unused buffers).
+OFFICIAL_UNUSED_PATTERNS = (
+    r"vit_model\.positional_embedding", r"vit_model\.ln_final\..*", r"vit_model\.token_embedding\..*",
+    r"vit_model\.transformer\..*", r"vit_model\.text_projection", r"vit_model\.logit_scale",
+    r"vit_model\.visual\.proj", r"text_transformer\.pooler\..*", r"text_transformer\.embeddings\.position_ids",
+    r"text_transformer\.embeddings\.token_type_ids",
+)
+OFFICIAL_DOWNSTREAM_HEADS = ("vqa_classifier.", "nlvr2_classifier.", "snli_classifier.", "rank_output.")
+CLIP_FULL_DEPTH = 12  # METER keeps CLIP's first 11 blocks; a 12th in a file is dropped
+TEXT_LAYER_NORM_EPS = {"roberta": 1e-5, "bert": 1e-12}
+
+
+def to_official_state_dict(model: METER) -> Dict[str, torch.Tensor]:
+    """Our state dict in METER's key layout (OpenAI-CLIP names under ``vit_model.visual``)."""
+    out = {}
+    vision = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("vit_model."):
+            vision[key[len("vit_model."):]] = value
+        else:
+            out[key] = value
+    out.update(timm_to_clip_state_dict(vision, prefix=OFFICIAL_VISION_PREFIX))
+    return out
+
+
+def _layer_count(state_dict: Dict[str, torch.Tensor], pattern: str) -> int:
+    indices = {int(m.group(1)) for key in state_dict if (m := re.match(pattern, key))}
+    if indices and indices != set(range(len(indices))):
+        raise ValueError(f"layer indices matching {pattern!r} are not contiguous: {sorted(indices)}")
+    return len(indices)
+
+
+def _require(state_dict: Dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in state_dict:
+        raise ValueError(f"the checkpoint has no {key!r}; it is not a METER (CLIP-ViT + RoBERTa/BERT) checkpoint")
+    return state_dict[key]
+
+
+def meter_config_from_official(state_dict: Dict[str, torch.Tensor], overrides: Optional[dict] = None) -> METERConfig:
+    """Every size from tensor shapes; heads by METER's rules (width // 64) unless ``overrides`` gives them.
+
+    ``overrides`` may set any METERConfig field. A size that contradicts the tensors is an error, except
+    ``image_size`` (the position embedding is resampled, as METER's adapt_position_encoding does) and a smaller
+    ``vit_layers`` (later blocks are dropped).
+    """
+    overrides = dict(overrides or {})
+    conv = _require(state_dict, OFFICIAL_VISION_PREFIX + "conv1.weight")
+    vit_width, patch_size = conv.shape[0], conv.shape[-1]
+    grid = round((_require(state_dict, OFFICIAL_VISION_PREFIX + "positional_embedding").shape[0] - 1) ** 0.5)
+    vit_blocks = _layer_count(state_dict, re.escape(OFFICIAL_VISION_PREFIX) + r"transformer\.resblocks\.(\d+)\.")
+    word = _require(state_dict, "text_transformer.embeddings.word_embeddings.weight")
+    token_types = _require(state_dict, "text_transformer.embeddings.token_type_embeddings.weight").shape[0]
+    text_model_type = overrides.get("text_model_type", "roberta" if token_types == 1 else "bert")
+    fusion_hidden = _require(state_dict, "cross_modal_text_transform.weight").shape[0]
+    fusion_intermediate = _require(state_dict, "cross_modal_text_layers.0.intermediate.dense.weight").shape[0]
+    if fusion_intermediate % fusion_hidden:
+        raise ValueError(f"fusion FFN width {fusion_intermediate} is not a multiple of hidden size {fusion_hidden}")
+    inferred = dict(
+        image_size=grid * patch_size,
+        patch_size=patch_size,
+        vit_width=vit_width,
+        vit_layers=vit_blocks - 1 if vit_blocks == CLIP_FULL_DEPTH else vit_blocks,
+        vit_heads=vit_width // 64,
+        text_model_type=text_model_type,
+        vocab_size=word.shape[0],
+        text_hidden_size=word.shape[1],
+        text_layers=_layer_count(state_dict, r"text_transformer\.encoder\.layer\.(\d+)\."),
+        text_heads=word.shape[1] // 64,
+        text_intermediate_size=_require(
+            state_dict, "text_transformer.encoder.layer.0.intermediate.dense.weight").shape[0],
+        text_max_position_embeddings=_require(
+            state_dict, "text_transformer.embeddings.position_embeddings.weight").shape[0],
+        text_type_vocab_size=token_types,
+        text_layer_norm_eps=TEXT_LAYER_NORM_EPS.get(text_model_type, 1e-12),
+        hidden_size=fusion_hidden,
+        num_heads=fusion_hidden // 64,
+        num_fusion_layers=_layer_count(state_dict, r"cross_modal_text_layers\.(\d+)\."),
+        mlp_ratio=fusion_intermediate // fusion_hidden,
+        num_token_types=_require(state_dict, "token_type_embeddings.weight").shape[0],
+    )
+    free = {"image_size", "vit_heads", "text_heads", "num_heads", "text_model_type", "text_layer_norm_eps"}
+    contradictions = {name: (overrides[name], value) for name, value in inferred.items()
+                      if name in overrides and name not in free and overrides[name] != value
+                      and not (name == "vit_layers" and overrides[name] < vit_blocks)}
+    if contradictions:
+        details = ", ".join(f"{name}={given} but the tensors say {found}"
+                            for name, (given, found) in contradictions.items())
+        raise ValueError(f"the METER config contradicts the checkpoint: {details}; drop these fields from the JSON")
+    values = {**inferred, **overrides, "vit_pretrained": None, "text_pretrained": None}
+    return config_from_dict(values, source="meter config overrides")
+
+
+def _unused_official_key(key: str, vit_layers: int) -> bool:
+    if any(re.fullmatch(pattern, key) for pattern in OFFICIAL_UNUSED_PATTERNS):
+        return True
+    block = re.match(re.escape(OFFICIAL_VISION_PREFIX) + r"transformer\.resblocks\.(\d+)\.", key)
+    return bool(block) and int(block.group(1)) >= vit_layers
+
+
+def from_official_state_dict(official: Dict[str, torch.Tensor], model: METER,
+                             allow_missing_heads: bool = False) -> Dict[str, torch.Tensor]:
+    """METER's key layout → ours, after checking the key set. Unknown or missing keys raise, listing them."""
+    vit_layers = model.config.vit_layers
+    downstream = sorted(k for k in official if k.startswith(OFFICIAL_DOWNSTREAM_HEADS))
+    if downstream:
+        logger.warning("skipping %d downstream-head tensors not part of METER pretraining: %s",
+                       len(downstream), downstream)
+    used = {k: v for k, v in official.items()
+            if not _unused_official_key(k, vit_layers) and not k.startswith(OFFICIAL_DOWNSTREAM_HEADS)}
+    expected = set(to_official_state_dict(model))
+    unexpected = sorted(set(used) - expected)
+    missing = sorted(expected - set(used))
+    missing_heads = [k for k in missing if k.startswith(("mlm_score.", "itm_score."))]
+    if allow_missing_heads and missing_heads:
+        logger.warning("checkpoint has no %s: those heads keep their random init", sorted(
+            {k.split(".")[0] for k in missing_heads}))
+        missing = [k for k in missing if k not in missing_heads]
+    if unexpected or missing:
+        hint = (" (a fine-tuned checkpoint without pretraining heads loads with allow_missing_heads=True)"
+                if missing_heads and not allow_missing_heads else "")
+        raise ValueError(f"official METER checkpoint does not match the model: unexpected keys {unexpected}, "
+                         f"missing keys {missing}{hint}")
+    vision = {k[len("vit_model."):]: v for k, v in used.items() if k.startswith(OFFICIAL_VISION_PREFIX)}
+    ours = {"vit_model." + k: v for k, v in clip_to_timm_state_dict(vision, model.vit_model).items()}
+    ours.update({k: v for k, v in used.items() if not k.startswith("vit_model.")})
+    return ours
+
+
+def load_official_meter(path_or_state_dict, meter_config: Optional[dict | str] = None,
+                        allow_missing_heads: bool = False) -> METER:
+    """Build our METER from an official METER checkpoint (PyTorch-Lightning ``.ckpt``: ``["state_dict"]``).
+
+    ``meter_config``: a dict or a JSON file of METERConfig fields overriding what cannot be read from shapes
+    (``num_heads``, ``vit_heads``, ``text_heads``, ``max_text_len``, ``dropout``, ...). Load only trusted files:
+    Lightning checkpoints are pickles.
+    """
+    if isinstance(meter_config, str):
+        with open(meter_config) as f:
+            meter_config = json.load(f)
+    if isinstance(path_or_state_dict, str):
+        state_dict = read_state_dict(path_or_state_dict)
+    else:
+        state_dict = dict(path_or_state_dict)
+    cfg = meter_config_from_official(state_dict, meter_config)
+    model = METER(cfg)
+    missing_heads_ok = model.load_state_dict(
+        from_official_state_dict(state_dict, model, allow_missing_heads), strict=not allow_missing_heads)
+    if allow_missing_heads:
+        stray = [k for k in missing_heads_ok.missing_keys if not k.startswith(("mlm_score.", "itm_score."))]
+        if stray or missing_heads_ok.unexpected_keys:
+            raise ValueError(f"unexpected load result: missing {stray}, unexpected {missing_heads_ok.unexpected_keys}")
+    return model

@@ -1,0 +1,58 @@
+"""METER's text tower: a Hugging Face RoBERTa (or BERT) encoder whose pooler is never used."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+from .configuration_meter import METERConfig
+
+TEXT_FAMILIES = {"roberta": (RobertaConfig, RobertaModel), "bert": (BertConfig, BertModel)}
+
+
+def build_text_tower(cfg: METERConfig) -> nn.Module:
+    """``RobertaModel``/``BertModel`` from the sizes in ``cfg``, or ``from_pretrained(cfg.text_pretrained)``."""
+    if cfg.text_model_type not in TEXT_FAMILIES:
+        raise ValueError(f"text_model_type={cfg.text_model_type!r}; choose one of {sorted(TEXT_FAMILIES)}")
+    config_class, model_class = TEXT_FAMILIES[cfg.text_model_type]
+    if cfg.text_pretrained:
+        if not os.path.isdir(cfg.text_pretrained):
+            raise FileNotFoundError(
+                f"text_pretrained={cfg.text_pretrained!r} is not a local folder; save the HF model there first "
+                f"(model.save_pretrained(DIR)) — there is no hub access here")
+        model = model_class.from_pretrained(cfg.text_pretrained, add_pooling_layer=False)
+        check_text_tower_matches(model.config, cfg)
+        return model
+    hf_config = config_class(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.text_hidden_size,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        intermediate_size=cfg.text_intermediate_size,
+        max_position_embeddings=cfg.text_max_position_embeddings,
+        type_vocab_size=cfg.text_type_vocab_size,
+        layer_norm_eps=cfg.text_layer_norm_eps,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        pad_token_id=cfg.pad_token_id,
+    )
+    return model_class(hf_config, add_pooling_layer=False)
+
+
+def check_text_tower_matches(hf_config, cfg: METERConfig) -> None:
+    """A pretrained text tower must agree with the METER config on the sizes the rest of the model relies on."""
+    pairs = {"vocab_size": (hf_config.vocab_size, cfg.vocab_size),
+             "text_hidden_size": (hf_config.hidden_size, cfg.text_hidden_size),
+             "pad_token_id": (hf_config.pad_token_id, cfg.pad_token_id)}
+    wrong = {name: got for name, got in pairs.items() if got[0] != got[1]}
+    if wrong:
+        details = ", ".join(f"{name}: pretrained {a} vs config {b}" for name, (a, b) in wrong.items())
+        raise ValueError(f"text_pretrained={cfg.text_pretrained!r} disagrees with the METER config ({details}); "
+                         f"set these config fields to the pretrained model's values")
+
+
+def encode_text_tokens(text_tower: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] ids → [B, L, text_hidden] last hidden states (token type 0, RoBERTa positions from the padding)."""
+    return text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
