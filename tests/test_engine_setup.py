@@ -41,7 +41,9 @@ class _Toy(nn.Module):
     def __init__(self):
         super().__init__()
         self.text_transformer = nn.Linear(4, 4)
-        self.cross_modal_text_layers = nn.ModuleList([nn.Linear(4, 4), nn.LayerNorm(4)])
+        self.cross_modal_text_layers = nn.ModuleList([nn.Linear(4, 4)])
+        self.cross_modal_text_transform = nn.Sequential(nn.Linear(4, 4))
+        self.cross_modal_text_transform.LayerNorm = nn.LayerNorm(4)
         self.itm_score = nn.Linear(4, 2)
         self.token_type_embeddings = nn.Embedding(2, 4)
 
@@ -54,7 +56,8 @@ def test_param_groups_follow_meter():
     assert by_name["text_transformer.weight"]["weight_decay"] == 0.01
     assert by_name["text_transformer.bias"]["weight_decay"] == 0.0
     assert by_name["cross_modal_text_layers.0.weight"]["lr"] == pytest.approx(5e-5)
-    assert by_name["cross_modal_text_layers.1.weight"]["weight_decay"] == 0.0  # LayerNorm, by module type name
+    assert by_name["cross_modal_text_transform.LayerNorm.weight"]["weight_decay"] == 0.0
+    assert by_name["cross_modal_text_transform.LayerNorm.weight"]["lr"] == pytest.approx(5e-5)
     assert by_name["itm_score.weight"]["lr"] == pytest.approx(5e-5)
     assert by_name["token_type_embeddings.weight"]["lr"] == 1e-5
     assert sum(len(g["names"]) for g in groups) == len(list(_Toy().parameters()))

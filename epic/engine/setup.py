@@ -9,12 +9,6 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-FUSION_PREFIXES = ("cross_modal",)
-HEAD_PREFIXES = ("mlm_score", "itm_score", "itc_score", "vqa_classifier", "nlvr2_classifier", "snli_classifier",
-                 "rank_output")
-NO_DECAY_MARKERS = ("LayerNorm", "layernorm", "layer_norm", "norm", "ln_")
-
-
 class SetupError(ValueError):
     """A problem with the run set-up (config, DeepSpeed JSON, world size) found before training starts."""
 
@@ -39,27 +33,18 @@ def derive_batch_math(global_batch_size: int, micro_batch_size: int, world_size:
     return BatchMath(global_batch_size, micro_batch_size, world_size, global_batch_size // per_step)
 
 
-def _is_no_decay(name: str, param: torch.Tensor) -> bool:
-    return param.ndim <= 1 or name.endswith("bias") or any(marker in name for marker in NO_DECAY_MARKERS)
-
-
-def lr_multiplier_for(name: str, lr_mult_fusion: float, lr_mult_head: float) -> float:
-    if name.startswith(FUSION_PREFIXES):
-        return lr_mult_fusion
-    if name.startswith(HEAD_PREFIXES):
-        return lr_mult_head
-    return 1.0
-
-
 def build_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
                        lr_mult_fusion: float = 1.0, lr_mult_head: float = 1.0) -> list[dict]:
     """METER's groups: (backbone | fusion x5 | heads x5) x (decay | no decay on biases and norms)."""
+    from epic.models.meter import lr_group_of, uses_weight_decay
+
+    multipliers = {"backbone": 1.0, "fusion": lr_mult_fusion, "head": lr_mult_head}
     groups: dict[tuple[float, bool], dict] = {}
     for name, param in named_params:
         if not param.requires_grad:
             continue
-        mult = lr_multiplier_for(name, lr_mult_fusion, lr_mult_head)
-        no_decay = _is_no_decay(name, param)
+        mult = multipliers[lr_group_of(name)]
+        no_decay = not uses_weight_decay(name)
         key = (mult, no_decay)
         if key not in groups:
             groups[key] = {"params": [], "names": [], "lr": lr * mult, "lr_mult": mult,
