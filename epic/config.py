@@ -67,6 +67,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 100_000  # optimizer steps (one step = one global batch)
+    stop_at_step: int = 0  # >0: save and exit at this step (chunked runs); the schedule still spans max_steps
     global_batch_size: int = 4096
     lr: float = 1e-5
     lr_mult_fusion: float = 5.0  # METER: x5 for cross_modal_* layers

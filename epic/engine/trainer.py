@@ -190,7 +190,8 @@ class Trainer:
                     f"{self.dtype}, from step {self.step} to {cfg.train.max_steps}", self.rank)
         window_start, window_samples = time.perf_counter(), 0
         try:
-            while self.step < cfg.train.max_steps:
+            stop_at = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
+            while self.step < stop_at:
                 step_losses = []
                 for _ in range(self.batch.grad_accum_steps):
                     timer.start()
@@ -201,21 +202,26 @@ class Trainer:
                     window_samples += self.batch.micro_batch_size * self.world_size
                 self.step += 1
                 result.losses.append(_mean_across_ranks(sum(step_losses) / len(step_losses), self.device))
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                if self.step % cfg.train.log_every == 0 or self.step == stop_at:
                     elapsed = time.perf_counter() - window_start
                     self._log(averager, timer, window_samples / elapsed, skipped_before)
                     window_start, window_samples = time.perf_counter(), 0
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     self._evaluate()
-                if self.step % cfg.train.save_every == 0 and self.step < cfg.train.max_steps:
+                saved = self.step % cfg.train.save_every == 0 and self.step < stop_at
+                if saved:
                     result.checkpoint = str(self.save())
                 if preemption.should_stop():
-                    result.checkpoint = str(self.save())
+                    if not saved:
+                        result.checkpoint = str(self.save())
                     result.preempted = True
                     log_console(f"preempted: checkpoint saved at step {self.step}", self.rank)
                     break
             else:
-                result.checkpoint = str(self.save())
+                if self.step > self.first_step:
+                    result.checkpoint = str(self.save())
+                else:
+                    log_console(f"nothing to do: run.dir is already at step {self.step}", self.rank)
         finally:
             preemption.close()
             self.logger.close()
