@@ -172,8 +172,8 @@ def evaluate_retrieval_during_training(cfg: Config, paths: DataPaths, model, tok
     loader = build_eval_loader(paths.val_shards, tokenizer, image_size=cfg.data.image_size,
                                max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size,
                                rank=rank, world_size=world_size)
-    return evaluate_retrieval(model, loader, k_test=cfg.eval.k_test, device=device, dtype=dtype,
-                              max_images=cfg.eval.max_images)
+    return evaluate_retrieval(model, loader, k_test=cfg.eval.k_test, max_images=cfg.eval.max_images,
+                              batch_size=cfg.eval.batch_size)
 
 
 def check_run_inputs(trainer) -> None:
