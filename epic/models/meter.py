@@ -82,11 +82,12 @@ class METER(nn.Module):
     # ----------------------------------------------------------------------------------------------- fusion
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               pixel_values: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None,
-              image_token_type_idx: int = 1, stop_before_last_layer: bool = False,
+              text_embeds: Optional[torch.Tensor] = None, image_token_type_idx: int = 1, stop_before_last_layer: bool = False,
               return_saliency_qk: bool = False) -> Dict[str, torch.Tensor]:
         """METER's forward up to the poolers.
 
-        ``image_embeds`` (output of ``encode_image``) skips the vision tower. Returns ``text_embeds`` and
+        ``image_embeds`` (output of ``encode_image``) skips the vision tower, ``text_embeds`` (output of
+        ``encode_text`` for these ``input_ids``) the text tower. Returns ``text_embeds`` and
         ``image_embeds`` (unimodal tower outputs), ``text_feats`` [B, L, H], ``image_feats`` [B, N, H] and
         ``cls_feats`` [B, 2H]. ``return_saliency_qk`` adds, from the penultimate fusion layer's image-stream
         cross-attention (EPIC Eq. 8), ``saliency_query`` [B, heads, dh] (query of the image [CLS]) and
@@ -107,7 +108,8 @@ class METER(nn.Module):
             if pixel_values is None:
                 raise ValueError("infer needs pixel_values or image_embeds (the output of encode_image)")
             image_embeds = self.encode_image(pixel_values)
-        text_embeds = self.encode_text(input_ids, attention_mask)
+        if text_embeds is None:
+            text_embeds = self.encode_text(input_ids, attention_mask)
 
         text_states = self.cross_modal_text_transform(text_embeds) + self.token_type_embeddings(
             torch.zeros_like(input_ids))

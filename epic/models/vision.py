@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from functools import partial
 from typing import Dict
 
@@ -48,6 +49,14 @@ def encode_image_tokens(vit: VisionTransformer, pixel_values: torch.Tensor) -> t
     return vit.forward_features(pixel_values)
 
 
+def is_torchscript_archive(path: str) -> bool:
+    """TorchScript archives are zip files with a ``constants.pkl``; torch.save files have none."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Read a local weight file: OpenAI TorchScript archive (.pt), plain torch pickle (.pt/.bin/.ckpt) or safetensors."""
     if not os.path.isfile(path):
@@ -56,10 +65,8 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    try:  # OpenAI's released CLIP files are TorchScript archives
+    if is_torchscript_archive(path):  # OpenAI's released CLIP files are TorchScript archives
         return torch.jit.load(path, map_location="cpu").state_dict()
-    except RuntimeError:
-        pass
     obj = torch.load(path, map_location="cpu", weights_only=False)
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):

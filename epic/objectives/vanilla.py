@@ -1,0 +1,43 @@
+"""METER's pretraining step (ITM + MLM) with every image encoded once and shared by both objectives.
+
+The official code runs the vision tower once per objective (and once more for ITM's negative images). Encoding
+once and indexing the features for ITM's mismatched pairs gives the same losses and, because gradients from both
+uses accumulate into the one shared activation, the same parameter gradients at ~3/4 of the FLOPs
+(tools/bench_step.py measures it).
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from .itm import draw_itm_pairs, itm_loss
+from .mlm import compute_mlm
+
+BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")
+
+
+def check_batch(batch: dict) -> None:
+    missing = [key for key in BATCH_KEYS if key not in batch]
+    if missing:
+        raise KeyError(f"the batch lacks {missing} (has {sorted(batch)}); the MLM collator of epic.data yields them")
+
+
+def vanilla_losses(model, batch: dict, generator: torch.Generator, share_image_embeds: bool = True
+                   ) -> Dict[str, torch.Tensor]:
+    """``loss`` = L_ITM + L_MLM (METER sums its losses unweighted), plus each term and accuracy, detached."""
+    check_batch(batch)
+    pixel_values = batch["pixel_values"]
+    pairs = draw_itm_pairs(pixel_values.shape[0], generator, pixel_values.device)
+    if share_image_embeds:
+        image_embeds = model.encode_image(pixel_values)
+        mlm = compute_mlm(model, batch, image_embeds)
+        itm = itm_loss(model, batch["input_ids"], batch["attention_mask"], image_embeds[pairs.image_index],
+                       pairs.labels)
+    else:  # the official way: the vision tower runs for each pass
+        mlm = compute_mlm(model, batch, model.encode_image(pixel_values))
+        itm = itm_loss(model, batch["input_ids"], batch["attention_mask"],
+                       model.encode_image(pixel_values[pairs.image_index]), pairs.labels)
+    loss = mlm["loss_mlm"] + itm["loss_itm"]
+    return {"loss": loss, "loss_mlm": mlm["loss_mlm"].detach(), "loss_itm": itm["loss_itm"].detach(),
+            "mlm_acc": mlm["mlm_acc"], "itm_acc": itm["itm_acc"]}
