@@ -247,3 +247,19 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     ids, mask = text_batch(g)
     pixels = torch.randn(3, 3, 32, 32, generator=g)
     torch.testing.assert_close(loaded.infer(ids, mask, pixels)["cls_feats"], model.infer(ids, mask, pixels)["cls_feats"])
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_text_tower_with_prepared_mask_equals_hf_with_its_own_mask(implementation):
+    from epic.models.text import encode_text_tokens
+
+    g = torch.Generator().manual_seed(6)
+    tower = METER(tiny_config()).text_transformer.eval()
+    tower.set_attn_implementation(implementation)
+    assert tower.config._attn_implementation == implementation
+    ids, mask = text_batch(g)
+    ours = encode_text_tokens(tower, ids, mask)
+    theirs = tower(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    unmasked = tower(input_ids=ids).last_hidden_state  # the padding mask does matter for the padded caption
+    assert not torch.allclose(ours[1, :5], unmasked[1, :5], atol=1e-4)

@@ -53,6 +53,22 @@ def check_text_tower_matches(hf_config, cfg: METERConfig) -> None:
                          f"set these config fields to the pretrained model's values")
 
 
+def prepared_attention_mask(text_tower: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] padding mask → the [B, 1, 1, L] mask HF uses as is for its attention implementation.
+
+    Handing HF a ready 4-D mask skips its ``attention_mask.all()`` check, a device→host sync on every forward
+    (and impossible on the meta device, where ``step_flops_per_sample`` counts FLOPs).
+    """
+    implementation = text_tower.config._attn_implementation
+    if implementation == "sdpa":
+        return attention_mask[:, None, None, :].bool()  # True = attend
+    if implementation == "eager":
+        dtype = text_tower.get_input_embeddings().weight.dtype
+        return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    return attention_mask  # flash-attention variants take the 2-D mask
+
+
 def encode_text_tokens(text_tower: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, L] ids → [B, L, text_hidden] last hidden states (token type 0, RoBERTa positions from the padding)."""
-    return text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    mask = prepared_attention_mask(text_tower, attention_mask)
+    return text_tower(input_ids=input_ids, attention_mask=mask).last_hidden_state

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""FLOPs and wall time of one training step of METER, image features shared vs re-encoded per objective.
+
+    python tools/bench_step.py [--config meter_4m] [--batch-size 2] [--image-size 288] [--json FILE]
+
+FLOPs come from torch.utils.flop_counter.FlopCounterMode over forward + backward, counted on the meta device
+(shapes only: exact, fast, no memory). Wall time runs the real architecture (random init) on this machine's CPU
+or GPU; on a shared 2-core CPU only the ratio means much. Each step kind is a function
+(model, batch, generator) -> losses in STEP_KINDS, so an EPIC step (teacher, generator, VLM passes) is one more entry.
+
+``step_flops_per_sample(cfg, kind)`` is the function the trainer can call to log achieved TFLOP/s and MFU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from epic.models.configuration_meter import METERConfig  # noqa: E402
+from epic.models.meter import METER  # noqa: E402
+from epic.objectives.vanilla import vanilla_losses  # noqa: E402
+
+MASK_TOKEN_ID = 3  # any id works for counting and timing
+StepFn = Callable[[METER, dict, torch.Generator], Dict[str, torch.Tensor]]
+
+STEP_KINDS: Dict[str, StepFn] = {
+    "vanilla_shared": lambda model, batch, gen: vanilla_losses(model, batch, gen, share_image_embeds=True),
+    "vanilla_reencoded": lambda model, batch, gen: vanilla_losses(model, batch, gen, share_image_embeds=False),
+}
+
+
+def synthetic_batch(cfg: METERConfig, batch_size: int, text_len: int, device, seed: int = 0) -> dict:
+    """Full-length captions (the worst case METER pads to), 15% of the tokens masked for MLM."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, cfg.vocab_size, (batch_size, text_len), generator=g)
+    ids[:, 0], ids[:, -1] = 0, 2
+    labels = torch.full_like(ids, -100)
+    chosen = torch.rand(ids.shape, generator=g) < 0.15
+    chosen[:, 0] = chosen[:, -1] = False
+    labels[chosen] = ids[chosen]
+    batch = {"pixel_values": torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, generator=g),
+             "input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "mlm_input_ids": torch.where(chosen, torch.full_like(ids, MASK_TOKEN_ID), ids), "mlm_labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def count_flops(model: METER, batch: dict, step: StepFn) -> int:
+    """FLOPs of forward + backward of one step on ``batch``."""
+    with FlopCounterMode(display=False) as counter:
+        step(model, batch, torch.Generator().manual_seed(0))["loss"].backward()
+    return counter.get_total_flops()
+
+
+def meta_model(cfg: METERConfig) -> METER:
+    with torch.device("meta"):
+        return METER(dataclasses.replace(cfg, vit_pretrained=None, text_pretrained=None))
+
+
+def step_flops_per_sample(cfg: METERConfig, kind: str = "vanilla_shared", text_len: int | None = None,
+                          batch_size: int = 2) -> float:
+    """Training FLOPs (forward + backward) per sample of a ``kind`` step at ``cfg``'s sizes, counted on meta."""
+    if kind not in STEP_KINDS:
+        raise ValueError(f"unknown step kind {kind!r}; choose one of {sorted(STEP_KINDS)}")
+    batch = synthetic_batch(cfg, batch_size, text_len or cfg.max_text_len, "meta")
+    return count_flops(meta_model(cfg), batch, STEP_KINDS[kind]) / batch_size
+
+
+def vision_flops_per_sample(cfg: METERConfig, batch_size: int = 2) -> float:
+    """Forward + backward FLOPs of one pass of the vision tower, per image."""
+    model = meta_model(cfg)
+    pixels = torch.empty(batch_size, 3, cfg.image_size, cfg.image_size, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        model.encode_image(pixels).sum().backward()
+    return counter.get_total_flops() / batch_size
+
+
+def time_steps(model: METER, batch: dict, step: StepFn, warmup: int, repeats: int) -> float:
+    """Median seconds of forward + backward (gradients zeroed between steps)."""
+    times = []
+    for index in range(warmup + repeats):
+        model.zero_grad(set_to_none=True)
+        if batch["pixel_values"].is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(model, batch, torch.Generator().manual_seed(index))["loss"].backward()
+        if batch["pixel_values"].is_cuda:
+            torch.cuda.synchronize()
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def load_model_config(name: str | None, image_size: int | None) -> METERConfig:
+    if name is None:
+        cfg = METERConfig()  # METER-CLIP-ViT-B/16-RoBERTa at 288
+    else:
+        from epic.config import load_config
+
+        cfg = load_config(name).model
+    cfg = dataclasses.replace(cfg, vit_pretrained=None, text_pretrained=None)
+    return dataclasses.replace(cfg, image_size=image_size) if image_size else cfg
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="packaged config name or YAML (its model section); "
+                        "default: METER-CLIP-ViT-B/16-RoBERTa")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=None, help="override the config's image size (288)")
+    parser.add_argument("--text-len", type=int, default=None, help="caption length (default: max_text_len)")
+    parser.add_argument("--kinds", default=",".join(STEP_KINDS), help="comma-separated step kinds")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-timing", action="store_true", help="count FLOPs only")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = load_model_config(args.config, args.image_size)
+    text_len = args.text_len or cfg.max_text_len
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = [k for k in kinds if k not in STEP_KINDS]
+    if unknown:
+        raise SystemExit(f"unknown step kinds {unknown}; choose from {sorted(STEP_KINDS)}")
+    image_tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    print(f"METER: ViT {cfg.vit_layers}x{cfg.vit_width} @ {cfg.image_size}px ({image_tokens} tokens), "
+          f"text {cfg.text_model_type} {cfg.text_layers}x{cfg.text_hidden_size} ({text_len} tokens), "
+          f"fusion {cfg.num_fusion_layers}x{cfg.hidden_size}, vocab {cfg.vocab_size}; batch {args.batch_size}, "
+          f"device {args.device}")
+    results = {"config": dataclasses.asdict(cfg), "batch_size": args.batch_size, "text_len": text_len,
+               "device": args.device, "vision_gflops_per_sample": vision_flops_per_sample(cfg) / 1e9, "kinds": {}}
+    for kind in kinds:
+        results["kinds"][kind] = {"gflops_per_sample": step_flops_per_sample(cfg, kind, text_len) / 1e9}
+
+    if not args.no_timing:
+        torch.manual_seed(0)
+        model = METER(cfg).to(args.device).train()
+        batch = synthetic_batch(cfg, args.batch_size, text_len, args.device)
+        for kind in kinds:
+            seconds = time_steps(model, batch, STEP_KINDS[kind], args.warmup, args.repeats)
+            entry = results["kinds"][kind]
+            entry.update(seconds_per_step=seconds, samples_per_second=args.batch_size / seconds,
+                         achieved_tflops=entry["gflops_per_sample"] * args.batch_size / seconds / 1e3)
+
+    print(f"\nvision tower, forward + backward: {results['vision_gflops_per_sample']:.1f} GFLOP per image")
+    print(f"{'step':<20}{'GFLOP/sample':>14}{'s/step':>10}{'samples/s':>11}{'TFLOP/s':>9}")
+    for kind, entry in results["kinds"].items():
+        timing = (f"{entry['seconds_per_step']:>10.3f}{entry['samples_per_second']:>11.2f}"
+                  f"{entry['achieved_tflops']:>9.3f}" if "seconds_per_step" in entry else "")
+        print(f"{kind:<20}{entry['gflops_per_sample']:>14.1f}{timing}")
+    if {"vanilla_shared", "vanilla_reencoded"} <= set(results["kinds"]):
+        shared, reencoded = results["kinds"]["vanilla_shared"], results["kinds"]["vanilla_reencoded"]
+        results["flop_ratio_shared_over_reencoded"] = shared["gflops_per_sample"] / reencoded["gflops_per_sample"]
+        print(f"\nFLOP ratio shared / re-encoded: {results['flop_ratio_shared_over_reencoded']:.3f}")
+        if "seconds_per_step" in shared:
+            results["time_ratio_shared_over_reencoded"] = shared["seconds_per_step"] / reencoded["seconds_per_step"]
+            print(f"time ratio shared / re-encoded: {results['time_ratio_shared_over_reencoded']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
