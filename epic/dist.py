@@ -281,13 +281,21 @@ def _free_port() -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Side effects
 # ---------------------------------------------------------------------------------------------------------------
+_INITIALISED: Optional[DistInfo] = None
+
+
 def init_distributed(backend: Optional[str] = None, timeout_minutes: Optional[float] = None) -> DistInfo:
     """Detect the launcher, export the torch variables, pin the device / CPU threads, start the process group.
 
     Always initialises torch.distributed (world size 1 for a single process, so the trainer's DeepSpeed engines
-    and collectives work unchanged). backend: None = "nccl" with CUDA, else "gloo". Idempotent.
+    and collectives work unchanged). backend: None = "nccl" with CUDA, else "gloo". Idempotent: a second call
+    returns the first call's answer.
     """
+    global _INITIALISED
     import torch
+
+    if _INITIALISED is not None and torch.distributed.is_initialized():
+        return _INITIALISED
 
     info = dist_info_from_env(os.environ)
     if info.master_port == 0:
@@ -314,4 +322,5 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: Optional[fl
             kwargs["timeout"] = timedelta(minutes=timeout_minutes)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    rank=info.rank, world_size=info.world_size, **kwargs)
+    _INITIALISED = info
     return info
