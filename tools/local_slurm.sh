@@ -35,9 +35,8 @@ die() { echo "[local_slurm] ERROR: $*" >&2; exit 1; }
 
 pid_alive() {  # pid file -> 0 when the process named in it runs (and is not a zombie)
   local pid
-  [ -s "$1" ] || return 1
-  pid="$(cat "$1")"
-  [ -d "/proc/$pid" ] || return 1
+  pid="$(cat "$1" 2>/dev/null)" || return 1
+  [ -n "$pid" ] && [ -d "/proc/$pid" ] || return 1
   ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null
 }
 
@@ -164,8 +163,7 @@ cmd_start() {
 cmd_stop() {
   local f pid i
   for f in "${PIDS[@]}"; do
-    if pid_alive "$f"; then
-      pid="$(cat "$f")"
+    if pid_alive "$f" && pid="$(cat "$f" 2>/dev/null)"; then
       kill "$pid" 2>/dev/null || true
       for ((i = 0; i < 100; i++)); do pid_alive "$f" || break; sleep 0.1; done
       pid_alive "$f" && { log "pid $pid ($f) ignored SIGTERM; sending SIGKILL"; kill -9 "$pid" 2>/dev/null || true; }
