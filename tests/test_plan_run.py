@@ -1,0 +1,61 @@
+"""tools/plan_run.py: the sizing arithmetic is self-consistent and uses the trainer's FLOP count."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import plan_run  # noqa: E402
+
+
+def test_zero2_state_bytes_follow_the_zero_paper():
+    # 2 bytes of bf16 weights on every rank; bf16 gradients, fp32 master weights, Adam m and v split over N.
+    assert plan_run.zero2_state_bytes(1000, 4) == {"weights": 2000, "gradients": 500, "master + adam": 3000}
+    assert plan_run.zero2_state_bytes(1000, 1)["master + adam"] == 12000
+
+
+def test_bucket_bytes_reads_the_deepspeed_json():
+    ds = {"zero_optimization": {"reduce_bucket_size": 100, "allgather_bucket_size": 10, "overlap_comm": True}}
+    assert plan_run.bucket_bytes(ds, 2) == (2 * 100 + 10) * 2
+    ds["zero_optimization"]["overlap_comm"] = False
+    assert plan_run.bucket_bytes(ds, 2) == (100 + 10) * 2
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    return plan_run.main(["--config", "shapes_tiny", "--gpus", "2", "--gpu", "a100-80g", "--mfu", "0.5",
+                          "--micro-batch", "8", "model.vocab_size=1000"])
+
+
+def test_plan_is_self_consistent(tiny_plan):
+    out = tiny_plan
+    from epic.config import load_config
+
+    cfg = load_config("shapes_tiny", ["model.vocab_size=1000"])
+    assert out["batch"]["grad_accum_steps"] == 32 // (8 * 2)
+    achieved = 2 * 312e12 * 0.5
+    assert out["flops"]["per_step"] == pytest.approx(out["flops"]["per_sample"] * 32)
+    assert out["time"]["step_s"] == pytest.approx(out["flops"]["per_step"] / achieved)
+    assert out["time"]["run_hours"] * 3600 == pytest.approx(out["time"]["step_s"] * cfg.train.max_steps)
+    assert out["data"]["samples_per_s"] * out["time"]["step_s"] == pytest.approx(32)
+    assert out["memory_total_gib"] == pytest.approx(sum(out["memory_gib"].values()))
+    # The largest micro batch fits in 95% of the GPU and one more sample does not.
+    per_sample = out["memory_gib"]["activations"] / 8
+    fixed = out["memory_total_gib"] - out["memory_gib"]["activations"]
+    limit = 0.95 * out["gpu_memory_gib"]
+    assert fixed + out["max_micro_batch"] * per_sample <= limit < fixed + (out["max_micro_batch"] + 1) * per_sample
+
+
+def test_vlm_flops_are_the_trainers_count(tiny_plan):
+    """The same FlopCounterMode count as tools/bench_step.step_flops_per_sample (bf16 vs fp32 does not change it)."""
+    import dataclasses
+
+    import bench_step
+    from epic.config import load_config
+
+    model_cfg = dataclasses.replace(load_config("shapes_tiny", ["model.vocab_size=1000"]).model)
+    expected = bench_step.step_flops_per_sample(model_cfg, "vanilla_shared")
+    assert tiny_plan["flops"]["per_sample_by_pass"]["vlm (vanilla_shared)"] == pytest.approx(expected, rel=1e-9)
+    assert expected > 0

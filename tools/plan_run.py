@@ -1,0 +1,249 @@
+#!/usr/bin/env python
+"""Size a pretraining run before queueing it: FLOPs, wall-clock, per-GPU memory under ZeRO-2, data-loader rate.
+
+    python tools/plan_run.py --config epic/configs/epic_meter_16m.yaml --gpus 32 --gpu a100-80g [--mfu 0.4]
+        [--micro-batch 32] [--ds-config ds_configs/zero2_bf16.json] [--gpus-per-node 8] [--job-hours 48] [--json F]
+
+FLOPs per sample are counted with torch's FlopCounterMode on the meta device (shapes only: exact for the matmuls,
+no memory, seconds on a CPU) over the step function of tools/bench_step.py, the same count the trainer logs as
+`perf/flops_per_sample`. An EPIC step adds the teacher's saliency pass (forward to the penultimate fusion layer),
+the generator's masked-LM pass and the main VLM's consistency (ITC) pass on the corrupted caption; until
+bench_step registers an "epic" step kind these three are counted here, on the same meta model.
+
+Memory is an estimate: ZeRO-2 keeps the half-precision weights on every GPU and splits gradients, fp32 master
+weights and Adam moments across the N data-parallel ranks (ZeRO paper, Sec. 5: 2P + (2 + 12)P/N bytes), plus the
+DeepSpeed communication buckets, the activations saved for backward (summed with saved-tensor hooks on the meta
+device, in the engine's precision), the frozen teacher and the generator's own ZeRO-2 engine, and a fixed allowance
+for the CUDA context, NCCL buffers and allocator fragmentation.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    memory_gib: float
+    peak_tflops: float  # dense bf16/fp16 tensor-core peak
+
+
+GPUS = {
+    "a100-80g": GPUSpec(80, 312.0), "a100-40g": GPUSpec(40, 312.0), "h100-80g": GPUSpec(80, 989.0),
+    "h200": GPUSpec(141, 989.0), "v100-32g": GPUSpec(32, 125.0), "a10-24g": GPUSpec(24, 125.0),
+    "l40s-48g": GPUSpec(48, 362.0),
+}
+CUDA_OVERHEAD_GIB = 3.0  # CUDA context + NCCL buffers + allocator fragmentation (typical, not measured here)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counting on the meta device
+# ---------------------------------------------------------------------------------------------------------------
+def _count(fn) -> tuple[int, int]:
+    """(FLOPs, bytes saved for backward) of `fn()` on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved = [0]
+
+    def pack(tensor):
+        saved[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return counter.get_total_flops(), saved[0]
+
+
+def count_step(model_cfg, epic: bool, dtype: torch.dtype, batch_size: int = 2) -> dict:
+    """Per-sample FLOPs and saved-activation bytes of one training step, by pass."""
+    import bench_step
+
+    model = bench_step.meta_model(model_cfg).to(dtype)
+    batch = bench_step.synthetic_batch(model_cfg, batch_size, model_cfg.max_text_len, "meta")
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    kind = "epic" if epic and "epic" in bench_step.STEP_KINDS else "vanilla_shared"
+    step = bench_step.STEP_KINDS[kind]
+    passes = {}
+
+    def vlm_step():
+        step(model, batch, torch.Generator().manual_seed(0))["loss"].float().backward()
+
+    passes[f"vlm ({kind})"] = _count(vlm_step)
+    if epic and kind != "epic":
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+
+        def teacher():  # Eq. 8: saliency from the penultimate fusion layer, no gradients
+            with torch.no_grad():
+                model.infer(ids, mask, pixel_values=batch["pixel_values"], return_saliency_qk=True,
+                            stop_before_last_layer=True)
+
+        def generator():  # Eq. 3-7: a text-only masked LM of the text tower's size, forward + backward
+            model.mlm_score(model.encode_text(batch["mlm_input_ids"], mask)).float().sum().backward()
+
+        def consistency():  # Eq. 1-2: the VLM on the corrupted caption, image features shared (leaf here)
+            image = torch.empty(batch_size, (model_cfg.image_size // model_cfg.patch_size) ** 2 + 1,
+                                model_cfg.vit_width, device="meta", dtype=dtype, requires_grad=True)
+            model.infer(ids, mask, image_embeds=image)["text_feats"].float().sum().backward()
+
+        passes["teacher saliency"] = _count(teacher)
+        passes["generator MLM"] = _count(generator)
+        passes["ITC pass"] = _count(consistency)
+    return {name: {"flops": flops / batch_size, "saved_bytes": saved / batch_size}
+            for name, (flops, saved) in passes.items()}
+
+
+def count_params(model_cfg) -> dict:
+    import bench_step
+
+    model = bench_step.meta_model(model_cfg)
+    text = sum(p.numel() for n, p in model.named_parameters() if n.startswith("text_transformer"))
+    return {"vlm": sum(p.numel() for p in model.parameters()), "text_tower": text,
+            "mlm_head": sum(p.numel() for n, p in model.named_parameters() if n.startswith("mlm_score"))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Formulas
+# ---------------------------------------------------------------------------------------------------------------
+def zero2_state_bytes(params: int, world: int, weight_bytes: int = 2) -> dict:
+    """ZeRO-2 with mixed-precision Adam: weights replicated; gradients, fp32 master weights, Adam m and v split."""
+    return {"weights": weight_bytes * params, "gradients": weight_bytes * params / world,
+            "master + adam": 12 * params / world}
+
+
+def bucket_bytes(ds: dict, weight_bytes: int) -> float:
+    """DeepSpeed ZeRO-2's reduce (x2: double-buffered with overlap_comm) and all-gather buckets, in elements."""
+    zero = ds.get("zero_optimization", {})
+    reduce = float(zero.get("reduce_bucket_size", 5e8)) * (2 if zero.get("overlap_comm") else 1)
+    return (reduce + float(zero.get("allgather_bucket_size", 5e8))) * weight_bytes
+
+
+def plan(cfg, ds: dict, gpus: int, gpu: GPUSpec, mfu: float, micro_batch: int, gpus_per_node: int,
+         job_hours: float) -> dict:
+    from epic.engine.setup import derive_batch_math, engine_dtype
+
+    dtype = engine_dtype(ds)
+    if dtype == torch.float32:
+        dtype = torch.bfloat16  # fp32 configs are for CPUs; size the GPU run in bf16
+    weight_bytes = 2
+    batch = derive_batch_math(cfg.train.global_batch_size, micro_batch, gpus)
+    model_cfg = dataclasses.replace(cfg.model, vit_pretrained=None, text_pretrained=None)
+    if not model_cfg.vocab_size:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=50265)
+    passes = count_step(model_cfg, cfg.epic.enabled, dtype)
+    params = count_params(model_cfg)
+
+    flops_per_sample = sum(p["flops"] for p in passes.values())
+    step_flops = flops_per_sample * batch.global_batch_size
+    run_flops = step_flops * cfg.train.max_steps
+    achieved = gpus * gpu.peak_tflops * 1e12 * mfu
+    step_seconds = step_flops / achieved
+    run_hours = run_flops / achieved / 3600
+
+    memory = {f"vlm {k}": v for k, v in zero2_state_bytes(params["vlm"], gpus, weight_bytes).items()}
+    memory["comm buckets"] = bucket_bytes(ds, weight_bytes)
+    memory["activations"] = micro_batch * sum(p["saved_bytes"] for p in passes.values())
+    if cfg.epic.enabled:
+        generator = params["text_tower"] + params["mlm_head"]
+        memory["teacher (frozen)"] = weight_bytes * params["vlm"]
+        memory.update({f"generator {k}": v for k, v in zero2_state_bytes(generator, gpus, weight_bytes).items()})
+    memory["cuda/nccl/fragmentation"] = CUDA_OVERHEAD_GIB * GIB
+    total = sum(memory.values())
+    per_sample_act = memory["activations"] / micro_batch
+    fixed = total - memory["activations"]
+    max_micro = int((gpu.memory_gib * GIB * 0.95 - fixed) // per_sample_act) if per_sample_act else None
+
+    samples_per_s = cfg.train.global_batch_size / step_seconds
+    nodes = math.ceil(gpus / gpus_per_node)
+    return {
+        "gpus": gpus, "nodes": nodes, "mfu": mfu, "peak_tflops": gpu.peak_tflops, "dtype": str(dtype),
+        "batch": dataclasses.asdict(batch), "params": params,
+        "flops": {"per_sample_by_pass": {k: v["flops"] for k, v in passes.items()},
+                  "per_sample": flops_per_sample, "per_step": step_flops, "run": run_flops},
+        "time": {"step_s": step_seconds, "run_hours": run_hours, "run_days": run_hours / 24,
+                 "jobs_of_hours": job_hours, "jobs": math.ceil(run_hours / job_hours)},
+        "memory_gib": {k: v / GIB for k, v in memory.items()}, "memory_total_gib": total / GIB,
+        "gpu_memory_gib": gpu.memory_gib, "max_micro_batch": max_micro,
+        "data": {"samples_per_s": samples_per_s, "per_gpu": samples_per_s / gpus, "per_node": samples_per_s / nodes,
+                 "per_worker": samples_per_s / gpus / max(1, cfg.data.num_workers),
+                 "num_workers": cfg.data.num_workers},
+    }
+
+
+def report(name: str, gpu_name: str, out: dict, max_steps: int) -> str:
+    b, f, t, d = out["batch"], out["flops"], out["time"], out["data"]
+    lines = [
+        f"plan: {name} on {out['gpus']} x {gpu_name} ({out['nodes']} nodes), peak {out['peak_tflops']:.0f} TFLOP/s "
+        f"per GPU, MFU {out['mfu']:.2f}, {out['dtype']}",
+        f"params: VLM {out['params']['vlm'] / 1e6:.1f} M (text tower {out['params']['text_tower'] / 1e6:.1f} M)",
+        f"batch: global {b['global_batch_size']} = micro {b['micro_batch_size']} x accumulation "
+        f"{b['grad_accum_steps']} x {b['world_size']} GPUs",
+        "FLOPs per sample (forward + backward, FlopCounterMode on meta):",
+        *[f"  {k:<28} {v / 1e9:10.1f} GFLOP" for k, v in f["per_sample_by_pass"].items()],
+        f"  {'total':<28} {f['per_sample'] / 1e9:10.1f} GFLOP",
+        f"FLOPs per optimizer step: {f['per_step'] / 1e15:.2f} PFLOP; whole run ({max_steps} steps): "
+        f"{f['run'] / 1e18:.1f} EFLOP",
+        f"time: {t['step_s']:.2f} s per step -> {t['run_hours']:.1f} h = {t['run_days']:.2f} days "
+        f"({t['jobs']} job(s) of {t['jobs_of_hours']:g} h, chained by the requeue)",
+        f"memory per GPU (ZeRO-2, estimate): {out['memory_total_gib']:.1f} GiB of {out['gpu_memory_gib']:g} GiB",
+        *[f"  {k:<28} {v:8.2f} GiB" for k, v in out["memory_gib"].items()],
+        f"  largest micro batch that fits (95% of memory): {out['max_micro_batch']}",
+        f"data: the loaders must sustain {d['samples_per_s']:.0f} samples/s in all = {d['per_gpu']:.1f} per GPU = "
+        f"{d['per_node']:.0f} per node = {d['per_worker']:.1f} per worker ({d['num_workers']} workers per GPU)",
+    ]
+    if out["memory_total_gib"] > out["gpu_memory_gib"]:
+        lines.append(f"WARNING: the estimate exceeds the GPU's memory: use data.micro_batch_size="
+                     f"{out['max_micro_batch']} or less (accumulation grows to keep the global batch)")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="packaged config name or YAML path")
+    parser.add_argument("--gpus", type=int, required=True)
+    parser.add_argument("--gpu", default="a100-80g", choices=sorted(GPUS))
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: the config's data.micro_batch_size")
+    parser.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "zero2_bf16.json"))
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--job-hours", type=float, default=48.0, help="time limit of one Slurm job")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if not 0 < args.mfu <= 1:
+        raise SystemExit(f"--mfu must be in (0, 1], got {args.mfu}")
+    os.environ.setdefault("EPIC_DATA", "/data")  # the configs name paths through these; nothing is read
+    os.environ.setdefault("EPIC_PRETRAINED", "/models")
+    os.environ.setdefault("EPIC_TEACHER", "/teacher")
+    from epic.config import load_config
+    from epic.engine.setup import load_ds_config
+
+    cfg = load_config(args.config, args.overrides)
+    ds = load_ds_config(args.ds_config)
+    micro = args.micro_batch or cfg.data.micro_batch_size
+    out = plan(cfg, ds, args.gpus, GPUS[args.gpu], args.mfu, micro, args.gpus_per_node, args.job_hours)
+    print(report(cfg.run.name, args.gpu, out, cfg.train.max_steps))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
