@@ -142,3 +142,19 @@ def test_stand_in_usr1_saves_requeues_and_resumes(slurm_env, job_dirs):
     assert saved["signal"] == "SIGUSR1" and 4 <= saved["step"] < 24 and resumed["step"] == saved["step"]
     assert f"preempted: checkpoint saved at step {saved['step']}" in log
     assert f"requeueing job {job} (restart 1)" in log and "DUE TO JOB REQUEUE" in log
+
+
+def test_missing_environment_and_bad_config_fail_before_training(slurm_env, job_dirs):
+    runs, logs, data = job_dirs
+    env = smoke_env(slurm_env, runs, data, STAND_IN, "epic.masking=uniform")
+    no_runs = {k: v for k, v in env.items() if k != "EPIC_RUNS"}
+    options = RESIZE + [f"--output={logs}/%x-%j.out"]
+    job_env = sbatch(no_runs, "slurm/meter_16m.sh", options)
+    job_cfg = sbatch(env, "slurm/meter_16m.sh", options, ["train.max_step=5"])  # misspelt key
+    for job in (job_env, job_cfg):
+        fields = wait_for_job(env, job, timeout=120)
+        assert fields.get("JobState") == "FAILED" and fields.get("Restarts") == "0", job_log(logs, job)
+    assert "EPIC_RUNS is not set: export EPIC_RUNS=" in job_log(logs, job_env)
+    log = job_log(logs, job_cfg)
+    assert "train.max_step" in log and "pre-flight check failed" in log
+    assert not (runs / "epic_meter_16m_smoke" / "fake_checkpoint.json").exists()
