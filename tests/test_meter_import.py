@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from epic.models.meter import METER, load_official_meter, to_official_state_dict
+from epic.models.meter import METER, load_official_meter, meter_config_from_official, to_official_state_dict
 
 # Sizes of the synthetic "official" checkpoint. Widths are multiples of 64 so METER's head rule (width // 64)
 # gives 2 ViT heads, 1 text head and 2 fusion heads.
@@ -274,6 +274,9 @@ def test_config_json_overrides_heads_and_resolution(tmp_path):
     torch.testing.assert_close(ours["cls_feats"], reference["cls_feats"], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="vocab_size=51"):
         load_official_meter(sd, {"vocab_size": 51})
+    assert meter_config_from_official(sd, {"vit_layers": 12}).vit_layers == 12  # keep CLIP's 12th block on request
+    with pytest.raises(ValueError, match="vit_layers=13"):
+        meter_config_from_official(sd, {"vit_layers": 13})
 
 
 def test_convert_tool_writes_a_loadable_folder(official, tmp_path):

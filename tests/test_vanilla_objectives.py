@@ -139,3 +139,20 @@ def test_compute_mlm_reads_the_masked_ids_and_ignores_unlabelled_ones():
     assert not torch.allclose(compute_mlm(model, dict(batch, mlm_labels=more_labels), embeds)["loss_mlm"], base)
     with pytest.raises(KeyError, match="mlm_labels"):
         vanilla_losses(model, {k: v for k, v in batch.items() if k != "mlm_labels"}, torch.Generator())
+
+
+def test_step_flops_per_sample_counts_what_a_real_step_costs():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from epic.objectives.vanilla import step_flops_per_sample
+
+    model = tiny_model()
+    counted = {}
+    for share in (True, False):
+        # the math backend: FlopCounterMode has no formula for the CPU flash-attention kernel
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            vanilla_losses(model, make_batch(batch=2), torch.Generator().manual_seed(0), share)["loss"].backward()
+        counted[share] = counter.get_total_flops() / 2
+        assert step_flops_per_sample(model.config, share, text_len=8, batch_size=2) == counted[share]
+    assert counted[True] < counted[False]

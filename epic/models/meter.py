@@ -258,8 +258,8 @@ def meter_config_from_official(state_dict: Dict[str, torch.Tensor], overrides: O
     """Every size from tensor shapes; heads by METER's rules (width // 64) unless ``overrides`` gives them.
 
     ``overrides`` may set any METERConfig field. A size that contradicts the tensors is an error, except
-    ``image_size`` (the position embedding is resampled, as METER's adapt_position_encoding does) and a smaller
-    ``vit_layers`` (later blocks are dropped).
+    ``image_size`` (the position embedding is resampled, as METER's adapt_position_encoding does) and
+    ``vit_layers`` up to the number of blocks in the file (later blocks are dropped; by default a 12th is).
     """
     overrides = dict(overrides or {})
     conv = _require(state_dict, OFFICIAL_VISION_PREFIX + "conv1.weight")
@@ -278,12 +278,12 @@ def meter_config_from_official(state_dict: Dict[str, torch.Tensor], overrides: O
         patch_size=patch_size,
         vit_width=vit_width,
         vit_layers=vit_blocks - 1 if vit_blocks == CLIP_FULL_DEPTH else vit_blocks,
-        vit_heads=vit_width // 64,
+        vit_heads=max(1, vit_width // 64),
         text_model_type=text_model_type,
         vocab_size=word.shape[0],
         text_hidden_size=word.shape[1],
         text_layers=_layer_count(state_dict, r"text_transformer\.encoder\.layer\.(\d+)\."),
-        text_heads=word.shape[1] // 64,
+        text_heads=max(1, word.shape[1] // 64),
         text_intermediate_size=_require(
             state_dict, "text_transformer.encoder.layer.0.intermediate.dense.weight").shape[0],
         text_max_position_embeddings=_require(
@@ -291,7 +291,7 @@ def meter_config_from_official(state_dict: Dict[str, torch.Tensor], overrides: O
         text_type_vocab_size=token_types,
         text_layer_norm_eps=TEXT_LAYER_NORM_EPS.get(text_model_type, 1e-12),
         hidden_size=fusion_hidden,
-        num_heads=fusion_hidden // 64,
+        num_heads=max(1, fusion_hidden // 64),
         num_fusion_layers=_layer_count(state_dict, r"cross_modal_text_layers\.(\d+)\."),
         mlp_ratio=fusion_intermediate // fusion_hidden,
         num_token_types=_require(state_dict, "token_type_embeddings.weight").shape[0],
@@ -299,7 +299,7 @@ def meter_config_from_official(state_dict: Dict[str, torch.Tensor], overrides: O
     free = {"image_size", "vit_heads", "text_heads", "num_heads", "text_model_type", "text_layer_norm_eps"}
     contradictions = {name: (overrides[name], value) for name, value in inferred.items()
                       if name in overrides and name not in free and overrides[name] != value
-                      and not (name == "vit_layers" and overrides[name] < vit_blocks)}
+                      and not (name == "vit_layers" and overrides[name] <= vit_blocks)}
     if contradictions:
         details = ", ".join(f"{name}={given} but the tensors say {found}"
                             for name, (given, found) in contradictions.items())

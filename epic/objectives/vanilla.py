@@ -7,7 +7,8 @@ uses accumulate into the one shared activation, the same parameter gradients at 
 """
 from __future__ import annotations
 
-from typing import Dict
+import dataclasses
+from typing import Dict, Optional
 
 import torch
 
@@ -41,3 +42,26 @@ def vanilla_losses(model, batch: dict, generator: torch.Generator, share_image_e
     loss = mlm["loss_mlm"] + itm["loss_itm"]
     return {"loss": loss, "loss_mlm": mlm["loss_mlm"].detach(), "loss_itm": itm["loss_itm"].detach(),
             "mlm_acc": mlm["mlm_acc"], "itm_acc": itm["itm_acc"]}
+
+
+def step_flops_per_sample(cfg, share_image_embeds: bool = True, text_len: Optional[int] = None,
+                          batch_size: int = 2) -> float:
+    """Training FLOPs (forward + backward) per sample of ``vanilla_losses`` for a METERConfig's sizes.
+
+    Counted by FlopCounterMode on the meta device: exact for these shapes, no memory, a few seconds for METER-B.
+    Captions are taken at full length (``text_len``, default ``cfg.max_text_len``). For TFLOP/s and MFU logging.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from epic.models.meter import METER
+
+    length = text_len or cfg.max_text_len
+    meta = torch.device("meta")
+    with meta:
+        model = METER(dataclasses.replace(cfg, vit_pretrained=None, text_pretrained=None))
+    ids = torch.zeros(batch_size, length, dtype=torch.long, device=meta)
+    batch = {"pixel_values": torch.empty(batch_size, 3, cfg.image_size, cfg.image_size, device=meta),
+             "input_ids": ids, "attention_mask": torch.ones_like(ids), "mlm_input_ids": ids, "mlm_labels": ids}
+    with FlopCounterMode(display=False) as counter:
+        vanilla_losses(model, batch, torch.Generator(), share_image_embeds)["loss"].backward()
+    return counter.get_total_flops() / batch_size
