@@ -1,0 +1,383 @@
+"""Training and evaluation loaders over webdataset shards.
+
+Training stream (exactly resumable)
+-----------------------------------
+Each rank runs W = max(1, num_workers) streams, one per DataLoader worker; stream i = rank * W + worker of
+T = world_size * W. A stream is a pure function of (seed, i, T) and of how many samples it has drawn:
+  * shard visits: source s's shards are visited in seeded permutations, one per epoch of that source; the global
+    visit sequence perm_0 ++ perm_1 ++ ... is dealt round-robin to the T streams, so concurrent streams read
+    different shards (no duplicate samples in a global batch while shards outnumber streams);
+  * each stream keeps `shards_open` shards open per source and reads them sequentially;
+  * raw draw n picks the source by weight (per sample, so weights are sample shares whatever the shard sizes)
+    and an open shard uniformly, from an RNG seeded with (seed, i, n); the same draw seeds the caption choice
+    and the image augmentation; batch b's MLM masking is seeded with (seed, i, b).
+Batching happens inside the worker and the DataLoader collates nothing (batch_size=None), so its round-robin
+order is fixed: global batch t comes from stream t % W. Every batch carries its stream's position after it
+(JSON-able: samples drawn, batches made, per source the next visit and (visit, offset) of each open shard) and
+the skip counts since the previous batch; the TrainLoader keeps the position of the last batch *yielded* per
+stream, so prefetched batches are never counted. Resuming restarts each stream at its saved position (reopening
+the open shards and skipping `offset` samples in each) and rotates worker ids so that the first batch comes
+from stream t % W.
+
+Evaluation
+----------
+A sequential pass over the val shards in order; raw sample i (counting every sample of every shard, in order)
+goes to rank/worker part i % (world_size * W) and keeps `image_index = i`, so each image is seen once across
+ranks and rows from different ranks can be merged by `image_index`. Each rank reads the whole (small) val set
+but decodes only its own samples.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import random
+from collections import Counter
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .shards import Source, count_skips, decode_sample, expand_shard_spec, iter_raw_samples, parse_sources
+from .text import load_tokenizer, mask_tokens_for_mlm, replacement_token_ids, tokenize_captions
+from .transforms import TRAIN_CROP_SCALE, eval_transform, seeded_transform, train_transform
+
+STATE_VERSION = 1
+# Purposes folded into seeds so the RNG streams of different decisions never coincide.
+_SHARD_ORDER, _DRAW, _MLM, _EVAL_MLM = 1, 2, 3, 4
+
+
+def _seed(*keys: int) -> int:
+    """A 63-bit seed derived from integer keys (numpy SeedSequence hashing)."""
+    words = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def collate_rows(keys, pixels, captions, content_words, tokenizer, max_text_len, mlm_probability, replacement_ids, generator) -> dict:
+    """Rows -> the batch dict of docs/CONTRACTS.md (pixel_values, text fields, MLM fields, content_mask, keys)."""
+    batch = {"pixel_values": torch.stack(pixels).float()}
+    batch.update(tokenize_captions(tokenizer, captions, content_words, max_text_len))
+    batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens_for_mlm(
+        batch["input_ids"], batch["special_tokens_mask"], tokenizer.mask_token_id, replacement_ids, mlm_probability, generator)
+    batch["keys"] = list(keys)
+    return batch
+
+
+# -------------------------------------------------------------------------------------------- training stream
+def shard_for_visit(source_index: int, num_shards: int, seed: int, stream: int, num_streams: int, visit: int) -> int:
+    """Shard index of a stream's visit: global visit g = stream + visit * T in the concatenated epoch permutations."""
+    g = stream + visit * num_streams
+    epoch, position = divmod(g, num_shards)
+    return int(np.random.default_rng(_seed(seed, _SHARD_ORDER, source_index, epoch)).permutation(num_shards)[position])
+
+
+def initial_position(num_sources: int, shards_open: int) -> dict:
+    return {"samples": 0, "batches": 0,
+            "sources": [{"next_visit": shards_open, "slots": [[k, 0] for k in range(shards_open)]} for _ in range(num_sources)]}
+
+
+class SampleStream:
+    """One (rank, worker) stream of raw samples; `position` is its whole state."""
+
+    def __init__(self, sources: Sequence[Source], seed: int, stream: int, num_streams: int, position: dict):
+        self.sources, self.seed, self.stream, self.num_streams = sources, seed, stream, num_streams
+        self.position = position
+        self.shards_open = len(position["sources"][0]["slots"])
+        total = sum(s.weight for s in sources)
+        self.weights = np.array([s.weight / total for s in sources])
+        self.skips: Counter = Counter()
+        self._open: dict = {}
+
+    def next_raw(self) -> tuple[dict, int]:
+        """The next raw sample and the seed for its caption choice and augmentation."""
+        rng = np.random.default_rng(_seed(self.seed, _DRAW, self.stream, self.position["samples"]))
+        source = int(rng.choice(len(self.sources), p=self.weights)) if len(self.sources) > 1 else 0
+        slot = int(rng.integers(self.shards_open))
+        sample_seed = int(rng.integers(2**62))
+        raw = self._next_from_slot(source, slot)
+        self.position["samples"] += 1
+        return raw, sample_seed
+
+    def _url(self, source: int, visit: int) -> str:
+        shards = self.sources[source].shards
+        return shards[shard_for_visit(source, len(shards), self.seed, self.stream, self.num_streams, visit)]
+
+    def _reopen(self, source: int, slot: int):
+        visit, offset = self.position["sources"][source]["slots"][slot]
+        samples = iter_raw_samples(self._url(source, visit), self.skips)
+        for _ in range(offset):  # resume inside the shard: skip what this visit already produced
+            if next(samples, None) is None:
+                break
+        return samples
+
+    def _next_from_slot(self, source: int, slot: int) -> dict:
+        state = self.position["sources"][source]
+        max_empty_visits = max(16, 2 * len(self.sources[source].shards))
+        for _ in range(max_empty_visits):
+            if (source, slot) not in self._open:
+                self._open[(source, slot)] = self._reopen(source, slot)
+            raw = next(self._open[(source, slot)], None)
+            if raw is not None:
+                state["slots"][slot][1] += 1
+                return raw
+            del self._open[(source, slot)]  # shard exhausted: the slot takes the stream's next visit
+            state["slots"][slot] = [state["next_visit"], 0]
+            state["next_visit"] += 1
+        raise RuntimeError(
+            f"source '{self.sources[source].name}': {max_empty_visits} shard visits in a row gave no samples "
+            f"(skips so far: {dict(self.skips)}); its shards are empty or unreadable")
+
+    def pop_skips(self) -> Counter:
+        skips, self.skips = self.skips, Counter()
+        return skips
+
+
+class TrainStream(IterableDataset):
+    """Batches of the training stream, built inside each DataLoader worker (see the module docstring)."""
+
+    def __init__(self, sources, tokenizer, *, image_size, max_text_len, batch_size, seed, rank, world_size,
+                 streams_per_rank, positions, first_stream, shards_open, mlm_probability, randaugment, crop_scale,
+                 max_consecutive_skips):
+        super().__init__()
+        self.sources, self.tokenizer = sources, tokenizer
+        self.image_size, self.max_text_len, self.batch_size = image_size, max_text_len, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.streams_per_rank, self.positions, self.first_stream = streams_per_rank, positions, first_stream
+        self.shards_open, self.mlm_probability = shards_open, mlm_probability
+        self.randaugment, self.crop_scale, self.max_consecutive_skips = randaugment, crop_scale, max_consecutive_skips
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if workers != self.streams_per_rank:
+            raise RuntimeError(f"TrainStream expects {self.streams_per_rank} workers, got {workers}")
+        local = (worker + self.first_stream) % self.streams_per_rank
+        position = copy.deepcopy(self.positions[local]) or initial_position(len(self.sources), self.shards_open)
+        return self._batches(local, position)
+
+    def _batches(self, local: int, position: dict):
+        stream_index = self.rank * self.streams_per_rank + local
+        stream = SampleStream(self.sources, self.seed, stream_index, self.world_size * self.streams_per_rank, position)
+        transform = train_transform(self.image_size, self.randaugment, self.crop_scale)
+        replacement_ids = replacement_token_ids(self.tokenizer)
+        skipped_in_a_row = 0
+        while True:
+            keys, pixels, captions, flags, skips = [], [], [], [], Counter()
+            while len(keys) < self.batch_size:
+                raw, sample_seed = stream.next_raw()
+                sample = decode_sample(raw)
+                if isinstance(sample, str):
+                    skips[sample] += 1
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row > self.max_consecutive_skips:
+                        raise RuntimeError(
+                            f"{skipped_in_a_row} samples in a row were unusable (skips: {dict(skips + stream.skips)}); "
+                            "check the shards with tools/inspect_data.py")
+                    continue
+                skipped_in_a_row = 0
+                choice = random.Random(sample_seed).randrange(len(sample.captions))
+                keys.append(sample.key)
+                pixels.append(seeded_transform(transform, sample.image, sample_seed))
+                captions.append(sample.captions[choice])
+                flags.append(sample.content_words[choice])
+            generator = torch.Generator().manual_seed(_seed(self.seed, _MLM, stream_index, position["batches"]))
+            batch = collate_rows(keys, pixels, captions, flags, self.tokenizer, self.max_text_len,
+                                 self.mlm_probability, replacement_ids, generator)
+            position["batches"] += 1
+            skips.update(stream.pop_skips())
+            batch["_stream"] = {"stream": local, "position": copy.deepcopy(position), "skips": dict(skips)}
+            yield batch
+
+
+class TrainLoader:
+    """Iterable of training batches with an exact, JSON-able position: state_dict() / load_state_dict()."""
+
+    def __init__(self, sources: Sequence[Source], tokenizer, *, image_size, max_text_len, batch_size, num_workers,
+                 seed, rank, world_size, mlm_probability, randaugment, crop_scale, shards_open, pin_memory,
+                 prefetch_factor, max_consecutive_skips, multiprocessing_context=None):
+        self.sources, self.tokenizer = list(sources), tokenizer
+        self.num_workers, self.streams_per_rank = num_workers, max(1, num_workers)
+        self.pin_memory, self.prefetch_factor, self.multiprocessing_context = pin_memory, prefetch_factor, multiprocessing_context
+        self._stream_args = dict(image_size=image_size, max_text_len=max_text_len, batch_size=batch_size, seed=seed,
+                                 rank=rank, world_size=world_size, streams_per_rank=self.streams_per_rank,
+                                 shards_open=shards_open, mlm_probability=mlm_probability, randaugment=randaugment,
+                                 crop_scale=tuple(crop_scale), max_consecutive_skips=max_consecutive_skips)
+        self._positions: list = [None] * self.streams_per_rank
+        self._batches = 0
+        self._skips: Counter = Counter()
+
+    def __iter__(self):
+        """Batches from the current position on, forever (a new iterator continues where the last one stopped)."""
+        dataset = TrainStream(self.sources, self.tokenizer, positions=list(self._positions),
+                              first_stream=self._batches % self.streams_per_rank, **self._stream_args)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                            multiprocessing_context=self.multiprocessing_context if self.num_workers else None)
+        for batch in loader:
+            meta = batch.pop("_stream")
+            expected = self._batches % self.streams_per_rank
+            if meta["stream"] != expected:
+                raise RuntimeError(f"batch {self._batches} came from stream {meta['stream']}, expected {expected}")
+            self._positions[meta["stream"]] = meta["position"]
+            self._skips.update(meta["skips"])
+            self._batches += 1
+            yield batch
+
+    @property
+    def batches_consumed(self) -> int:
+        return self._batches
+
+    def skip_counts(self) -> dict:
+        """Samples and shards skipped so far (this rank), by reason; includes those before a resume."""
+        return count_skips(self._skips)
+
+    def _identity(self) -> dict:
+        a = self._stream_args
+        return {"seed": a["seed"], "rank": a["rank"], "world_size": a["world_size"],
+                "streams_per_rank": self.streams_per_rank, "batch_size": a["batch_size"],
+                "shards_open": a["shards_open"],
+                "sources": [[s.name, len(s.shards), s.weight] for s in self.sources]}
+
+    def state_dict(self) -> dict:
+        """Position after the last batch yielded (JSON-able; store it per rank, e.g. in DeepSpeed client_state)."""
+        return {"version": STATE_VERSION, **self._identity(), "batches": self._batches,
+                "positions": copy.deepcopy(self._positions), "skips": dict(self._skips)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; the loader must be built with the same seed, rank, world size, workers,
+        batch size and sources (else the stream would differ and the error says which setting changed)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state has version {state.get('version')!r}, expected {STATE_VERSION}")
+        mine = self._identity()
+        changed = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in mine.items()
+                   if (list(map(list, state.get(k))) if k == "sources" and state.get(k) is not None else state.get(k)) != v]
+        if changed:
+            raise ValueError(
+                "cannot resume the data stream exactly, the loader settings changed (" + "; ".join(changed) + "). "
+                "num_workers counts as 1 when 0. Rebuild the loader with the saved settings, or start a fresh stream "
+                "(state=None, ideally with a new seed so samples already seen are not replayed first).")
+        if len(state["positions"]) != self.streams_per_rank:
+            raise ValueError(f"data loader state has {len(state['positions'])} stream positions, expected {self.streams_per_rank}")
+        self._positions = copy.deepcopy(state["positions"])
+        self._batches = int(state["batches"])
+        self._skips = Counter(state.get("skips", {}))
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+class EvalStream(IterableDataset):
+    """One sequential pass over the eval shards; this rank/worker's share of images, one row per caption."""
+
+    def __init__(self, shards, tokenizer, *, image_size, max_text_len, batch_size, rank, world_size, all_captions):
+        super().__init__()
+        self.shards, self.tokenizer = list(shards), tokenizer
+        self.image_size, self.max_text_len, self.batch_size = image_size, max_text_len, batch_size
+        self.rank, self.world_size, self.all_captions = rank, world_size, all_captions
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        part, parts = self.rank * workers + worker, self.world_size * workers
+        transform = eval_transform(self.image_size)
+        replacement_ids = replacement_token_ids(self.tokenizer)
+        rows, skips, shard_skips, batch_no, image_index = [], Counter(), Counter(), 0, 0
+
+        def emit(chunk):
+            nonlocal batch_no
+            keys, pixels, captions, flags, indices = zip(*chunk)
+            generator = torch.Generator().manual_seed(_seed(0, _EVAL_MLM, part, batch_no))
+            batch = collate_rows(keys, list(pixels), list(captions), list(flags), self.tokenizer, self.max_text_len,
+                                 0.15, replacement_ids, generator)
+            batch["image_index"] = torch.tensor(indices, dtype=torch.long)
+            batch["_skips"] = dict(skips + (shard_skips if part == 0 else Counter()))
+            skips.clear(), shard_skips.clear()
+            batch_no += 1
+            return batch
+
+        for url in self.shards:
+            for raw in iter_raw_samples(url, shard_skips):  # shard-level skips are reported by part 0 only
+                index, image_index = image_index, image_index + 1
+                if index % parts != part:
+                    continue
+                sample = decode_sample(raw)
+                if isinstance(sample, str):
+                    skips[sample] += 1
+                    continue
+                pixels = transform(sample.image)
+                chosen = range(len(sample.captions)) if self.all_captions else range(1)
+                rows.extend((sample.key, pixels, sample.captions[c], sample.content_words[c], index) for c in chosen)
+                while len(rows) >= self.batch_size:
+                    yield emit(rows[: self.batch_size])
+                    rows = rows[self.batch_size:]
+        if rows:
+            yield emit(rows)
+        if skips or (part == 0 and shard_skips):
+            yield {"_skips": dict(skips + (shard_skips if part == 0 else Counter()))}
+
+
+class EvalLoader:
+    """Iterable over the eval set once per iteration; batches carry `image_index`; skip_counts() as in training."""
+
+    def __init__(self, dataset: EvalStream, num_workers: int):
+        self.dataset, self.num_workers = dataset, num_workers
+        self._skips: Counter = Counter()
+
+    def __iter__(self):
+        self._skips = Counter()
+        for batch in DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers):
+            self._skips.update(batch.pop("_skips"))
+            if "keys" in batch:
+                yield batch
+
+    def skip_counts(self) -> dict:
+        return count_skips(self._skips)
+
+
+# --------------------------------------------------------------------------------------------------- builders
+def _check_common(image_size, max_text_len, batch_size, num_workers, rank, world_size) -> None:
+    if image_size < 1 or batch_size < 1:
+        raise ValueError(f"image_size and batch_size must be >= 1, got {image_size} and {batch_size}")
+    if max_text_len < 3:
+        raise ValueError(f"max_text_len must be >= 3 (<s>, one token, </s>), got {max_text_len}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
+def _tokenizer(tokenizer):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after the tokenizer is used
+    return load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+
+
+def build_train_loader(sources, tokenizer, *, image_size: int, max_text_len: int, batch_size: int, num_workers: int,
+                       seed: int, rank: int, world_size: int, mlm_probability: float = 0.15, randaugment: bool = True,
+                       state: Optional[dict] = None, crop_scale=TRAIN_CROP_SCALE, shards_open: int = 2,
+                       pin_memory: bool = False, prefetch_factor: int = 2, max_consecutive_skips: int = 10_000,
+                       multiprocessing_context=None) -> TrainLoader:
+    """The infinite, exactly resumable training loader of one rank.
+
+    sources: a shard spec, or a list of specs / dicts {shards, weight=1.0, name}; tokenizer: a HF fast tokenizer
+    or its folder; state: a TrainLoader.state_dict() to resume from. Missing shards fail here, naming them.
+    """
+    _check_common(image_size, max_text_len, batch_size, num_workers, rank, world_size)
+    if shards_open < 1:
+        raise ValueError(f"shards_open must be >= 1, got {shards_open}")
+    loader = TrainLoader(parse_sources(sources), _tokenizer(tokenizer), image_size=image_size, max_text_len=max_text_len,
+                         batch_size=batch_size, num_workers=num_workers, seed=seed, rank=rank, world_size=world_size,
+                         mlm_probability=mlm_probability, randaugment=randaugment, crop_scale=crop_scale,
+                         shards_open=shards_open, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                         max_consecutive_skips=max_consecutive_skips, multiprocessing_context=multiprocessing_context)
+    if state is not None:
+        loader.load_state_dict(state)
+    return loader
+
+
+def build_eval_loader(shards, tokenizer, *, image_size: int, max_text_len: int, batch_size: int, num_workers: int = 0,
+                      rank: int = 0, world_size: int = 1, all_captions: bool = True) -> EvalLoader:
+    """Sequential, non-resampled loader over eval shards: each image once across ranks, one row per (image, caption)
+    (or per image with its first caption when all_captions=False), with `image_index` naming the image."""
+    _check_common(image_size, max_text_len, batch_size, num_workers, rank, world_size)
+    dataset = EvalStream(expand_shard_spec(shards, name="eval shards"), _tokenizer(tokenizer), image_size=image_size,
+                         max_text_len=max_text_len, batch_size=batch_size, rank=rank, world_size=world_size,
+                         all_captions=all_captions)
+    return EvalLoader(dataset, num_workers)
