@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Convert an image-caption annotation JSON (ALBEF / X-VLM style) plus an image root into webdataset shards.
+
+    python tools/make_shards.py --annotations coco.json [vg.json ...] --image-root DIR --out DIR
+        [--shard-size 10000] [--workers N] [--seed 0 | --no-shuffle] [--no-verify]
+
+Input: JSON lists of {"image": path relative to --image-root, "caption": str or [str], ...} (the files ALBEF and
+X-VLM ship for COCO, VG, SBU, CC3M, CC12M). Entries naming the same image are merged into one sample with all its
+captions (so a batch never holds the same image twice), then the samples are shuffled with --seed (shards are
+read sequentially at training time) unless --no-shuffle.
+
+Output, in img2dataset's layout so the training loader reads both alike: DIR/NNNNN.tar with {key}.<ext> (the
+original image bytes; ext jpg/png/webp as detected), {key}.txt (first caption) and {key}.json ({"key", "caption":
+[captions], "image": relative path}); DIR/NNNNN_stats.json per shard; DIR/sizes.json ({"NNNNN.tar": count});
+DIR/report.json (missing and broken images, entries without captions, counts); DIR/plan.json (the inputs).
+
+Resumable: a shard is written to a temporary name and renamed when complete; a rerun keeps completed shards and
+writes only the others (a rerun with different inputs into the same DIR is refused). Shards that img2dataset
+wrote itself (`img2dataset --output_format webdataset`) need no conversion: point the training config at them.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import random
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from epic.data.synthetic import sample_key  # noqa: E402
+
+PIL_FORMAT_TO_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+FIXED_MTIME = 0
+
+
+# --------------------------------------------------------------------------------------------- annotations
+def load_annotations(paths) -> tuple[list[dict], list[str]]:
+    """Merged samples [{"image": rel_path, "caption": [str, ...]}] in first-appearance order, and the images left
+    with no non-empty caption (reported, not written). Malformed files or entries stop with a message."""
+    merged: dict[str, list] = {}
+    for path in paths:
+        try:
+            entries = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exn:
+            raise SystemExit(f"error: cannot read annotation file {path}: {exn}")
+        if not isinstance(entries, list):
+            raise SystemExit(f"error: {path} must hold a JSON list of {{\"image\", \"caption\"}} entries")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
+                raise SystemExit(f"error: {path} entry {i} lacks 'image' or 'caption' (got {str(entry)[:120]})")
+            captions = [entry["caption"]] if isinstance(entry["caption"], str) else entry["caption"]
+            if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+                raise SystemExit(f"error: {path} entry {i}: 'caption' must be a string or a list of strings")
+            bucket = merged.setdefault(str(entry["image"]), [])
+            bucket.extend(c.strip() for c in captions if c.strip() and c.strip() not in bucket)
+    samples = [{"image": image, "caption": captions} for image, captions in merged.items() if captions]
+    return samples, [image for image, captions in merged.items() if not captions]
+
+
+def make_plan(args, samples: list[dict]) -> dict:
+    digest = hashlib.sha256(json.dumps(samples, sort_keys=True).encode()).hexdigest()
+    return {"annotations": [str(Path(p).resolve()) for p in args.annotations], "image_root": str(Path(args.image_root).resolve()),
+            "shard_size": args.shard_size, "shuffle_seed": None if args.no_shuffle else args.seed,
+            "samples": len(samples), "samples_sha256": digest}
+
+
+# --------------------------------------------------------------------------------------------------- writing
+def read_image(path: Path, verify: bool):
+    """(bytes, ext) or (None, problem) with problem 'missing' or a description of why the image is broken."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as exn:
+        return None, f"unreadable: {exn}"
+    if not data:
+        return None, "empty file"
+    ext = {"jpeg": "jpg"}.get(path.suffix.lower().lstrip("."), path.suffix.lower().lstrip("."))
+    if verify or ext not in PIL_FORMAT_TO_EXT.values():
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                fmt = image.format
+                image.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reads the whole stream
+                image.load()
+        except Exception as exn:  # PIL raises many exception types for bad files
+            return None, f"broken: {type(exn).__name__}: {exn}"
+        if fmt not in PIL_FORMAT_TO_EXT:
+            return None, f"broken: unsupported format {fmt} (convert to jpg/png/webp)"
+        ext = PIL_FORMAT_TO_EXT[fmt]
+    return data, ext
+
+
+def write_shard(task: dict) -> dict:
+    """Write one shard (temporary name, then rename) and its stats; returns the stats."""
+    import webdataset as wds
+
+    out, shard, samples = Path(task["out"]), task["shard"], task["samples"]
+    image_root, verify, shard_size = Path(task["image_root"]), task["verify"], task["shard_size"]
+    stats = {"shard": f"{shard:05d}.tar", "count": 0, "missing": [], "broken": []}
+    tmp = out / f"{shard:05d}.tar.tmp{os.getpid()}"
+    with wds.TarWriter(str(tmp), encoder=False, mtime=FIXED_MTIME) as writer:
+        for index, sample in enumerate(samples):
+            data, ext = read_image(image_root / sample["image"], verify)
+            if data is None:
+                (stats["missing"] if ext == "missing" else stats["broken"]).append(
+                    sample["image"] if ext == "missing" else {"image": sample["image"], "problem": ext})
+                continue
+            key = sample_key(shard, index, shard_size)
+            meta = {"key": key, "caption": sample["caption"], "image": sample["image"]}
+            writer.write({"__key__": key, ext: data, "txt": sample["caption"][0].encode("utf-8"),
+                          "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+            stats["count"] += 1
+    stats_path = out / f"{shard:05d}_stats.json"
+    stats_path.with_suffix(".tmp").write_text(json.dumps(stats, indent=1))
+    os.replace(stats_path.with_suffix(".tmp"), stats_path)
+    os.replace(tmp, out / f"{shard:05d}.tar")  # last: a shard counts as done only when complete
+    return stats
+
+
+def shard_done(out: Path, shard: int) -> bool:
+    return (out / f"{shard:05d}.tar").is_file() and (out / f"{shard:05d}_stats.json").is_file()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--annotations", nargs="+", required=True, help="annotation JSON file(s)")
+    parser.add_argument("--image-root", required=True, help="folder the 'image' paths are relative to")
+    parser.add_argument("--out", required=True, help="output folder for the shards")
+    parser.add_argument("--shard-size", type=int, default=10000, help="samples (images) per shard")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="shards written in parallel")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
+    parser.add_argument("--no-shuffle", action="store_true", help="keep the annotation order")
+    parser.add_argument("--no-verify", action="store_true", help="do not decode images (faster; broken ones reach training, which skips them)")
+    args = parser.parse_args(argv)
+    if args.shard_size < 1:
+        parser.error("--shard-size must be >= 1")
+    if not Path(args.image_root).is_dir():
+        print(f"error: --image-root {args.image_root} is not a folder", file=sys.stderr)
+        return 2
+
+    from tqdm import tqdm
+
+    samples, without_caption = load_annotations(args.annotations)
+    if not args.no_shuffle:
+        random.Random(args.seed).shuffle(samples)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(args, samples)
+    plan_path = out / "plan.json"
+    if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
+        print(f"error: {out} holds shards made from different inputs ({plan_path}); use a new --out or empty it",
+              file=sys.stderr)
+        return 2
+    plan_path.write_text(json.dumps(plan, indent=1))
+
+    num_shards = (len(samples) + args.shard_size - 1) // args.shard_size
+    tasks = [{"out": str(out), "shard": s, "samples": samples[s * args.shard_size:(s + 1) * args.shard_size],
+              "image_root": args.image_root, "verify": not args.no_verify, "shard_size": args.shard_size}
+             for s in range(num_shards) if not shard_done(out, s)]
+    reused = num_shards - len(tasks)
+    with tqdm(total=len(samples), unit="img", desc=f"shards -> {out}") as progress:
+        progress.update(len(samples) - sum(len(t["samples"]) for t in tasks))
+        if args.workers > 1 and len(tasks) > 1:
+            with Pool(min(args.workers, len(tasks))) as pool:
+                for stats in pool.imap_unordered(write_shard, tasks):
+                    progress.update(stats["count"] + len(stats["missing"]) + len(stats["broken"]))
+        else:
+            for task in tasks:
+                write_shard(task)
+                progress.update(len(task["samples"]))
+
+    all_stats = [json.loads((out / f"{s:05d}_stats.json").read_text()) for s in range(num_shards)]
+    sizes = {st["shard"]: st["count"] for st in all_stats}
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
+    report = {
+        "images": len(samples),
+        "written": sum(sizes.values()),
+        "shards": num_shards,
+        "shards_reused": reused,
+        "missing": [m for st in all_stats for m in st["missing"]],
+        "broken": [b for st in all_stats for b in st["broken"]],
+        "without_caption": without_caption,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in report.items()} | {"report": str(out / "report.json")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
