@@ -17,6 +17,7 @@
 #   EPIC_REPO        repository root [the directory sbatch was run from].
 #   EPIC_PREFLIGHT   0 skips the `--check-only` pass (config, DS JSON, world size, shards, teacher) [1].
 #   EPIC_MAX_REQUEUES  stop requeueing after this many restarts [50].
+#   EPIC_MASTER_PORT rendezvous port [20000 + job id mod 20000].
 #   EPIC_SMOKE_CPU   1: the same script as a CPU smoke test: tiny shapes-world config (shapes_tiny or
 #                    epic_shapes_tiny), ds_configs/cpu_zero2.json, gloo, no GPUs; EPIC_SMOKE_OVERRIDES adds
 #                    key=value overrides. Resize the job on the sbatch command line, e.g.
@@ -113,9 +114,11 @@ RUN_DIR="$EPIC_RUNS/$RUN_NAME"
 mkdir -p "$RUN_DIR" || die "cannot create $RUN_DIR"
 
 # --- 3. Process group: rank 0's host and a per-job port (epic/dist.py reads these, and SLURM_PROCID etc.). ---
+# sbatch copies the submitting shell's environment: drop another launcher's rank variables, which would win.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE LOCAL_SIZE CROSS_RANK CROSS_SIZE TORCHELASTIC_RUN_ID
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)"
 export MASTER_ADDR="${MASTER_ADDR:-$(hostname)}"
-export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+export MASTER_PORT="${EPIC_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"  # same formula as epic/dist.py
 # A100 cluster settings. Failures in a collective abort the job instead of hanging until the time limit.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 export NCCL_ASYNC_ERROR_HANDLING="${NCCL_ASYNC_ERROR_HANDLING:-1}"  # name used by torch < 2.2
