@@ -49,13 +49,10 @@ def test_plan_is_self_consistent(tiny_plan):
 
 
 def test_vlm_flops_are_the_trainers_count(tiny_plan):
-    """The same FlopCounterMode count as tools/bench_step.step_flops_per_sample (bf16 vs fp32 does not change it)."""
-    import dataclasses
-
-    import bench_step
+    """The meta-device count of epic.objectives.vanilla.step_flops_per_sample (bf16 vs fp32 does not change it)."""
     from epic.config import load_config
+    from epic.objectives.vanilla import step_flops_per_sample
 
-    model_cfg = dataclasses.replace(load_config("shapes_tiny", ["model.vocab_size=1000"]).model)
-    expected = bench_step.step_flops_per_sample(model_cfg, "vanilla_shared")
+    expected = step_flops_per_sample(load_config("shapes_tiny", ["model.vocab_size=1000"]).model)
     assert tiny_plan["flops"]["per_sample_by_pass"]["vlm (vanilla_shared)"] == pytest.approx(expected, rel=1e-9)
     assert expected > 0
