@@ -212,7 +212,8 @@ class TrainLoader:
                               first_stream=self._batches % self.streams_per_rank, **self._stream_args)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            multiprocessing_context=self.multiprocessing_context if self.num_workers else None)
+                            multiprocessing_context=self.multiprocessing_context if self.num_workers else None,
+                            generator=torch.Generator())  # DataLoader draws a base seed; never from the global RNG
         for batch in loader:
             meta = batch.pop("_stream")
             expected = self._batches % self.streams_per_rank
@@ -323,7 +324,7 @@ class EvalLoader:
 
     def __iter__(self):
         self._skips = Counter()
-        for batch in DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers):
+        for batch in DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, generator=torch.Generator()):
             self._skips.update(batch.pop("_skips"))
             if "keys" in batch:
                 yield batch

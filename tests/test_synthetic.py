@@ -1,0 +1,121 @@
+"""The shapes world: determinism, captions that agree with the image, tokenizer round-trip, content-token mask."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from epic.data.synthetic import BACKGROUNDS, COLOURS, CONTENT_VOCABULARY, COUNT_WORDS, PLURALS, generate_shapes_world
+from epic.data.text import content_token_mask, load_tokenizer
+
+
+def file_digests(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_samples(tar_path: Path) -> list[dict]:
+    """Members of a shard grouped by key (plain tarfile, independent of the pipeline)."""
+    samples: dict = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return [dict(v, key=k) for k, v in samples.items()]
+
+
+def test_same_seed_same_bytes_and_different_seed_differs(tmp_path):
+    kwargs = dict(n_train=24, n_val=8, image_size=32, samples_per_shard=10)
+    a = file_digests(generate_shapes_world(tmp_path / "a", seed=3, **kwargs))
+    b = file_digests(generate_shapes_world(tmp_path / "b", seed=3, **kwargs))
+    c = file_digests(generate_shapes_world(tmp_path / "c", seed=4, **kwargs))
+    assert a == b
+    assert {"train/00000.tar", "train/00002.tar", "val/00000.tar", "manifest.json", "tokenizer/tokenizer.json"} <= set(a)
+    assert a["train/00000.tar"] != c["train/00000.tar"] and a["val/00000.tar"] != c["val/00000.tar"]
+
+
+def test_manifest_and_layout(shapes_world):
+    manifest = json.loads((shapes_world / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 256 and manifest["splits"]["val"]["count"] == 64
+    assert manifest["splits"]["train"]["shards"] == [f"train/{i:05d}.tar" for i in range(4)]
+    samples = read_samples(shapes_world / "train" / "00001.tar")
+    assert len(samples) == 64 and all({"jpg", "txt", "json"} <= set(s) for s in samples)
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert meta["key"] == s["key"] and s["txt"].decode() == meta["caption"][0]
+        assert 3 <= len(meta["caption"]) <= 5 and len(set(meta["caption"])) == len(meta["caption"])
+
+
+def test_train_and_val_images_are_disjoint(shapes_world):
+    def image_hashes(split):
+        return {hashlib.sha256(s["jpg"]).hexdigest() for p in (shapes_world / split).glob("*.tar") for s in read_samples(p)}
+
+    train, val = image_hashes("train"), image_hashes("val")
+    assert len(train) == 256 and len(val) == 64 and not train & val
+
+
+def test_content_words_are_the_image_attributes(shapes_world):
+    """Flags mark exactly the content vocabulary, and every content word is true of the scene."""
+    for sample in read_samples(shapes_world / "train" / "00000.tar"):
+        meta = json.loads(sample["json"])
+        objects = meta["objects"]
+        allowed = {meta["background"], COUNT_WORDS[len(objects)]}
+        allowed |= {o["colour"] for o in objects} | {o["shape"] for o in objects} | {o["size"] for o in objects}
+        allowed |= {PLURALS[o["shape"]] for o in objects}
+        allowed |= {meta.get("position"), meta.get("relation"), {"left": "right", "right": "left", "above": "below",
+                                                                  "below": "above"}.get(meta.get("relation"))}
+        for caption, flags in zip(meta["caption"], meta["content_words"]):
+            words = caption.split()
+            assert len(words) == len(flags)
+            for word, is_content in zip(words, flags):
+                assert is_content == (word in CONTENT_VOCABULARY), (caption, word)
+                if is_content:
+                    assert word in allowed, (caption, word, meta)
+
+
+def test_colours_are_decidable_from_the_pixels(shapes_world):
+    """Each object's centre pixel shows its colour and the corner shows the background (JPEG tolerance)."""
+    for sample in read_samples(shapes_world / "val" / "00000.tar"):
+        meta = json.loads(sample["json"])
+        image = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB")).astype(int)
+        side = image.shape[0]
+        assert np.abs(image[1, 1] - BACKGROUNDS[meta["background"]]).max() < 30
+        for obj in meta["objects"]:
+            centre = image[int(obj["y"] * side), int(obj["x"] * side)]
+            assert np.abs(centre - COLOURS[obj["colour"]]).max() < 40, (obj, centre)
+
+
+def test_tokenizer_round_trip_with_auto_tokenizer(shapes_world):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tokenizer = AutoTokenizer.from_pretrained(str(shapes_world / "tokenizer"))
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]}
+    assert ids == {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id) == (0, 1, 2, 4)
+    for sample in read_samples(shapes_world / "val" / "00000.tar")[:16]:
+        for caption in json.loads(sample["json"])["caption"]:
+            encoded = tokenizer(caption)["input_ids"]
+            assert encoded[0] == 0 and encoded[-1] == 2 and 3 not in encoded
+            assert tokenizer.decode(encoded, skip_special_tokens=True).strip() == caption
+
+
+def test_content_mask_hand_case(shapes_world):
+    tokenizer = load_tokenizer(shapes_world / "tokenizer")
+    caption = "a picture of a reddish circle on the left"
+    flags = [False, False, False, False, True, True, False, False, True]
+    mask = content_token_mask(caption, flags, tokenizer, max_length=20)
+    ids = tokenizer(caption, max_length=20, truncation=True, padding="max_length")["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    reddish = [i for i, t in enumerate(tokens) if t not in ("<s>", "</s>", "<pad>")][4:-4]  # the unseen word's pieces
+    assert len(reddish) >= 2, tokens  # "reddish" is not in the training captions: several BPE pieces
+    expected = [i in reddish or t in ("Ġcircle", "Ġleft") for i, t in enumerate(tokens)]
+    assert mask.tolist() == expected
+    assert mask.shape == (20,)
+    with pytest.raises(ValueError, match="whitespace words"):
+        content_token_mask(caption, flags[:-1], tokenizer)
