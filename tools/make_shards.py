@@ -160,6 +160,8 @@ def main(argv=None) -> int:
         return 2
     plan_path.write_text(json.dumps(plan, indent=1))
 
+    for stale in out.glob("*.tar.tmp*"):  # left by an interrupted run
+        stale.unlink()
     num_shards = (len(samples) + args.shard_size - 1) // args.shard_size
     tasks = [{"out": str(out), "shard": s, "samples": samples[s * args.shard_size:(s + 1) * args.shard_size],
               "image_root": args.image_root, "verify": not args.no_verify, "shard_size": args.shard_size}
