@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import braceexpand
 import torch
 
 from epic.config import Config, ConfigError
@@ -37,25 +35,13 @@ def expand_env(text: str, what: str) -> str:
 
 
 def expand_shards(spec: str, what: str) -> list[str]:
-    """Brace expansion + globbing; every braced shard must exist, a glob must match at least one file."""
-    spec = expand_env(spec, what)
-    files: list[str] = []
-    missing: list[str] = []
-    for item in braceexpand.braceexpand(spec):
-        if any(c in item for c in "*?["):
-            matched = sorted(glob.glob(item))
-            if not matched:
-                raise ConfigError(f"{what}: no shard matches '{item}'. Check the path (and ${{EPIC_DATA}}).")
-            files.extend(matched)
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            missing.append(item)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" ... ({len(missing)} in all)" if len(missing) > 5 else "")
-        raise ConfigError(f"{what}: {len(missing)} shard(s) of '{spec}' do not exist: {shown}. Fix the spec, or "
-                          f"use a glob (*.tar) to take whatever shards exist.")
-    return files
+    """Env vars, then braces and globs (epic.data's spec rules: every listed shard must exist)."""
+    from epic.data import expand_shard_spec
+
+    try:
+        return expand_shard_spec(expand_env(spec, what), name=what)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from err
 
 
 def resolve_data_paths(cfg: Config) -> DataPaths:

@@ -238,7 +238,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             values["train/grad_norm"] = float(grad_norm)
-        scale = loss_scale_of(self.engine)
+        scale = loss_scale_of(self.engine) if self.dtype == torch.float16 else None
         if scale is not None:
             values["train/loss_scale"] = scale
         values["train/skipped_steps"] = float(self.engine.skipped_steps - skipped_before)
@@ -259,7 +259,7 @@ class Trainer:
         for key, value in self.objective.log_values(self.step).items():
             values[key] = value
         self.logger.scalars(self.step, values)
-        self.logger.console(self.step, {**values, "loss": metrics.get("loss", float("nan"))})
+        self.logger.console(self.step, values)
 
     def _evaluate(self) -> None:
         from epic.engine.build import evaluate_retrieval_during_training
