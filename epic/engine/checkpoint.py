@@ -14,6 +14,7 @@ Every rank must call `save_checkpoint` (DeepSpeed's save is collective).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -188,3 +189,35 @@ def load_checkpoint(ckpt_dir: Path, engines: dict, world_size: int) -> tuple[dic
         raise CheckpointError(f"missing per-rank state {rank_file}")
     rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
     return trainer_state, rank_state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights only (evaluation, teacher, fine-tuning): world-size independent under ZeRO-2
+# ---------------------------------------------------------------------------------------------------------------
+def read_module_state_dict(ckpt_dir: str | os.PathLike, engine_name: str = "vlm") -> dict:
+    """The full module state dict of one engine from a ZeRO-1/2 checkpoint (rank 0 wrote the whole module)."""
+    path = Path(ckpt_dir) / engine_name / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: is {ckpt_dir} a checkpoint written by epic/pretrain.py "
+                              f"(with a '{engine_name}' engine)?")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state["module"]
+
+
+def load_model_from_checkpoint(path: str | os.PathLike, engine_name: str = "vlm"):
+    """A run dir / checkpoint dir -> (METER in eval mode, the run's resolved Config, checkpoint dir)."""
+    from epic.config import config_from_dict
+    from epic.models.meter import METER
+
+    ckpt_dir = find_checkpoint(path)
+    if ckpt_dir is None:
+        raise CheckpointError(f"no complete checkpoint under {path}")
+    cfg = config_from_dict(read_trainer_state(ckpt_dir)["config"])
+    # the checkpoint holds every weight: do not read the original pretrained files again
+    model = METER.from_config(dataclasses.replace(cfg.model, vit_pretrained=None, text_pretrained=None))
+    missing, unexpected = model.load_state_dict(read_module_state_dict(ckpt_dir, engine_name), strict=False)
+    extra_heads = [k for k in unexpected if k.split(".")[0] not in dict(model.named_children())]
+    if missing or len(extra_heads) != len(unexpected):
+        raise CheckpointError(f"{ckpt_dir}: weights do not match the saved config (missing {missing[:8]}, "
+                              f"unexpected {[k for k in unexpected if k not in extra_heads][:8]})")
+    return model.eval(), cfg, ckpt_dir
