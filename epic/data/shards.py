@@ -207,6 +207,8 @@ def read_image(raw: dict) -> Union[Image.Image, str]:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")  # PIL warns when a palette image with transparency goes straight to RGB
             return image.convert("RGB")
     except Exception:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         return "bad_image"
