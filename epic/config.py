@@ -336,3 +336,27 @@ def validate(cfg: Config) -> None:
     if cfg.epic.enabled and cfg.epic.teacher is None and cfg.epic.masking == "saliency":
         raise ConfigError("EPIC saliency masking needs a teacher: set epic.teacher=<run dir | checkpoint | "
                           "official METER .ckpt>, or epic.masking=uniform")
+    validate_epic(cfg.epic)
+
+
+def validate_epic(epic: EpicConfig) -> None:
+    """Combinations of the EPIC switches that cannot work."""
+    if epic.lambda_itc < 0:
+        raise ConfigError(f"'epic.lambda_itc' must be >= 0, got {epic.lambda_itc}")
+    if epic.sas_refresh_every < 1:
+        raise ConfigError(f"'epic.sas_refresh_every' must be >= 1, got {epic.sas_refresh_every}")
+    if epic.log_saliency_every < 0:
+        raise ConfigError(f"'epic.log_saliency_every' must be >= 0 (0 = no figure), got {epic.log_saliency_every}")
+    if epic.cmlm_saliency and epic.masking != "saliency":
+        raise ConfigError("'epic.cmlm_saliency' (†CMLM) masks the MLM objective by teacher saliency: it needs "
+                          "epic.masking=saliency and epic.teacher")
+    if epic.corruption == "random" and epic.generator_mode != "finetune":
+        raise ConfigError(f"'epic.generator_mode={epic.generator_mode}' has no effect with epic.corruption=random "
+                          f"(uniform vocabulary tokens, no generator); use epic.corruption=generator")
+    if epic.generator_mode == "pretrained_fixed" and not epic.generator.pretrained:
+        raise ConfigError("'epic.generator_mode=pretrained_fixed' (\"LM (trained)\": fitted on the captions before, "
+                          "then fixed) needs epic.generator.pretrained=<HF folder or EPIC run dir>")
+    for name in ("hidden_size", "layers", "heads", "intermediate_size"):
+        if getattr(epic.generator, name) < 0:
+            raise ConfigError(f"'epic.generator.{name}' must be >= 0 (0 = the VLM's text tower), got "
+                              f"{getattr(epic.generator, name)}")

@@ -1,0 +1,392 @@
+"""EPIC (Sec. 4, App. B): the image-token consistency task (ITC) on captions corrupted by a co-trained generator.
+
+One micro-batch (Algorithm 1 of App. B, with METER's own objectives):
+
+    v_feats = VLM.encode_image(v)                        once, shared by the MLM, ITM and ITC passes
+    M       = saliency masking from the frozen teacher   (Eq. 8; uniform for the ablation "ITC+LM")
+    w_bar   = generator samples at M, L_GEN              (Eq. 3-5, 7; the generator engine steps here)
+    T       = { t in M : w_bar_t != w_t }                (Eq. 6)
+    L_ITC   = per-token BCE of D_i = sigmoid(beta^T h_i) on (w_bar, v), consistent = 1  (Eq. 1-2)
+    loss    = L_ITM + L_MLM + lambda * L_ITC             (Eq. 9; L_GEN goes to the generator's own engine)
+
+The trainer back-propagates ``loss`` into the VLM engine and steps it. The generator is its own DeepSpeed engine
+(own optimizer, LR schedule and loss scaler, same gradient-accumulation steps), so an overflow in one engine never
+skips or alters the other's step. Ablations (Tables 4-6, 8; App. G, J) are switches of ``epic.*``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from epic.eval.epic_metrics import EpicMeasurements, render_saliency_figure, step_counts
+from epic.kernels import token_consistency_loss
+
+from .corruption import (consistency_labels, excluded_token_ids, inconsistent_positions, mask_tokens,
+                         random_replacements, replace_at, sample_replacements)
+from .itm import compute_itm
+from .mlm import IGNORE_INDEX, compute_mlm
+from .saliency import real_text_tokens, saliency_masking, uniform_masking
+
+logger = logging.getLogger(__name__)
+
+HEAD_NAME = "itc_score"
+TRAINED_GENERATOR_MODES = ("finetune", "conditioned")
+EPIC_BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "special_tokens_mask", "mlm_input_ids",
+                   "mlm_labels")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The ITC head beta and Eq. 1-2
+# ----------------------------------------------------------------------------------------------------------------
+def add_consistency_head(model: nn.Module) -> nn.Module:
+    """Give the VLM EPIC's head beta (Eq. 1) as ``model.itc_score`` = Linear(hidden, 1), METER's init.
+
+    Must run before the VLM's optimizer is built (the head is trained with the VLM). Idempotent.
+    """
+    if getattr(model, HEAD_NAME, None) is None:
+        head = nn.Linear(model.config.hidden_size, 1)
+        head.weight.data.normal_(mean=0.0, std=0.02)
+        head.bias.data.zero_()
+        model.add_module(HEAD_NAME, head.to(next(model.parameters()).dtype))
+    return model
+
+
+def consistency_loss(text_feats: torch.Tensor, head: nn.Linear, inconsistent: torch.Tensor, real: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 1-2: (mean over real tokens of BCE(sigmoid(beta^T h_i + b), 1 - [i in T]), logits z_i [B, L])."""
+    return token_consistency_loss(text_feats, head.weight.view(-1), head.bias, consistency_labels(inconsistent), real)
+
+
+def epic_vlm_loss(loss_itm: torch.Tensor, loss_mlm: torch.Tensor, loss_itc: torch.Tensor, lambda_itc: float
+                  ) -> torch.Tensor:
+    """Eq. 9 without L_GEN (which trains only the generator, in its own engine)."""
+    return loss_itm + loss_mlm + lambda_itc * loss_itc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generator engine set-up
+# ----------------------------------------------------------------------------------------------------------------
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def generator_ds_config(cfg, vlm_ds_config: dict, batch_math, on_cpu: bool) -> dict:
+    """``epic.generator.ds_config`` resolved like the VLM's, or a copy of the VLM's resolved config."""
+    from epic.engine.setup import load_ds_config, resolve_ds_config
+
+    path = cfg.epic.generator.ds_config
+    if path is None:
+        return copy.deepcopy(vlm_ds_config)
+    if not os.path.isabs(path) and not os.path.exists(path) and (REPO_ROOT / path).exists():
+        path = str(REPO_ROOT / path)
+    return resolve_ds_config(load_ds_config(path), batch_math, cfg.train.grad_clip, on_cpu=on_cpu)
+
+
+def frozen_engine_ds_config(batch_math) -> dict:
+    """DeepSpeed config of an engine that is only checkpointed, never stepped (the VLM(SAS) generator)."""
+    return {"train_batch_size": batch_math.global_batch_size,
+            "train_micro_batch_size_per_gpu": batch_math.micro_batch_size,
+            "gradient_accumulation_steps": batch_math.grad_accum_steps,
+            "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class EpicObjective:
+    """The EPIC step for the trainer (see epic/engine/build.py ``build_objective`` for the contract)."""
+
+    def __init__(self, cfg, engine, tokenizer, ds_config: dict, batch_math, paths, device) -> None:
+        self.cfg, self.epic = cfg, cfg.epic
+        self.engine, self.tokenizer, self.paths = engine, tokenizer, paths
+        self.device = torch.device(device)
+        self.rank = _rank()
+        model = engine.module
+        if getattr(model, HEAD_NAME, None) is None:
+            raise RuntimeError("the VLM has no ITC head beta (model.itc_score): epic.engine.build.build_model must call "
+                               "epic.objectives.consistency.add_consistency_head(model) before the optimizer is built")
+        self.mask_token_id = tokenizer.mask_token_id
+        vocab_size = cfg.model.vocab_size
+        self.exclude_ids = excluded_token_ids(tokenizer, vocab_size)
+        excluded = set(self.exclude_ids)
+        self.allowed_ids = torch.tensor([i for i in range(vocab_size) if i not in excluded], device=self.device)
+        self.teacher = self._build_teacher() if self.epic.masking == "saliency" else None
+        self.generator: Optional[nn.Module] = None  # the module that corrupts (None: random tokens)
+        self.gen_engine = None  # the generator's DeepSpeed engine (trained, or checkpoint-only for VLM(SAS))
+        self._build_generator(ds_config, batch_math)
+        self.measurements = EpicMeasurements()
+        self._last_step_seen: Optional[int] = None
+        self._last_image_bucket = 0
+        self._figure_batch: Optional[dict] = None
+
+    # -- construction ------------------------------------------------------------------------------------------
+    def _build_teacher(self):
+        from epic.engine.build import expand_env
+        from epic.models.teacher import check_teacher_fits, load_teacher
+
+        source = expand_env(self.epic.teacher, "epic.teacher")
+        teacher = load_teacher(source, self.device, self.epic.teacher_dtype)
+        check_teacher_fits(teacher, self.tokenizer, self.cfg.data.image_size, self.cfg.data.max_text_len)
+        return teacher
+
+    def _frozen_dtype(self) -> torch.dtype:
+        from epic.models.teacher import resolve_teacher_dtype
+
+        return resolve_teacher_dtype(self.epic.teacher_dtype, self.device)
+
+    def _build_generator(self, ds_config: dict, batch_math) -> None:
+        from epic.engine.build import expand_env
+        from epic.engine.schedule import build_lr_scheduler
+        from epic.engine.setup import initialize_engine
+        from epic.models.generator import build_generator, freeze, generator_param_groups
+
+        epic, train = self.epic, self.cfg.train
+        if epic.corruption == "random":
+            return
+        mode = epic.generator_mode
+        gen_cfg = epic.generator
+        if gen_cfg.pretrained:
+            gen_cfg = dataclasses.replace(gen_cfg, pretrained=expand_env(gen_cfg.pretrained, "epic.generator.pretrained"))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.run.seed + 1)  # the same initial generator on every rank, without touching
+            if mode == "vlm_sas":                     # the trainer's random streams
+                self.generator = self._new_sas_vlm()
+            else:
+                self.generator = build_generator(gen_cfg, self.cfg.model, conditioned=mode == "conditioned")
+        if mode in TRAINED_GENERATOR_MODES:
+            optimizer = torch.optim.AdamW(generator_param_groups(self.generator, gen_cfg.lr, gen_cfg.weight_decay),
+                                          lr=gen_cfg.lr, betas=tuple(train.betas), eps=train.eps)
+            scheduler = build_lr_scheduler(optimizer, train.schedule, train.max_steps, train.warmup_ratio,
+                                           train.hold_ratio, train.final_lr_scale)
+            ds = generator_ds_config(self.cfg, ds_config, batch_math, on_cpu=self.device.type == "cpu")
+            self.gen_engine = initialize_engine(self.generator, optimizer, scheduler, ds)
+            self.generator = self.gen_engine.module
+        elif mode == "vlm_sas":  # frozen, but its weights change at each refresh: checkpointed as an engine
+            freeze(self.generator, self._frozen_dtype(), self.device)
+            self.gen_engine = initialize_engine(self.generator, None, None, frozen_engine_ds_config(batch_math))
+            self.generator = self.gen_engine.module
+        else:  # fixed / pretrained_fixed: rebuilt identically from seed or files, nothing to checkpoint
+            freeze(self.generator, self._frozen_dtype(), self.device)
+
+    def _new_sas_vlm(self) -> nn.Module:
+        """VLM(SAS) (App. G): a frozen METER, first a copy of the freshly initialised VLM, refreshed every k steps."""
+        from epic.models.meter import METER
+
+        model_cfg = dataclasses.replace(self.cfg.model, vit_pretrained=None, text_pretrained=None)
+        sas = METER.from_config(model_cfg)
+        sas.load_state_dict(self._vlm_weights_for(sas))
+        return sas
+
+    def _vlm_weights_for(self, target: nn.Module) -> dict:
+        wanted = target.state_dict()
+        return {k: v for k, v in self.engine.module.state_dict().items() if k in wanted}
+
+    def extra_engines(self) -> dict:
+        return {"generator": self.gen_engine} if self.gen_engine is not None else {}
+
+    # -- one micro-batch ---------------------------------------------------------------------------------------
+    def losses(self, model, batch: dict, rng: torch.Generator, step: int) -> dict:
+        missing = [k for k in EPIC_BATCH_KEYS if k not in batch]
+        if missing:
+            raise KeyError(f"the EPIC step needs batch keys {missing} (has {sorted(batch)}); epic.data loaders "
+                           f"yield them")
+        if step != self._last_step_seen:  # first micro-batch of an optimizer step
+            self._last_step_seen = step
+            self._maybe_refresh_sas(step)
+        if self._figure_batch is None:
+            self._figure_batch = self._pick_figure_batch(batch)
+        real = real_text_tokens(batch)
+        image_embeds = model.encode_image(batch["pixel_values"])  # once per micro-batch, shared by all VLM passes
+        query_keys = self._teacher_query_keys(batch)
+        positions, alpha = self._masking(query_keys, real, self.epic.mask_ratio, rng)
+        corrupted, gen = self._corrupt(batch, positions, image_embeds, rng)
+        inconsistent = inconsistent_positions(batch["input_ids"], corrupted, positions)  # Eq. 6
+        mlm_batch = self._cmlm_batch(batch, query_keys, real, rng) if self.epic.cmlm_saliency else batch
+        mlm = compute_mlm(model, mlm_batch, image_embeds)
+        itm = compute_itm(model, batch, image_embeds, rng)
+        fused = model.infer(input_ids=corrupted, attention_mask=batch["attention_mask"], image_embeds=image_embeds)
+        loss_itc, itc_logits = consistency_loss(fused["text_feats"], getattr(model, HEAD_NAME), inconsistent, real)
+        loss = epic_vlm_loss(itm["loss_itm"], mlm["loss_mlm"], loss_itc, self.epic.lambda_itc)
+        self.measurements.add(step_counts(real, positions, inconsistent, itc_logits, alpha, batch.get("content_mask")))
+        out = {"loss": loss, "loss_itm": itm["loss_itm"].detach(), "loss_mlm": mlm["loss_mlm"].detach(),
+               "loss_itc": loss_itc.detach(), "itm_acc": itm["itm_acc"], "mlm_acc": mlm["mlm_acc"]}
+        if gen is not None:
+            out["loss_gen"] = gen
+        return out
+
+    def _teacher_query_keys(self, batch: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        if self.teacher is None:
+            return None
+        query, keys = self.teacher.query_keys(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        return query.clone(), keys.clone()  # out of inference mode
+
+    def _masking(self, query_keys, real: torch.Tensor, ratio: float, rng) -> tuple[torch.Tensor, torch.Tensor]:
+        """M and alpha: Eq. 8 + sampling from the teacher, or uniform ("ITC+LM")."""
+        if query_keys is None:
+            return uniform_masking(real, ratio, rng)
+        return saliency_masking(query_keys[0], query_keys[1], real, ratio, rng)
+
+    def _corrupt(self, batch: dict, positions: torch.Tensor, image_embeds: torch.Tensor, rng
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(w_bar, detached L_GEN or None). A trained generator takes its backward and step here."""
+        input_ids = batch["input_ids"]
+        targets = input_ids[positions]
+        if self.generator is None:  # "ITC (rand.)"
+            return replace_at(input_ids, positions, random_replacements(len(targets), self.allowed_ids, rng)), None
+        masked_ids = mask_tokens(input_ids, positions, self.mask_token_id)  # Eq. 3
+        mode = self.epic.generator_mode
+        if mode == "vlm_sas":
+            samples, loss_gen = self._sas_samples(batch, masked_ids, positions, targets, rng)
+        elif mode in TRAINED_GENERATOR_MODES:
+            image_cls = image_embeds[:, 0].detach() if mode == "conditioned" else None
+            states = self.gen_engine(masked_ids, batch["attention_mask"], positions, image_cls)
+            embedding, bias = self.generator.output_embedding()
+            samples, loss_gen = sample_replacements(states, embedding, bias, targets, self.exclude_ids, rng)
+            self.gen_engine.backward(loss_gen)  # L_GEN (Eq. 7) trains only the generator
+            self.gen_engine.step()
+            loss_gen = loss_gen.detach()
+        else:  # "LM (fixed)" / "LM (trained)": frozen
+            with torch.no_grad():
+                states = self.generator(masked_ids, batch["attention_mask"], positions)
+                embedding, bias = self.generator.output_embedding()
+                samples, loss_gen = sample_replacements(states, embedding, bias, targets, self.exclude_ids, rng)
+        return replace_at(input_ids, positions, samples), loss_gen
+
+    def _sas_samples(self, batch, masked_ids, positions, targets, rng):
+        """VLM(SAS): the auxiliary VLM's own cross-modal MLM on (w^mask, v) proposes the replacements."""
+        sas = self.generator
+        with torch.no_grad():
+            dtype = next(sas.parameters()).dtype
+            fused = sas.infer(input_ids=masked_ids, attention_mask=batch["attention_mask"],
+                              pixel_values=batch["pixel_values"].to(dtype))
+            states = sas.mlm_score.transform(fused["text_feats"][positions])
+            return sample_replacements(states, sas.mlm_score.decoder.weight, sas.mlm_score.bias, targets,
+                                       self.exclude_ids, rng)
+
+    def _maybe_refresh_sas(self, step: int) -> None:
+        if self.epic.generator_mode != "vlm_sas" or self.generator is None:
+            return
+        if step > 0 and step % self.epic.sas_refresh_every == 0:
+            self.generator.load_state_dict(self._vlm_weights_for(self.generator))
+
+    def _cmlm_batch(self, batch: dict, query_keys, real: torch.Tensor, rng) -> dict:
+        """†CMLM (App. J): the MLM objective masks data.mlm_probability of the tokens drawn from alpha, not uniformly."""
+        positions, _ = self._masking(query_keys, real, self.cfg.data.mlm_probability, rng)
+        input_ids = batch["input_ids"]
+        labels = torch.where(positions, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        return {**batch, "mlm_input_ids": mask_tokens(input_ids, positions, self.mask_token_id), "mlm_labels": labels}
+
+    # -- logging -----------------------------------------------------------------------------------------------
+    def log_values(self, step: int) -> dict:
+        values = {f"epic/{k}": v for k, v in self.measurements.pop().items()}
+        if self.gen_engine is not None and self.gen_engine.optimizer is not None:
+            from epic.engine.setup import loss_scale_of
+
+            values["epic/gen_lr"] = self.gen_engine.lr_scheduler.get_last_lr()[0]
+            values["epic/gen_skipped_steps"] = float(self.gen_engine.skipped_steps)
+            scale = loss_scale_of(self.gen_engine)
+            if scale is not None:
+                values["epic/gen_loss_scale"] = scale
+        return values
+
+    def images(self, step: int) -> dict:
+        """Every ``epic.log_saliency_every`` steps (rank 0): {"epic/saliency": HWC uint8}, a Fig. 4-style figure."""
+        every = self.epic.log_saliency_every
+        if not every or self.rank != 0 or step // every <= self._last_image_bucket or self._figure_batch is None:
+            return {}
+        self._last_image_bucket = step // every
+        return {"epic/saliency": self.saliency_figure(self.engine.module)}
+
+    def _pick_figure_batch(self, batch: dict, rows: int = 4) -> dict:
+        """A fixed batch for the figure: the first val images (first caption), else this first training batch."""
+        if self.paths is not None and self.paths.val_shards and self.rank == 0:
+            from epic.data import build_eval_loader
+
+            try:
+                loader = build_eval_loader(self.paths.val_shards, self.tokenizer, image_size=self.cfg.data.image_size,
+                                           max_text_len=self.cfg.data.max_text_len, batch_size=rows,
+                                           all_captions=False)
+                batch = next(iter(loader))
+            except (StopIteration, OSError, ValueError) as err:  # a figure is not worth failing the run
+                logger.warning("saliency figure: no val batch (%s); using the first training batch", err)
+        dtype = batch["pixel_values"].dtype
+        return {k: (v[:rows].to(self.device, dtype if v.is_floating_point() else v.dtype)
+                    if isinstance(v, torch.Tensor) else v[:rows]) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def saliency_figure(self, model) -> "object":
+        """Bars of alpha per token; red: the generator's replacement and the VLM's P(inconsistent) on w_bar."""
+        batch, was_training = self._figure_batch, model.training
+        gen_training = self.generator.training if self.generator is not None else False
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            model.eval()
+            if self.generator is not None:
+                self.generator.eval()
+            try:
+                rng = torch.Generator(device="cpu").manual_seed(0)
+                real = real_text_tokens(batch)
+                query_keys = self._teacher_query_keys(batch)
+                positions, alpha = self._masking(query_keys, real, self.epic.mask_ratio, rng)
+                corrupted = self._figure_corruption(batch, positions, model, rng)
+                fused = model.infer(input_ids=corrupted, attention_mask=batch["attention_mask"],
+                                    pixel_values=batch["pixel_values"])
+                head = getattr(model, HEAD_NAME)
+                logits = fused["text_feats"].float() @ head.weight.float().view(-1) + head.bias.float()
+            finally:
+                model.train(was_training)
+                if self.generator is not None:
+                    self.generator.train(gen_training)
+        rows = []
+        content = batch.get("content_mask", torch.zeros_like(real))
+        for i in range(real.shape[0]):
+            index = real[i].nonzero().flatten().tolist()
+            if not index:
+                continue
+            original = batch["input_ids"][i]
+            tokens = [_show(t) for t in self.tokenizer.convert_ids_to_tokens(original[index].tolist())]
+            replaced = [(_show(self.tokenizer.convert_ids_to_tokens(int(corrupted[i, j])))
+                         if int(corrupted[i, j]) != int(original[j]) else None) for j in index]
+            rows.append({"tokens": tokens, "alpha": alpha[i, index].tolist(), "content": content[i, index].tolist(),
+                         "replaced": replaced, "p_inconsistent": torch.sigmoid(-logits[i, index]).tolist()})
+        return render_saliency_figure(rows)
+
+    def _figure_corruption(self, batch, positions, model, rng) -> torch.Tensor:
+        input_ids = batch["input_ids"]
+        targets = input_ids[positions]
+        if self.generator is None:
+            return replace_at(input_ids, positions, random_replacements(len(targets), self.allowed_ids, rng))
+        masked_ids = mask_tokens(input_ids, positions, self.mask_token_id)
+        if self.epic.generator_mode == "vlm_sas":
+            samples, _ = self._sas_samples(batch, masked_ids, positions, targets, rng)
+        else:
+            image_cls = None
+            if self.epic.generator_mode == "conditioned":
+                image_cls = model.encode_image(batch["pixel_values"])[:, 0]
+            states = self.generator(masked_ids, batch["attention_mask"], positions, image_cls)
+            embedding, bias = self.generator.output_embedding()
+            samples, _ = sample_replacements(states, embedding, bias, targets, self.exclude_ids, rng)
+        return replace_at(input_ids, positions, samples)
+
+    # -- resume ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"measurements": self.measurements.state_dict(), "last_image_bucket": self._last_image_bucket}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "measurements" in state:
+            self.measurements.load_state_dict(state["measurements"])
+            if self.measurements.sums is not None:
+                self.measurements.sums = self.measurements.sums.to(self.device)
+        self._last_image_bucket = int(state.get("last_image_bucket", 0))
+
+
+def _show(token: str) -> str:
+    """A BPE token for display: byte-level BPE marks a leading space with 'Ġ'."""
+    return token.replace("Ġ", "").replace("▁", "") or token

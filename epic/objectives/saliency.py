@@ -1,0 +1,46 @@
+"""Where EPIC corrupts a caption: saliency-based masking (Sec. 4.4, Eq. 8) or uniform masking (ablation "ITC+LM").
+
+    alpha = softmax( (1/h) sum_k q_k^V (K_k^W)^T )  over the sentence's real tokens          (Eq. 8)
+    M     = m positions sampled without replacement from Categorical(alpha),  m = ceil(mask_ratio * len)
+
+Both are one call of ``epic.kernels.saliency_mask`` (Gumbel-top-k, exact counts); uniform masking is the same
+op with all scores equal, so alpha is uniform over the real tokens. "Real" tokens exclude <s>, </s> and padding.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from epic.kernels import saliency_mask
+
+
+def real_text_tokens(batch: dict) -> torch.Tensor:
+    """[B, L] bool: tokens of the caption itself (attention_mask and not a special token)."""
+    return batch["attention_mask"].bool() & ~batch["special_tokens_mask"].bool()
+
+
+def saliency_masking(query: torch.Tensor, keys: torch.Tensor, real: torch.Tensor, mask_ratio: float,
+                     generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 8 + sampling: (M [B, L] bool, alpha [B, L] fp32) from the teacher's query [B, H, dh], keys [B, H, L, dh].
+
+    Eq. 8 has no 1/sqrt(d_h) temperature and neither has this (the paper's formula, taken as written).
+    """
+    mask, alpha = saliency_mask(query, keys, real, mask_ratio, generator=generator)
+    return mask.clone(), alpha.clone()  # plain tensors even when computed under inference_mode
+
+
+def uniform_masking(real: torch.Tensor, mask_ratio: float, generator: Optional[torch.Generator]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ablation "ITC+LM": m = ceil(mask_ratio * len) real positions uniformly without replacement; alpha uniform."""
+    batch, length = real.shape
+    zeros_query = torch.zeros(batch, 1, 1, device=real.device)
+    zeros_keys = torch.zeros(batch, 1, length, 1, device=real.device)
+    mask, alpha = saliency_mask(zeros_query, zeros_keys, real, mask_ratio, generator=generator)
+    return mask.clone(), alpha.clone()
+
+
+def saliency_entropy(alpha: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """[B] entropy of alpha (nats) per sentence; log(len) for uniform saliency, 0 when all mass is on one token."""
+    logs = torch.where(real & (alpha > 0), alpha.clamp_min(1e-30).log(), torch.zeros_like(alpha))
+    return -(alpha * logs).sum(dim=1)
