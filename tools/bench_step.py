@@ -8,8 +8,8 @@ FLOPs come from torch.utils.flop_counter.FlopCounterMode over forward + backward
 or GPU; on a shared 2-core CPU only the ratio means much. Each step kind is a function
 (model, batch, generator) -> losses in STEP_KINDS, so an EPIC step (teacher, generator, VLM passes) is one more entry.
 
-The trainer's entry for TFLOP/s and MFU logging is ``epic.objectives.vanilla.step_flops_per_sample(cfg)``, the same
-meta-device count as the vanilla kinds here. (FlopCounterMode has no formula for PyTorch's CPU flash-attention
+For TFLOP/s and MFU logging: ``step_flops_per_sample(cfg, kind)`` here (any step kind) or, importable from the
+package, ``epic.objectives.vanilla.step_flops_per_sample(cfg)``, the same meta-device count for the vanilla step. (FlopCounterMode has no formula for PyTorch's CPU flash-attention
 kernel, so counting a real step on the CPU misses the attention FLOPs; the meta count includes them.)
 """
 from __future__ import annotations
@@ -68,8 +68,8 @@ def meta_model(cfg: METERConfig) -> METER:
         return METER(dataclasses.replace(cfg, vit_pretrained=None, text_pretrained=None))
 
 
-def flops_per_sample(cfg: METERConfig, kind: str = "vanilla_shared", text_len: int | None = None,
-                     batch_size: int = 2) -> float:
+def step_flops_per_sample(cfg: METERConfig, kind: str = "vanilla_shared", text_len: int | None = None,
+                          batch_size: int = 2) -> float:
     """Training FLOPs (forward + backward) per sample of a ``kind`` step at ``cfg``'s sizes, counted on meta."""
     if kind not in STEP_KINDS:
         raise ValueError(f"unknown step kind {kind!r}; choose one of {sorted(STEP_KINDS)}")
@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
     results = {"config": dataclasses.asdict(cfg), "batch_size": args.batch_size, "text_len": text_len,
                "device": args.device, "vision_gflops_per_sample": vision_flops_per_sample(cfg) / 1e9, "kinds": {}}
     for kind in kinds:
-        results["kinds"][kind] = {"gflops_per_sample": flops_per_sample(cfg, kind, text_len) / 1e9}
+        results["kinds"][kind] = {"gflops_per_sample": step_flops_per_sample(cfg, kind, text_len) / 1e9}
 
     if not args.no_timing:
         torch.manual_seed(0)
