@@ -60,73 +60,83 @@ class _StreamState(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Triton kernels (one program per row, walking the tile in BLOCK_V chunks)
+# Triton kernels (one program per BLOCK_M rows, walking the tile in [BLOCK_M, BLOCK_V] chunks)
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _vocab_tile_forward_kernel(
-    logits_ptr, logits_row_stride, tile_start, tile_len, vocab_size,
+    logits_ptr, logits_row_stride, num_rows, tile_start, tile_len, vocab_size,
     targets_ptr, allowed_ptr, seed_ptr, inv_temperature, u_min, u_max,
     row_max_ptr, row_sumexp_ptr, target_logit_ptr, best_key_ptr, best_id_ptr,
-    SAMPLE: tl.constexpr, HAS_TARGETS: tl.constexpr, BLOCK_V: tl.constexpr,
+    SAMPLE: tl.constexpr, HAS_TARGETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_logits = logits_ptr + row * logits_row_stride
-    run_max = tl.load(row_max_ptr + row)
-    run_sumexp = tl.load(row_sumexp_ptr + row)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_rows
+    rows = rows.to(tl.int64)
+    run_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
+    run_sumexp = tl.load(row_sumexp_ptr + rows, mask=row_ok, other=0.0)
     if HAS_TARGETS:
-        target_local = tl.load(targets_ptr + row) - tile_start
-        target_logit = tl.load(target_logit_ptr + row)
+        target_local = tl.load(targets_ptr + rows, mask=row_ok, other=-1) - tile_start
+        target_logit = tl.load(target_logit_ptr + rows, mask=row_ok, other=0.0)
     if SAMPLE:
         seed = tl.load(seed_ptr)
-        best_key = tl.load(best_key_ptr + row)
-        best_id = tl.load(best_id_ptr + row)
+        best_key = tl.load(best_key_ptr + rows, mask=row_ok, other=0.0)
+        best_id = tl.load(best_id_ptr + rows, mask=row_ok, other=0)
     for c0 in range(0, tile_len, BLOCK_V):
         idx = c0 + tl.arange(0, BLOCK_V)
         ok = idx < tile_len
-        z = tl.load(row_logits + idx, mask=ok, other=float("-inf")).to(tl.float32)
+        z = tl.load(logits_ptr + rows[:, None] * logits_row_stride + idx[None, :],
+                    mask=row_ok[:, None] & ok[None, :], other=float("-inf")).to(tl.float32)
+        z = tl.where(row_ok[:, None], z, 0.0)  # rows past the end stay finite (never stored)
         # Online log-sum-exp for the softmax denominator of Eq. 4.
-        new_max = tl.maximum(run_max, tl.max(z, axis=0))
-        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         run_max = new_max
         if HAS_TARGETS:  # the target's logit, for Eq. 7
-            target_logit += tl.sum(tl.where(ok & (idx == target_local), z, 0.0), axis=0)
+            is_target = ok[None, :] & (idx[None, :] == target_local[:, None])
+            target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         if SAMPLE:  # Eq. 5 by Gumbel-max: argmax_w logit_w / T + g_w over allowed ids, g = -log(-log u)
             vocab_id = tile_start + idx
-            u = tl.rand(seed, row * vocab_size + vocab_id)
+            u = tl.rand(seed, rows[:, None] * vocab_size + vocab_id[None, :])
             u = tl.minimum(tl.maximum(u, u_min), u_max)
             allowed = ok & (tl.load(allowed_ptr + vocab_id, mask=ok, other=0) != 0)
-            key = tl.where(allowed, z * inv_temperature - tl.log(-tl.log(u)), float("-inf"))
-            chunk_best = tl.max(key, axis=0)
-            chunk_arg = tl.argmax(key, axis=0)
+            key = tl.where(allowed[None, :], z * inv_temperature - tl.log(-tl.log(u)), float("-inf"))
+            chunk_best = tl.max(key, axis=1)
+            chunk_arg = tl.argmax(key, axis=1)
             better = chunk_best > best_key
             best_id = tl.where(better, (tile_start + c0 + chunk_arg).to(tl.int64), best_id)
             best_key = tl.where(better, chunk_best, best_key)
-    tl.store(row_max_ptr + row, run_max)
-    tl.store(row_sumexp_ptr + row, run_sumexp)
+    tl.store(row_max_ptr + rows, run_max, mask=row_ok)
+    tl.store(row_sumexp_ptr + rows, run_sumexp, mask=row_ok)
     if HAS_TARGETS:
-        tl.store(target_logit_ptr + row, target_logit)
+        tl.store(target_logit_ptr + rows, target_logit, mask=row_ok)
     if SAMPLE:
-        tl.store(best_key_ptr + row, best_key)
-        tl.store(best_id_ptr + row, best_id)
+        tl.store(best_key_ptr + rows, best_key, mask=row_ok)
+        tl.store(best_id_ptr + rows, best_id, mask=row_ok)
 
 
 @triton.jit
 def _vocab_tile_grad_kernel(
-    logits_ptr, logits_row_stride, tile_start, tile_len, targets_ptr, lse_ptr, row_scale_ptr,
-    BLOCK_V: tl.constexpr,
+    logits_ptr, logits_row_stride, num_rows, tile_start, tile_len, targets_ptr, lse_ptr, row_scale_ptr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """In place: logits[i, j] <- row_scale_i * (softmax_ij - [j == target_i]), the gradient of Eq. 7."""
-    row = tl.program_id(0).to(tl.int64)
-    row_logits = logits_ptr + row * logits_row_stride
-    lse = tl.load(lse_ptr + row)
-    scale = tl.load(row_scale_ptr + row)
-    target_local = tl.load(targets_ptr + row) - tile_start
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_rows
+    rows = rows.to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+    target_local = tl.load(targets_ptr + rows, mask=row_ok, other=-1) - tile_start
     for c0 in range(0, tile_len, BLOCK_V):
         idx = c0 + tl.arange(0, BLOCK_V)
-        ok = idx < tile_len
-        z = tl.load(row_logits + idx, mask=ok, other=0.0).to(tl.float32)
-        grad = (tl.exp(z - lse) - tl.where(idx == target_local, 1.0, 0.0)) * scale
-        tl.store(row_logits + idx, grad.to(logits_ptr.dtype.element_ty), mask=ok)
+        tile_ok = row_ok[:, None] & (idx < tile_len)[None, :]
+        ptrs = logits_ptr + rows[:, None] * logits_row_stride + idx[None, :]
+        z = tl.load(ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+        onehot = tl.where(idx[None, :] == target_local[:, None], 1.0, 0.0)
+        grad = (tl.exp(z - lse[:, None]) - onehot) * scale[:, None]
+        tl.store(ptrs, grad.to(logits_ptr.dtype.element_ty), mask=tile_ok)
+
+
+_BLOCK_M = 4
 
 
 def _block_v(tile_len):
@@ -135,18 +145,20 @@ def _block_v(tile_len):
 
 def _forward_tile_triton(logits, tile_start, state, targets, allowed, noise, inv_temperature, sample, vocab_size):
     num_rows, tile_len = logits.shape
-    _vocab_tile_forward_kernel[(num_rows,)](
-        logits, logits.stride(0), tile_start, tile_len, vocab_size,
-        targets if targets is not None else state.best_id, allowed.view(torch.uint8), noise, inv_temperature, UNIFORM_MIN, UNIFORM_MAX,
+    _vocab_tile_forward_kernel[(triton.cdiv(num_rows, _BLOCK_M),)](
+        logits, logits.stride(0), num_rows, tile_start, tile_len, vocab_size,
+        targets if targets is not None else state.best_id, allowed.view(torch.uint8), noise, inv_temperature,
+        UNIFORM_MIN, UNIFORM_MAX,
         state.row_max, state.row_sumexp, state.target_logit, state.best_key, state.best_id,
-        SAMPLE=sample, HAS_TARGETS=targets is not None, BLOCK_V=_block_v(tile_len),
+        SAMPLE=sample, HAS_TARGETS=targets is not None, BLOCK_M=_BLOCK_M, BLOCK_V=_block_v(tile_len),
     )
 
 
 def _grad_tile_triton(logits, tile_start, targets, lse, row_scale):
     num_rows, tile_len = logits.shape
-    _vocab_tile_grad_kernel[(num_rows,)](logits, logits.stride(0), tile_start, tile_len, targets, lse, row_scale,
-                                         BLOCK_V=_block_v(tile_len))
+    _vocab_tile_grad_kernel[(triton.cdiv(num_rows, _BLOCK_M),)](
+        logits, logits.stride(0), num_rows, tile_start, tile_len, targets, lse, row_scale,
+        BLOCK_M=_BLOCK_M, BLOCK_V=_block_v(tile_len))
 
 
 # ----------------------------------------------------------------------------------------------------------------
