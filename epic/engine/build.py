@@ -133,6 +133,11 @@ class VanillaObjective:
     def log_values(self, step: int) -> dict:
         return {}
 
+    def flops_per_sample(self, cfg: Config) -> float:
+        from epic.objectives.vanilla import step_flops_per_sample
+
+        return step_flops_per_sample(cfg.model, share_image_embeds=True, text_len=cfg.data.max_text_len)
+
     def state_dict(self) -> dict:
         return {}
 

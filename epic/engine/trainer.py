@@ -59,20 +59,6 @@ def move_batch(batch: dict, device: torch.device, float_dtype: torch.dtype) -> d
     return out
 
 
-def count_step_flops(fn) -> tuple[object, Optional[int]]:
-    """Run `fn()` (forward + backward of one micro-batch) under FlopCounterMode; FLOPs or None if unsupported."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    try:
-        counter = FlopCounterMode(display=False)
-        with counter:
-            result = fn()
-        return result, int(counter.get_total_flops())
-    except Exception as err:  # pragma: no cover - depends on the ops in the graph
-        log_console(f"[flops] FlopCounterMode failed ({err}); MFU will not be logged")
-        return None, None
-
-
 def pick_resume_checkpoint(run_dir: str, resume: str) -> Optional[Path]:
     """`auto`: newest complete checkpoint in run.dir if any; `none`: refuse to resume; else an explicit path."""
     if resume == "none":
@@ -133,7 +119,8 @@ class Trainer:
         if self.rank == 0:
             dump_config(cfg, Path(cfg.run.dir) / "config.yaml")
         self.logger = RunLogger(cfg.run.dir, enabled=self.rank == 0, max_steps=cfg.train.max_steps)
-        self.flops_per_micro: Optional[int] = None
+        # FLOPs of one training sample (forward + backward), counted once on the meta device (exact, no memory)
+        self.flops_per_sample = self.objective.flops_per_sample(cfg) if self.rank == 0 else 0.0
         self.peak_tflops = cfg.train.peak_tflops or guess_peak_tflops()
 
     # -- checkpoints ----------------------------------------------------------------------------------------
@@ -148,25 +135,15 @@ class Trainer:
 
     # -- one optimizer step ---------------------------------------------------------------------------------
     def _micro_step(self, batch: dict, timer: StepTimer, averager: MetricAverager) -> float:
-        def forward_backward():
-            out = self.objective.losses(self.engine.module, batch, self.rng, self.step)
-            timer.stop("forward")
-            loss = out["loss"]
-            if not _all_finite(loss.detach()):
-                # Back-propagating the non-finite loss makes DeepSpeed's overflow check skip the whole
-                # optimizer step on every rank (nothing is applied; lr schedule not advanced).
-                self.nonfinite_losses += 1
-            self.engine.backward(loss)
-            timer.stop("backward")
-            return out
-
-        if self.flops_per_micro is None and self.step == self.first_step:
-            out, self.flops_per_micro = count_step_flops(forward_backward)
-            if out is None:
-                out = forward_backward()
-                self.flops_per_micro = 0
-        else:
-            out = forward_backward()
+        out = self.objective.losses(self.engine.module, batch, self.rng, self.step)
+        timer.stop("forward")
+        loss = out["loss"]
+        if not _all_finite(loss.detach()):
+            # Back-propagating the non-finite loss makes DeepSpeed's overflow check skip the whole optimizer
+            # step on every rank (nothing is applied; the lr schedule does not advance).
+            self.nonfinite_losses += 1
+        self.engine.backward(loss)
+        timer.stop("backward")
         self.engine.step()
         timer.stop("step")
         averager.add({k: v for k, v in out.items() if k != "loss"})
@@ -244,11 +221,10 @@ class Trainer:
         values["train/skipped_steps"] = float(self.engine.skipped_steps - skipped_before)
         values["train/nonfinite_losses"] = float(self.nonfinite_losses)
         values["perf/samples_per_s"] = samples_per_s
-        if self.flops_per_micro:
-            flops_per_sample = self.flops_per_micro / self.batch.micro_batch_size
-            tflops = flops_per_sample * samples_per_s / self.world_size / 1e12
+        if self.flops_per_sample:
+            tflops = self.flops_per_sample * samples_per_s / self.world_size / 1e12
             values["perf/tflops_per_device"] = tflops
-            values["perf/flops_per_sample"] = float(flops_per_sample)
+            values["perf/flops_per_sample"] = float(self.flops_per_sample)
             if self.peak_tflops:
                 values["perf/mfu"] = tflops / self.peak_tflops
         total_time = sum(times.values()) or 1.0
