@@ -22,7 +22,7 @@
 #                    epic_shapes_tiny), ds_configs/cpu_zero2.json, gloo, no GPUs; EPIC_SMOKE_OVERRIDES adds
 #                    key=value overrides. Resize the job on the sbatch command line, e.g.
 #                    sbatch --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --gpus-per-node=0 slurm/meter_16m.sh
-#   EPIC_TRAINER     the training script [epic/pretrain.py]; tests substitute a stand-in.
+#   EPIC_TRAINER     the training script [epic/pretrain.py] (a fine-tuning wrapper would name epic/finetune.py).
 # Arguments after the script name are config overrides (key=value) passed to the trainer.
 
 # --- 1. Preemption: install the handler first (a USR1 that arrives before `trap` would kill the batch shell). ---
