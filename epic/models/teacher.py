@@ -146,25 +146,15 @@ def _load_export_dir(path: Path) -> METER:
 
 
 def _load_run_checkpoint(path: Path) -> METER:
-    from epic.engine.checkpoint import CheckpointError, find_checkpoint, read_trainer_state
+    from epic.engine.checkpoint import CheckpointError, load_model_from_checkpoint
 
     try:
-        step_dir = find_checkpoint(path)
+        model, _, step_dir = load_model_from_checkpoint(path, "vlm")
     except CheckpointError as err:
-        raise TeacherError(f"epic.teacher: {err}") from err
-    if step_dir is None:
-        raise TeacherError(f"epic.teacher={path} holds no complete checkpoint (no step_*/COMPLETE), no "
-                           f"{WEIGHTS_NAME} export and is not an official METER file")
-    weights = step_dir / "vlm" / "mp_rank_00_model_states.pt"
-    if not weights.is_file():
-        raise TeacherError(f"teacher checkpoint {step_dir} has no vlm/mp_rank_00_model_states.pt")
-    config = read_trainer_state(step_dir)["config"]
-    model = _build_meter(config["model"], str(step_dir))
-    # DeepSpeed's model-states file also pickles its config and bookkeeping: our own, trusted file.
-    state = torch.load(weights, map_location="cpu", weights_only=False)["module"]
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    logger.info("teacher from %s (step %s)", step_dir, read_trainer_state(step_dir).get("step"))
-    return _load_state(model, state, str(step_dir))
+        raise TeacherError(f"epic.teacher={path}: {err} (expected a run dir / checkpoint dir of epic/pretrain.py, an "
+                           f"export dir with {WEIGHTS_NAME}, or an official METER .ckpt)") from err
+    logger.info("teacher weights from %s", step_dir)
+    return model
 
 
 def check_teacher_fits(teacher: SaliencyTeacher, tokenizer, image_size: int, max_text_len: int) -> None:
