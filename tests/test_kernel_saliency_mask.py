@@ -3,14 +3,16 @@ masking invariants, Triton (interpreter) vs reference on the same noise, and sub
 Plackett-Luce probabilities (chi-square, fixed seeds)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (see epic.kernels.testing)
+import torch
+
+if not torch.cuda.is_available():  # CPU: Triton's interpreter, set before anything imports triton (epic.kernels.testing)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import itertools  # noqa: E402
 import math  # noqa: E402
 from fractions import Fraction  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from epic.kernels import saliency_mask  # noqa: E402

@@ -2,10 +2,12 @@
 reference for outputs and gradients, and the dispatch rules."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (see epic.kernels.testing)
+import torch
+
+if not torch.cuda.is_available():  # CPU: Triton's interpreter, set before anything imports triton (epic.kernels.testing)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from epic.kernels import token_consistency_loss  # noqa: E402
 from epic.kernels.dispatch import use_triton  # noqa: E402

@@ -3,10 +3,12 @@ Triton (interpreter) vs the PyTorch reference, excluded ids, sample distribution
 seeds), odd shapes (V not a multiple of the tile, M = 0)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (see epic.kernels.testing)
+import torch
+
+if not torch.cuda.is_available():  # CPU: Triton's interpreter, set before anything imports triton (epic.kernels.testing)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from epic.kernels import vocab_sample_and_loss  # noqa: E402
