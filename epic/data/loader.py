@@ -29,6 +29,7 @@ but decodes only its own samples.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 from collections import Counter
@@ -249,9 +250,8 @@ class TrainLoader:
         batch size and sources (else the stream would differ and the error says which setting changed)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state has version {state.get('version')!r}, expected {STATE_VERSION}")
-        mine = self._identity()
-        changed = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in mine.items()
-                   if (list(map(list, state.get(k))) if k == "sources" and state.get(k) is not None else state.get(k)) != v]
+        saved = json.loads(json.dumps({k: state.get(k) for k in self._identity()}))  # tuples -> lists, as saved
+        changed = [f"{k}: saved {saved[k]!r}, now {v!r}" for k, v in self._identity().items() if saved[k] != v]
         if changed:
             raise ValueError(
                 "cannot resume the data stream exactly, the loader settings changed (" + "; ".join(changed) + "). "
