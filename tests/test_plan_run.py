@@ -48,11 +48,11 @@ def test_plan_is_self_consistent(tiny_plan):
     assert fixed + out["max_micro_batch"] * per_sample <= limit < fixed + (out["max_micro_batch"] + 1) * per_sample
 
 
-def test_vlm_flops_are_the_trainers_count(tiny_plan):
-    """The meta-device count of epic.objectives.vanilla.step_flops_per_sample (bf16 vs fp32 does not change it)."""
+def test_vlm_flops_are_what_the_trainer_logs(tiny_plan):
+    """The plan's VLM figure is VanillaObjective.flops_per_sample, the trainer's perf/flops_per_sample."""
     from epic.config import load_config
-    from epic.objectives.vanilla import step_flops_per_sample
+    from epic.engine.build import VanillaObjective
 
-    expected = step_flops_per_sample(load_config("shapes_tiny", ["model.vocab_size=1000"]).model)
-    assert tiny_plan["flops"]["per_sample_by_pass"]["vlm (vanilla_shared)"] == pytest.approx(expected, rel=1e-9)
+    expected = VanillaObjective().flops_per_sample(load_config("shapes_tiny", ["model.vocab_size=1000"]))
+    assert tiny_plan["flops"]["per_sample_by_pass"]["vlm (ITM + MLM)"] == pytest.approx(expected, rel=1e-9)
     assert expected > 0

@@ -5,10 +5,10 @@
         [--micro-batch 32] [--ds-config ds_configs/zero2_bf16.json] [--gpus-per-node 8] [--job-hours 48] [--json F]
 
 FLOPs per sample are counted with torch's FlopCounterMode on the meta device (shapes only: exact for the matmuls,
-no memory, seconds on a CPU) over the step function of tools/bench_step.py, the same count the trainer logs as
-`perf/flops_per_sample`. An EPIC step adds the teacher's saliency pass (forward to the penultimate fusion layer),
-the generator's masked-LM pass and the main VLM's consistency (ITC) pass on the corrupted caption; until
-bench_step registers an "epic" step kind these three are counted here, on the same meta model.
+no memory, seconds on a CPU). The VLM's ITM + MLM step is the trainer's own count
+(`epic.objectives.vanilla.step_flops_per_sample`, logged as `perf/flops_per_sample`). An EPIC step adds the
+teacher's saliency pass (forward to the penultimate fusion layer), the generator's masked-LM pass and the main
+VLM's consistency (ITC) pass on the corrupted caption; these three are counted here, on the same meta model.
 
 Memory is an estimate: ZeRO-2 keeps the half-precision weights on every GPU and splits gradients, fp32 master
 weights and Adam moments across the N data-parallel ranks (ZeRO paper, Sec. 5: 2P + (2 + 12)P/N bytes), plus the
@@ -31,7 +31,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
 GIB = 1024 ** 3
 
@@ -68,22 +67,37 @@ def _count(fn) -> tuple[int, int]:
     return counter.get_total_flops(), saved[0]
 
 
-def count_step(model_cfg, epic: bool, dtype: torch.dtype, batch_size: int = 2) -> dict:
-    """Per-sample FLOPs and saved-activation bytes of one training step, by pass."""
-    import bench_step
+def meta_model_and_batch(model_cfg, dtype: torch.dtype, batch_size: int, text_len: int = 0):
+    """A METER on the meta device (no memory) and a full-length batch, as the trainer's FLOP count builds them."""
+    from epic.models.meter import METER
 
-    model = bench_step.meta_model(model_cfg).to(dtype)
-    batch = bench_step.synthetic_batch(model_cfg, batch_size, model_cfg.max_text_len, "meta")
-    batch["pixel_values"] = batch["pixel_values"].to(dtype)
-    kind = "epic" if epic and "epic" in bench_step.STEP_KINDS else "vanilla_shared"
-    step = bench_step.STEP_KINDS[kind]
+    meta = torch.device("meta")
+    with meta:
+        model = METER(dataclasses.replace(model_cfg, vit_pretrained=None, text_pretrained=None)).to(dtype)
+    ids = torch.zeros(batch_size, text_len or model_cfg.max_text_len, dtype=torch.long, device=meta)
+    size = model_cfg.image_size
+    batch = {"pixel_values": torch.empty(batch_size, 3, size, size, device=meta, dtype=dtype), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids), "mlm_input_ids": ids, "mlm_labels": ids}
+    return model, batch
+
+
+def count_step(model_cfg, epic: bool, dtype: torch.dtype, text_len: int, batch_size: int = 2) -> dict:
+    """Per-sample FLOPs and saved-activation bytes of one training step, by pass.
+
+    The VLM pass's FLOPs are the trainer's own figure (`epic.objectives.vanilla.step_flops_per_sample`, what
+    VanillaObjective.flops_per_sample logs); the EPIC passes are counted here on the same meta model.
+    """
+    from epic.objectives.vanilla import step_flops_per_sample, vanilla_losses
+
+    model, batch = meta_model_and_batch(model_cfg, dtype, batch_size, text_len)
     passes = {}
 
-    def vlm_step():
-        step(model, batch, torch.Generator().manual_seed(0))["loss"].float().backward()
+    def vlm_step():  # ITM + MLM, every image encoded once
+        vanilla_losses(model, batch, torch.Generator(), share_image_embeds=True)["loss"].float().backward()
 
-    passes[f"vlm ({kind})"] = _count(vlm_step)
-    if epic and kind != "epic":
+    _, saved = _count(vlm_step)
+    passes["vlm (ITM + MLM)"] = (step_flops_per_sample(model_cfg, True, text_len) * batch_size, saved)
+    if epic:
         ids, mask = batch["input_ids"], batch["attention_mask"]
 
         def teacher():  # Eq. 8: saliency from the penultimate fusion layer, no gradients
@@ -94,7 +108,7 @@ def count_step(model_cfg, epic: bool, dtype: torch.dtype, batch_size: int = 2) -
         def generator():  # Eq. 3-7: a text-only masked LM of the text tower's size, forward + backward
             model.mlm_score(model.encode_text(batch["mlm_input_ids"], mask)).float().sum().backward()
 
-        def consistency():  # Eq. 1-2: the VLM on the corrupted caption, image features shared (leaf here)
+        def consistency():  # Eq. 1-2: the VLM on the corrupted caption, image features shared (a leaf here)
             image = torch.empty(batch_size, (model_cfg.image_size // model_cfg.patch_size) ** 2 + 1,
                                 model_cfg.vit_width, device="meta", dtype=dtype, requires_grad=True)
             model.infer(ids, mask, image_embeds=image)["text_feats"].float().sum().backward()
@@ -107,9 +121,7 @@ def count_step(model_cfg, epic: bool, dtype: torch.dtype, batch_size: int = 2) -
 
 
 def count_params(model_cfg) -> dict:
-    import bench_step
-
-    model = bench_step.meta_model(model_cfg)
+    model, _ = meta_model_and_batch(model_cfg, torch.float32, 1)
     text = sum(p.numel() for n, p in model.named_parameters() if n.startswith("text_transformer"))
     return {"vlm": sum(p.numel() for p in model.parameters()), "text_tower": text,
             "mlm_head": sum(p.numel() for n, p in model.named_parameters() if n.startswith("mlm_score"))}
@@ -143,7 +155,7 @@ def plan(cfg, ds: dict, gpus: int, gpu: GPUSpec, mfu: float, micro_batch: int, g
     model_cfg = dataclasses.replace(cfg.model, vit_pretrained=None, text_pretrained=None)
     if not model_cfg.vocab_size:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=50265)
-    passes = count_step(model_cfg, cfg.epic.enabled, dtype)
+    passes = count_step(model_cfg, cfg.epic.enabled, dtype, cfg.data.max_text_len)
     params = count_params(model_cfg)
 
     flops_per_sample = sum(p["flops"] for p in passes.values())
