@@ -97,9 +97,10 @@ def test_eq8_saliency_matches_hand_computation():
 
 
 def test_teacher_is_frozen_pruned_and_in_eval_mode():
-    teacher = SaliencyTeacher(tiny_meter())
+    teacher = SaliencyTeacher(tiny_meter().train())
+    assert not teacher.training and not any(m.training for m in teacher.modules())
     teacher.train()
-    assert not teacher.training and not teacher.vlm.training
+    assert not teacher.training and not any(m.training for m in teacher.modules())
     assert all(not p.requires_grad for p in teacher.parameters())
     names = {n.split(".")[1] for n, _ in teacher.named_parameters()}
     assert not names & {"mlm_score", "itm_score", "cross_modal_text_pooler", "cross_modal_image_pooler"}

@@ -36,7 +36,8 @@ class SaliencyTeacher(nn.Module):
     def __init__(self, vlm: METER):
         super().__init__()
         self.vlm = prune_after_saliency(vlm)
-        self.vlm.eval().requires_grad_(False)
+        self.requires_grad_(False)
+        self.train(False)
 
     @property
     def config(self):

@@ -1,0 +1,225 @@
+"""The EPIC step with real DeepSpeed engines (one CPU rank, gloo, in this process): every ablation switch runs a
+step, the teacher gets no gradient and never changes, an overflow in one engine leaves the other's step identical,
+the teacher and a fixed generator load from a checkpoint written by the trainer's save_checkpoint."""
+import os
+import socket
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def gloo_rank():
+    """One DeepSpeed rank in this process (gloo on localhost); torn down after the module."""
+    import deepspeed
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-identical runs to compare
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    dist.destroy_process_group()
+    torch.set_num_threads(threads)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def setup(shapes_world, tmp_path_factory, gloo_rank):
+    """Resolved paths, a tokenizer, a teacher export dir and one eval batch of the shapes world."""
+    from epic.data import build_eval_loader
+    from epic.engine.build import build_model, resolve_data_paths
+
+    tmp = tmp_path_factory.mktemp("epic_engines")
+    cfg = make_config(shapes_world, tmp / "teacher")
+    paths = resolve_data_paths(cfg)
+    torch.manual_seed(123)
+    teacher_model, tokenizer = build_model(cfg, paths)
+    teacher_model.save_pretrained(str(tmp / "teacher"))
+    loader = build_eval_loader(paths.val_shards, tokenizer, image_size=cfg.data.image_size,
+                               max_text_len=cfg.data.max_text_len, batch_size=BATCH, all_captions=False)
+    batch = next(iter(loader))
+    return {"world": shapes_world, "tmp": tmp, "paths": paths, "tokenizer": tokenizer, "batch": batch}
+
+
+def make_config(world, teacher, *overrides):
+    from epic.config import load_config
+
+    return load_config("epic_shapes_tiny", [f"data.root={world}", f"epic.teacher={teacher}",
+                                            f"data.micro_batch_size={BATCH}", f"train.global_batch_size={BATCH}",
+                                            "model.dropout=0.0", "train.max_steps=10", "epic.generator.lr=1e-3",
+                                            *overrides])
+
+
+def build(setup, *overrides):
+    """The trainer's construction (epic/engine/trainer.py Trainer.setup) for one rank: VLM engine + objective."""
+    from epic.engine.build import build_model
+    from epic.engine.schedule import build_lr_scheduler
+    from epic.engine.setup import (build_optimizer, derive_batch_math, initialize_engine, load_ds_config,
+                                   resolve_ds_config)
+    from epic.objectives.consistency import EpicObjective, add_consistency_head
+
+    cfg = make_config(setup["world"], setup["tmp"] / "teacher", *overrides)
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg, setup["paths"])
+    add_consistency_head(model)
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps,
+                                cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
+    scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio)
+    batch_math = derive_batch_math(BATCH, BATCH, 1)
+    ds = resolve_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs/cpu_zero2.json")), batch_math, 1.0,
+                           on_cpu=True)
+    engine = initialize_engine(model, optimizer, scheduler, ds)
+    objective = EpicObjective(cfg, engine, tokenizer, ds, batch_math, setup["paths"], torch.device("cpu"))
+    return cfg, engine, objective
+
+
+def train_step(engine, objective, batch, step, seed=0, poison_vlm=False):
+    """One micro-batch = one optimizer step, as Trainer._micro_step does it (the objective steps the generator)."""
+    torch.manual_seed(1000 + step)
+    out = objective.losses(engine.module, batch, torch.Generator().manual_seed(seed + step), step)
+    loss = out["loss"] * float("inf") if poison_vlm else out["loss"]
+    engine.backward(loss)
+    engine.step()
+    return out
+
+
+def weights(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+ABLATIONS = {
+    "epic": [],
+    "itc_rand": ["epic.corruption=random", "epic.masking=uniform"],
+    "itc_lm": ["epic.masking=uniform"],
+    "lm_fixed": ["epic.generator_mode=fixed"],
+    "lm_cond": ["epic.generator_mode=conditioned"],
+    "vlm_sas": ["epic.generator_mode=vlm_sas", "epic.sas_refresh_every=1"],
+    "cmlm": ["epic.cmlm_saliency=true"],
+    "ratio_lambda": ["epic.mask_ratio=0.15", "epic.lambda_itc=1.0"],
+}
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_every_ablation_switch_runs_a_step(setup, name):
+    cfg, engine, objective = build(setup, *ABLATIONS[name])
+    trained_generator = cfg.epic.corruption == "generator" and cfg.epic.generator_mode in ("finetune", "conditioned")
+    assert set(objective.extra_engines()) == ({"generator"} if trained_generator or name == "vlm_sas" else set())
+    vlm_before = weights(engine.module)
+    gen_before = weights(objective.generator) if objective.generator is not None else None
+    outs = [train_step(engine, objective, setup["batch"], 0)]
+    vlm_after_first = weights(engine.module)
+    outs.append(train_step(engine, objective, setup["batch"], 1))
+    for out in outs:
+        assert all(torch.isfinite(v).all() for v in out.values()), out
+        expected = (out["loss_itm"] + out["loss_mlm"] + cfg.epic.lambda_itc * out["loss_itc"]).item()
+        assert out["loss"].item() == pytest.approx(expected, rel=1e-5)  # Eq. 9 without L_GEN
+    assert ("loss_gen" in outs[0]) == (cfg.epic.corruption == "generator")
+    assert not same(vlm_before, weights(engine.module))
+    if gen_before is not None:
+        changed = not same(gen_before, weights(objective.generator))
+        # trained generators learn; fixed ones never change; VLM(SAS) follows the VLM at each refresh
+        assert changed == (trained_generator or name == "vlm_sas")
+    if name == "vlm_sas":  # a copy of the VLM, refreshed at step 1 with the VLM's weights after its first update
+        sas = weights(objective.generator)
+        assert same(sas, {k: vlm_after_first[k] for k in sas})
+    values = objective.log_values(2)
+    assert 0.0 <= values["epic/inconsistent_token_ratio"] <= cfg.epic.mask_ratio + 0.2
+    assert values["epic/content_hit_rate"] >= 0.0 and "epic/content_hit_rate_uniform" in values
+    if name == "itc_rand":  # uniform tokens from a ~few-hundred-token vocabulary are almost never the original
+        assert values["epic/gen_acc_masked"] < 0.1
+
+
+def test_pretrained_fixed_generator_and_teacher_from_a_trainer_checkpoint(setup):
+    from epic.config import config_to_dict
+    from epic.engine.checkpoint import save_checkpoint
+    from epic.models.generator import build_generator
+    from epic.models.teacher import load_teacher
+
+    cfg, engine, objective = build(setup)
+    train_step(engine, objective, setup["batch"], 0)
+    engines = {"vlm": engine, **objective.extra_engines()}
+    run = setup["tmp"] / "ckpt_run"
+    save_checkpoint(run / "checkpoints", 1, engines, {"objective": objective.state_dict()},
+                    {"step": 1, "world_size": 1, "config": config_to_dict(cfg)}, keep_last=1)
+    teacher = load_teacher(str(run), "cpu")
+    vlm = engine.module.state_dict()
+    for name, value in teacher.vlm.state_dict().items():
+        assert torch.equal(value, vlm[name].float()), name
+    generator = build_generator(cfg.epic.generator, cfg.model, pretrained=str(run))
+    assert same(weights(generator), weights(objective.generator))
+    _, engine2, fixed = build(setup, "epic.generator_mode=pretrained_fixed", f"epic.generator.pretrained={run}")
+    assert fixed.extra_engines() == {} and same(weights(fixed.generator), weights(objective.generator))
+    train_step(engine2, fixed, setup["batch"], 0)
+
+
+def test_teacher_gets_no_gradient_and_never_changes(setup):
+    _, engine, objective = build(setup)
+    teacher = objective.teacher
+    before = weights(teacher)
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    for eng in (engine, objective.gen_engine):
+        in_optimizer = {id(p) for group in eng.optimizer.optimizer.param_groups for p in group["params"]}
+        assert not in_optimizer & teacher_ids
+    assert not any(p is q for p in teacher.parameters() for q in engine.module.parameters())
+    for step in range(2):
+        train_step(engine, objective, setup["batch"], step)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert same(before, weights(teacher)) and not teacher.training
+
+
+@pytest.mark.parametrize("poisoned", ["generator", "vlm"])
+def test_an_overflow_in_one_engine_never_changes_the_others_step(setup, poisoned, monkeypatch):
+    import epic.objectives.consistency as consistency
+
+    _, engine_a, clean = build(setup)
+    _, engine_b, other = build(setup)
+    assert same(weights(engine_a.module), weights(engine_b.module))
+    assert same(weights(clean.generator), weights(other.generator))
+    gen_start, vlm_start = weights(other.generator), weights(engine_b.module)
+
+    train_step(engine_a, clean, setup["batch"], 0)
+    if poisoned == "generator":  # an inf in L_GEN, hence in every generator gradient
+        real = consistency.sample_replacements
+        monkeypatch.setattr(consistency, "sample_replacements",
+                            lambda *a, **k: (lambda s, l: (s, l * float("inf")))(*real(*a, **k)))
+    train_step(engine_b, other, setup["batch"], 0, poison_vlm=poisoned == "vlm")
+
+    if poisoned == "generator":
+        assert other.gen_engine.skipped_steps == 1 and engine_b.skipped_steps == 0
+        assert same(gen_start, weights(other.generator))  # the generator's step was skipped ...
+        assert same(weights(engine_a.module), weights(engine_b.module))  # ... the VLM's is exactly the clean one
+    else:
+        assert engine_b.skipped_steps == 1 and other.gen_engine.skipped_steps == 0
+        assert same(vlm_start, weights(engine_b.module))
+        assert same(weights(clean.generator), weights(other.generator))
+    assert not same(gen_start, weights(clean.generator)) and not same(vlm_start, weights(engine_a.module))
+
+
+def test_saliency_figure_and_resume_state(setup):
+    _, engine, objective = build(setup, "epic.log_saliency_every=2")
+    train_step(engine, objective, setup["batch"], 0)
+    assert objective.images(1) == {}
+    image = objective.images(2)["epic/saliency"]
+    assert image.dtype.name == "uint8" and image.ndim == 3 and image.shape[2] == 3 and image.shape[0] > 100
+    assert objective.images(3) == {}  # once per log_saliency_every steps
+    state = objective.state_dict()
+    _, _, restored = build(setup)
+    restored.load_state_dict(state)
+    assert restored.log_values(2) == objective.log_values(2)
