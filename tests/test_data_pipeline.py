@@ -171,7 +171,7 @@ def dirty_shards(tmp_path_factory):
     """One tar with a sample per sample-level problem (plus two good ones), one truncated tar, one empty file."""
     root = tmp_path_factory.mktemp("dirty")
     good = jpeg_bytes()
-    bad = write_tar(root / "bad.tar", [
+    write_tar(root / "bad.tar", [
         ("good1.jpg", good), ("good1.txt", b"a red square"),
         ("badimg.jpg", b"this is not a jpeg"), ("badimg.txt", b"a caption"),
         ("zero.jpg", b""), ("zero.txt", b"a caption"),

@@ -353,7 +353,7 @@ def _tokenizer(tokenizer):
 def build_train_loader(sources, tokenizer, *, image_size: int, max_text_len: int, batch_size: int, num_workers: int,
                        seed: int, rank: int, world_size: int, mlm_probability: float = 0.15, randaugment: bool = True,
                        state: Optional[dict] = None, crop_scale=TRAIN_CROP_SCALE, shards_open: int = 2,
-                       pin_memory: bool = False, prefetch_factor: int = 2, max_consecutive_skips: int = 10_000,
+                       pin_memory: bool = False, prefetch_factor: int = 2, max_consecutive_skips: int = 100_000,
                        multiprocessing_context=None) -> TrainLoader:
     """The infinite, exactly resumable training loader of one rank.
 

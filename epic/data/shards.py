@@ -23,7 +23,6 @@ import glob
 import io
 import json
 import os
-import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
