@@ -32,11 +32,11 @@ from .dispatch import UNIFORM_MAX, UNIFORM_MIN, draw_seed, gumbel_from_uniform, 
 __all__ = ["vocab_sample_and_loss", "vocab_sample_and_loss_reference", "vocab_sample_and_loss_eager",
            "default_vocab_tile"]
 
-_TILE_ELEMENTS = 1 << 24  # default tile: about 16M logits ([M, tile]), 32 MB in fp16
+_TILE_ELEMENTS = 1 << 23  # default tile: about 8M logits ([M, tile]), 16 MB in fp16
 
 
 def default_vocab_tile(num_rows: int, vocab_size: int) -> int:
-    """Tile width so that [M, tile] holds about 2^24 logits; a multiple of 128 between 128 and V."""
+    """Tile width so that [M, tile] holds about 2^23 logits; a multiple of 128 between 128 and V."""
     tile = max(128, (_TILE_ELEMENTS // max(num_rows, 1)) // 128 * 128)
     return max(1, min(tile, vocab_size))
 
