@@ -86,19 +86,21 @@ class CountingModel(nn.Module):
         return {"cls_feats": torch.tanh(self.mix(txt, img))}
 
 
-def make_loader(num_images=6, caps_per_image=2, batch=4, length=5, seed=1):
+def make_loader(num_images=6, caps_per_image=2, batch=4, length=5, seed=1, rank=0, world_size=1):
+    """Eval batches like epic.data's eval loader: this rank's images (index % world_size == rank), all captions."""
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randn(num_images, 3, 8, 8, generator=g)
     rows = [(i, c) for c in range(caps_per_image) for i in range(num_images)]  # captions interleaved
     ids = torch.randint(3, 20, (len(rows), length), generator=g)
     mask = torch.ones(len(rows), length, dtype=torch.long)
     mask[::3, -2:] = 0
+    mine = [r for r, (i, _) in enumerate(rows) if i % world_size == rank]
     batches = []
-    for s in range(0, len(rows), batch):
-        chunk = rows[s:s + batch]
-        idx = torch.tensor([i for i, _ in chunk])
-        batches.append({"pixel_values": pixels[idx], "input_ids": ids[s:s + batch],
-                        "attention_mask": mask[s:s + batch], "image_index": idx})
+    for s in range(0, len(mine), batch):
+        chunk = torch.tensor(mine[s:s + batch])
+        idx = torch.tensor([rows[r][0] for r in chunk])
+        batches.append({"pixel_values": pixels[idx], "input_ids": ids[chunk], "attention_mask": mask[chunk],
+                        "image_index": idx})
     return batches
 
 
@@ -163,21 +165,25 @@ def test_max_images_keeps_first_images_only():
 # ----------------------------------------------------------------------------------------------------------------
 # Two ranks (gloo): rows split by image, all-gathered; same metrics as one process, half the images each
 # ----------------------------------------------------------------------------------------------------------------
-def _two_rank_worker(rank, port, k_test, queue):
+def _two_rank_worker(rank, port, queue):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         model = CountingModel().eval()
-        data = retrieval.encode_eval_set(model, make_loader(num_images=7, caps_per_image=2))
-        scores = retrieval.retrieval_scores(model, data, k_test=k_test)
-        queue.put((rank, model.images_encoded, scores))
+        loader = make_loader(num_images=7, caps_per_image=2, rank=rank, world_size=2)
+        data = retrieval.encode_eval_set(model, loader)
+        images_encoded = model.images_encoded
+        for k_test in (0, 2):
+            scores = retrieval.retrieval_scores(model, data, k_test=k_test)
+            metrics = retrieval.recall_metrics(scores, data.text_to_image)
+            # numpy, not tensors: torch shares tensors through memory that dies with this process
+            queue.put((k_test, rank, images_encoded, scores.numpy(), data.input_ids.numpy(), metrics))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("k_test", [0, 2])
-def test_two_ranks_split_rows_and_gather(k_test):
+def test_two_ranks_split_rows_and_gather():
     import socket
     import torch.multiprocessing as mp
     with socket.socket() as s:
@@ -185,17 +191,31 @@ def test_two_ranks_split_rows_and_gather(k_test):
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_two_rank_worker, args=(r, port, k_test, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_two_rank_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
+    results = sorted((queue.get(timeout=180) for _ in range(4)), key=lambda r: r[:2])
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
     model = CountingModel().eval()
-    reference = retrieval.retrieval_scores(model, retrieval.encode_eval_set(model, make_loader(num_images=7,
-                                                                                                caps_per_image=2)),
-                                           k_test=k_test)
-    assert [r[1] for r in results] == [4, 3]  # images 0,2,4,6 on rank 0; 1,3,5 on rank 1
-    for _, _, scores in results:
-        torch.testing.assert_close(scores, reference)
+    data = retrieval.encode_eval_set(model, make_loader(num_images=7, caps_per_image=2))
+    assert [r[2] for r in results] == [4, 3, 4, 3]  # images 0,2,4,6 on rank 0; 1,3,5 on rank 1
+    for k_test, _, _, scores, input_ids, metrics in results:
+        reference = retrieval.retrieval_scores(model, data, k_test=k_test)
+        reference_metrics = retrieval.recall_metrics(reference, data.text_to_image)
+        assert metrics == pytest.approx(reference_metrics)
+        # captions arrive in rank order: match each column to the reference column with the same token ids
+        columns = [next(j for j, ref in enumerate(data.input_ids.tolist()) if ref == row) for row in input_ids.tolist()]
+        torch.testing.assert_close(torch.from_numpy(scores), reference[:, columns])
+
+
+def test_gaps_in_image_index_are_compacted():
+    model = CountingModel()
+    loader = make_loader(num_images=6, caps_per_image=2)
+    for batch in loader:
+        batch["image_index"] = batch["image_index"] * 3 + 5  # undecodable samples leave gaps
+    data = retrieval.encode_eval_set(model, loader)
+    assert data.num_images == 6
+    assert data.image_ids.tolist() == list(range(6))
+    assert sorted(set(data.text_to_image.tolist())) == list(range(6))

@@ -87,15 +87,15 @@ def recall_metrics(scores: torch.Tensor, text_to_image: torch.Tensor, ks: Iterab
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class EncodedEvalSet:
-    """Everything the fusion layers need, computed once. Images: only the ones this rank owns."""
+    """Everything the fusion layers need, computed once. Images: only this rank's; texts: all of them."""
 
-    image_ids: torch.Tensor  # [I_local] global image index (0..I-1) of each cached image, ascending
+    image_ids: torch.Tensor  # [I_local] row (0..I-1, over all ranks) of each cached image, ascending
     image_embeds: torch.Tensor  # [I_local, N, vit_width] vision tower output
     num_images: int  # I, over all ranks
-    text_embeds: torch.Tensor  # [T, L, text_width] text encoder output, every caption
+    text_embeds: torch.Tensor  # [T, L, text_width] text encoder output, every caption of every rank
     input_ids: torch.Tensor  # [T, L]
     attention_mask: torch.Tensor  # [T, L]
-    text_to_image: torch.Tensor  # [T] global image index of each caption
+    text_to_image: torch.Tensor  # [T] row of each caption's image
 
 
 def _dist_info() -> tuple[int, int]:
@@ -109,71 +109,98 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
     return param.device, param.dtype
 
 
-@torch.no_grad()
-def encode_eval_set(model, loader, max_images: int = 0, batch_size: int = 64) -> EncodedEvalSet:
-    """Run the vision tower once per image this rank owns and the text encoder once per caption.
-
-    The loader yields one row per (image, caption) with `image_index`; it must give every rank the whole set (the
-    rows are cheap; the work is split by image below). Image `i` belongs to rank `i % world_size`.
-    `max_images` > 0 keeps the captions of the first `max_images` images (by image index).
-    """
+def _all_gather_objects(obj) -> list:
     rank, world = _dist_info()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def _read_local_share(model, loader, max_images: int, batch_size: int):
+    """Encode each image this rank's loader yields once; collect (not yet encode) its captions."""
     device, dtype = _model_device_dtype(model)
-    seen_images: set[int] = set()
-    image_ids, image_embeds, pending_ids, pending_pixels = [], [], [], []
-    input_ids, attention_mask, text_to_image, text_embeds = [], [], [], []
+    seen: set[int] = set()
+    image_index, image_embeds, pending_index, pending_pixels = [], [], [], []
+    input_ids, attention_mask, text_image_index = [], [], []
 
     def flush_images():
-        if pending_ids:
+        if pending_index:
             pixels = torch.stack(pending_pixels).to(device=device, dtype=dtype)
             image_embeds.append(model.encode_image(pixels))
-            image_ids.extend(pending_ids)
-            pending_ids.clear()
+            image_index.extend(pending_index)
+            pending_index.clear()
             pending_pixels.clear()
 
     for batch in loader:
         if "image_index" not in batch:
-            raise KeyError("retrieval evaluation needs an eval loader whose batches carry `image_index` "
-                           "(one row per (image, caption)); build it with the data package's eval loader")
+            raise KeyError("retrieval evaluation needs eval batches with `image_index` (one row per (image, "
+                           "caption)): build the loader with epic.data.build_eval_loader")
         index = batch["image_index"].long()
         keep = index < max_images if max_images > 0 else torch.ones_like(index, dtype=torch.bool)
-        if not bool(keep.any()):
-            continue
-        ids = batch["input_ids"][keep]
-        mask = batch["attention_mask"][keep]
-        text_embeds.append(model.encode_text(ids.to(device), mask.to(device)))
-        input_ids.append(ids)
-        attention_mask.append(mask)
-        text_to_image.append(index[keep])
+        input_ids.append(batch["input_ids"][keep])
+        attention_mask.append(batch["attention_mask"][keep])
+        text_image_index.append(index[keep])
         for row in keep.nonzero().flatten().tolist():
             i = int(index[row])
-            if i in seen_images:
-                continue
-            seen_images.add(i)
-            if i % world == rank:
-                pending_ids.append(i)
+            if i not in seen:
+                seen.add(i)
+                pending_index.append(i)
                 pending_pixels.append(batch["pixel_values"][row])
-                if len(pending_ids) == batch_size:
+                if len(pending_index) == batch_size:
                     flush_images()
     flush_images()
-    if not text_to_image:
-        raise ValueError("the eval loader yielded no rows: check the eval shards (data.val_shards / --data)")
+    cat = (lambda parts: torch.cat(parts)) if input_ids else (lambda parts: torch.empty(0, dtype=torch.long))
+    return (torch.tensor(image_index, dtype=torch.long), image_embeds,
+            cat(input_ids), cat(attention_mask), cat(text_image_index))
 
-    num_images = len(seen_images)
-    if sorted(seen_images) != list(range(num_images)):
-        raise ValueError(f"image_index values must be 0..N-1 without gaps; got {num_images} distinct values "
-                         f"with max {max(seen_images)}")
-    order = torch.tensor(image_ids, dtype=torch.long).argsort()
-    empty = torch.empty(0, *(image_embeds[0].shape[1:] if image_embeds else (0, 0)), device=device, dtype=dtype)
-    return EncodedEvalSet(
-        image_ids=torch.tensor(image_ids, dtype=torch.long)[order],
-        image_embeds=torch.cat(image_embeds)[order.to(device)] if image_embeds else empty,
-        num_images=num_images,
-        text_embeds=torch.cat(text_embeds),
-        input_ids=torch.cat(input_ids).to(device),
-        attention_mask=torch.cat(attention_mask).to(device),
-        text_to_image=torch.cat(text_to_image),
-    )
+
+@torch.no_grad()
+def encode_eval_set(model, loader, max_images: int = 0, batch_size: int = 64) -> EncodedEvalSet:
+    """Run the vision tower once per image of this rank's share and the text encoder once per caption.
+
+    The loader yields one row per (image, caption) with `image_index`; under several ranks each rank's loader
+    yields a disjoint share of the images with all their captions (what epic.data.build_eval_loader does). The
+    captions (token ids, cheap) are all-gathered and every rank encodes all of them; the images stay where they
+    were encoded. `image_index` may have gaps (undecodable samples are skipped): rows are the sorted distinct
+    indices. `max_images` > 0 keeps only images with image_index < max_images.
+    """
+    device, _ = _model_device_dtype(model)
+    local_index, local_embeds, ids, mask, text_index = _read_local_share(model, loader, max_images, batch_size)
+    shares = _all_gather_objects((local_index, ids, mask, text_index))
+    all_index = torch.cat([s[0] for s in shares])
+    if all_index.unique().numel() != all_index.numel():
+        raise ValueError("the same image_index reached several ranks: each rank's eval loader must yield its own "
+                         "share of the images (build it with epic.data.build_eval_loader(..., rank, world_size))")
+    if all_index.numel() == 0:
+        raise ValueError("the eval loader yielded no rows: check the eval shards (data.val_shards / --data)")
+    distinct = all_index.sort().values  # row r <-> image_index distinct[r]
+    to_row = lambda index: torch.searchsorted(distinct, index)  # noqa: E731
+    image_rows = to_row(local_index)
+    order = image_rows.argsort()
+    input_ids = torch.cat([s[1] for s in shares]).to(device)
+    attention_mask = torch.cat([s[2] for s in shares]).to(device)
+    text_embeds = torch.cat([model.encode_text(input_ids[s:s + batch_size], attention_mask[s:s + batch_size])
+                             for s in range(0, input_ids.shape[0], batch_size)])
+    if local_embeds:
+        image_embeds = torch.cat(local_embeds)[order.to(device)]
+    else:  # this rank got no image: an empty block with the right trailing shape
+        probe = model.encode_image(torch.zeros(1, 3, *_image_hw(model), device=device,
+                                               dtype=_model_device_dtype(model)[1]))
+        image_embeds = probe[:0]
+    return EncodedEvalSet(image_ids=image_rows[order], image_embeds=image_embeds, num_images=distinct.numel(),
+                          text_embeds=text_embeds, input_ids=input_ids, attention_mask=attention_mask,
+                          text_to_image=to_row(torch.cat([s[3] for s in shares])))
+
+
+def _image_hw(model) -> tuple[int, int]:
+    size = getattr(getattr(model, "config", None), "image_size", None)
+    if size is None:
+        raise ValueError("this rank received no eval image and the model has no config.image_size to size an "
+                         "empty block; use fewer ranks than eval images")
+    return size, size
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,22 +251,24 @@ def first_stage_embeddings(model, data: EncodedEvalSet) -> tuple[torch.Tensor, t
 
 
 def _all_gather_rows(local_rows: torch.Tensor, local_ids: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Assemble the full [num_rows, C] matrix from each rank's rows (`local_ids` says which)."""
+    """Assemble the full [num_rows, C] matrix from every rank's rows (`local_ids` says which rows it holds)."""
     rank, world = _dist_info()
     full = torch.empty(num_rows, local_rows.shape[1], dtype=local_rows.dtype)
     if world == 1:
         full[local_ids] = local_rows
         return full
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-        else torch.device("cpu")
-    max_rows = -(-num_rows // world)  # rank r owns ids r, r+W, ... so at most ceil(I/W) rows
-    padded = torch.zeros(max_rows, local_rows.shape[1], dtype=local_rows.dtype)
-    padded[:local_rows.shape[0]] = local_rows
-    gathered = [torch.empty_like(padded, device=backend_device) for _ in range(world)]
-    dist.all_gather(gathered, padded.to(backend_device))
-    for r, rows in enumerate(gathered):
-        ids = torch.arange(r, num_rows, world)
-        full[ids] = rows[:ids.numel()].cpu()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    counts = [int(n) for n in _all_gather_objects(local_ids.numel())]
+    padded = torch.zeros(max(counts), local_rows.shape[1], dtype=local_rows.dtype, device=device)
+    padded[:local_rows.shape[0]] = local_rows.to(device)
+    padded_ids = torch.full((max(counts),), -1, dtype=torch.long, device=device)
+    padded_ids[:local_ids.numel()] = local_ids.to(device)
+    rows = [torch.empty_like(padded) for _ in range(world)]
+    ids = [torch.empty_like(padded_ids) for _ in range(world)]
+    dist.all_gather(rows, padded)
+    dist.all_gather(ids, padded_ids)
+    for count, block, block_ids in zip(counts, rows, ids):
+        full[block_ids[:count].cpu()] = block[:count].cpu()
     return full
 
 

@@ -1,0 +1,381 @@
+"""Fine-tune a pretrained METER / EPIC-METER on retrieval, VQA, NLVR2 or SNLI-VE under DeepSpeed ZeRO-2.
+
+    deepspeed --num_gpus 8 epic/finetune.py --task vqa --init runs/epic_meter_4m --config finetune_vqa \
+        --ds_config ds_configs/zero2_bf16.json finetune.train_json=... finetune.images=... run.dir=runs/vqa
+    python epic/finetune.py --task nlvr2 --init EXPORT_DIR --config finetune_shapes \
+        --ds_config ds_configs/cpu_zero2.json finetune.shapes=DIR run.dir=RUN
+
+`--init` is a pretraining (or fine-tuning) run dir, one of its step_* checkpoints, an export dir
+(tools/export.py) or an official METER .ckpt: only the module weights are read (DeepSpeed's zero_to_fp32, so any
+world size), the optimizer state is ignored. The architecture (`model.*`) comes from that checkpoint's saved
+config; `model.*` keys given here override it (e.g. a larger `model.image_size`: the position embedding is
+resampled). The run then behaves like pretraining: its own ZeRO-2 engine, checkpoints under run.dir, automatic
+resume (`--resume none` refuses, `--resume PATH` picks one), TensorBoard, periodic evaluation on the val file
+(`train.eval_every`), and a final evaluation printed as one JSON object.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # running as a script: do not let epic/*.py shadow top-level modules
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from epic.config import ConfigError, _read_yaml_with_extends, apply_override, parse_override, resolve_config_path
+from epic.finetune_config import FINETUNE_TASKS, TaskConfig, build_dataclass, validate_finetune
+
+# model fields a checkpoint fixes (shapes); the rest (image_size, dropout, max_text_len) may be changed
+LOCAL_PATH_FIELDS = ("vit_pretrained", "text_pretrained")
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+def _raw_config(name: Optional[str], overrides: list[str]) -> dict:
+    data = _read_yaml_with_extends(resolve_config_path(name)) if name else {}
+    for text in overrides:
+        path, value = parse_override(text)
+        apply_override(data, path, value)
+    return data
+
+
+def resolve_finetune_config(config: Optional[str], overrides: list[str], task: str,
+                            init: Optional[str] = None) -> TaskConfig:
+    """YAML + overrides, with the architecture and tokenizer taken from the init checkpoint's own config.
+
+    When run.dir already holds a checkpoint of this fine-tuning run, its saved config provides them instead (a
+    resumed run does not need --init again).
+    """
+    from epic.engine.build import expand_env
+    from epic.eval.loading import locate, read_config_dict, tokenizer_path
+
+    data = _raw_config(config, overrides)
+    ft = data.setdefault("finetune", {})
+    if ft.get("task") and ft["task"] != task:
+        raise ConfigError(f"--task {task} but the config says finetune.task={ft['task']}")
+    ft["task"] = task
+    if init is not None:
+        ft["init"] = init
+    if task == "nlvr2":
+        data.setdefault("model", {})["num_token_types"] = 3  # the second image's token type (METER)
+    source_config = _saved_run_config(data)
+    if source_config is None:
+        if not ft.get("init"):
+            raise ConfigError("fine-tuning needs --init RUN_DIR | CHECKPOINT | EXPORT_DIR | meter.ckpt "
+                              "(the pretrained weights)")
+        source = locate(expand_env(ft["init"], "finetune.init"))
+        source_config = read_config_dict(source) or {}
+        tokenizer = tokenizer_path(source, source_config)
+        if tokenizer and not data.get("data", {}).get("tokenizer"):
+            data.setdefault("data", {})["tokenizer"] = tokenizer
+    model = {k: v for k, v in source_config.get("model", {}).items() if k not in LOCAL_PATH_FIELDS}
+    data["model"] = {**model, **data.get("model", {})}
+    data.setdefault("data", {}).setdefault("tokenizer", source_config.get("data", {}).get("tokenizer"))
+    data["data"].setdefault("image_size", data["model"].get("image_size", 288))
+    data["data"]["root"] = None  # pretraining data is not read here
+    data["data"]["sources"] = []
+    data.pop("epic", None)  # fine-tuning trains no generator and reads no teacher
+    cfg = build_dataclass(TaskConfig, data)
+    cfg.model = dataclasses.replace(cfg.model, vit_pretrained=None, text_pretrained=None)
+    fill_task_paths(cfg)
+    validate_finetune(cfg)
+    if cfg.data.tokenizer is None:
+        raise ConfigError("no tokenizer: set data.tokenizer (the init checkpoint's config names none)")
+    if cfg.data.image_size != cfg.model.image_size:
+        raise ConfigError(f"data.image_size={cfg.data.image_size} but model.image_size={cfg.model.image_size}: "
+                          f"set both (the position embedding is resampled to model.image_size)")
+    return cfg
+
+
+def _saved_run_config(data: dict) -> Optional[dict]:
+    """The config saved in run.dir's newest checkpoint of a fine-tuning run, if any."""
+    from epic.engine.checkpoint import find_checkpoint, read_trainer_state
+
+    run_dir = data.get("run", {}).get("dir")
+    found = find_checkpoint(run_dir) if run_dir and Path(run_dir).exists() else None
+    if found is None:
+        return None
+    saved = read_trainer_state(found)["config"]
+    return saved if saved.get("finetune", {}).get("task") else None
+
+
+def fill_task_paths(cfg: TaskConfig) -> None:
+    """`finetune.shapes` -> the shapes-world task files; VQA: the answer list and num_answers."""
+    from epic.data.tasks import answers_from_training_file, shapes_task_paths
+
+    ft = cfg.finetune
+    if ft.shapes:
+        for key, value in shapes_task_paths(ft.shapes, ft.task).items():
+            if getattr(ft, key) is None:
+                setattr(ft, key, value)
+    if ft.task == "vqa":
+        if ft.answer_list is None:
+            if ft.train_json is None:
+                raise ConfigError("VQA needs finetune.answer_list or finetune.train_json to build one from")
+            answers = answers_from_training_file(ft.train_json, ft.min_answer_count)
+        else:
+            answers = read_answer_list(ft.answer_list)
+        if ft.num_answers and ft.num_answers != len(answers):
+            raise ConfigError(f"finetune.num_answers={ft.num_answers} but the answer list has {len(answers)}")
+        ft.num_answers = len(answers)
+
+
+def read_answer_list(path: str) -> list[str]:
+    if not Path(path).is_file():
+        raise ConfigError(f"finetune.answer_list={path} does not exist (a JSON list of answers)")
+    answers = json.loads(Path(path).read_text())
+    if not isinstance(answers, list) or not answers:
+        raise ConfigError(f"finetune.answer_list={path} must be a non-empty JSON list of answers")
+    return [str(a) for a in answers]
+
+
+def task_answers(cfg: TaskConfig) -> list[str]:
+    from epic.data.tasks import answers_from_training_file
+
+    ft = cfg.finetune
+    if ft.task != "vqa":
+        return []
+    return read_answer_list(ft.answer_list) if ft.answer_list else answers_from_training_file(ft.train_json,
+                                                                                               ft.min_answer_count)
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_finetune_model(cfg: TaskConfig, load_init: bool = True):
+    """The task model, with the init checkpoint's weights loaded (unless resuming, when DeepSpeed loads them)."""
+    from epic.engine.build import expand_env
+    from epic.eval.loading import locate, read_weights
+    from epic.models.downstream import build_task_model, load_pretrained_weights
+
+    model = build_task_model(cfg.finetune.task, cfg.model, cfg.finetune.num_answers)
+    if load_init:
+        source = locate(expand_env(cfg.finetune.init, "finetune.init"))
+        weights = read_weights(source)
+        if source.kind == "official":
+            from epic.models.meter import from_official_state_dict
+
+            weights = from_official_state_dict(weights, model, allow_missing_heads=True)
+        load_pretrained_weights(model, weights)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ objective
+class TaskObjective:
+    """The trainer's objective protocol (docs/CONTRACTS.md) for one downstream task."""
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg, self.task = cfg, cfg.finetune.task
+
+    def extra_engines(self) -> dict:
+        return {}
+
+    def losses(self, model, batch: dict, rng: torch.Generator, step: int) -> dict:
+        from epic.eval.nlvr2 import correct_count
+        from epic.eval.vqa import vqa_score_sum
+        from epic.models.downstream import classification_loss, retrieval_rank_loss, vqa_loss
+
+        if self.task == "retrieval":
+            ft = self.cfg.finetune
+            out = retrieval_rank_loss(model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                      batch["image_ids"], ft.num_negatives, ft.hard_negatives, rng)
+            return {"loss": out["loss"], "rank_acc": out["rank_acc"].detach()}
+        if self.task == "vqa":
+            logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+            score = vqa_score_sum(logits.detach(), batch["target_scores"]) / logits.shape[0]
+            return {"loss": vqa_loss(logits, batch["target_scores"]), "vqa_score": 100.0 * score}
+        if self.task == "nlvr2":
+            logits = model(batch["pixel_values_0"], batch["pixel_values_1"], batch["input_ids"],
+                           batch["attention_mask"])
+        else:
+            logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        accuracy = 100.0 * correct_count(logits.detach(), batch["labels"]) / logits.shape[0]
+        return {"loss": classification_loss(logits, batch["labels"]), "accuracy": accuracy}
+
+    def log_values(self, step: int) -> dict:
+        return {}
+
+    def flops_per_sample(self, cfg) -> float:
+        return 0.0  # not counted for fine-tuning: perf/tflops and MFU are not logged
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_split(cfg: TaskConfig, split: str, for_training: bool):
+    from epic.data.tasks import load_task_data
+
+    ft = cfg.finetune
+    annotation = {"train": ft.train_json, "val": ft.val_json, "test": ft.test_json}[split]
+    if annotation is None:
+        raise ConfigError(f"finetune.{split}_json is not set (or use finetune.shapes=DIR for the shapes world)")
+    return load_task_data(ft.task, annotation, ft.images, task_answers(cfg), for_training=for_training)
+
+
+def evaluate_split(model, cfg: TaskConfig, tokenizer, split: str, rank: int, world_size: int) -> dict:
+    """Task metrics of `model` on a split (all ranks take part; every rank gets the same dict)."""
+    from epic.data.tasks import build_task_eval_loader
+
+    data = load_split(cfg, split, for_training=False)
+    loader = build_task_eval_loader(data, tokenizer, image_size=cfg.data.image_size,
+                                    max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size, rank=rank,
+                                    world_size=world_size)
+    return evaluate_task(model, cfg.finetune.task, loader, cfg)
+
+
+def evaluate_task(model, task: str, loader, cfg) -> dict:
+    from epic.eval.nlvr2 import evaluate_nlvr2
+    from epic.eval.retrieval import evaluate_retrieval
+    from epic.eval.snli_ve import evaluate_snli_ve
+    from epic.eval.vqa import evaluate_vqa
+
+    if task == "retrieval":
+        return evaluate_retrieval(model, loader, k_test=cfg.eval.k_test, max_images=cfg.eval.max_images,
+                                  batch_size=cfg.eval.batch_size)
+    if task == "vqa":
+        return evaluate_vqa(model, loader)
+    if task == "nlvr2":
+        return evaluate_nlvr2(model, loader)
+    return evaluate_snli_ve(model, loader)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def _trainer_class():
+    from epic.engine import checkpoint as ckpt
+    from epic.engine.logger import RunLogger, guess_peak_tflops, log_console
+    from epic.engine.schedule import build_lr_scheduler
+    from epic.engine.setup import (build_optimizer, derive_batch_math, engine_dtype, initialize_engine,
+                                   load_ds_config, resolve_ds_config)
+    from epic.engine.trainer import Trainer, pick_resume_checkpoint
+    from epic.config import dump_config
+
+    class FinetuneTrainer(Trainer):
+        """The pretraining loop, checkpoints and logging, with the task's model, data and objective."""
+
+        def __init__(self, cfg: TaskConfig, ds_config_path: str, dist_info, resume: str = "auto") -> None:
+            self.cfg = cfg
+            self.rank, self.world_size = dist_info.rank, dist_info.world_size
+            self.device = (torch.device("cuda", dist_info.local_rank) if torch.cuda.is_available()
+                           else torch.device("cpu"))
+            self.batch = derive_batch_math(cfg.train.global_batch_size, cfg.data.micro_batch_size, self.world_size)
+            self.ds_config = resolve_ds_config(load_ds_config(ds_config_path), self.batch, cfg.train.grad_clip,
+                                               on_cpu=self.device.type == "cpu")
+            self.paths = None
+            self.resume_from = pick_resume_checkpoint(cfg.run.dir, resume)
+
+        def setup(self) -> None:
+            from epic.data import load_tokenizer
+            from epic.data.tasks import build_task_train_loader
+
+            cfg = self.cfg
+            self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+            train_data = load_split(cfg, "train", for_training=True)
+            if cfg.finetune.epochs > 0:
+                cfg.train.max_steps = max(1, math.ceil(cfg.finetune.epochs * len(train_data.examples)
+                                                       / cfg.train.global_batch_size))
+            torch.manual_seed(cfg.run.seed)  # identical new heads on every rank
+            self.model = build_finetune_model(cfg, load_init=self.resume_from is None)
+            optimizer = build_optimizer(self.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas,
+                                        cfg.train.eps, cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
+            scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps,
+                                           cfg.train.warmup_ratio, cfg.train.hold_ratio, cfg.train.final_lr_scale)
+            self.engine = initialize_engine(self.model, optimizer, scheduler, self.ds_config)
+            self.dtype = engine_dtype(self.ds_config)
+            self.objective = TaskObjective(cfg)
+            self.engines = {"vlm": self.engine}
+            self.rng = torch.Generator(device="cpu").manual_seed(cfg.run.seed * 100_003 + self.rank)
+            torch.manual_seed(cfg.run.seed * 7919 + self.rank)  # dropout differs across ranks
+            self.step = 0
+            data_state = None
+            if self.resume_from is not None:
+                trainer_state, rank_state = ckpt.load_checkpoint(self.resume_from, self.engines, self.world_size)
+                self.step = int(trainer_state["step"])
+                data_state = rank_state["data"]
+                ckpt.restore_rng_state(rank_state["rng"], {"objective": self.rng})
+                log_console(f"resumed from {self.resume_from} at step {self.step}", self.rank)
+            self.loader = build_task_train_loader(
+                train_data, self.tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
+                batch_size=cfg.data.micro_batch_size, seed=cfg.run.seed, rank=self.rank,
+                world_size=self.world_size, randaugment=cfg.data.randaugment, num_workers=cfg.data.num_workers)
+            if data_state is not None:
+                self.loader.load_state_dict(data_state)
+            Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+            if self.rank == 0:
+                dump_config(cfg, Path(cfg.run.dir) / "config.yaml")
+            self.logger = RunLogger(cfg.run.dir, enabled=self.rank == 0, max_steps=cfg.train.max_steps)
+            self.flops_per_sample = 0.0
+            self.peak_tflops = cfg.train.peak_tflops or guess_peak_tflops()
+
+        def evaluate(self, split: str = "val") -> dict:
+            metrics = evaluate_split(self.engine.module, self.cfg, self.tokenizer, split, self.rank,
+                                     self.world_size)
+            self.engine.module.train()
+            return metrics
+
+        def _evaluate(self) -> None:
+            if self.cfg.finetune.val_json is None:
+                return
+            metrics = self.evaluate("val")
+            self.logger.scalars(self.step, {f"eval/{self.cfg.finetune.task}/{k}": float(v)
+                                            for k, v in metrics.items()})
+            log_console(f"eval step {self.step}: " + json.dumps(metrics), self.rank)
+
+    return FinetuneTrainer
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=FINETUNE_TASKS)
+    parser.add_argument("--init", default=None, help="pretrained weights: run dir | step_* | export dir | .ckpt")
+    parser.add_argument("--config", default=None, help="finetune YAML (e.g. finetune_vqa, finetune_shapes)")
+    parser.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", required=True)
+    parser.add_argument("--resume", default="auto", help="auto (default) | none | PATH")
+    parser.add_argument("--no-final-eval", action="store_true", help="skip the evaluation on the val file at the end")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-6 finetune.images=DIR")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from epic.engine.checkpoint import CheckpointError
+    from epic.engine.setup import SetupError
+
+    try:
+        cfg = resolve_finetune_config(args.config, args.overrides, args.task, args.init)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    from epic.dist import init_distributed
+
+    info = init_distributed()
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        trainer = _trainer_class()(cfg, args.ds_config, info, resume=args.resume)
+        trainer.setup()
+    except (ConfigError, SetupError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = trainer.train()
+    summary = {"task": cfg.finetune.task, "final_step": result.step, "checkpoint": result.checkpoint,
+               "preempted": result.preempted, "last_loss": result.losses[-1] if result.losses else None}
+    if not args.no_final_eval and not result.preempted and cfg.finetune.val_json:
+        summary["val"] = trainer.evaluate("val")
+    if info.rank == 0:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Fine-tuning configuration: the run config (epic.config.Config) plus a `finetune:` section.
+
+    cfg = load_finetune_config("finetune_vqa", overrides=["finetune.init=runs/meter_4m", "train.lr=5e-6"])
+
+`TaskConfig` extends `Config` by one field, so the lead's loader, validation and `config_to_dict` apply unchanged
+and the `finetune` section is saved with every checkpoint (evaluate.py and export.py read it back).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from epic.config import (Config, ConfigError, _read_yaml_with_extends, apply_override, build_dataclass,
+                         parse_override, resolve_config_path, validate)
+
+FINETUNE_TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve")
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = ""  # retrieval | vqa | nlvr2 | snli_ve
+    init: Optional[str] = None  # run dir, step_* checkpoint, export dir or official METER .ckpt (weights only)
+    # Data: METER/ALBEF JSON annotation files and the images (a folder or a shard spec); see epic/data/tasks.py.
+    # `shapes` (a shapes world with tasks, tools/make_synthetic_shards.py --tasks) fills the four below.
+    shapes: Optional[str] = None
+    train_json: Optional[str] = None
+    val_json: Optional[str] = None
+    test_json: Optional[str] = None
+    images: Optional[str] = None
+    # VQA: the answer list (JSON list; class index = position). None: built from train_json (min_answer_count).
+    answer_list: Optional[str] = None
+    min_answer_count: int = 1
+    num_answers: int = 0  # resolved from the answer list; the VQA head's size
+    # Retrieval: negatives per image from the other captions of the micro-batch (METER: 15 random captions).
+    num_negatives: int = 15
+    hard_negatives: bool = True  # sample them by the first-stage similarity (ALBEF-style) instead of uniformly
+    epochs: float = 0.0  # > 0: train.max_steps = ceil(epochs * train examples / global batch)
+
+
+@dataclass
+class TaskConfig(Config):
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+def validate_finetune(cfg: TaskConfig) -> None:
+    validate(cfg)
+    ft = cfg.finetune
+    if ft.task not in FINETUNE_TASKS:
+        raise ConfigError(f"'finetune.task' must be one of {FINETUNE_TASKS}, got {ft.task!r}")
+    if ft.num_negatives < 1:
+        raise ConfigError(f"'finetune.num_negatives' must be >= 1, got {ft.num_negatives}")
+    if ft.epochs < 0:
+        raise ConfigError(f"'finetune.epochs' must be >= 0, got {ft.epochs}")
+
+
+def task_config_from_dict(data: dict) -> TaskConfig:
+    """A TaskConfig from a (saved) dict; a pretraining config gets an empty finetune section."""
+    return build_dataclass(TaskConfig, data)
+
+
+def load_finetune_config(name_or_path: Optional[str], overrides: Optional[list[str]] = None,
+                         task: Optional[str] = None) -> TaskConfig:
+    data: dict = {}
+    if name_or_path is not None:
+        data = _read_yaml_with_extends(resolve_config_path(name_or_path))
+    for text in overrides or []:
+        path, value = parse_override(text)
+        apply_override(data, path, value)
+    if task is not None:
+        given = data.get("finetune", {}).get("task")
+        if given and given != task:
+            raise ConfigError(f"--task {task} but the config says finetune.task={given}; use the matching config")
+        data.setdefault("finetune", {})["task"] = task
+    cfg = build_dataclass(TaskConfig, data)
+    validate_finetune(cfg)
+    return cfg
+
+
+def replace_section(cfg: TaskConfig, section: str, **changes) -> None:
+    setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **changes))
