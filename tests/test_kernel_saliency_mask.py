@@ -201,3 +201,17 @@ def test_bad_inputs_are_refused_with_a_clear_error(bad, message):
     args = dict(query=query, keys=keys, valid=valid, ratio=0.35) | bad
     with pytest.raises(ValueError, match=message):
         saliency_mask(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+def test_cuda_fused_matches_reference_and_keeps_the_invariants(monkeypatch):
+    monkeypatch.delenv("EPIC_KERNELS", raising=False)
+    lengths = [0, 1, 7, 20, 48, 50] * 4
+    query, keys, valid, noise = (t.cuda() for t in make_inputs(lengths, num_heads=12, seq_len=50, head_dim=64,
+                                                                dtype=torch.float16))
+    mask, alpha = saliency_mask(query, keys, valid, 0.35, noise=noise)
+    ref_mask, ref_alpha = saliency_mask_reference(query, keys, valid, 0.35, noise=noise)
+    torch.testing.assert_close(alpha, ref_alpha, atol=1e-5, rtol=1e-4)
+    assert torch.equal(mask, ref_mask)
+    drawn, _ = saliency_mask(query, keys, valid, 0.35)  # Philox noise on the device
+    assert torch.equal(drawn.sum(1), num_positions_to_mask(valid.sum(1), 0.35)) and not (drawn & ~valid).any()

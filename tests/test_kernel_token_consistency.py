@@ -171,3 +171,20 @@ def test_dispatch_rules(monkeypatch):
     monkeypatch.setenv("EPIC_KERNELS", "fast")
     with pytest.raises(ValueError, match="EPIC_KERNELS"):
         use_triton(cpu)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_fused_matches_reference(monkeypatch, dtype):
+    monkeypatch.delenv("EPIC_KERNELS", raising=False)
+    hidden, weight, bias, labels, mask = [t.cuda() for t in make_inputs(batch=8, length=50, dim=768, dtype=dtype)]
+    assert use_triton(hidden)
+    ref_inputs, fused_inputs = ([t.clone().requires_grad_() for t in (hidden, weight, bias)] for _ in range(2))
+    ref_loss, ref_logits = token_consistency_loss_reference(*ref_inputs, labels, mask)
+    loss, logits = token_consistency_loss(*fused_inputs, labels, mask)
+    torch.testing.assert_close(loss, ref_loss, **TOL[dtype])
+    torch.testing.assert_close(logits, ref_logits, **TOL[dtype])
+    scale = 1024.0 if dtype == torch.float16 else 1.0  # fp16: a loss scale, as DeepSpeed applies
+    for got, want in zip(torch.autograd.grad(loss * scale, fused_inputs),
+                         torch.autograd.grad(ref_loss * scale, ref_inputs)):
+        torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])

@@ -222,3 +222,29 @@ def test_bad_inputs_are_refused_with_a_clear_error(change, message):
     args = dict(hidden=hidden, embedding=embedding, bias=bias, targets=targets) | change
     with pytest.raises(ValueError, match=message):
         vocab_sample_and_loss(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_fused_matches_reference(monkeypatch, dtype):
+    monkeypatch.delenv("EPIC_KERNELS", raising=False)
+    gen = torch.Generator().manual_seed(0)
+    rows, dim, vocab = 300, 64, 5003
+    hidden = torch.randn(rows, dim, generator=gen).to(dtype).cuda()
+    embedding = (torch.randn(vocab, dim, generator=gen) * 0.1).to(dtype).cuda()
+    bias = torch.randn(vocab, generator=gen).to(dtype).cuda()
+    targets = torch.randint(0, vocab, (rows,), generator=gen).cuda()
+    targets[::7] = -100
+    ref_inputs, fused_inputs = leaves(hidden, embedding, bias), leaves(hidden, embedding, bias)
+    _, ref_loss = vocab_sample_and_loss_reference(*ref_inputs, targets, vocab_tile=1000)
+    samples, loss = vocab_sample_and_loss(*fused_inputs, targets, exclude_ids=[0, 1, 2], vocab_tile=1000)
+    torch.testing.assert_close(loss, ref_loss, **TOL[dtype])
+    scale = 1024.0 if dtype == torch.float16 else 1.0  # fp16: a loss scale, as DeepSpeed applies
+    for got, want in zip(torch.autograd.grad(loss * scale, fused_inputs),
+                         torch.autograd.grad(ref_loss * scale, ref_inputs)):
+        torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+    assert ((samples >= 3) & (samples < vocab)).all()
+    cold, _ = vocab_sample_and_loss(hidden, embedding, bias, None, [0, 1, 2], None, 1e-6, vocab_tile=1000)
+    logits = (hidden.float() @ embedding.float().t() + bias.float())
+    logits[:, :3] = float("-inf")
+    assert (cold == logits.argmax(1)).float().mean() > 0.99  # fp16 logits may tie/round differently on a few rows
