@@ -5,7 +5,8 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():  # CPU: Triton's interpreter, set before anything imports triton (epic.kernels.testing)
+# CPU: Triton's interpreter, set before anything imports triton (see epic.kernels.testing)
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import itertools  # noqa: E402
@@ -59,8 +60,9 @@ def float64_alpha(query, keys, valid):
     return alpha
 
 
-@pytest.mark.parametrize("ratio, length", [(0.35, 20), (0.55, 100), (0.3, 50), (0.15, 100), (0.6, 25), (0.15, 20), (0.35, 40), (0.3, 10), (0.45, 20), (0.7, 10),
-                                           (0.6, 5), (0.15, 1), (1.0, 7), (0.0, 9), (0.35, 0)])
+@pytest.mark.parametrize("ratio, length", [(0.35, 20), (0.55, 100), (0.3, 50), (0.15, 100), (0.6, 25), (0.15, 20),
+                                           (0.35, 40), (0.3, 10), (0.45, 20), (0.7, 10), (0.6, 5), (0.15, 1),
+                                           (1.0, 7), (0.0, 9), (0.35, 0)])
 def test_num_positions_is_the_exact_ceil(ratio, length):
     expected = math.ceil(Fraction(str(ratio)) * length)  # decimal ratio, exact rational ceil
     assert int(num_positions_to_mask(torch.tensor([length]), ratio)) == expected

@@ -5,7 +5,8 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():  # CPU: Triton's interpreter, set before anything imports triton (epic.kernels.testing)
+# CPU: Triton's interpreter, set before anything imports triton (see epic.kernels.testing)
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

@@ -95,7 +95,8 @@ def _saliency_mask_kernel(
     # m = ceil(ratio * len) = (p * len + q - 1) // q; keep the valid positions whose rank among valid ones is < m.
     length = tl.sum(valid.to(tl.int64), axis=0)
     m = (length * ratio_num + ratio_den - 1) // ratio_den
-    beats = valid[None, :] & ((key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (pos[None, :] < pos[:, None])))
+    ties_to_lower = (key[None, :] == key[:, None]) & (pos[None, :] < pos[:, None])
+    beats = valid[None, :] & ((key[None, :] > key[:, None]) | ties_to_lower)  # beats[i, j]: j ranks before i
     rank = tl.sum(beats.to(tl.int32), axis=1)
     selected = valid & (rank < m)
     tl.store(mask_ptr + b * seq_len + pos, selected.to(tl.uint8), mask=pos_ok)

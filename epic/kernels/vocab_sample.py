@@ -258,7 +258,7 @@ class VocabSampleLossFunction(torch.autograd.Function):
             if need_embedding:
                 torch.mm(grad_logits.t(), hidden, out=grad_embedding[start:stop])
             if need_bias:
-                grad_bias[start:stop] = grad_logits.float().sum(dim=0)
+                grad_bias[start:stop] = grad_logits.sum(dim=0, dtype=torch.float32)
             if need_hidden:
                 if grad_logits.dtype == torch.float32:
                     grad_hidden.addmm_(grad_logits, embedding[start:stop])
