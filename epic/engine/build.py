@@ -103,7 +103,12 @@ def build_model(cfg: Config, paths: DataPaths):
         raise ConfigError(f"data.max_text_len={cfg.data.max_text_len} exceeds model.max_text_len="
                           f"{model_cfg.max_text_len}")
     cfg.model = model_cfg  # the resolved sizes are saved with the checkpoint
-    return METER.from_config(model_cfg), tokenizer
+    model = METER.from_config(model_cfg)
+    if cfg.epic.enabled:  # EPIC's head beta (Eq. 1) is trained with the VLM: add it before the optimizer exists
+        from epic.objectives.consistency import add_consistency_head
+
+        add_consistency_head(model)
+    return model, tokenizer
 
 
 def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_size: int, state=None):
@@ -131,6 +136,9 @@ class VanillaObjective:
         return self._losses(model, batch, rng, share_image_embeds=True)
 
     def log_values(self, step: int) -> dict:
+        return {}
+
+    def images(self, step: int) -> dict:
         return {}
 
     def flops_per_sample(self, cfg: Config) -> float:

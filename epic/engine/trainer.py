@@ -234,6 +234,8 @@ class Trainer:
             values[f"data/skipped_{reason}"] = float(count)
         for key, value in self.objective.log_values(self.step).items():
             values[key] = value
+        for tag, image in self.objective.images(self.step).items():
+            self.logger.image(self.step, tag, image)
         self.logger.scalars(self.step, values)
         self.logger.console(self.step, values)
 

@@ -185,7 +185,7 @@ def config_from_dict(values: dict, source: str = "config") -> METERConfig:
 
 
 # ------------------------------------------------------------------------------------------------ parameter groups
-HEAD_MODULES = ("mlm_score", "itm_score", "vqa_classifier", "nlvr2_classifier", "snli_classifier")
+HEAD_MODULES = ("mlm_score", "itm_score", "itc_score", "vqa_classifier", "nlvr2_classifier", "snli_classifier")
 FUSION_MARKER = "cross_modal"  # METER: lr × lr_mult_cross_modal for any name containing it
 
 
