@@ -43,8 +43,11 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     from epic.dist import init_distributed
+    from epic.engine.preemption import PreemptionHandler
     from epic.engine.trainer import Trainer
 
+    # Installed before any heavy work: a SIGUSR1/SIGTERM during start-up is kept and honoured after the first step
+    preemption = None if args.check_only else PreemptionHandler()
     info = init_distributed()
     if cfg.train.deterministic:
         import torch
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
     except (ConfigError, SetupError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = trainer.train()
+    result = trainer.train(preemption)
     if info.rank == 0:
         print(json.dumps({"final_step": result.step, "checkpoint": result.checkpoint,
                           "preempted": result.preempted,

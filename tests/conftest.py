@@ -4,8 +4,11 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors through the interpreter
 
 SHAPES_WORLD = dict(n_train=256, n_val=64, image_size=64, seed=0, samples_per_shard=64)
 

@@ -96,9 +96,8 @@ def job_dirs(tmp_path):
     return runs, logs
 
 
-# The trainer does not run the EPIC objective yet (build_model lacks the ITC head), so the EPIC script's smoke
-# config runs with epic.enabled=false. When it does: "epic.masking=uniform" here (EPIC without a teacher run).
-SMOKE_OVERRIDES = ("epic.enabled=false data.micro_batch_size=8 train.global_batch_size=16 data.num_workers=1 "
+# EPIC with uniform masking: the EPIC script's whole path (generator engine included) without a teacher run.
+SMOKE_OVERRIDES = ("epic.masking=uniform data.micro_batch_size=8 train.global_batch_size=16 data.num_workers=1 "
                    "train.log_every=1 train.keep_last=5")
 
 

@@ -151,11 +151,12 @@ class Trainer:
         averager.add({"loss": loss_value})
         return loss_value
 
-    def train(self) -> TrainResult:
+    def train(self, preemption=None) -> TrainResult:
+        """Train to `train.max_steps` (or `stop_at_step`). `preemption`: a PreemptionHandler installed early."""
         cfg = self.cfg
         from epic.engine.preemption import PreemptionHandler
 
-        preemption = PreemptionHandler()
+        preemption = preemption or PreemptionHandler()
         result = TrainResult(step=self.step)
         averager, timer = MetricAverager(), StepTimer()
         self.nonfinite_losses = 0
