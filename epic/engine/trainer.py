@@ -228,6 +228,8 @@ class Trainer:
             values["perf/flops_per_sample"] = float(self.flops_per_sample)
             if self.peak_tflops:
                 values["perf/mfu"] = tflops / self.peak_tflops
+        if self.device.type == "cuda":
+            values["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         total_time = sum(times.values()) or 1.0
         for phase, seconds in times.items():
             values[f"time/{phase}_share"] = seconds / total_time
