@@ -49,7 +49,8 @@ def _check(proc):
 @pytest.fixture(scope="module")
 def full_run(shapes_world, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full") / "run"
-    proc = run_pretrain(tiny_args(shapes_world, run_dir, "train.max_steps=24", "train.save_every=100"))
+    proc = run_pretrain(tiny_args(shapes_world, run_dir, "train.max_steps=24", "train.save_every=100",
+                                  "train.eval_every=24"))
     _check(proc)
     return run_dir, proc
 
@@ -67,6 +68,10 @@ def test_two_rank_zero2_training_reduces_loss(full_run):
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 24 and state["world_size"] == 2 and state["config"]["model"]["vocab_size"] > 0
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    evals = [row for row in rows if "eval/tr_r1" in row]
+    assert len(evals) == 1 and evals[0]["step"] == 24 and 0.0 <= evals[0]["eval/ir_r10"] <= 100.0
+    assert rows[-2]["perf/flops_per_sample"] > 0 and rows[-2]["data/skipped_bad_image"] == 0.0
 
 
 def test_exact_resume_matches_uninterrupted_run(full_run, tmp_path):

@@ -23,7 +23,7 @@ T0=$(date +%s)
 
 echo "== 1/4 shapes world -> $DATA"
 if [ ! -f "$DATA/manifest.json" ]; then
-  python tools/make_synthetic_shards.py --out "$DATA" --train 4000 --val 200 --seed 0
+  python tools/make_synthetic_shards.py --out "$DATA" --train 4000 --val 100 --seed 0
 fi
 python tools/inspect_data.py --shards "$DATA/train/*.tar" --tokenizer "$DATA/tokenizer" --image-size 64 \
   --batch-size 16 --num-batches 2
