@@ -222,4 +222,5 @@ def test_saliency_figure_and_resume_state(setup):
     state = objective.state_dict()
     _, _, restored = build(setup)
     restored.load_state_dict(state)
-    assert restored.log_values(2) == objective.log_values(2)
+    measured = objective.measurements.pop()
+    assert measured and restored.measurements.pop() == measured  # the metric window survives a resume

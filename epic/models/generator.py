@@ -57,8 +57,9 @@ class EpicGenerator(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                 image_cls: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """w^mask [B, L] -> t(h_i) [M, d] at the M positions where ``positions`` [B, L] is True (row-major order).
+        """w^mask [B, L] -> t(h_i) [M, d] at the M masked positions, in row-major order.
 
+        ``positions``: [B, L] bool, or the [M] flat indices ``positions.flatten().nonzero()`` (no host sync here).
         ``image_cls`` [B, vit_width] (LM (cond.) only) replaces the first token's input embedding, detached.
         """
         mask = prepared_attention_mask(self.encoder, attention_mask)
@@ -75,7 +76,14 @@ class EpicGenerator(nn.Module):
             embeds = torch.cat([first[:, None], embeds[:, 1:]], dim=1)
             positions_ids = _position_ids(self.lm.config, input_ids)
             states = self.encoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_ids).last_hidden_state
-        return self.head_transform(states[positions])
+        return self.head_transform(select_positions(states, positions))
+
+
+def select_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, L, d] -> [M, d] rows at ``positions`` ([B, L] bool or [M] flat indices), row-major order."""
+    if positions.dtype == torch.bool:
+        return states[positions]
+    return states.flatten(0, 1).index_select(0, positions)
 
 
 def new_image_projection(image_width: int, hidden_size: int) -> nn.Linear:

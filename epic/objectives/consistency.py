@@ -29,6 +29,8 @@ from torch import nn
 from epic.eval.epic_metrics import EpicMeasurements, render_saliency_figure, step_counts
 from epic.kernels import token_consistency_loss
 
+from epic.models.generator import select_positions
+
 from .corruption import (consistency_labels, excluded_token_ids, inconsistent_positions, mask_tokens,
                          random_replacements, replace_at, sample_replacements)
 from .itm import compute_itm
@@ -52,10 +54,11 @@ def add_consistency_head(model: nn.Module) -> nn.Module:
     Must run before the VLM's optimizer is built (the head is trained with the VLM). Idempotent.
     """
     if getattr(model, HEAD_NAME, None) is None:
-        head = nn.Linear(model.config.hidden_size, 1)
+        reference = next(model.parameters())
+        head = nn.Linear(model.config.hidden_size, 1, device=reference.device, dtype=reference.dtype)
         head.weight.data.normal_(mean=0.0, std=0.02)
         head.bias.data.zero_()
-        model.add_module(HEAD_NAME, head.to(next(model.parameters()).dtype))
+        model.add_module(HEAD_NAME, head)
     return model
 
 
@@ -69,6 +72,22 @@ def epic_vlm_loss(loss_itm: torch.Tensor, loss_mlm: torch.Tensor, loss_itc: torc
                   ) -> torch.Tensor:
     """Eq. 9 without L_GEN (which trains only the generator, in its own engine)."""
     return loss_itm + loss_mlm + lambda_itc * loss_itc
+
+
+def epic_vlm_passes(model, batch: dict, image_embeds: torch.Tensor, corrupted_ids: torch.Tensor,
+                    inconsistent: torch.Tensor, real: torch.Tensor, rng: torch.Generator, lambda_itc: float,
+                    mlm_batch: Optional[dict] = None) -> dict:
+    """The VLM's MLM, ITM and ITC passes on one set of image features; ``loss`` is Eq. 9 without L_GEN.
+
+    ``mlm_batch`` (†CMLM) replaces the batch's MLM inputs/labels; ITC reads w_bar = ``corrupted_ids``.
+    """
+    mlm = compute_mlm(model, mlm_batch if mlm_batch is not None else batch, image_embeds)
+    itm = compute_itm(model, batch, image_embeds, rng)
+    fused = model.infer(input_ids=corrupted_ids, attention_mask=batch["attention_mask"], image_embeds=image_embeds)
+    loss_itc, itc_logits = consistency_loss(fused["text_feats"], getattr(model, HEAD_NAME), inconsistent, real)
+    return {"loss": epic_vlm_loss(itm["loss_itm"], mlm["loss_mlm"], loss_itc, lambda_itc),
+            "loss_itm": itm["loss_itm"], "loss_mlm": mlm["loss_mlm"], "loss_itc": loss_itc,
+            "itm_acc": itm["itm_acc"], "mlm_acc": mlm["mlm_acc"], "itc_logits": itc_logits}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,25 +220,23 @@ class EpicObjective:
         if step != self._last_step_seen:  # first micro-batch of an optimizer step
             self._last_step_seen = step
             self._maybe_refresh_sas(step)
-        if self._figure_batch is None:
-            self._figure_batch = self._pick_figure_batch(batch)
+        if self._figure_batch is None and self.epic.log_saliency_every and self.rank == 0:
+            with torch.random.fork_rng(devices=[]):  # reading val images must not move the training RNG
+                self._figure_batch = self._pick_figure_batch(batch)
         real = real_text_tokens(batch)
         image_embeds = model.encode_image(batch["pixel_values"])  # once per micro-batch, shared by all VLM passes
         query_keys = self._teacher_query_keys(batch)
         positions, alpha = self._masking(query_keys, real, self.epic.mask_ratio, rng)
-        corrupted, gen = self._corrupt(batch, positions, image_embeds, rng)
+        corrupted, loss_gen = self._corrupt(batch, positions, image_embeds, rng)
         inconsistent = inconsistent_positions(batch["input_ids"], corrupted, positions)  # Eq. 6
-        mlm_batch = self._cmlm_batch(batch, query_keys, real, rng) if self.epic.cmlm_saliency else batch
-        mlm = compute_mlm(model, mlm_batch, image_embeds)
-        itm = compute_itm(model, batch, image_embeds, rng)
-        fused = model.infer(input_ids=corrupted, attention_mask=batch["attention_mask"], image_embeds=image_embeds)
-        loss_itc, itc_logits = consistency_loss(fused["text_feats"], getattr(model, HEAD_NAME), inconsistent, real)
-        loss = epic_vlm_loss(itm["loss_itm"], mlm["loss_mlm"], loss_itc, self.epic.lambda_itc)
+        mlm_batch = self._cmlm_batch(batch, query_keys, real, rng) if self.epic.cmlm_saliency else None
+        vlm = epic_vlm_passes(model, batch, image_embeds, corrupted, inconsistent, real, rng, self.epic.lambda_itc,
+                              mlm_batch)
+        itc_logits = vlm.pop("itc_logits")
         self.measurements.add(step_counts(real, positions, inconsistent, itc_logits, alpha, batch.get("content_mask")))
-        out = {"loss": loss, "loss_itm": itm["loss_itm"].detach(), "loss_mlm": mlm["loss_mlm"].detach(),
-               "loss_itc": loss_itc.detach(), "itm_acc": itm["itm_acc"], "mlm_acc": mlm["mlm_acc"]}
-        if gen is not None:
-            out["loss_gen"] = gen
+        out = {k: (v if k == "loss" else v.detach()) for k, v in vlm.items()}
+        if loss_gen is not None:
+            out["loss_gen"] = loss_gen
         return out
 
     def _teacher_query_keys(self, batch: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -238,16 +255,17 @@ class EpicObjective:
                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(w_bar, detached L_GEN or None). A trained generator takes its backward and step here."""
         input_ids = batch["input_ids"]
-        targets = input_ids[positions]
+        flat = positions.flatten().nonzero().squeeze(1)  # the M masked positions, row-major
+        targets = input_ids.flatten().index_select(0, flat)
         if self.generator is None:  # "ITC (rand.)"
             return replace_at(input_ids, positions, random_replacements(len(targets), self.allowed_ids, rng)), None
         masked_ids = mask_tokens(input_ids, positions, self.mask_token_id)  # Eq. 3
         mode = self.epic.generator_mode
         if mode == "vlm_sas":
-            samples, loss_gen = self._sas_samples(batch, masked_ids, positions, targets, rng)
+            samples, loss_gen = self._sas_samples(batch, masked_ids, flat, targets, rng)
         elif mode in TRAINED_GENERATOR_MODES:
             image_cls = image_embeds[:, 0].detach() if mode == "conditioned" else None
-            states = self.gen_engine(masked_ids, batch["attention_mask"], positions, image_cls)
+            states = self.gen_engine(masked_ids, batch["attention_mask"], flat, image_cls)
             embedding, bias = self.generator.output_embedding()
             samples, loss_gen = sample_replacements(states, embedding, bias, targets, self.exclude_ids, rng)
             self.gen_engine.backward(loss_gen)  # L_GEN (Eq. 7) trains only the generator
@@ -255,7 +273,7 @@ class EpicObjective:
             loss_gen = loss_gen.detach()
         else:  # "LM (fixed)" / "LM (trained)": frozen
             with torch.no_grad():
-                states = self.generator(masked_ids, batch["attention_mask"], positions)
+                states = self.generator(masked_ids, batch["attention_mask"], flat)
                 embedding, bias = self.generator.output_embedding()
                 samples, loss_gen = sample_replacements(states, embedding, bias, targets, self.exclude_ids, rng)
         return replace_at(input_ids, positions, samples), loss_gen
@@ -267,7 +285,7 @@ class EpicObjective:
             dtype = next(sas.parameters()).dtype
             fused = sas.infer(input_ids=masked_ids, attention_mask=batch["attention_mask"],
                               pixel_values=batch["pixel_values"].to(dtype))
-            states = sas.mlm_score.transform(fused["text_feats"][positions])
+            states = sas.mlm_score.transform(select_positions(fused["text_feats"], positions))
             return sample_replacements(states, sas.mlm_score.decoder.weight, sas.mlm_score.bias, targets,
                                        self.exclude_ids, rng)
 
@@ -283,6 +301,14 @@ class EpicObjective:
         input_ids = batch["input_ids"]
         labels = torch.where(positions, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         return {**batch, "mlm_input_ids": mask_tokens(input_ids, positions, self.mask_token_id), "mlm_labels": labels}
+
+    def flops_per_sample(self, cfg) -> float:
+        """Training FLOPs per sample of the whole EPIC step (teacher + generator + VLM), counted on meta."""
+        from .epic_flops import epic_step_flops_per_sample
+
+        teacher_cfg = self.teacher.config if self.teacher is not None else None
+        with torch.random.fork_rng(devices=[]):  # called after a resume restored the RNG: leave it untouched
+            return epic_step_flops_per_sample(cfg, teacher_cfg)["total"]
 
     # -- logging -----------------------------------------------------------------------------------------------
     def log_values(self, step: int) -> dict:
@@ -307,7 +333,7 @@ class EpicObjective:
 
     def _pick_figure_batch(self, batch: dict, rows: int = 4) -> dict:
         """A fixed batch for the figure: the first val images (first caption), else this first training batch."""
-        if self.paths is not None and self.paths.val_shards and self.rank == 0:
+        if self.paths is not None and self.paths.val_shards:
             from epic.data import build_eval_loader
 
             try:

@@ -1,0 +1,143 @@
+"""Training FLOPs per sample of the EPIC step, by pass, counted with FlopCounterMode on the meta device.
+
+Shapes only: exact for the matmuls and attention at these sizes, no memory, seconds for METER-B. Captions are
+full length (``data.max_text_len``: the worst case METER pads to), so each sentence has ``max_text_len - 2`` real
+tokens and m = ceil(mask_ratio * that) masked positions.
+
+    teacher     the frozen teacher's forward up to the penultimate fusion layer (Eq. 8's inputs); no backward
+    generator   the generator's forward + backward on w^mask, and Eq. 4/5/7 over the vocabulary at the M positions
+                (the streaming kernel's backward recomputes the logits: one GEMM of 2*M*d*V more than eager);
+                forward only for a fixed generator or VLM(SAS) (a full METER forward); 0 for "ITC (rand.)"
+    vlm         the main VLM: one vision pass shared by MLM, ITM and ITC, forward + backward
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from epic.kernels.saliency_mask import num_positions_to_mask
+from epic.kernels.vocab_sample import vocab_sample_and_loss_eager
+
+META = torch.device("meta")
+
+
+def _count(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _meta_meter(model_cfg):
+    from epic.models.meter import METER
+
+    with META:
+        return METER(dataclasses.replace(model_cfg, vit_pretrained=None, text_pretrained=None))
+
+
+def meta_epic_batch(model_cfg, batch_size: int, text_len: int, mask_ratio: float) -> dict:
+    """Full-length captions on the meta device, plus the flat indices of the M masked positions."""
+    ids = torch.zeros(batch_size, text_len, dtype=torch.long, device=META)
+    special = torch.zeros(batch_size, text_len, dtype=torch.bool, device=META)
+    m = int(num_positions_to_mask(torch.tensor([text_len - 2]), mask_ratio)) * batch_size
+    return {"pixel_values": torch.empty(batch_size, 3, model_cfg.image_size, model_cfg.image_size, device=META),
+            "input_ids": ids, "attention_mask": torch.ones_like(ids), "special_tokens_mask": special,
+            "mlm_input_ids": ids, "mlm_labels": ids, "masked_flat": torch.zeros(m, dtype=torch.long, device=META)}
+
+
+def _vocabulary_flops(states, embedding, bias, targets, backward: bool) -> int:
+    """Eq. 4/5/7 over the vocabulary, as the streaming kernel does them (eager count + the recomputed GEMM)."""
+    def run():
+        _, loss = vocab_sample_and_loss_eager(states, embedding, bias, targets)
+        if backward:
+            loss.backward()
+
+    recompute = 2 * states.shape[0] * states.shape[1] * embedding.shape[0] if backward else 0
+    return _count(run) + recompute
+
+
+def generator_flops(cfg, batch: dict) -> int:
+    """FLOPs of the generator pass for ``cfg.epic`` (see the module docstring)."""
+    from epic.models.generator import EpicGenerator, GENERATOR_FAMILIES, generator_hf_config
+
+    epic = cfg.epic
+    if epic.corruption == "random":
+        return 0
+    flat, ids = batch["masked_flat"], batch["input_ids"]
+    targets = torch.zeros(flat.shape[0], dtype=torch.long, device=META)
+    if epic.generator_mode == "vlm_sas":
+        sas = _meta_meter(cfg.model)
+
+        def forward_only():
+            with torch.no_grad():
+                feats = sas.infer(input_ids=ids, attention_mask=batch["attention_mask"],
+                                  pixel_values=batch["pixel_values"])["text_feats"]
+                return sas.mlm_score.transform(feats.flatten(0, 1).index_select(0, flat))
+
+        flops = _count(forward_only)
+        with torch.no_grad():
+            states = torch.empty(flat.shape[0], cfg.model.hidden_size, device=META)
+            return flops + _vocabulary_flops(states, sas.mlm_score.decoder.weight, sas.mlm_score.bias, targets, False)
+    config_class, model_class = GENERATOR_FAMILIES[cfg.model.text_model_type]
+    if epic.generator.pretrained and not epic.generator.pretrained.startswith("$"):
+        try:
+            hf_config = config_class.from_pretrained(epic.generator.pretrained)
+        except (OSError, ValueError):  # an EPIC run dir, or not readable here: the configured sizes
+            hf_config = generator_hf_config(epic.generator, cfg.model)
+    else:
+        hf_config = generator_hf_config(epic.generator, cfg.model)
+    conditioned = epic.generator_mode == "conditioned"
+    with META:
+        generator = EpicGenerator(model_class(hf_config), cfg.model.vit_width if conditioned else None)
+    trained = epic.generator_mode in ("finetune", "conditioned")
+    image_cls = torch.empty(ids.shape[0], cfg.model.vit_width, device=META) if conditioned else None
+    holder = {}
+
+    def encoder():
+        with torch.set_grad_enabled(trained):
+            holder["states"] = generator(ids, batch["attention_mask"], flat, image_cls)
+
+    flops = _count(encoder)
+    embedding, bias = generator.output_embedding()
+    states = holder["states"]
+    if not trained:
+        with torch.no_grad():
+            return flops + _vocabulary_flops(states, embedding, bias, targets, False)
+    return flops + _vocabulary_flops(states, embedding, bias, targets, True)  # backward through the encoder too
+
+
+def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_len: Optional[int] = None
+                               ) -> dict[str, float]:
+    """{"teacher", "generator", "vlm", "total"}: training FLOPs per sample of one EPIC step at ``cfg``'s sizes.
+
+    ``teacher_cfg``: the teacher's METERConfig (default: the VLM's).
+    """
+    from .consistency import add_consistency_head, epic_vlm_passes
+
+    text_len = text_len or cfg.data.max_text_len
+    batch = meta_epic_batch(cfg.model, batch_size, text_len, cfg.epic.mask_ratio)
+    real = ~batch["special_tokens_mask"]
+    flops = {"teacher": 0, "generator": generator_flops(cfg, batch)}
+    if cfg.epic.masking == "saliency":
+        teacher = _meta_meter(teacher_cfg or cfg.model)
+
+        def saliency():
+            with torch.no_grad():
+                teacher.infer(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
+                              return_saliency_qk=True, stop_before_last_layer=True)
+
+        flops["teacher"] = _count(saliency)
+    model = add_consistency_head(_meta_meter(cfg.model))
+
+    def vlm_step():
+        image_embeds = model.encode_image(batch["pixel_values"])
+        out = epic_vlm_passes(model, batch, image_embeds, batch["input_ids"], torch.zeros_like(real), real,
+                              torch.Generator(), cfg.epic.lambda_itc)
+        out["loss"].backward()
+
+    flops["vlm"] = _count(vlm_step)
+    per_sample = {name: value / batch_size for name, value in flops.items()}
+    per_sample["total"] = sum(per_sample.values())
+    return per_sample
