@@ -166,14 +166,18 @@ def build_finetune_model(cfg: TaskConfig, load_init: bool = True):
 
 
 # ------------------------------------------------------------------------------------------------ objective
-class TaskObjective:
-    """The trainer's objective protocol (docs/CONTRACTS.md) for one downstream task."""
+def _objective_base():
+    from epic.engine.build import VanillaObjective
+
+    return VanillaObjective
+
+
+class TaskObjective(_objective_base()):
+    """The trainer's objective protocol (docs/CONTRACTS.md) for one downstream task; the protocol's other methods
+    (extra engines, images, state) keep the vanilla objective's defaults."""
 
     def __init__(self, cfg: TaskConfig):
         self.cfg, self.task = cfg, cfg.finetune.task
-
-    def extra_engines(self) -> dict:
-        return {}
 
     def losses(self, model, batch: dict, rng: torch.Generator, step: int) -> dict:
         from epic.eval.nlvr2 import correct_count
@@ -197,17 +201,8 @@ class TaskObjective:
         accuracy = 100.0 * correct_count(logits.detach(), batch["labels"]) / logits.shape[0]
         return {"loss": classification_loss(logits, batch["labels"]), "accuracy": accuracy}
 
-    def log_values(self, step: int) -> dict:
-        return {}
-
     def flops_per_sample(self, cfg) -> float:
         return 0.0  # not counted for fine-tuning: perf/tflops and MFU are not logged
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -343,7 +338,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-final-eval", action="store_true", help="skip the evaluation on the val file at the end")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-6 finetune.images=DIR")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may follow the key=value overrides
 
 
 def main(argv=None) -> int:

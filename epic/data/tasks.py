@@ -399,34 +399,41 @@ def _vqa_example(scene: dict, image: str, rng: random.Random, qid: int) -> dict:
 
 
 def _truth_statement(scenes: list[dict], want: bool, rng: random.Random) -> str:
-    """An NLVR2-style statement about (left, right) whose truth is `want` (rejection sampling over templates)."""
+    """An NLVR2-style statement about (left, right) whose truth is `want`.
+
+    The template is drawn first and its slots are then filled to make the statement true or false, so every
+    template is as often true as false: the sentence alone tells nothing about the label (no language shortcut).
+    """
     from .synthetic import BACKGROUNDS, COLOURS, SHAPES
 
     facts = [_scene_facts(s) for s in scenes]
     sides = ("left", "right")
     while True:
-        kind = rng.choice(("bg_one", "bg_both", "pair_in", "more"))
+        kind = rng.choice(("bg_one", "pair_in", "more", "bg_both"))
+        side = rng.randrange(2)
         if kind == "bg_one":
-            side = rng.randrange(2)
-            bg = rng.choice(sorted(BACKGROUNDS))
-            text, truth = f"the {sides[side]} image has a {bg} background", facts[side]["background"] == bg
-        elif kind == "bg_both":
-            bg = rng.choice(sorted(BACKGROUNDS))
-            text = f"both images have a {bg} background"
-            truth = all(f["background"] == bg for f in facts)
-        elif kind == "pair_in":
-            side = rng.randrange(2)
-            colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
-            text = f"there is a {colour} {shape} in the {sides[side]} image"
-            truth = (colour, shape) in facts[side]["pairs"]
-        else:
-            if facts[0]["count"] == facts[1]["count"]:
+            actual = facts[side]["background"]
+            bg = actual if want else rng.choice(sorted(set(BACKGROUNDS) - {actual}))
+            return f"the {sides[side]} image has a {bg} background"
+        if kind == "pair_in":
+            present = sorted(facts[side]["pairs"])
+            absent = sorted({(c, s) for c in COLOURS for s in SHAPES} - facts[side]["pairs"])
+            colour, shape = rng.choice(present if want else absent)
+            return f"there is a {colour} {shape} in the {sides[side]} image"
+        if kind == "more":
+            counts = (facts[0]["count"], facts[1]["count"])
+            if counts[0] == counts[1]:
                 continue
-            side = rng.randrange(2)
-            text = f"the {sides[side]} image contains more shapes than the {sides[1 - side]} image"
-            truth = facts[side]["count"] > facts[1 - side]["count"]
-        if truth == want:
-            return text
+            more = 0 if counts[0] > counts[1] else 1
+            side = more if want else 1 - more
+            return f"the {sides[side]} image contains more shapes than the {sides[1 - side]} image"
+        backgrounds = {f["background"] for f in facts}
+        if want and len(backgrounds) == 1:
+            return f"both images have a {backgrounds.pop()} background"
+        if not want:
+            bg = rng.choice(sorted(BACKGROUNDS))
+            if not all(f["background"] == bg for f in facts):
+                return f"both images have a {bg} background"
 
 
 def _snli_example(scene: dict, image: str, label: str, rng: random.Random) -> dict:
@@ -438,17 +445,16 @@ def _snli_example(scene: dict, image: str, label: str, rng: random.Random) -> di
         template = rng.choice(NEUTRAL_STATEMENTS)
         text = template.format(shape=shape, material=rng.choice(MATERIALS), when=rng.choice(WHENS),
                                owner=rng.choice(OWNERS))
-    else:
+    else:  # template first, then slots that make it true (entailment) or false (contradiction)
         want = label == "entailment"
-        while True:
-            if rng.random() < 0.5:
-                bg = rng.choice(sorted(BACKGROUNDS))
-                text, truth = f"the background is {bg}", bg == facts["background"]
-            else:
-                colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
-                text, truth = f"there is a {colour} {shape}", (colour, shape) in facts["pairs"]
-            if truth == want:
-                break
+        if rng.random() < 0.5:
+            actual = facts["background"]
+            bg = actual if want else rng.choice(sorted(set(BACKGROUNDS) - {actual}))
+            text = f"the background is {bg}"
+        else:
+            absent = sorted({(c, s) for c in COLOURS for s in SHAPES} - facts["pairs"])
+            colour, shape = rng.choice(sorted(facts["pairs"]) if want else absent)
+            text = f"there is a {colour} {shape}"
     return {"image": image, "sentence": text, "label": label}
 
 

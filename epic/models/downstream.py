@@ -221,20 +221,18 @@ def choose_negative_texts(similarity: torch.Tensor, same_image: torch.Tensor, nu
 
 def retrieval_rank_loss(model: METERForRetrieval, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                         attention_mask: torch.Tensor, image_ids: torch.Tensor, num_negatives: int, hard: bool,
-                        generator: Optional[torch.Generator] = None) -> dict:
+                        generator: Optional[torch.Generator] = None, negatives: Optional[torch.Tensor] = None) -> dict:
     """METER's IR/TR fine-tuning loss: per image, softmax over [positive, negatives] rank scores, target 0.
 
-    Each image and each caption goes through its tower once; only the fusion runs per (image, caption) pair.
+    Row b of the batch is (image b, its caption b); the negatives of image b are other rows' captions
+    (`negatives` [B, n] when given, else chosen by `choose_negative_texts`). Each image and each caption goes
+    through its tower once; only the fusion runs per (image, caption) pair.
     """
-    from epic.eval.retrieval import _mean_pool
-
     image_embeds = model.encode_image(pixel_values)
     text_embeds = model.encode_text(input_ids, attention_mask)
-    with torch.no_grad():
-        image_vec = F.normalize(_mean_pool(model.cross_modal_image_transform(image_embeds), None), dim=-1)
-        text_vec = F.normalize(_mean_pool(model.cross_modal_text_transform(text_embeds), attention_mask), dim=-1)
-        same_image = image_ids.view(-1, 1) == image_ids.view(1, -1)
-        negatives = choose_negative_texts(image_vec @ text_vec.T, same_image, num_negatives, hard, generator)
+    if negatives is None:
+        negatives = _negatives_for(model, image_embeds, text_embeds, attention_mask, image_ids, num_negatives, hard,
+                                   generator)
     batch = input_ids.shape[0]
     texts = torch.cat([torch.arange(batch, device=input_ids.device).view(-1, 1), negatives], dim=1)  # [B, 1+n]
     images = torch.arange(batch, device=input_ids.device).view(-1, 1).expand_as(texts)
@@ -243,3 +241,13 @@ def retrieval_rank_loss(model: METERForRetrieval, pixel_values: torch.Tensor, in
     scores = model.pair_score(out["cls_feats"]).view(batch, -1)
     target = torch.zeros(batch, dtype=torch.long, device=scores.device)
     return {"loss": F.cross_entropy(scores, target), "rank_acc": (scores.argmax(dim=1) == 0).float().mean()}
+
+
+@torch.no_grad()
+def _negatives_for(model, image_embeds, text_embeds, attention_mask, image_ids, num_negatives, hard, generator):
+    from epic.eval.retrieval import _mean_pool
+
+    image_vec = F.normalize(_mean_pool(model.cross_modal_image_transform(image_embeds), None), dim=-1)
+    text_vec = F.normalize(_mean_pool(model.cross_modal_text_transform(text_embeds), attention_mask), dim=-1)
+    same_image = image_ids.view(-1, 1) == image_ids.view(1, -1)
+    return choose_negative_texts(image_vec @ text_vec.T, same_image, num_negatives, hard, generator)
