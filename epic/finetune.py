@@ -77,7 +77,8 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
             data.setdefault("data", {})["tokenizer"] = tokenizer
     model = {k: v for k, v in source_config.get("model", {}).items() if k not in LOCAL_PATH_FIELDS}
     data["model"] = {**model, **data.get("model", {})}
-    data.setdefault("data", {}).setdefault("tokenizer", source_config.get("data", {}).get("tokenizer"))
+    if not data.setdefault("data", {}).get("tokenizer"):
+        data["data"]["tokenizer"] = source_config.get("data", {}).get("tokenizer")
     data["data"].setdefault("image_size", data["model"].get("image_size", 288))
     data["data"]["root"] = None  # pretraining data is not read here
     data["data"]["sources"] = []
@@ -109,8 +110,12 @@ def _saved_run_config(data: dict) -> Optional[dict]:
 def fill_task_paths(cfg: TaskConfig) -> None:
     """`finetune.shapes` -> the shapes-world task files; VQA: the answer list and num_answers."""
     from epic.data.tasks import answers_from_training_file, shapes_task_paths
+    from epic.engine.build import expand_env
 
     ft = cfg.finetune
+    for key in ("init", "shapes", "train_json", "val_json", "test_json", "images", "answer_list"):
+        if getattr(ft, key):
+            setattr(ft, key, expand_env(getattr(ft, key), f"finetune.{key}"))
     if ft.shapes:
         for key, value in shapes_task_paths(ft.shapes, ft.task).items():
             if getattr(ft, key) is None:
