@@ -169,6 +169,23 @@ def test_pretrained_fixed_generator_and_teacher_from_a_trainer_checkpoint(setup)
     train_step(engine2, fixed, setup["batch"], 0)
 
 
+def test_vlm_sas_generator_is_saved_and_restored_with_the_checkpoint(setup):
+    from epic.config import config_to_dict
+    from epic.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    sas = ["epic.generator_mode=vlm_sas", "epic.sas_refresh_every=1"]
+    cfg, engine, objective = build(setup, *sas)
+    for step in range(2):
+        train_step(engine, objective, setup["batch"], step)
+    root = setup["tmp"] / "sas_run" / "checkpoints"
+    save_checkpoint(root, 2, {"vlm": engine, **objective.extra_engines()}, {"objective": objective.state_dict()},
+                    {"step": 2, "world_size": 1, "config": config_to_dict(cfg)}, keep_last=1)
+    _, engine2, restored = build(setup, *sas)
+    assert not same(weights(restored.generator), weights(objective.generator))  # fresh: a copy of the new VLM
+    load_checkpoint(root / "step_00000002", {"vlm": engine2, **restored.extra_engines()}, world_size=1)
+    assert same(weights(restored.generator), weights(objective.generator))  # the VLM of the last refresh
+
+
 def test_teacher_gets_no_gradient_and_never_changes(setup):
     _, engine, objective = build(setup)
     teacher = objective.teacher

@@ -352,3 +352,34 @@ def test_summarize_run_averages_the_last_logs(tmp_path, capsys):
 def test_impossible_ablations_fail_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("epic_shapes_tiny", ["epic.teacher=/t", *overrides])
+
+
+def test_generator_from_a_hf_folder_must_match_the_vlm(tmp_path):
+    from epic.models.generator import build_generator
+    from epic.config import GeneratorConfig
+
+    lm = tiny_lm("roberta")
+    lm.save_pretrained(str(tmp_path / "lm"))
+    vlm_text = METERConfig(text_model_type="roberta", vocab_size=40, pad_token_id=PAD)
+    generator = build_generator(GeneratorConfig(pretrained=str(tmp_path / "lm")), vlm_text)
+    for name, value in lm.state_dict().items():
+        assert torch.equal(generator.lm.state_dict()[name], value), name
+    with pytest.raises(ValueError, match="vocab_size: generator 40 vs VLM 50"):
+        build_generator(GeneratorConfig(pretrained=str(tmp_path / "lm")), METERConfig(vocab_size=50, pad_token_id=PAD))
+    with pytest.raises(FileNotFoundError, match="neither a local HF folder"):
+        build_generator(GeneratorConfig(pretrained=str(tmp_path)), vlm_text)
+
+
+def test_generator_deepspeed_config(tmp_path):
+    from epic.engine.setup import derive_batch_math, load_ds_config, resolve_ds_config
+    from epic.objectives.consistency import generator_ds_config
+
+    batch_math = derive_batch_math(16, 4, 2)
+    vlm = resolve_ds_config(load_ds_config("ds_configs/cpu_zero2.json"), batch_math, 1.0, on_cpu=True)
+    cfg = load_config("epic_shapes_tiny", ["epic.teacher=/t"])
+    assert generator_ds_config(cfg, vlm, batch_math, on_cpu=True) == vlm  # default: the VLM's resolved JSON
+    cfg = load_config("epic_shapes_tiny", ["epic.teacher=/t", "epic.generator.ds_config=ds_configs/generator_fp16.json"])
+    assert generator_ds_config(cfg, vlm, batch_math, on_cpu=True) == vlm  # no fp16 on CPU: the VLM's precision
+    on_gpu = generator_ds_config(cfg, vlm, batch_math, on_cpu=False)
+    assert on_gpu["fp16"]["enabled"] and on_gpu["gradient_accumulation_steps"] == 2  # same boundaries as the VLM
+    assert on_gpu["train_micro_batch_size_per_gpu"] == 4 and on_gpu["gradient_clipping"] == cfg.train.grad_clip

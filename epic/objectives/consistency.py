@@ -97,7 +97,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def generator_ds_config(cfg, vlm_ds_config: dict, batch_math, on_cpu: bool) -> dict:
-    """``epic.generator.ds_config`` resolved like the VLM's, or a copy of the VLM's resolved config."""
+    """``epic.generator.ds_config`` resolved like the VLM's, or a copy of the VLM's resolved config.
+
+    On CPU, where DeepSpeed has no fp16, an fp16 generator JSON gives way to the VLM's precision (with a warning).
+    """
     from epic.engine.setup import load_ds_config, resolve_ds_config
 
     path = cfg.epic.generator.ds_config
@@ -105,7 +108,12 @@ def generator_ds_config(cfg, vlm_ds_config: dict, batch_math, on_cpu: bool) -> d
         return copy.deepcopy(vlm_ds_config)
     if not os.path.isabs(path) and not os.path.exists(path) and (REPO_ROOT / path).exists():
         path = str(REPO_ROOT / path)
-    return resolve_ds_config(load_ds_config(path), batch_math, cfg.train.grad_clip, on_cpu=on_cpu)
+    ds = load_ds_config(path)
+    if on_cpu and ds.get("fp16", {}).get("enabled"):
+        logger.warning("epic.generator.ds_config=%s enables fp16, which DeepSpeed cannot run on CPU: the generator "
+                       "uses the VLM's DeepSpeed config (its precision) instead", path)
+        return copy.deepcopy(vlm_ds_config)
+    return resolve_ds_config(ds, batch_math, cfg.train.grad_clip, on_cpu=on_cpu)
 
 
 def frozen_engine_ds_config(batch_math) -> dict:
@@ -414,5 +422,6 @@ class EpicObjective:
 
 
 def _show(token: str) -> str:
-    """A BPE token for display: byte-level BPE marks a leading space with 'Ġ'."""
-    return token.replace("Ġ", "").replace("▁", "") or token
+    """A BPE token for display: byte-level BPE marks a leading space with 'Ġ' (a bare space shows as '_')."""
+    shown = token.replace("Ġ", "").replace("▁", "")
+    return shown if shown.isprintable() and shown.strip() else "_"
