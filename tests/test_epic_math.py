@@ -128,6 +128,14 @@ def test_teacher_loads_export_dir_and_official_checkpoint(tmp_path):
         torch.testing.assert_close(keys, k_ref)
         assert next(teacher.parameters()).dtype == torch.float32  # "auto" on CPU
     assert next(load_teacher(str(tmp_path / "export"), "cpu", "bf16").parameters()).dtype == torch.bfloat16
+    narrow = tiny_meter(hidden_size=64, num_heads=4)  # 4 heads of 16: not width // 64, so a JSON names them
+    torch.save({"state_dict": to_official_state_dict(narrow)}, tmp_path / "narrow.ckpt")
+    (tmp_path / "narrow.json").write_text(json.dumps({"num_heads": 4, "vit_heads": 2, "text_heads": 2}))
+    query, keys = load_teacher(str(tmp_path / "narrow.ckpt"), "cpu").query_keys(
+        batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    expected = SaliencyTeacher(tiny_meter(hidden_size=64, num_heads=4)).query_keys(
+        batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close((query, keys), expected)
 
 
 def test_teacher_errors_name_the_problem(tmp_path):

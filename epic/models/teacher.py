@@ -77,6 +77,8 @@ def prune_after_saliency(vlm: METER) -> METER:
 def load_teacher(source: str, device, dtype: str = "auto") -> SaliencyTeacher:
     """The frozen teacher from a run/checkpoint dir, an export dir or an official METER checkpoint file.
 
+    An official ``X.ckpt`` may have an ``X.json`` beside it with METERConfig fields that its tensors cannot tell
+    (``num_heads``, ``vit_heads``, ``text_heads``; by default width // 64, METER's rule).
     ``dtype``: "auto" (fp16 on CUDA, fp32 on CPU) | "fp16" | "bf16" | "fp32".
     """
     device = torch.device(device)
@@ -106,7 +108,9 @@ def load_meter_weights(source: str) -> METER:
         if path.suffix not in OFFICIAL_SUFFIXES:
             raise TeacherError(f"epic.teacher={source}: a file must be an official METER checkpoint "
                                f"({', '.join(OFFICIAL_SUFFIXES)})")
-        return load_official_meter(str(path), allow_missing_heads=True)
+        overrides = path.with_suffix(".json")  # optional METERConfig fields the tensors cannot tell (head counts)
+        return load_official_meter(str(path), str(overrides) if overrides.is_file() else None,
+                                   allow_missing_heads=True)
     if (path / WEIGHTS_NAME).is_file():
         return _load_export_dir(path)
     return _load_run_checkpoint(path)
