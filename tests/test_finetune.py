@@ -98,11 +98,23 @@ def short_run(task, tasks_dir, tokenizer, steps, lr=1e-3):
     from epic.models.downstream import build_task_model
 
     cfg = build_dataclass(TaskConfig, {"data": {"image_size": 32, "max_text_len": 24, "randaugment": False},
-                                       "eval": {"batch_size": 64}, "finetune": {"task": task, "shapes": str(tasks_dir)}})
+                                       "eval": {"batch_size": 64}, "finetune": {"task": task, "shapes": str(tasks_dir), "num_negatives": 7}})
     cfg.model = METERConfig(**TINY_MODEL, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     fill_task_paths(cfg)
     torch.manual_seed(0)
     model = build_task_model(task, cfg.model, cfg.finetune.num_answers)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only spin (and fight other processes for the cores)
+    try:
+        return _train_and_evaluate(model, cfg, task, tasks_dir, tokenizer, steps, lr)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_evaluate(model, cfg, task, tasks_dir, tokenizer, steps, lr):
+    from epic.data.tasks import build_task_train_loader
+    from epic.finetune import TaskObjective, evaluate_split, load_split
+
     before = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
     loader = build_task_train_loader(load_split(cfg, "train", True), tokenizer, image_size=32, max_text_len=24,
                                      batch_size=16, seed=0, rank=0, world_size=1, randaugment=False)
@@ -124,12 +136,13 @@ def improve_tasks(tmp_path_factory):
                                  write_shards=False)
 
 
-# Retrieval and NLVR2 are not here: beating chance on them needs image-text grounding, which this tiny METER does
-# not acquire in a CI-sized run (300 retrieval steps leave the rank loss at ln(1 + negatives); vanilla shapes_tiny
-# pretraining keeps ITM accuracy near 0.5 for 300 steps). VQA and SNLI-VE improve first through what the question
-# or hypothesis says (answer type, neutral statements), so they do show that training reaches the heads.
+# VQA and SNLI-VE improve first through what the question or hypothesis says (answer type, neutral statements);
+# retrieval can only improve through image-text grounding, which starts within a few hundred steps here
+# (chance R@10 is about 20%). NLVR2 is not here: its statements are balanced per template (no text shortcut) and
+# its gain after 400-800 steps (50% -> 54-60% on 48 examples) is within the noise of a CI-sized val set.
 @pytest.mark.parametrize("task, metric, margin, steps, lr", [("vqa", "vqa_score", 10.0, 100, 2e-3),
-                                                             ("snli_ve", "accuracy", 10.0, 40, 1e-3)])
+                                                             ("snli_ve", "accuracy", 10.0, 40, 1e-3),
+                                                             ("retrieval", "r_mean", 3.0, 400, 1e-3)])
 def test_short_finetuning_beats_the_untrained_model(task, metric, margin, steps, lr, improve_tasks, shapes_world):
     from epic.data import load_tokenizer
 

@@ -361,6 +361,14 @@ def build_task_eval_loader(data: TaskData, tokenizer, *, image_size: int, max_te
 
 # ------------------------------------------------------------------------------------------------ shapes world
 # Task versions of the shapes world: images from the same scene generator, annotations in the formats above.
+#   vqa      "what colour is the background?", "how many squares are there?", "what colour is the circle?"
+#   nlvr2    true/false statements about a pair of images (background, "there is a red circle in the left
+#            image", "the left image contains more shapes than the right image"); the template is drawn first and
+#            filled to be true or false, so the sentence alone does not give the label away
+#   snli_ve  entailment / contradiction: a background or "there is a <colour> <shape>" statement made true or false;
+#            neutral: statements the image cannot decide ("the circle is made of wood"); like SNLI-VE's
+#            hypotheses, neutral ones are recognisable from the text
+#   retrieval the scenes' captions (ALBEF layout: train one row per caption, val all captions per image)
 NEUTRAL_STATEMENTS = ("the {shape} is made of {material}", "the picture was taken {when}",
                       "the {shape} belongs to {owner}", "someone drew the {shape} {when}")
 MATERIALS = ("wood", "paper", "metal", "glass")
