@@ -538,3 +538,23 @@ def shapes_task_paths(root: str | Path, task: str) -> dict:
     if task == "vqa":
         paths["answer_list"] = str(root / "vqa" / "answers.json")
     return paths
+
+
+def main(argv=None) -> int:
+    """`python -m epic.data.tasks --out DIR [--train N --val M --image-size S --seed K]` writes DIR/tasks."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=generate_shapes_tasks.__doc__)
+    parser.add_argument("--out", required=True, help="the shapes world folder (tasks/ is written inside)")
+    parser.add_argument("--train", type=int, default=512)
+    parser.add_argument("--val", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    root = generate_shapes_tasks(args.out, args.train, args.val, args.image_size, args.seed)
+    print(json.dumps({"tasks": str(root), "train": args.train, "val": args.val}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
