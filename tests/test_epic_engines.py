@@ -69,12 +69,11 @@ def build(setup, *overrides):
     from epic.engine.schedule import build_lr_scheduler
     from epic.engine.setup import (build_optimizer, derive_batch_math, initialize_engine, load_ds_config,
                                    resolve_ds_config)
-    from epic.objectives.consistency import EpicObjective, add_consistency_head
+    from epic.objectives.consistency import EpicObjective
 
     cfg = make_config(setup["world"], setup["tmp"] / "teacher", *overrides)
     torch.manual_seed(0)
-    model, tokenizer = build_model(cfg, setup["paths"])
-    add_consistency_head(model)
+    model, tokenizer = build_model(cfg, setup["paths"])  # with the ITC head beta (epic.enabled)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps,
                                 cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
     scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio)

@@ -13,28 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# epic/pretrain.py, with the ITC head beta added to the VLM before its optimizer is built, for as long as
-# epic.engine.build.build_model does not add it itself (add_consistency_head is idempotent).
-ENTRY = """
-import sys
-import epic.engine.trainer as trainer
-from epic.objectives.consistency import add_consistency_head
-
-build_model = trainer.build_model
-
-
-def build_model_with_head(cfg, paths):
-    model, tokenizer = build_model(cfg, paths)
-    if cfg.epic.enabled:
-        add_consistency_head(model)
-    return model, tokenizer
-
-
-trainer.build_model = build_model_with_head
-from epic.pretrain import main
-
-sys.exit(main())
-"""
+PRETRAIN = ROOT / "epic" / "pretrain.py"
 
 
 def free_port() -> int:
@@ -43,9 +22,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_epic(entry, args):
+def run_epic(args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(entry), *args]
+           str(free_port()), str(PRETRAIN), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
@@ -73,26 +52,24 @@ def teacher_and_args(shapes_world, tmp_path_factory):
     args = ["--ds_config", "ds_configs/cpu_zero2.json", "--config", "epic_shapes_tiny", f"data.root={shapes_world}",
             f"epic.teacher={tmp / 'teacher'}", "data.micro_batch_size=4", "train.global_batch_size=16",
             "data.num_workers=1", "train.log_every=1", "train.deterministic=true", "train.max_steps=4",
-            "train.save_every=100", "epic.generator.lr=1e-3", "epic.log_saliency_every=0"]
+            "train.save_every=100", "epic.generator.lr=1e-3", "epic.log_saliency_every=2"]
     cfg = load_config("epic_shapes_tiny", args[4:])
     torch.manual_seed(7)
     teacher, _ = build_model(cfg, resolve_data_paths(cfg))  # an (untrained) vanilla METER export as the teacher
     teacher.save_pretrained(str(tmp / "teacher"))
-    entry = tmp / "epic_pretrain_entry.py"
-    entry.write_text(ENTRY)
-    return tmp, entry, args
+    return tmp, args
 
 
 def test_two_rank_epic_run_resumes_exactly(teacher_and_args):
     from epic.engine.checkpoint import find_checkpoint, read_module_state_dict
 
-    tmp, entry, args = teacher_and_args
+    tmp, args = teacher_and_args
     full, split = tmp / "full", tmp / "split"
-    proc = run_epic(entry, args + [f"run.dir={full}"])
+    proc = run_epic(args + [f"run.dir={full}"])
     assert "grad accum 2" in proc.stdout and "world 2" in proc.stdout
-    run_epic(entry, args + [f"run.dir={split}", "train.stop_at_step=2"])
+    run_epic(args + [f"run.dir={split}", "train.stop_at_step=2"])
     assert sorted(logged(split, "train/loss")) == [1, 2]
-    proc = run_epic(entry, args + [f"run.dir={split}"])
+    proc = run_epic(args + [f"run.dir={split}"])
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
 
     for key in ("train/loss", "train/loss_gen", "train/loss_itc", "epic/inconsistent_token_ratio"):
@@ -110,3 +87,14 @@ def test_two_rank_epic_run_resumes_exactly(teacher_and_args):
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=f"{engine}: {name}")
     generator_steps = logged(split, "epic/gen_lr")
     assert generator_steps[4] == pytest.approx(logged(full, "epic/gen_lr")[4])
+    images = saliency_images(full)
+    assert images == [2, 4], images  # the Fig. 4-style figure, every epic.log_saliency_every steps
+
+
+def saliency_images(run_dir):
+    """Steps at which rank 0 logged the 'epic/saliency' image to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    return [e.step for e in events.Images("epic/saliency")] if "epic/saliency" in events.Tags()["images"] else []

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from epic.config import ConfigError
+
 from .meter import METER, WEIGHTS_NAME, config_from_dict, load_official_meter
 
 logger = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ EXTRA_HEAD_PREFIXES = ("itc_score.",)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-class TeacherError(ValueError):
+class TeacherError(ConfigError):
     """The teacher cannot be loaded or does not fit the run (the message says why and what to do)."""
 
 

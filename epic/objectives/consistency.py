@@ -138,8 +138,10 @@ class EpicObjective:
         self.rank = _rank()
         model = engine.module
         if getattr(model, HEAD_NAME, None) is None:
-            raise RuntimeError("the VLM has no ITC head beta (model.itc_score): epic.engine.build.build_model must call "
-                               "epic.objectives.consistency.add_consistency_head(model) before the optimizer is built")
+            from epic.engine.setup import SetupError
+
+            raise SetupError("the VLM has no ITC head beta (model.itc_score): epic.engine.build.build_model must call "
+                             "epic.objectives.consistency.add_consistency_head(model) before the optimizer is built")
         self.mask_token_id = tokenizer.mask_token_id
         vocab_size = cfg.model.vocab_size
         self.exclude_ids = excluded_token_ids(tokenizer, vocab_size)
