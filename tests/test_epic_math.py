@@ -372,9 +372,9 @@ def test_generator_from_a_hf_folder_must_match_the_vlm(tmp_path):
     generator = build_generator(GeneratorConfig(pretrained=str(tmp_path / "lm")), vlm_text)
     for name, value in lm.state_dict().items():
         assert torch.equal(generator.lm.state_dict()[name], value), name
-    with pytest.raises(ValueError, match="vocab_size: generator 40 vs VLM 50"):
+    with pytest.raises(ConfigError, match="vocab_size: generator 40 vs VLM 50"):
         build_generator(GeneratorConfig(pretrained=str(tmp_path / "lm")), METERConfig(vocab_size=50, pad_token_id=PAD))
-    with pytest.raises(FileNotFoundError, match="neither a local HF folder"):
+    with pytest.raises(ConfigError, match="neither a local HF folder"):
         build_generator(GeneratorConfig(pretrained=str(tmp_path)), vlm_text)
 
 

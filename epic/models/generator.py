@@ -18,6 +18,8 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 from transformers.activations import gelu
 
+from epic.config import ConfigError, config_from_dict
+
 from .text import prepared_attention_mask
 
 GENERATOR_FAMILIES = {"roberta": (RobertaConfig, RobertaForMaskedLM), "bert": (BertConfig, BertForMaskedLM)}
@@ -112,7 +114,7 @@ def generator_hf_config(gen_cfg, model_cfg):
     hidden = gen_cfg.hidden_size or model_cfg.text_hidden_size
     heads = gen_cfg.heads or (model_cfg.text_heads if not gen_cfg.hidden_size else max(1, hidden // 64))
     if hidden % heads:
-        raise ValueError(f"epic.generator.hidden_size={hidden} is not divisible by epic.generator.heads={heads}")
+        raise ConfigError(f"epic.generator.hidden_size={hidden} is not divisible by epic.generator.heads={heads}")
     return config_class(
         vocab_size=model_cfg.vocab_size,
         hidden_size=hidden,
@@ -151,21 +153,17 @@ def load_pretrained_generator(path: str, model_cfg, image_width: Optional[int]) 
     if (path / "config.json").is_file():  # a HF folder
         _, model_class = GENERATOR_FAMILIES[model_cfg.text_model_type]
         return EpicGenerator(model_class.from_pretrained(str(path)), image_width)
-    from epic.engine.checkpoint import find_checkpoint, read_trainer_state
+    from epic.engine.checkpoint import find_checkpoint, read_module_state_dict, read_trainer_state
 
     step_dir = find_checkpoint(path) if path.is_dir() else None
-    if step_dir is None or not (step_dir / "generator" / "mp_rank_00_model_states.pt").is_file():
-        raise FileNotFoundError(
+    if step_dir is None or not (step_dir / "generator").is_dir():
+        raise ConfigError(
             f"epic.generator.pretrained={str(path)!r} is neither a local HF folder (config.json + weights, e.g. "
             f"roberta-base saved with save_pretrained) nor an EPIC run/checkpoint dir with a 'generator' engine")
-    from epic.config import config_from_dict
-
     saved = config_from_dict(read_trainer_state(step_dir)["config"])
     mode = saved.epic.generator_mode
     generator = build_generator(saved.epic.generator, saved.model, conditioned=mode == "conditioned")
-    state = torch.load(step_dir / "generator" / "mp_rank_00_model_states.pt", map_location="cpu",
-                       weights_only=False)["module"]
-    generator.load_state_dict(state)
+    generator.load_state_dict(read_module_state_dict(step_dir, "generator"))
     if image_width is None and generator.image_projection is not None:
         generator.image_projection = None  # a conditioned generator reused unconditioned: drop the projection
     elif image_width is not None and generator.image_projection is None:
@@ -185,7 +183,7 @@ def check_generator_matches(generator: EpicGenerator, model_cfg) -> None:
         wrong["pad_token_id"] = (hf.pad_token_id, model_cfg.pad_token_id)
     if wrong:
         details = ", ".join(f"{k}: generator {a} vs VLM {b}" for k, (a, b) in wrong.items())
-        raise ValueError(f"the EPIC generator does not match the VLM's text side ({details}); use a generator of the "
+        raise ConfigError(f"the EPIC generator does not match the VLM's text side ({details}); use a generator of the "
                          f"same family trained with the same tokenizer (epic.generator.pretrained)")
 
 

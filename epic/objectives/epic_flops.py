@@ -81,13 +81,14 @@ def generator_flops(cfg, batch: dict) -> int:
             states = torch.empty(flat.shape[0], cfg.model.hidden_size, device=META)
             return flops + _vocabulary_flops(states, sas.mlm_score.decoder.weight, sas.mlm_score.bias, targets, False)
     config_class, model_class = GENERATOR_FAMILIES[cfg.model.text_model_type]
-    if epic.generator.pretrained and not epic.generator.pretrained.startswith("$"):
-        try:
-            hf_config = config_class.from_pretrained(epic.generator.pretrained)
-        except (OSError, ValueError):  # an EPIC run dir, or not readable here: the configured sizes
-            hf_config = generator_hf_config(epic.generator, cfg.model)
-    else:
-        hf_config = generator_hf_config(epic.generator, cfg.model)
+    hf_config = generator_hf_config(epic.generator, cfg.model)
+    if epic.generator.pretrained:
+        from epic.engine.build import expand_env
+
+        try:  # the pretrained generator's own sizes (config.json only)
+            hf_config = config_class.from_pretrained(expand_env(epic.generator.pretrained, "epic.generator.pretrained"))
+        except (OSError, ValueError):  # an EPIC run dir, an unset variable, not readable here: the configured sizes
+            pass
     conditioned = epic.generator_mode == "conditioned"
     with META:
         generator = EpicGenerator(model_class(hf_config), cfg.model.vit_width if conditioned else None)
