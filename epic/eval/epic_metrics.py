@@ -57,7 +57,7 @@ def step_counts(real: torch.Tensor, masked: torch.Tensor, inconsistent: torch.Te
         predicted_consistent = itc_logits > 0  # D_i = sigmoid(z_i) > 1/2
         out["itc_correct_inconsistent"] = (inconsistent & ~predicted_consistent).sum()
         out["itc_correct_consistent"] = (consistent & predicted_consistent).sum()
-    alpha = alpha.float()
+    alpha = alpha.float()  # entropy of alpha per sentence (nats): log(len) when uniform, 0 when one-hot
     entropy = -(alpha * torch.where(real & (alpha > 0), alpha.clamp_min(1e-30).log(), torch.zeros_like(alpha))).sum(1)
     has_tokens, has_two = lengths > 0, lengths > 1
     out["entropy"] = torch.where(has_tokens, entropy, torch.zeros_like(entropy)).sum()

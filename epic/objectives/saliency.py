@@ -39,8 +39,3 @@ def uniform_masking(real: torch.Tensor, mask_ratio: float, generator: Optional[t
     mask, alpha = saliency_mask(zeros_query, zeros_keys, real, mask_ratio, generator=generator)
     return mask.clone(), alpha.clone()
 
-
-def saliency_entropy(alpha: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """[B] entropy of alpha (nats) per sentence; log(len) for uniform saliency, 0 when all mass is on one token."""
-    logs = torch.where(real & (alpha > 0), alpha.clamp_min(1e-30).log(), torch.zeros_like(alpha))
-    return -(alpha * logs).sum(dim=1)
