@@ -250,70 +250,39 @@ def evaluate_task(model, task: str, loader, cfg) -> dict:
 
 # ------------------------------------------------------------------------------------------------ trainer
 def _trainer_class():
-    from epic.engine import checkpoint as ckpt
-    from epic.engine.logger import RunLogger, guess_peak_tflops, log_console
-    from epic.engine.schedule import build_lr_scheduler
-    from epic.engine.setup import (build_optimizer, derive_batch_math, engine_dtype, initialize_engine,
-                                   load_ds_config, resolve_ds_config)
-    from epic.engine.trainer import Trainer, pick_resume_checkpoint
-    from epic.config import dump_config
+    from epic.engine.logger import log_console
+    from epic.engine.trainer import Trainer
 
     class FinetuneTrainer(Trainer):
         """The pretraining loop, checkpoints and logging, with the task's model, data and objective."""
 
-        def __init__(self, cfg: TaskConfig, ds_config_path: str, dist_info, resume: str = "auto") -> None:
-            self.cfg = cfg
-            self.rank, self.world_size = dist_info.rank, dist_info.world_size
-            self.device = (torch.device("cuda", dist_info.local_rank) if torch.cuda.is_available()
-                           else torch.device("cpu"))
-            self.batch = derive_batch_math(cfg.train.global_batch_size, cfg.data.micro_batch_size, self.world_size)
-            self.ds_config = resolve_ds_config(load_ds_config(ds_config_path), self.batch, cfg.train.grad_clip,
-                                               on_cpu=self.device.type == "cpu")
-            self.paths = None
-            self.resume_from = pick_resume_checkpoint(cfg.run.dir, resume)
+        def resolve_paths(self):
+            return None  # task data come from finetune.* (JSON + images, or a shapes world)
 
-        def setup(self) -> None:
+        def build_model(self):
             from epic.data import load_tokenizer
+
+            cfg = self.cfg
+            self.train_data = load_split(cfg, "train", for_training=True)
+            if cfg.finetune.epochs > 0:  # before the schedule is built from max_steps
+                cfg.train.max_steps = max(1, math.ceil(cfg.finetune.epochs * len(self.train_data.examples)
+                                                       / cfg.train.global_batch_size))
+            return build_finetune_model(cfg, load_init=self.resume_from is None), load_tokenizer(cfg.data.tokenizer)
+
+        def build_objective(self):
+            return TaskObjective(self.cfg)
+
+        def build_loader(self, data_state):
             from epic.data.tasks import build_task_train_loader
 
             cfg = self.cfg
-            self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-            train_data = load_split(cfg, "train", for_training=True)
-            if cfg.finetune.epochs > 0:
-                cfg.train.max_steps = max(1, math.ceil(cfg.finetune.epochs * len(train_data.examples)
-                                                       / cfg.train.global_batch_size))
-            torch.manual_seed(cfg.run.seed)  # identical new heads on every rank
-            self.model = build_finetune_model(cfg, load_init=self.resume_from is None)
-            optimizer = build_optimizer(self.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas,
-                                        cfg.train.eps, cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
-            scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps,
-                                           cfg.train.warmup_ratio, cfg.train.hold_ratio, cfg.train.final_lr_scale)
-            self.engine = initialize_engine(self.model, optimizer, scheduler, self.ds_config)
-            self.dtype = engine_dtype(self.ds_config)
-            self.objective = TaskObjective(cfg)
-            self.engines = {"vlm": self.engine}
-            self.rng = torch.Generator(device="cpu").manual_seed(cfg.run.seed * 100_003 + self.rank)
-            torch.manual_seed(cfg.run.seed * 7919 + self.rank)  # dropout differs across ranks
-            self.step = 0
-            data_state = None
-            if self.resume_from is not None:
-                trainer_state, rank_state = ckpt.load_checkpoint(self.resume_from, self.engines, self.world_size)
-                self.step = int(trainer_state["step"])
-                data_state = rank_state["data"]
-                ckpt.restore_rng_state(rank_state["rng"], {"objective": self.rng})
-                log_console(f"resumed from {self.resume_from} at step {self.step}", self.rank)
-            self.loader = build_task_train_loader(
-                train_data, self.tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
+            loader = build_task_train_loader(
+                self.train_data, self.tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
                 batch_size=cfg.data.micro_batch_size, seed=cfg.run.seed, rank=self.rank,
                 world_size=self.world_size, randaugment=cfg.data.randaugment, num_workers=cfg.data.num_workers)
             if data_state is not None:
-                self.loader.load_state_dict(data_state)
-            Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-            if self.rank == 0:
-                dump_config(cfg, Path(cfg.run.dir) / "config.yaml")
-            self.logger = RunLogger(cfg.run.dir, enabled=self.rank == 0, max_steps=cfg.train.max_steps)
-            self.flops_per_sample = 0.0
-            self.peak_tflops = cfg.train.peak_tflops or guess_peak_tflops()
+                loader.load_state_dict(data_state)
+            return loader
 
         def evaluate(self, split: str = "val") -> dict:
             metrics = evaluate_split(self.engine.module, self.cfg, self.tokenizer, split, self.rank,

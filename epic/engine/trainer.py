@@ -7,7 +7,6 @@ inside `losses()` so that each engine has its own backward, step and loss scaler
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,22 +84,35 @@ class Trainer:
                                                   self.world_size)
         self.ds_config = resolve_ds_config(load_ds_config(ds_config_path), self.batch, cfg.train.grad_clip,
                                            on_cpu=self.device.type == "cpu")
-        self.paths = resolve_data_paths(cfg)
+        self.paths = self.resolve_paths()
         self.resume_from = pick_resume_checkpoint(cfg.run.dir, resume)
 
-    # -- construction ---------------------------------------------------------------------------------------
+    # -- construction hooks (epic/finetune.py overrides them for the downstream tasks) ----------------------
+    def resolve_paths(self):
+        return resolve_data_paths(self.cfg)
+
+    def build_model(self):
+        """(model, tokenizer); called after the seed is set, before the optimizer exists."""
+        return build_model(self.cfg, self.paths)
+
+    def build_objective(self):
+        return build_objective(self.cfg, self.engine, self.tokenizer, self.ds_config, self.batch, self.paths,
+                               self.device)
+
+    def build_loader(self, data_state):
+        return build_train_data(self.cfg, self.paths, self.tokenizer, self.rank, self.world_size, data_state)
+
     def setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        self.model, self.tokenizer = build_model(cfg, self.paths)
+        self.model, self.tokenizer = self.build_model()
         optimizer = build_optimizer(self.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas,
                                     cfg.train.eps, cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
         scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio,
                                        cfg.train.hold_ratio, cfg.train.final_lr_scale)
         self.engine = initialize_engine(self.model, optimizer, scheduler, self.ds_config)
         self.dtype = engine_dtype(self.ds_config)
-        self.objective = build_objective(cfg, self.engine, self.tokenizer, self.ds_config, self.batch, self.paths,
-                                         self.device)
+        self.objective = self.build_objective()
         self.engines = {"vlm": self.engine, **self.objective.extra_engines()}
         # Per-rank randomness of the objectives (ITM negatives, EPIC sampling) lives in its own generator.
         self.rng = torch.Generator(device="cpu").manual_seed(cfg.run.seed * 100_003 + self.rank)
@@ -114,7 +126,7 @@ class Trainer:
             ckpt.restore_rng_state(rank_state["rng"], {"objective": self.rng})
             self.objective.load_state_dict(rank_state.get("objective", {}))
             log_console(f"resumed from {self.resume_from} at step {self.step}", self.rank)
-        self.loader = build_train_data(cfg, self.paths, self.tokenizer, self.rank, self.world_size, data_state)
+        self.loader = self.build_loader(data_state)
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             dump_config(cfg, Path(cfg.run.dir) / "config.yaml")
