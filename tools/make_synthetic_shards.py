@@ -29,18 +29,24 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--vocab-size", type=int, default=2000, help="BPE vocabulary size cap")
+    parser.add_argument("--tasks", action="store_true",
+                        help="also write OUT/tasks: shapes-world retrieval, VQA, NLVR2 and SNLI-VE (epic.data.tasks)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         out = generate_shapes_world(args.out, args.train, args.val, image_size=args.image_size, seed=args.seed,
                                     samples_per_shard=args.samples_per_shard, vocab_size=args.vocab_size)
+        if args.tasks:
+            from epic.data.tasks import generate_shapes_tasks
+
+            generate_shapes_tasks(args.out, args.train, args.val, image_size=args.image_size, seed=args.seed)
     except ValueError as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2
     manifest = json.loads((out / "manifest.json").read_text())
     print(json.dumps({"out": str(out), "train": args.train, "val": args.val,
                       "train_shards": len(manifest["splits"]["train"]["shards"]),
-                      "val_shards": len(manifest["splits"]["val"]["shards"]),
+                      "val_shards": len(manifest["splits"]["val"]["shards"]), "tasks": args.tasks,
                       "seconds": round(time.perf_counter() - start, 2)}))
     return 0
 
