@@ -22,7 +22,11 @@
 #                    epic_shapes_tiny), ds_configs/cpu_zero2.json, gloo, no GPUs; EPIC_SMOKE_OVERRIDES adds
 #                    key=value overrides. Resize the job on the sbatch command line, e.g.
 #                    sbatch --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --gpus-per-node=0 slurm/meter_16m.sh
-#   EPIC_TRAINER     the training script [epic/pretrain.py] (a fine-tuning wrapper would name epic/finetune.py).
+#   EPIC_TRAINER     the training script [epic/pretrain.py; epic/finetune.py when EPIC_FINETUNE_TASK is set].
+#   EPIC_FINETUNE_TASK  set by the slurm/finetune_<task>.sh wrappers: retrieval | vqa | nlvr2 | snli_ve.
+#   EPIC_INIT        required for fine-tuning: the pretrained run dir, checkpoint, export dir or official .ckpt.
+#                    Task data are overrides (finetune.train_json=... finetune.val_json=... finetune.images=...);
+#                    in smoke mode EPIC_DATA is a shapes world made with `make_synthetic_shards.py --tasks`.
 # Arguments after the script name are config overrides (key=value) passed to the trainer.
 
 # --- 1. Preemption: install the handler first (a USR1 that arrives before `trap` would kill the batch shell). ---
@@ -77,7 +81,8 @@ REPO="${EPIC_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
 cd "$REPO" || die "cannot cd to $REPO"
 PYTHON="${EPIC_PYTHON:-python}"
 command -v "$PYTHON" >/dev/null || die "EPIC_PYTHON=$PYTHON not found: activate the environment before sbatch or export EPIC_PYTHON=/path/to/venv/bin/python"
-TRAINER="${EPIC_TRAINER:-epic/pretrain.py}"
+FINETUNE_TASK="${EPIC_FINETUNE_TASK:-}"
+if [ -n "$FINETUNE_TASK" ]; then TRAINER="${EPIC_TRAINER:-epic/finetune.py}"; else TRAINER="${EPIC_TRAINER:-epic/pretrain.py}"; fi
 [ -f "$TRAINER" ] || die "trainer script $TRAINER not found"
 CONFIG="${EPIC_RUN_CONFIG:?EPIC_RUN_CONFIG is not set: call launch.sh from a wrapper such as slurm/meter_16m.sh}"
 [ -f "epic/configs/$CONFIG.yaml" ] || die "no config epic/configs/$CONFIG.yaml"
@@ -89,7 +94,27 @@ need_dir() {  # need_dir <VAR> <what it is>
   [ -e "$value" ] || die "$name=$value does not exist ($2)"
 }
 need_dir EPIC_RUNS "directory for run directories"
-if [ "${EPIC_SMOKE_CPU:-0}" = 1 ]; then
+TRAINER_ARGS=()
+if [ -n "$FINETUNE_TASK" ]; then
+  need_dir EPIC_INIT "pretrained weights: run dir, step_* checkpoint, export dir or official METER .ckpt"
+  TRAINER_ARGS=(--task "$FINETUNE_TASK" --init "$EPIC_INIT")
+  EPIC_PREFLIGHT=0  # epic/finetune.py validates its config and data at start-up
+fi
+if [ -n "$FINETUNE_TASK" ] && [ "${EPIC_SMOKE_CPU:-0}" = 1 ]; then
+  need_dir EPIC_DATA "a shapes world with tasks/ (tools/make_synthetic_shards.py --tasks)"
+  [ -d "$EPIC_DATA/tasks" ] || die "EPIC_DATA=$EPIC_DATA has no tasks/ folder: python tools/make_synthetic_shards.py --out $EPIC_DATA --train 256 --val 64 --tasks"
+  CONFIG=finetune_shapes
+  RUN_NAME="${EPIC_RUN_NAME:-${EPIC_RUN_CONFIG}_smoke}"
+  DS_CONFIG="${EPIC_DS_CONFIG:-ds_configs/cpu_zero2.json}"
+  read -r -a SMOKE_OVERRIDES <<< "${EPIC_SMOKE_OVERRIDES:-}"
+  EXTRA=("finetune.shapes=$EPIC_DATA" "${SMOKE_OVERRIDES[@]}")
+  export CUDA_VISIBLE_DEVICES=""
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+elif [ -n "$FINETUNE_TASK" ]; then
+  RUN_NAME="${EPIC_RUN_NAME:-$EPIC_RUN_CONFIG}"
+  DS_CONFIG="${EPIC_DS_CONFIG:-ds_configs/zero2_bf16.json}"
+  EXTRA=()
+elif [ "${EPIC_SMOKE_CPU:-0}" = 1 ]; then
   need_dir EPIC_DATA "a shapes-world folder from tools/make_synthetic_shards.py"
   [ -d "$EPIC_DATA/train" ] || die "EPIC_DATA=$EPIC_DATA has no train/ folder: generate it with python tools/make_synthetic_shards.py --out $EPIC_DATA"
   if [ "$EPIC_RUN" = 1 ]; then CONFIG=epic_shapes_tiny; else CONFIG=shapes_tiny; fi
@@ -138,7 +163,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 # does not pass --cpus-per-task from sbatch to srun, so give it explicitly.
 SRUN=(srun --kill-on-bad-exit=1 --export=ALL)
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-ARGS=(--ds_config "$DS_CONFIG" --config "$CONFIG" "run.dir=$RUN_DIR" "run.name=$RUN_NAME" "${EXTRA[@]}" "$@")
+ARGS=(--ds_config "$DS_CONFIG" --config "$CONFIG" "${TRAINER_ARGS[@]}" "run.dir=$RUN_DIR" "run.name=$RUN_NAME" "${EXTRA[@]}" "$@")
 
 log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NTASKS:-1} tasks on" \
     "${SLURM_JOB_NUM_NODES:-1} node(s) [$SLURM_JOB_NODELIST], master $MASTER_ADDR:$MASTER_PORT"
