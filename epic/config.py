@@ -268,15 +268,20 @@ def build_dataclass(cls: type, data: dict, where: str = ""):
     return cls(**kwargs)
 
 
-def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Load a packaged or local YAML config (or the defaults when None) and apply dotted overrides."""
+def read_config_data(name_or_path: Optional[str], overrides: Optional[list[str]] = None) -> dict:
+    """The raw mapping of a config file (its `extends` chain merged) with dotted overrides applied."""
     data: dict = {}
     if name_or_path is not None:
         data = _read_yaml_with_extends(resolve_config_path(name_or_path))
     for text in overrides or []:
         path, value = parse_override(text)
         apply_override(data, path, value)
-    cfg = build_dataclass(Config, data)
+    return data
+
+
+def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a packaged or local YAML config (or the defaults when None) and apply dotted overrides."""
+    cfg = build_dataclass(Config, read_config_data(name_or_path, overrides))
     validate(cfg)
     return cfg
 

@@ -11,8 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from epic.config import (Config, ConfigError, _read_yaml_with_extends, apply_override, build_dataclass,
-                         parse_override, resolve_config_path, validate)
+from epic.config import Config, ConfigError, build_dataclass, read_config_data, validate
 
 FINETUNE_TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve")
 
@@ -61,12 +60,7 @@ def task_config_from_dict(data: dict) -> TaskConfig:
 
 def load_finetune_config(name_or_path: Optional[str], overrides: Optional[list[str]] = None,
                          task: Optional[str] = None) -> TaskConfig:
-    data: dict = {}
-    if name_or_path is not None:
-        data = _read_yaml_with_extends(resolve_config_path(name_or_path))
-    for text in overrides or []:
-        path, value = parse_override(text)
-        apply_override(data, path, value)
+    data = read_config_data(name_or_path, overrides)
     if task is not None:
         given = data.get("finetune", {}).get("task")
         if given and given != task:
