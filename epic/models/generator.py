@@ -20,7 +20,7 @@ from transformers.activations import gelu
 
 from epic.config import ConfigError, config_from_dict
 
-from .text import prepared_attention_mask
+from .text import prepared_attention_mask, text_hf_config
 
 GENERATOR_FAMILIES = {"roberta": (RobertaConfig, RobertaForMaskedLM), "bert": (BertConfig, BertForMaskedLM)}
 
@@ -110,25 +110,14 @@ def _position_ids(hf_config, input_ids: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 def generator_hf_config(gen_cfg, model_cfg):
     """HF config of a randomly initialised generator: sizes from ``epic.generator`` (0 = the VLM's text tower)."""
-    config_class, _ = GENERATOR_FAMILIES[model_cfg.text_model_type]
     hidden = gen_cfg.hidden_size or model_cfg.text_hidden_size
     heads = gen_cfg.heads or (model_cfg.text_heads if not gen_cfg.hidden_size else max(1, hidden // 64))
     if hidden % heads:
         raise ConfigError(f"epic.generator.hidden_size={hidden} is not divisible by epic.generator.heads={heads}")
-    return config_class(
-        vocab_size=model_cfg.vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=gen_cfg.layers or model_cfg.text_layers,
-        num_attention_heads=heads,
-        intermediate_size=gen_cfg.intermediate_size or (model_cfg.text_intermediate_size if not gen_cfg.hidden_size
-                                                        else 4 * hidden),
-        max_position_embeddings=model_cfg.text_max_position_embeddings,
-        type_vocab_size=model_cfg.text_type_vocab_size,
-        layer_norm_eps=model_cfg.text_layer_norm_eps,
-        hidden_dropout_prob=model_cfg.dropout,
-        attention_probs_dropout_prob=model_cfg.dropout,
-        pad_token_id=model_cfg.pad_token_id,
-    )
+    intermediate = gen_cfg.intermediate_size or (model_cfg.text_intermediate_size if not gen_cfg.hidden_size
+                                                 else 4 * hidden)
+    return text_hf_config(model_cfg, hidden_size=hidden, layers=gen_cfg.layers, heads=heads,
+                          intermediate_size=intermediate)
 
 
 def build_generator(gen_cfg, model_cfg, conditioned: bool = False, pretrained: Optional[str] = None) -> EpicGenerator:

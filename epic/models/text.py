@@ -16,7 +16,7 @@ def build_text_tower(cfg: METERConfig) -> nn.Module:
     """``RobertaModel``/``BertModel`` from the sizes in ``cfg``, or ``from_pretrained(cfg.text_pretrained)``."""
     if cfg.text_model_type not in TEXT_FAMILIES:
         raise ValueError(f"text_model_type={cfg.text_model_type!r}; choose one of {sorted(TEXT_FAMILIES)}")
-    config_class, model_class = TEXT_FAMILIES[cfg.text_model_type]
+    _, model_class = TEXT_FAMILIES[cfg.text_model_type]
     if cfg.text_pretrained:
         if not os.path.isdir(cfg.text_pretrained):
             raise FileNotFoundError(
@@ -25,12 +25,20 @@ def build_text_tower(cfg: METERConfig) -> nn.Module:
         model = model_class.from_pretrained(cfg.text_pretrained, add_pooling_layer=False)
         check_text_tower_matches(model.config, cfg)
         return model
-    hf_config = config_class(
+    return model_class(text_hf_config(cfg), add_pooling_layer=False)
+
+
+def text_hf_config(cfg: METERConfig, hidden_size: int = 0, layers: int = 0, heads: int = 0,
+                   intermediate_size: int = 0):
+    """HF ``RobertaConfig``/``BertConfig`` of the text family at ``cfg``'s sizes; a non-zero argument replaces one
+    (the EPIC generator is a smaller or equal member of the same family)."""
+    config_class, _ = TEXT_FAMILIES[cfg.text_model_type]
+    return config_class(
         vocab_size=cfg.vocab_size,
-        hidden_size=cfg.text_hidden_size,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
-        intermediate_size=cfg.text_intermediate_size,
+        hidden_size=hidden_size or cfg.text_hidden_size,
+        num_hidden_layers=layers or cfg.text_layers,
+        num_attention_heads=heads or cfg.text_heads,
+        intermediate_size=intermediate_size or cfg.text_intermediate_size,
         max_position_embeddings=cfg.text_max_position_embeddings,
         type_vocab_size=cfg.text_type_vocab_size,
         layer_norm_eps=cfg.text_layer_norm_eps,
@@ -38,7 +46,6 @@ def build_text_tower(cfg: METERConfig) -> nn.Module:
         attention_probs_dropout_prob=cfg.dropout,
         pad_token_id=cfg.pad_token_id,
     )
-    return model_class(hf_config, add_pooling_layer=False)
 
 
 def check_text_tower_matches(hf_config, cfg: METERConfig) -> None:
