@@ -1,7 +1,8 @@
-"""Small helpers shared by the task evaluations: sums across ranks and the eval-mode context."""
+"""Small helpers shared by the task evaluations: sums across ranks, the eval-mode context, the scoring loop."""
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -44,3 +45,23 @@ def to_model(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
                 value = value.to(dtype)
         out[key] = value
     return out
+
+
+def score_over_loader(model: torch.nn.Module, loader, forward: Callable[[torch.nn.Module, dict], torch.Tensor],
+                      score: Callable[[torch.Tensor, dict], float]) -> tuple[float, int]:
+    """(sum of `score(logits, batch)`, number of examples) over the loader, summed across ranks."""
+    device, dtype = model_device_dtype(model)
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for batch in loader:
+            batch = to_model(batch, device, dtype)
+            logits = forward(model, batch)
+            total += score(logits, batch)
+            count += logits.shape[0]
+    total, count = sum_across_ranks([total, count], device)
+    return total, int(count)
+
+
+def single_image_forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Logits of a one-image task model (VQA, SNLI-VE)."""
+    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import eval_mode, model_device_dtype, sum_across_ranks, to_model
+from .common import score_over_loader
 
 LABELS = {"true": 1, "false": 0, "1": 1, "0": 0}
 
@@ -23,14 +23,9 @@ def correct_count(logits: torch.Tensor, labels: torch.Tensor) -> int:
 
 
 def evaluate_nlvr2(model, loader) -> dict:
-    device, dtype = model_device_dtype(model)
-    correct, count = 0, 0
-    with eval_mode(model):
-        for batch in loader:
-            batch = to_model(batch, device, dtype)
-            logits = model(batch["pixel_values_0"], batch["pixel_values_1"], batch["input_ids"],
-                           batch["attention_mask"])
-            correct += correct_count(logits, batch["labels"])
-            count += logits.shape[0]
-    correct, count = sum_across_ranks([correct, count], device)
-    return {"accuracy": 100.0 * correct / max(count, 1), "num_examples": int(count)}
+    def forward(model, batch):
+        return model(batch["pixel_values_0"], batch["pixel_values_1"], batch["input_ids"], batch["attention_mask"])
+
+    correct, count = score_over_loader(model, loader, forward,
+                                       lambda logits, batch: correct_count(logits, batch["labels"]))
+    return {"accuracy": 100.0 * correct / max(count, 1), "num_examples": count}

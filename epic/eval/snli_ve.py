@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from epic.models.downstream import SNLI_LABELS
 
-from .common import eval_mode, model_device_dtype, sum_across_ranks, to_model
+from .common import score_over_loader, single_image_forward
 from .nlvr2 import correct_count
 
 
@@ -18,13 +18,6 @@ def parse_label(value) -> int:
 
 
 def evaluate_snli_ve(model, loader) -> dict:
-    device, dtype = model_device_dtype(model)
-    correct, count = 0, 0
-    with eval_mode(model):
-        for batch in loader:
-            batch = to_model(batch, device, dtype)
-            logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-            correct += correct_count(logits, batch["labels"])
-            count += logits.shape[0]
-    correct, count = sum_across_ranks([correct, count], device)
-    return {"accuracy": 100.0 * correct / max(count, 1), "num_examples": int(count)}
+    correct, count = score_over_loader(model, loader, single_image_forward,
+                                       lambda logits, batch: correct_count(logits, batch["labels"]))
+    return {"accuracy": 100.0 * correct / max(count, 1), "num_examples": count}

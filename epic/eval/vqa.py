@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .common import eval_mode, model_device_dtype, sum_across_ranks, to_model
+from .common import score_over_loader, single_image_forward
 
 
 def normalize_answer(answer: str) -> str:
@@ -74,13 +74,6 @@ def vqa_accuracy(logits: torch.Tensor, target_scores: torch.Tensor) -> float:
 
 def evaluate_vqa(model, loader, answers: Sequence[str] = ()) -> dict:
     """`vqa_score` (percent) over the loader (all ranks); batches carry `target_scores` [B, num_answers]."""
-    device, dtype = model_device_dtype(model)
-    total, count = 0.0, 0
-    with eval_mode(model):
-        for batch in loader:
-            batch = to_model(batch, device, dtype)
-            logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-            total += vqa_score_sum(logits, batch["target_scores"])
-            count += logits.shape[0]
-    total, count = sum_across_ranks([total, count], device)
-    return {"vqa_score": 100.0 * total / max(count, 1), "num_questions": int(count)}
+    total, count = score_over_loader(model, loader, single_image_forward,
+                                     lambda logits, batch: vqa_score_sum(logits, batch["target_scores"]))
+    return {"vqa_score": 100.0 * total / max(count, 1), "num_questions": count}
