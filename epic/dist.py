@@ -17,6 +17,7 @@ Launchers, in the order they are recognised:
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -284,6 +285,18 @@ def _free_port() -> int:
 _INITIALISED: Optional[DistInfo] = None
 
 
+def destroy_distributed() -> None:
+    """Tear the process group down (registered with atexit by `init_distributed`).
+
+    A gloo group left to the interpreter's shutdown can abort the process ("terminate called without an active
+    exception") after the run has finished; destroying it explicitly joins its threads first.
+    """
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def init_distributed(backend: Optional[str] = None, timeout_minutes: Optional[float] = None) -> DistInfo:
     """Detect the launcher, export the torch variables, pin the device / CPU threads, start the process group.
 
@@ -322,5 +335,6 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: Optional[fl
             kwargs["timeout"] = timedelta(minutes=timeout_minutes)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    rank=info.rank, world_size=info.world_size, **kwargs)
+        atexit.register(destroy_distributed)
     _INITIALISED = info
     return info
