@@ -38,3 +38,10 @@ class METERConfig:
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12  # fusion layers and MLM head (METER builds them from a default RobertaConfig)
     num_token_types: int = 2  # 3 for NLVR2 (second image gets type 2)
+
+    # Std of the normal init of every randomly initialised Linear / Embedding weight (vision tower, text tower,
+    # fusion, heads). METER and BERT use 0.02, made for width 768 and pretrained towers. A tiny model trained from
+    # scratch needs more: at width 64 a 0.02 projection scales its input by sqrt(64) * 0.02 = 0.16, so the
+    # cross-attention's value -> output path passes ~3% of the other stream and image-text matching never
+    # starts (tests/test_models.py::test_tiny_model_learns_image_text_matching).
+    initializer_range: float = 0.02

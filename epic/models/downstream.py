@@ -17,6 +17,7 @@ retrieval too) are frozen, so they take no optimizer state.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 import logging
 from typing import Optional
 
@@ -51,7 +52,7 @@ class _TaskMETER(METER):
         self.itm_score.requires_grad_(False)
 
     def _new_head(self, head: nn.Module) -> nn.Module:
-        head.apply(init_meter_weights)
+        head.apply(partial(init_meter_weights, std=self.config.initializer_range))
         return head
 
 

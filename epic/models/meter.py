@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+from functools import partial
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -29,10 +30,13 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
-def init_meter_weights(module: nn.Module) -> None:
-    """METER's init for the modules it creates (objectives.init_weights): N(0, 0.02), zero bias, unit LayerNorm."""
+def init_meter_weights(module: nn.Module, std: float = 0.02) -> None:
+    """METER's init for the modules it creates (objectives.init_weights): N(0, std), zero bias, unit LayerNorm.
+
+    METER's std is 0.02; ``METERConfig.initializer_range`` sets it (``module.apply(partial(init_meter_weights,
+    std=cfg.initializer_range))``)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        module.weight.data.normal_(mean=0.0, std=0.02)
+        module.weight.data.normal_(mean=0.0, std=std)
     elif isinstance(module, nn.LayerNorm):
         module.bias.data.zero_()
         module.weight.data.fill_(1.0)
@@ -60,7 +64,7 @@ class METER(nn.Module):
         self.itm_score = ITMHead(cfg.hidden_size * 2)
         for name, module in self.named_children():
             if name not in ("vit_model", "text_transformer"):
-                module.apply(init_meter_weights)
+                module.apply(partial(init_meter_weights, std=cfg.initializer_range))
 
     @classmethod
     def from_config(cls, cfg: METERConfig) -> "METER":

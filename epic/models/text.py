@@ -45,6 +45,7 @@ def text_hf_config(cfg: METERConfig, hidden_size: int = 0, layers: int = 0, head
         hidden_dropout_prob=cfg.dropout,
         attention_probs_dropout_prob=cfg.dropout,
         pad_token_id=cfg.pad_token_id,
+        initializer_range=cfg.initializer_range,
     )
 
 

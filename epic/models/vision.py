@@ -27,7 +27,7 @@ def build_vision_tower(cfg: METERConfig) -> VisionTransformer:
         raise ValueError(
             f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}; pick an image size "
             f"divisible by the patch size (METER uses 288 or 384 with patch 16)")
-    return VisionTransformer(
+    vit = VisionTransformer(
         img_size=cfg.image_size,
         patch_size=cfg.patch_size,
         embed_dim=cfg.vit_width,
@@ -42,6 +42,18 @@ def build_vision_tower(cfg: METERConfig) -> VisionTransformer:
         norm_layer=partial(nn.LayerNorm, eps=CLIP_LAYER_NORM_EPS),
         act_layer="quick_gelu",
     )
+    init_linear_weights(vit, cfg.initializer_range)
+    return vit
+
+
+def init_linear_weights(vit: VisionTransformer, std: float) -> None:
+    """timm's ViT init (truncated normal, zero bias) for every Linear, at ``std`` instead of its fixed 0.02, so one
+    ``initializer_range`` governs all randomly initialised weights (CLIP weights, when loaded, replace these)."""
+    for module in vit.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 def encode_image_tokens(vit: VisionTransformer, pixel_values: torch.Tensor) -> torch.Tensor:

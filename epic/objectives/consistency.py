@@ -49,14 +49,15 @@ EPIC_BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "special_token
 # The ITC head beta and Eq. 1-2
 # ----------------------------------------------------------------------------------------------------------------
 def add_consistency_head(model: nn.Module) -> nn.Module:
-    """Give the VLM EPIC's head beta (Eq. 1) as ``model.itc_score`` = Linear(hidden, 1), METER's init.
+    """Give the VLM EPIC's head beta (Eq. 1) as ``model.itc_score`` = Linear(hidden, 1), METER's init (N(0,
+    ``initializer_range``), zero bias).
 
     Must run before the VLM's optimizer is built (the head is trained with the VLM). Idempotent.
     """
     if getattr(model, HEAD_NAME, None) is None:
         reference = next(model.parameters())
         head = nn.Linear(model.config.hidden_size, 1, device=reference.device, dtype=reference.dtype)
-        head.weight.data.normal_(mean=0.0, std=0.02)
+        head.weight.data.normal_(mean=0.0, std=model.config.initializer_range)
         head.bias.data.zero_()
         model.add_module(HEAD_NAME, head)
     return model
