@@ -10,8 +10,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 OUT="${DEMO_OUT:-$ROOT/demo_out}"
-STEPS="${DEMO_STEPS:-300}"
-EPIC_STEPS="${DEMO_EPIC_STEPS:-300}"
+STEPS="${DEMO_STEPS:-1500}"
+EPIC_STEPS="${DEMO_EPIC_STEPS:-1500}"
 RANKS="${DEMO_RANKS:-2}"
 DATA="$OUT/shapes"
 if [ -n "$(command -v nvidia-smi)" ] && nvidia-smi -L >/dev/null 2>&1; then
