@@ -249,6 +249,15 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     torch.testing.assert_close(loaded.infer(ids, mask, pixels)["cls_feats"], model.infer(ids, mask, pixels)["cls_feats"])
 
 
+def test_from_pretrained_restores_the_epic_consistency_head(tmp_path):
+    from epic.objectives.consistency import add_consistency_head
+
+    model = add_consistency_head(METER(tiny_config()))
+    model.save_pretrained(str(tmp_path / "epic"))
+    loaded = METER.from_pretrained(str(tmp_path / "epic"))
+    torch.testing.assert_close(loaded.itc_score.weight, model.itc_score.weight, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_text_tower_with_prepared_mask_equals_hf_with_its_own_mask(implementation):
     from epic.models.text import encode_text_tokens

@@ -165,7 +165,7 @@ class METER(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "METER":
-        """Inverse of ``save_pretrained``."""
+        """Inverse of ``save_pretrained`` (an EPIC VLM's ITC head, ``itc_score.*``, is re-created when saved)."""
         from safetensors.torch import load_file
 
         for name in (WEIGHTS_NAME, CONFIG_NAME):
@@ -175,7 +175,12 @@ class METER(nn.Module):
         with open(os.path.join(directory, CONFIG_NAME)) as f:
             cfg = config_from_dict(json.load(f), source=os.path.join(directory, CONFIG_NAME))
         model = cls(dataclasses.replace(cfg, vit_pretrained=None, text_pretrained=None))
-        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)))
+        state = load_file(os.path.join(directory, WEIGHTS_NAME))
+        if any(key.startswith("itc_score.") for key in state):
+            from epic.objectives.consistency import add_consistency_head
+
+            add_consistency_head(model)
+        model.load_state_dict(state)
         return model
 
 
