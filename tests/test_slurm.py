@@ -3,7 +3,8 @@
 `slurm/meter_16m.sh` (4 nodes x 8 A100 in its header) is submitted unchanged, resized on the sbatch command line to
 1 node x 2 CPU tasks and switched to its CPU smoke configuration with EPIC_SMOKE_CPU=1. Checked: 2 ranks train
 and checkpoint; a SIGUSR1 sent mid-run (as Slurm does before a time limit or a preemption) makes every rank save,
-the job requeue itself, and the requeued run resume from the checkpoint and finish.
+the job requeue itself, and the requeued run resume from the checkpoint and finish. `slurm/finetune_vqa.sh` (the
+fine-tuning wrappers share the launcher) fine-tunes a 2-rank pretraining run on 2 ranks in its smoke mode.
 
 Without a Slurm cluster these tests skip, except under CI=true, where they fail: CI must run
 `tools/local_slurm.sh start` first (it installs slurm-wlm and munge with apt-get when missing).
@@ -176,3 +177,33 @@ def test_missing_environment_and_bad_config_fail_before_training(slurm_env, job_
     log = job_log(logs, job_cfg)
     assert "unknown config key 'train.max_step'" in log and "pre-flight check failed" in log
     assert not (runs / "epic_meter_16m_smoke" / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# slurm/finetune_<task>.sh: the same launcher with epic/finetune.py
+# --------------------------------------------------------------------------------------------------------------
+def test_finetune_vqa_wrapper_fine_tunes_on_two_ranks(slurm_env, job_dirs, shapes_world, tmp_path_factory):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_export import two_rank_pretraining_run
+
+    from epic.data.tasks import generate_shapes_tasks
+
+    pretrained = two_rank_pretraining_run(shapes_world, tmp_path_factory.getbasetemp())
+    data = tmp_path_factory.mktemp("slurm_tasks")
+    generate_shapes_tasks(data, n_train=32, n_val=8, image_size=64)
+    runs, logs = job_dirs
+    env = smoke_env(slurm_env, runs, data, overrides="data.micro_batch_size=4 train.global_batch_size=8 "
+                                                     "train.log_every=1")
+    env["EPIC_INIT"] = str(pretrained)
+    job = sbatch(env, "slurm/finetune_vqa.sh", RESIZE + [f"--output={logs}/%x-%j.out"], ["train.max_steps=2"])
+    fields = wait_for_job(env, job, timeout=300)
+    log = job_log(logs, job)
+    assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", log
+    assert "--task vqa" in log and f"--init {pretrained}" in log and "--config finetune_shapes" in log
+    assert "training: world 2, micro batch 4, grad accum 1, global batch 8" in log
+    summary = json.loads(next(line for line in reversed(log.splitlines()) if line.startswith('{"task": "vqa"')))
+    assert summary["final_step"] == 2 and 0.0 <= summary["val"]["vqa_score"] <= 100.0
+    run_dir = runs / "finetune_vqa_smoke"
+    assert complete_checkpoints(run_dir) == [2]
+    assert json.loads((run_dir / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())[
+        "world_size"] == 2
