@@ -3,7 +3,8 @@
 `slurm/meter_16m.sh` (4 nodes x 8 A100 in its header) is submitted unchanged, resized on the sbatch command line to
 1 node x 2 CPU tasks and switched to its CPU smoke configuration with EPIC_SMOKE_CPU=1. Checked: 2 ranks train
 and checkpoint; a SIGUSR1 sent mid-run (as Slurm does before a time limit or a preemption) makes every rank save,
-the job requeue itself, and the requeued run resume from the checkpoint and finish. `slurm/finetune_vqa.sh` (the
+the job requeue itself, and the requeued run resume from the checkpoint and finish. A real time limit
+(`--time=2 --signal=B:USR1@75`) does the same through Slurm's own timer. `slurm/finetune_vqa.sh` (the
 fine-tuning wrappers share the launcher) fine-tunes a 2-rank pretraining run on 2 ranks in its smoke mode.
 
 Without a Slurm cluster these tests skip, except under CI=true, where they fail: CI must run
@@ -161,6 +162,27 @@ def test_meter_16m_usr1_checkpoints_requeues_and_resumes(slurm_env, job_dirs, sh
     run_dir = runs / "epic_meter_16m_smoke"
     assert logged_steps(run_dir) == list(range(1, max_steps + 1))  # nothing trained twice, nothing skipped
     assert complete_checkpoints(run_dir) == [saved, max_steps]
+
+
+def test_time_limit_notice_checkpoints_requeues_and_resumes(slurm_env, job_dirs, shapes_world):
+    """A real time limit: `--time=2 --signal=B:USR1@75` makes Slurm itself send USR1 about 45 s in (its timer may
+    fire up to a minute early or a few seconds late); the job saves, requeues, and its next start resumes."""
+    runs, logs = job_dirs
+    env = {**smoke_env(slurm_env, runs, shapes_world), "EPIC_PREFLIGHT": "0"}
+    max_steps = 100_000  # never reached: the job is cancelled once it has resumed
+    options = [o for o in RESIZE if not o.startswith("--time")] + ["--time=2", "--signal=B:USR1@75",
+                                                                   f"--output={logs}/%x-%j.out"]
+    job = sbatch(env, "slurm/meter_16m.sh", options, [f"train.max_steps={max_steps}", "train.save_every=100000"])
+    resumed = re.compile(rf"from step [1-9]\d* to {max_steps}")
+    wait_for_job(env, job, timeout=300, until=lambda: resumed.search(job_log(logs, job)) is not None)
+    subprocess.run(["scancel", job], env=env, check=True)
+    wait_for_job(env, job, timeout=120)
+    log = job_log(logs, job)
+    assert "SIGUSR1 (preemption or time limit) during train" in log, log
+    saved = int(re.search(r"preempted: checkpoint saved at step (\d+)", log).group(1))
+    assert f"requeueing job {job} (restart 1)" in log
+    assert f"from step {saved} to {max_steps}" in log
+    assert saved in complete_checkpoints(runs / "epic_meter_16m_smoke")
 
 
 def test_missing_environment_and_bad_config_fail_before_training(slurm_env, job_dirs, shapes_world):
