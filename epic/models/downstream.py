@@ -17,8 +17,8 @@ retrieval too) are frozen, so they take no optimizer state.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 import logging
+from functools import partial
 from typing import Optional
 
 import torch

@@ -168,6 +168,8 @@ class METER(nn.Module):
         """Inverse of ``save_pretrained`` (an EPIC VLM's ITC head, ``itc_score.*``, is re-created when saved)."""
         from safetensors.torch import load_file
 
+        from epic.objectives.consistency import HEAD_NAME, add_consistency_head
+
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             if not os.path.isfile(os.path.join(directory, name)):
                 raise FileNotFoundError(f"{directory!r} has no {name}; write it with METER.save_pretrained or "
@@ -176,9 +178,7 @@ class METER(nn.Module):
             cfg = config_from_dict(json.load(f), source=os.path.join(directory, CONFIG_NAME))
         model = cls(dataclasses.replace(cfg, vit_pretrained=None, text_pretrained=None))
         state = load_file(os.path.join(directory, WEIGHTS_NAME))
-        if any(key.startswith("itc_score.") for key in state):
-            from epic.objectives.consistency import add_consistency_head
-
+        if any(key.startswith(HEAD_NAME + ".") for key in state):
             add_consistency_head(model)
         model.load_state_dict(state)
         return model
