@@ -30,6 +30,7 @@ from epic.eval.epic_metrics import EpicMeasurements, render_saliency_figure, ste
 from epic.kernels import token_consistency_loss
 
 from epic.models.generator import select_positions
+from epic.models.meter import init_meter_weights
 
 from .corruption import (consistency_labels, excluded_token_ids, inconsistent_positions, mask_tokens,
                          random_replacements, replace_at, sample_replacements)
@@ -57,8 +58,7 @@ def add_consistency_head(model: nn.Module) -> nn.Module:
     if getattr(model, HEAD_NAME, None) is None:
         reference = next(model.parameters())
         head = nn.Linear(model.config.hidden_size, 1, device=reference.device, dtype=reference.dtype)
-        head.weight.data.normal_(mean=0.0, std=model.config.initializer_range)
-        head.bias.data.zero_()
+        init_meter_weights(head, std=model.config.initializer_range)
         model.add_module(HEAD_NAME, head)
     return model
 
