@@ -23,5 +23,5 @@ setup(
         "numpy",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "scipy"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "pytest-xdist", "scipy", "hypothesis", "import-linter"]},
 )

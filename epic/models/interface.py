@@ -1,0 +1,101 @@
+"""What every model family (METER, ViLT, ALBEF, X-VLM) offers; objectives, EPIC, evaluation and the trainer use
+nothing else of a model.
+
+A family lives in its own folder (``epic/models/<family>/``: configuration, modeling, converter beside the model,
+as timm and HF transformers keep them) and joins by subclassing :class:`VLPModel` and registering itself in
+``epic.models.registry``. Shapes below: B batch, L text length, N image tokens, H fused width, V vocabulary.
+
+``infer`` returns a dict with at least:
+
+* ``text_feats``  [B, L, H]   fused text states (what MLM and EPIC's ITC read, one per caption token);
+* ``image_feats`` [B, N, H']  fused (or, for single-stream models, joint) image states;
+* ``cls_feats``   [B, C]      what the ITM head reads;
+* ``image_embeds``            the unimodal image encoding (``encode_image``'s output), reusable by later passes.
+
+Families add their own keys (ALBEF / X-VLM: ``text_embeds``, ``image_feat``, ``text_feat``).
+"""
+from __future__ import annotations
+
+import abc
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+#: name of the optional consistency head beta (EPIC Eq. 1); created by the model when its config asks for it
+CONSISTENCY_HEAD = "itc_score"
+#: keys every ``infer`` output has
+INFER_KEYS = ("text_feats", "image_feats", "cls_feats", "image_embeds")
+
+
+class VLPModel(nn.Module, abc.ABC):
+    """The family interface (see the module docstring)."""
+
+    #: registry name of the family ("meter", "vilt", "albef", "xvlm")
+    family: str = ""
+
+    # -- construction and files ----------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, config) -> "VLPModel":
+        """A randomly initialised (or tower-pretrained, where the config names local weights) model."""
+
+    @abc.abstractmethod
+    def save_pretrained(self, directory: str) -> None:
+        """Write the weights (safetensors) and the config (JSON) so that ``from_pretrained`` rebuilds the model."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_pretrained(cls, directory: str) -> "VLPModel":
+        """Inverse of ``save_pretrained``."""
+
+    # -- forward -------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The unimodal image encoding; run once per micro-batch and passed to ``infer(image_embeds=...)``."""
+
+    @abc.abstractmethod
+    def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+              image_embeds: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """The fused forward; ``image_embeds`` (from ``encode_image``) skips the vision encoder."""
+
+    # -- heads ---------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def itm_score(self, cls_feats: torch.Tensor) -> torch.Tensor:
+        """[B, C] -> matched / not matched logits [B, 2] (class 1 = matched)."""
+
+    @abc.abstractmethod
+    def mlm_score(self, text_feats: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] -> vocabulary logits [B, L, V]."""
+
+    @abc.abstractmethod
+    def mlm_transform(self, text_feats: torch.Tensor) -> torch.Tensor:
+        """The MLM head up to the vocabulary projection (dense -> GELU -> LayerNorm): [B, L, H] -> [B, L, H]."""
+
+    @abc.abstractmethod
+    def mlm_output_embedding(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(weight [V, H], bias [V] or None) of the vocabulary projection, so that
+        ``mlm_score(x) == mlm_transform(x) @ weight.T + bias`` (the streaming vocabulary kernel reads them)."""
+
+    def consistency_head(self) -> Optional[nn.Linear]:
+        """EPIC's beta (Eq. 1), Linear(H, 1), when the model config has ``consistency_head: true``; else None."""
+        return getattr(self, CONSISTENCY_HEAD, None)
+
+    # -- EPIC saliency (Eq. 8) -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def saliency_qk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    pixel_values: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query [B, heads, dh], keys [B, heads, L, dh]) of the family's saliency layer, raw projections without
+        the 1/sqrt(dh) scale; keys cover every text position (mask padding with ``attention_mask``). Each family
+        documents which layer and which query it uses."""
+
+    @abc.abstractmethod
+    def saliency_teacher(self) -> "VLPModel":
+        """A frozen copy pruned to what ``saliency_qk`` runs (no heads, no layers after the saliency layer)."""
+
+    # -- optimizer -----------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def param_groups_spec(self) -> Dict[str, Dict[str, List[str]]]:
+        """{'backbone'|'fusion'|'head': {'decay': [names], 'no_decay': [names]}} over the trainable parameters
+        (the family's lr-multiplier and weight-decay rules)."""
