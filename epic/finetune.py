@@ -30,7 +30,8 @@ from typing import Optional
 
 import torch
 
-from epic.config import ConfigError, _read_yaml_with_extends, apply_override, parse_override, resolve_config_path
+from epic.config import (ConfigError, _read_yaml_with_extends, apply_override, one_line, parse_override,
+                         resolve_config_path)
 from epic.finetune_config import FINETUNE_TASKS, TaskConfig, build_dataclass, validate_finetune
 
 # model fields a checkpoint fixes (shapes); the rest (image_size, dropout, max_text_len) may be changed
@@ -323,7 +324,7 @@ def main(argv=None) -> int:
     try:
         cfg = resolve_finetune_config(args.config, args.overrides, args.task, args.init)
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"config error: {one_line(err)}", file=sys.stderr)
         return 2
     from epic.dist import init_distributed
 
