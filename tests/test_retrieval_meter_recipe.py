@@ -215,3 +215,17 @@ def test_finetune_config_defaults_are_meters_recipe():
     with pytest.raises(ConfigError, match="finetune.negatives"):
         validate_finetune(bad)
     assert dataclasses.replace(ft, negatives="hard").negatives == "hard"
+
+
+def test_retrieval_model_initialises_from_an_official_checkpoint():
+    """finetune.py --init meter.ckpt for retrieval: the file has no rank_output (a pretraining checkpoint); it is a
+    new head, taken from the ITM match row, not a 'missing key' error."""
+    from epic.models.meter import from_official_state_dict, to_official_state_dict
+
+    pretrained = _pretrained(seed=9)
+    model = downstream.METERForRetrieval(TINY)
+    weights = from_official_state_dict(to_official_state_dict(pretrained), model, allow_missing_heads=True)
+    report = downstream.load_pretrained_weights(model, weights)
+    assert report["new_heads"] == ["rank_output"]
+    assert torch.equal(model.rank_output.weight, pretrained.itm_score.fc.weight[1:])
+    assert torch.equal(model.rank_output.bias, pretrained.itm_score.fc.bias[1:])

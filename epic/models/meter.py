@@ -334,7 +334,9 @@ def from_official_state_dict(official: Dict[str, torch.Tensor], model: METER,
                        len(downstream), downstream)
     used = {k: v for k, v in official.items()
             if not _unused_official_key(k, vit_layers) and not k.startswith(OFFICIAL_DOWNSTREAM_HEADS)}
-    expected = set(to_official_state_dict(model))
+    # a task model's own downstream heads (rank_output, ...) are new: they keep their init (or, for rank_output,
+    # take the ITM head's match row in load_pretrained_weights), as the official file's heads are skipped above
+    expected = {k for k in to_official_state_dict(model) if not k.startswith(OFFICIAL_DOWNSTREAM_HEADS)}
     unexpected = sorted(set(used) - expected)
     missing = sorted(expected - set(used))
     missing_heads = [k for k in missing if k.startswith(("mlm_score.", "itm_score."))]
