@@ -389,3 +389,22 @@ def test_convert_tool_reads_meters_hparams_yaml(official, tmp_path, capsys):
     bad.write_text(json.dumps(meter_own_config(hidden_sise=768)))
     with pytest.raises(SystemExit, match="unknown key 'hidden_sise'"):
         tool.main(["--src", path, "--out", str(tmp_path / "out2"), "--meter-config", str(bad)])
+
+
+def test_finetuning_from_an_official_checkpoint_takes_its_architecture(tmp_path):
+    """finetune.py --init meter.ckpt: model.* from the file's tensors and hyper_parameters, not METERConfig defaults."""
+    from epic.finetune import build_finetune_model, resolve_finetune_config
+
+    path = tmp_path / "meter.ckpt"
+    torch.save({"state_dict": make_official_state_dict(), "hyper_parameters": {"config": meter_own_config()}}, path)
+    cfg = resolve_finetune_config(None, [f"run.dir={tmp_path / 'run'}", "data.tokenizer=/some/tokenizer"],
+                                  "retrieval", str(path))
+    model_cfg = cfg.model
+    assert (model_cfg.vit_width, model_cfg.hidden_size, model_cfg.num_fusion_layers, model_cfg.num_heads) == (
+        W, H, FUSION_LAYERS, 4)
+    assert (model_cfg.text_hidden_size, model_cfg.vocab_size, cfg.data.image_size) == (T, VOCAB, IMAGE)
+    model = build_finetune_model(cfg)
+    reference = load_official_meter(str(path))
+    assert torch.equal(model.rank_output.weight, reference.itm_score.fc.weight[1:])
+    assert torch.equal(model.cross_modal_text_layers[0].attention.self.query.weight,
+                       reference.cross_modal_text_layers[0].attention.self.query.weight)

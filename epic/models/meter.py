@@ -469,6 +469,35 @@ def overrides_from_official_config(values: Optional[dict], source: str = "meter 
     return overrides, {"used": used, "ignored": sorted(ignored), "heads": heads}
 
 
+def _resolve_official(path_or_state_dict, meter_config: Optional[dict | str] = None):
+    """(state dict, METERConfig, heads the config says are absent, reports) of an official METER checkpoint."""
+    if isinstance(meter_config, str):
+        meter_config = read_meter_config_file(meter_config)
+    hparams = None
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        state_dict, hparams = read_official_checkpoint(str(path_or_state_dict))
+    else:
+        state_dict = dict(path_or_state_dict)
+    overrides, reports, heads_absent = {}, {}, False
+    for source, values in (("checkpoint hyper_parameters", hparams), ("meter_config", meter_config)):
+        if values:
+            found, report = overrides_from_official_config(values, source, strict=source == "meter_config")
+            overrides.update(found)
+            reports[source] = report
+            logger.info("%s: used %s; ignored (training-only) %s", source,
+                        ", ".join(f"{k}->{v}" for k, v in report["used"].items()) or "nothing",
+                        ", ".join(report["ignored"]) or "nothing")
+            if report["heads"] is not None and not all(report["heads"].values()):
+                heads_absent = True  # METER builds mlm_score / itm_score only for losses > 0
+    return state_dict, meter_config_from_official(state_dict, overrides), heads_absent, reports
+
+
+def official_meter_config(path: str, meter_config: Optional[dict | str] = None) -> METERConfig:
+    """The METERConfig of an official checkpoint (tensor shapes, its hyper_parameters, ``meter_config``), e.g. the
+    architecture of a fine-tuning run started from it."""
+    return _resolve_official(path, meter_config)[1]
+
+
 def load_official_meter(path_or_state_dict, meter_config: Optional[dict | str] = None,
                         allow_missing_heads: bool = False) -> METER:
     """Build our METER from an official METER checkpoint (PyTorch-Lightning ``.ckpt``: ``["state_dict"]``).
@@ -478,29 +507,12 @@ def load_official_meter(path_or_state_dict, meter_config: Optional[dict | str] =
     ``hyper_parameters["config"]``, then ``meter_config`` — a dict, or a JSON / YAML file (Lightning's hparams.yaml
     works), holding METER's own config keys (``hidden_size num_top_layer num_heads mlp_ratio
     input_text_embed_size input_image_embed_size vit tokenizer max_text_len patch_size image_size drop_rate``...;
-    training-only keys are ignored) and/or METERConfig fields. Which keys were used and which ignored is logged.
-    ``loss_names`` with ``mlm``/``itm`` at 0 allows the checkpoint to lack those heads. Load only trusted files:
-    Lightning checkpoints are pickles.
+    training-only keys are ignored) and/or METERConfig fields. Which keys were used and which ignored is logged and
+    kept in ``model.official_config_report``. ``loss_names`` with ``mlm``/``itm`` at 0 allows the checkpoint to
+    lack those heads. Load only trusted files: Lightning checkpoints are pickles.
     """
-    if isinstance(meter_config, str):
-        meter_config = read_meter_config_file(meter_config)
-    hparams = None
-    if isinstance(path_or_state_dict, str):
-        state_dict, hparams = read_official_checkpoint(path_or_state_dict)
-    else:
-        state_dict = dict(path_or_state_dict)
-    overrides, reports = {}, []
-    for source, values in (("checkpoint hyper_parameters", hparams), ("meter_config", meter_config)):
-        if values:
-            found, report = overrides_from_official_config(values, source, strict=source == "meter_config")
-            overrides.update(found)
-            reports.append((source, report))
-            logger.info("%s: used %s; ignored (training-only) %s", source,
-                        ", ".join(f"{k}->{v}" for k, v in report["used"].items()) or "nothing",
-                        ", ".join(report["ignored"]) or "nothing")
-            if report["heads"] is not None and not all(report["heads"].values()):
-                allow_missing_heads = True  # METER builds mlm_score / itm_score only for losses > 0
-    cfg = meter_config_from_official(state_dict, overrides)
+    state_dict, cfg, heads_absent, reports = _resolve_official(path_or_state_dict, meter_config)
+    allow_missing_heads = allow_missing_heads or heads_absent
     model = METER(cfg)
     missing_heads_ok = model.load_state_dict(
         from_official_state_dict(state_dict, model, allow_missing_heads), strict=not allow_missing_heads)
@@ -508,5 +520,5 @@ def load_official_meter(path_or_state_dict, meter_config: Optional[dict | str] =
         stray = [k for k in missing_heads_ok.missing_keys if not k.startswith(("mlm_score.", "itm_score."))]
         if stray or missing_heads_ok.unexpected_keys:
             raise ValueError(f"unexpected load result: missing {stray}, unexpected {missing_heads_ok.unexpected_keys}")
-    model.official_config_report = dict(reports)
+    model.official_config_report = reports
     return model
