@@ -36,12 +36,13 @@ def test_syntax_error_names_file_and_line(tmp_path):
 def test_unsafe_tag_is_rejected_and_not_executed(tmp_path):
     target = tmp_path / "created_by_yaml"
     path = tmp_path / "evil.yaml"
-    path.write_text(f"extends: shapes_tiny\nrun:\n  name: {unsafe_tag(target)}\n")
-    with pytest.raises(ConfigError) as err:
-        load_config(str(path))
-    assert f"{path}:3:" in str(err.value) and "unsupported YAML tag" in str(err.value)
-    assert "python/object/apply" in str(err.value)
-    assert not target.exists()
+    for tag in (unsafe_tag(target), f"!!python/object/apply:os.system ['touch {target}']"):
+        path.write_text(f"extends: shapes_tiny\nrun:\n  name: {tag}\n")
+        with pytest.raises(ConfigError) as err:
+            load_config(str(path))
+        assert f"{path}:3:" in str(err.value) and "unsupported YAML tag" in str(err.value)
+        assert "python/object/apply" in str(err.value)
+        assert not target.exists()
     # the same line under yaml's unsafe loader does create it: the check above is not vacuous
     import yaml
 

@@ -87,3 +87,10 @@ def test_every_shipped_config_reports_exhaustive_retrieval(name):
     """Reported numbers use exhaustive scoring; a shortlist is an explicit eval.k_test=N."""
     data = read_config_data(name)
     assert data.get("eval", {}).get("k_test", EvalConfig().k_test) == 0
+
+
+def test_ablation_epic_section_is_the_full_scale_one():
+    """Tables 4-6 and 8 vary one EPIC switch at the ablation scale: its default EPIC section is epic_meter_4m's."""
+    small = config_to_dict(load_config("epic_meter_4m_ablation", ["epic.teacher=/t"]))["epic"]
+    full = config_to_dict(load_config("epic_meter_4m", ["epic.teacher=/t"]))["epic"]
+    assert small == full
