@@ -446,7 +446,8 @@ def overrides_from_official_config(values: Optional[dict], source: str = "meter 
             put("text_model_type", "roberta" if "roberta" in name else "bert", key)
         elif key == "vit":
             if "swin" in str(value).lower():
-                raise ValueError(f"{source}: vit={value!r}: METER's Swin image towers are not supported (CLIP ViT only)")
+                raise ValueError(f"{source}: vit={value!r}: METER's Swin image towers are not supported "
+                                 f"(CLIP ViT only)")
             if value in CLIP_PATCH_SIZES:
                 put("patch_size", CLIP_PATCH_SIZES[value], key)
             else:  # a local CLIP file path (METER's build_model accepts one): its sizes come from the tensors
