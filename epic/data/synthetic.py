@@ -14,6 +14,16 @@ Layout (img2dataset's): DIR/{train,val}/NNNNN.tar holding {key}.jpg, {key}.txt (
 DIR/manifest.json (counts, seed, shard lists) and DIR/tokenizer (byte-level BPE, RoBERTa specials, HF format).
 Everything is a pure function of the seed: same seed, identical bytes.
 
+World versions (`version=`, recorded in manifest.json; `tools/make_synthetic_shards.py --world-version`):
+  1 (default): the world above; a text-only LM can still infer some content words from the filler around them
+    (the preposition names the position: "on the" -> left/right, "at the" -> top/bottom, "in the" -> center;
+    "an" announces "orange"; "this photo shows {count}" with a singular shape is always "one", a pair scene's
+    "{count} shapes" always "two").
+  2: those leaks removed, so that masked content words are at chance for a language model and only the image
+    tells them (the modality-bias study, tools/study.py): one preposition for every position ("at the ..."),
+    "pink" instead of "orange" (no vowel-initial colour), no count slot whose value the template fixes.
+    Everything else (scenes, drawing, layout, determinism) is version 1's.
+
 Augmentation note: colour, count and position are labels here, so the train transform must not change colours
 (RandAugment without colour ops, paper App. F) and must not flip; objects stay inside the central 80% of the
 image so that a mild random resized crop keeps them.
@@ -57,9 +67,34 @@ RELATIONS = {
     "above": ("*above", "below"),
     "below": ("*below", "above"),
 }
+WORLD_VERSIONS = (1, 2)
+# Version 2 (see the module docstring): the same scenes with the text leaks of version 1 removed.
+COLOURS_V2 = {("pink" if name == "orange" else name): rgb for name, rgb in COLOURS.items()}
+COLOURS_V2["pink"] = (240, 110, 180)
+POSITIONS_V2 = {name: (anchor, "at the " + phrase.split()[-1]) for name, (anchor, phrase) in POSITIONS.items()}
 CONTENT_VOCABULARY = frozenset(
     [*COLOURS, *BACKGROUNDS, *SHAPES, *PLURALS.values(), *SIZES, *COUNT_WORDS.values(), *POSITIONS, *RELATIONS]
 )
+CONTENT_VOCABULARY_V2 = CONTENT_VOCABULARY - {"orange"} | {"pink"}
+# Content-word categories: a text-only model that knows a slot's category but not the image is right 1/|category|
+# of the time (the chance line of the modality-bias study).
+WORD_CATEGORIES = {"colour": (*COLOURS, "pink"), "background": tuple(BACKGROUNDS), "shape": SHAPES,
+                   "shapes": tuple(PLURALS.values()), "size": tuple(SIZES), "count": tuple(COUNT_WORDS.values()),
+                   "position": ("left", "right", "top", "bottom", "center"), "relation": ("above", "below")}
+
+
+def world_tables(version: int) -> dict:
+    """Colours, position phrases and templates of a world version."""
+    if version not in WORLD_VERSIONS:
+        raise ValueError(f"unknown shapes-world version {version}; choose one of {WORLD_VERSIONS}")
+    if version == 1:
+        return {"colours": COLOURS, "positions": POSITIONS, "single": SINGLE_TEMPLATES, "pair": PAIR_TEMPLATES,
+                "count": COUNT_TEMPLATES}
+    fixed_count = ("this photo shows {count} {size} {colour} {shape}",  # single scene: always "one"
+                   "in this image we can see {count} shapes on a~ {background} background")  # pair: always "two"
+    return {"colours": COLOURS_V2, "positions": POSITIONS_V2,
+            "single": tuple(t for t in SINGLE_TEMPLATES if t not in fixed_count),
+            "pair": tuple(t for t in PAIR_TEMPLATES if t not in fixed_count), "count": COUNT_TEMPLATES}
 
 # Templates: {slot} is filled with content words (a slot value may be a phrase whose filler words are unmarked
 # and content words are *marked); "a~" is the article a/an chosen by the next word; everything else is filler.
@@ -105,15 +140,18 @@ def _jitter(rng: random.Random, amount: float = 0.04) -> float:
     return rng.uniform(-amount, amount)
 
 
-def sample_scene(rng: random.Random) -> dict:
+def sample_scene(rng: random.Random, version: int = 1) -> dict:
     """Attributes of one image: scene kind, background and the objects (positions are fractions of the side)."""
+    tables = world_tables(version)
+    COLOURS, POSITIONS = tables["colours"], tables["positions"]  # noqa: N806  (the version's tables)
     kind = rng.choice(SCENES)
     background = rng.choice(sorted(BACKGROUNDS))
     if kind == "single":
         position = rng.choice(sorted(POSITIONS))
         (x, y), _ = POSITIONS[position]
         obj = _obj(rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.choice(sorted(SIZES)), x + _jitter(rng), y + _jitter(rng))
-        return {"scene": kind, "background": background, "position": position, "objects": [obj]}
+        return {"scene": kind, "background": background, "position": position, "objects": [obj],
+                **({"version": version} if version != 1 else {})}
     if kind == "pair":
         while True:  # the two objects must be distinguishable by colour or shape
             c1, c2 = rng.choice(sorted(COLOURS)), rng.choice(sorted(COLOURS))
@@ -128,12 +166,13 @@ def sample_scene(rng: random.Random) -> dict:
             _obj(s1, c1, rng.choice(sorted(SIZES)), first[0] + _jitter(rng, 0.03), first[1] + _jitter(rng, 0.03)),
             _obj(s2, c2, rng.choice(sorted(SIZES)), second[0] + _jitter(rng, 0.03), second[1] + _jitter(rng, 0.03)),
         ]
-        return {"scene": kind, "background": background, "relation": relation, "objects": objs}
+        return {"scene": kind, "background": background, "relation": relation, "objects": objs,
+                **({"version": version} if version != 1 else {})}
     count = rng.randint(2, 4)
     shape, colour, size = rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.choice(sorted(SIZES))
     cells = rng.sample([(0.3, 0.3), (0.7, 0.3), (0.3, 0.7), (0.7, 0.7)], count)  # one object per quadrant
     objs = [_obj(shape, colour, size, x + _jitter(rng, 0.03), y + _jitter(rng, 0.03)) for x, y in cells]
-    return {"scene": kind, "background": background, "objects": objs}
+    return {"scene": kind, "background": background, "objects": objs, **({"version": version} if version != 1 else {})}
 
 
 # ------------------------------------------------------------------------------------------------------ drawing
@@ -154,7 +193,7 @@ def render_scene(scene: dict, image_size: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for obj in scene["objects"]:
         cx, cy, r = obj["x"] * image_size, obj["y"] * image_size, obj["radius"] * image_size
-        fill = COLOURS[obj["colour"]]
+        fill = COLOURS_V2[obj["colour"]] if obj["colour"] == "pink" else COLOURS[obj["colour"]]
         if obj["shape"] == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         else:
@@ -180,7 +219,7 @@ def _slots(scene: dict) -> dict[str, list[tuple[str, bool]]]:
     if scene["scene"] == "single":
         obj = objs[0]
         slots.update(colour=_phrase("*" + obj["colour"]), shape=_phrase("*" + obj["shape"]), size=_phrase("*" + obj["size"]))
-        words = POSITIONS[scene["position"]][1].split()
+        words = world_tables(scene.get("version", 1))["positions"][scene["position"]][1].split()
         slots["where"] = _phrase(" ".join(words[:-1] + ["*" + words[-1]]))
     elif scene["scene"] == "pair":
         for i, obj in enumerate(objs, start=1):
@@ -210,7 +249,7 @@ def fill_template(template: str, slots: dict[str, list[tuple[str, bool]]]) -> tu
 
 def make_captions(scene: dict, rng: random.Random) -> tuple[list[str], list[list[bool]]]:
     """3-5 distinct captions of the scene with their per-word content flags."""
-    templates = {"single": SINGLE_TEMPLATES, "pair": PAIR_TEMPLATES, "count": COUNT_TEMPLATES}[scene["scene"]]
+    templates = world_tables(scene.get("version", 1))[scene["scene"]]
     if scene["scene"] == "pair" and scene["objects"][0]["shape"] == scene["objects"][1]["shape"]:
         templates = tuple(t for t in templates if "{colour1}" in t)  # shapes alone would not tell them apart
     chosen = rng.sample(templates, min(len(templates), rng.randint(MIN_CAPTIONS, MAX_CAPTIONS)))
@@ -225,9 +264,9 @@ def sample_key(shard: int, index: int, samples_per_shard: int) -> str:
     return f"{shard:05d}{index:0{max(4, len(str(samples_per_shard - 1)))}d}"
 
 
-def make_sample(seed: int, split: str, index: int, image_size: int, key: str) -> dict:
+def make_sample(seed: int, split: str, index: int, image_size: int, key: str, version: int = 1) -> dict:
     rng = random.Random(f"shapes-world/{seed}/{split}/{index}")
-    scene = sample_scene(rng)
+    scene = sample_scene(rng, version)
     captions, flags = make_captions(scene, rng)
     meta = {"key": key, "caption": captions, "content_words": flags, **scene}
     return {
@@ -239,7 +278,8 @@ def make_sample(seed: int, split: str, index: int, image_size: int, key: str) ->
     }
 
 
-def write_split(out: Path, split: str, count: int, image_size: int, seed: int, samples_per_shard: int) -> tuple[list[str], list[str]]:
+def write_split(out: Path, split: str, count: int, image_size: int, seed: int, samples_per_shard: int,
+                version: int = 1) -> tuple[list[str], list[str]]:
     """Write one split's shards; returns (shard paths relative to `out`, all captions in order)."""
     import webdataset as wds
 
@@ -251,7 +291,7 @@ def write_split(out: Path, split: str, count: int, image_size: int, seed: int, s
         with wds.TarWriter(str(path), encoder=False, mtime=FIXED_MTIME) as writer:
             for index in range(shard * samples_per_shard, min(count, (shard + 1) * samples_per_shard)):
                 key = sample_key(shard, index - shard * samples_per_shard, samples_per_shard)
-                sample = make_sample(seed, split, index, image_size, key)
+                sample = make_sample(seed, split, index, image_size, key, version)
                 captions.extend(sample.pop("captions"))
                 writer.write(sample)
         shards.append(str(path.relative_to(out)))
@@ -280,8 +320,12 @@ def train_tokenizer(captions: Sequence[str], out_dir: Path, vocab_size: int = 20
 
 
 def generate_shapes_world(out, n_train: int, n_val: int, image_size: int = 96, seed: int = 0,
-                          samples_per_shard: int = 1000, vocab_size: int = 2000) -> Path:
-    """Write the shapes world to `out` (train/, val/, tokenizer/, manifest.json); returns the output path."""
+                          samples_per_shard: int = 1000, vocab_size: int = 2000, version: int = 1) -> Path:
+    """Write the shapes world to `out` (train/, val/, tokenizer/, manifest.json); returns the output path.
+
+    `version` picks the world version (module docstring): 1, the default, or 2 (no text leaks of content words).
+    """
+    world_tables(version)  # an unknown version fails here, before anything is written
     if n_train < 1 or n_val < 0:
         raise ValueError(f"need n_train >= 1 and n_val >= 0, got n_train={n_train}, n_val={n_val}")
     if image_size < 16:
@@ -290,12 +334,13 @@ def generate_shapes_world(out, n_train: int, n_val: int, image_size: int = 96, s
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train_shards, train_captions = write_split(out, "train", n_train, image_size, seed, samples_per_shard)
-    val_shards, val_captions = write_split(out, "val", n_val, image_size, seed, samples_per_shard) if n_val else ([], [])
+    train_shards, train_captions = write_split(out, "train", n_train, image_size, seed, samples_per_shard, version)
+    val_shards, val_captions = (write_split(out, "val", n_val, image_size, seed, samples_per_shard, version)
+                                if n_val else ([], []))
     train_tokenizer(train_captions + val_captions, out / "tokenizer", vocab_size)
     manifest = {
         "dataset": "shapes_world",
-        "version": 1,
+        "version": version,
         "seed": seed,
         "image_size": image_size,
         "samples_per_shard": samples_per_shard,
@@ -304,7 +349,7 @@ def generate_shapes_world(out, n_train: int, n_val: int, image_size: int = 96, s
             "val": {"count": n_val, "captions": len(val_captions), "shards": val_shards},
         },
         "tokenizer": "tokenizer",
-        "content_vocabulary": sorted(CONTENT_VOCABULARY),
+        "content_vocabulary": sorted(CONTENT_VOCABULARY if version == 1 else CONTENT_VOCABULARY_V2),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out

@@ -453,19 +453,42 @@ def _vqa_example(scene: dict, image: str, rng: random.Random, qid: int) -> dict:
     return {"question_id": qid, "image": image, "question": question, "answer": [answer] * 10}
 
 
-def _truth_statement(scenes: list[dict], want: bool, rng: random.Random) -> str:
+def _truth_statement(scenes: list[dict], want: bool, rng: random.Random, version: int = 1) -> str:
     """An NLVR2-style statement about (left, right) whose truth is `want`.
 
     The template is drawn first and its slots are then filled to make the statement true or false, so every
     template is as often true as false: the sentence alone tells nothing about the label (no language shortcut).
+    World version 2 adds the fine-grained kinds: a relation between the two objects of a pair scene (false: the
+    inverse relation) and attribute binding (false pairs are a colour and a shape that are both in the image,
+    on different objects, whenever the image has such a pair).
     """
-    from .synthetic import BACKGROUNDS, COLOURS, SHAPES
+    from .synthetic import BACKGROUNDS, SHAPES, world_tables
 
+    COLOURS = world_tables(version)["colours"]  # noqa: N806
     facts = [_scene_facts(s) for s in scenes]
     sides = ("left", "right")
+    kinds = ("bg_one", "pair_in", "more", "bg_both") + (("relation", "binding") if version >= 2 else ())
     while True:
-        kind = rng.choice(("bg_one", "pair_in", "more", "bg_both"))
+        kind = rng.choice(kinds)
         side = rng.randrange(2)
+        if kind == "relation":
+            scene = scenes[side]
+            if scene["scene"] != "pair":
+                continue
+            from .synthetic import RELATIONS
+
+            first, second = scene["objects"]
+            relation = scene["relation"] if want else RELATIONS[scene["relation"]][1]
+            phrase = RELATIONS[relation][0].replace("*", "")
+            return (f"in the {sides[side]} image the {first['colour']} {first['shape']} is {phrase} the "
+                    f"{second['colour']} {second['shape']}")
+        if kind == "binding":
+            pairs = facts[side]["pairs"]
+            swapped = sorted({(c, s) for c in facts[side]["colours"] for s in facts[side]["shapes"]} - pairs)
+            if not swapped:
+                continue
+            colour, shape = rng.choice(sorted(pairs) if want else swapped)
+            return f"the {sides[side]} image has a {colour} {shape}"
         if kind == "bg_one":
             actual = facts[side]["background"]
             bg = actual if want else rng.choice(sorted(set(BACKGROUNDS) - {actual}))
@@ -491,8 +514,10 @@ def _truth_statement(scenes: list[dict], want: bool, rng: random.Random) -> str:
                 return f"both images have a {bg} background"
 
 
-def _snli_example(scene: dict, image: str, label: str, rng: random.Random) -> dict:
-    from .synthetic import BACKGROUNDS, COLOURS, SHAPES
+def _snli_example(scene: dict, image: str, label: str, rng: random.Random, version: int = 1) -> dict:
+    from .synthetic import BACKGROUNDS, SHAPES, world_tables
+
+    COLOURS = world_tables(version)["colours"]  # noqa: N806
 
     facts = _scene_facts(scene)
     shape = rng.choice(sorted(facts["shapes"]))
@@ -514,10 +539,11 @@ def _snli_example(scene: dict, image: str, label: str, rng: random.Random) -> di
 
 
 def generate_shapes_tasks(out: str | Path, n_train: int = 512, n_val: int = 128, image_size: int = 64,
-                          seed: int = 0, write_shards: bool = True) -> Path:
+                          seed: int = 0, write_shards: bool = True, version: int = 1) -> Path:
     """Write OUT/tasks: images/ (+ image_shards/), {retrieval,vqa,nlvr2,snli_ve}/{train,val}.json, vqa/answers.json.
 
-    Pure function of the arguments. Images are scenes of the pretraining generator in their own seed space.
+    Pure function of the arguments. Images are scenes of the pretraining generator in their own seed space;
+    `version` is the shapes-world version (epic.data.synthetic; 2 adds NLVR2's relation and binding statements).
     """
     from .synthetic import encode_jpeg, make_captions, render_scene, sample_scene
 
@@ -533,7 +559,7 @@ def generate_shapes_tasks(out: str | Path, n_train: int = 512, n_val: int = 128,
         scenes, names = [], []
         for index in range(count):
             scene_rng = random.Random(f"shapes-tasks/{seed}/{split}/{index}")
-            scene = sample_scene(scene_rng)
+            scene = sample_scene(scene_rng, version)
             captions, _ = make_captions(scene, scene_rng)
             name = f"{split}_{index:05d}.jpg"
             data = encode_jpeg(render_scene(scene, image_size))
@@ -551,11 +577,11 @@ def generate_shapes_tasks(out: str | Path, n_train: int = 512, n_val: int = 128,
         for i in range(count):
             j = rng.randrange(count)
             want = i % 2 == 0
-            nlvr.append({"images": [names[i], names[j]], "sentence": _truth_statement([scenes[i], scenes[j]], want, rng),
+            nlvr.append({"images": [names[i], names[j]], "sentence": _truth_statement([scenes[i], scenes[j]], want, rng, version),
                          "label": "True" if want else "False"})
         annotations["nlvr2"][split] = nlvr
         labels = ("entailment", "neutral", "contradiction")
-        annotations["snli_ve"][split] = [_snli_example(s, n, labels[(i + k) % 3], rng)
+        annotations["snli_ve"][split] = [_snli_example(s, n, labels[(i + k) % 3], rng, version)
                                          for i, (s, n) in enumerate(zip(scenes, names)) for k in range(2)]
     for task, per_split in annotations.items():
         (root / task).mkdir(exist_ok=True)
@@ -571,7 +597,9 @@ def generate_shapes_tasks(out: str | Path, n_train: int = 512, n_val: int = 128,
             for name, data in shard_rows:
                 writer.write({"__key__": image_key(name), "jpg": data})
     (root / "manifest.json").write_text(json.dumps({"n_train": n_train, "n_val": n_val, "image_size": image_size,
-                                                    "seed": seed, "tasks": list(TASKS)}, indent=1) + "\n")
+                                                    "seed": seed, "tasks": list(TASKS),
+                                                    **({"version": version} if version != 1 else {})},
+                                                   indent=1) + "\n")
     return root
 
 
@@ -588,7 +616,8 @@ def shapes_task_paths(root: str | Path, task: str) -> dict:
 
 
 def main(argv=None) -> int:
-    """`python -m epic.data.tasks --out DIR [--train N --val M --image-size S --seed K]` writes DIR/tasks."""
+    """`python -m epic.data.tasks --out DIR [--train N --val M --image-size S --seed K --world-version V]` writes
+    DIR/tasks."""
     import argparse
 
     parser = argparse.ArgumentParser(description=generate_shapes_tasks.__doc__)
@@ -597,8 +626,11 @@ def main(argv=None) -> int:
     parser.add_argument("--val", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--world-version", type=int, default=1, choices=(1, 2),
+                        help="shapes-world version (2: fine-grained NLVR2 statements, no text leaks)")
     args = parser.parse_args(argv)
-    root = generate_shapes_tasks(args.out, args.train, args.val, args.image_size, args.seed)
+    root = generate_shapes_tasks(args.out, args.train, args.val, args.image_size, args.seed,
+                                 version=args.world_version)
     print(json.dumps({"tasks": str(root), "train": args.train, "val": args.val}))
     return 0
 

@@ -1,0 +1,72 @@
+"""The modality-bias study's driver: one joint VLM + LM training per seed (epic.studies.modality_bias, run as a
+subprocess with the scale's vanilla config), then Fig. 2a (accuracy over training) and the table."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .common import (Unit, _stage, curve_plot, format_cell, markdown_table, read_jsonl, run_command, seed_bands,
+                     write_report)
+
+TITLE = "Sec. 3 / Fig. 2a: modality bias, CMLM accuracy of a VLM vs MLM accuracy of a text-only LM (same masks)"
+COLUMNS = (("all", "acc"), ("content words", "acc_content"), ("filler words", "acc_filler"))
+
+
+def seed_dir(study, seed: int) -> Path:
+    return study.runs / study.scale.name / "modality-bias" / f"seed{seed}"
+
+
+def command(study, seed: int) -> list[str]:
+    scale = study.scale
+    overrides = [f"data.root={scale.world}", "data.num_workers=0"] if scale.world is not None else []
+    batch = ["data.micro_batch_size=32"] if scale.world is not None else []
+    every = max(1, scale.modality_steps // 10)
+    return [sys.executable, "-m", "epic.studies.modality_bias", "--config", scale.vanilla_config, "--out",
+            str(seed_dir(study, seed)), "--steps", str(scale.modality_steps), "--eval-every", str(every),
+            "--eval-batches", "2" if scale.name == "smoke" else "8", *overrides, *batch, f"run.seed={seed}"]
+
+
+def run_seed(study, seed: int) -> dict:
+    out = seed_dir(study, seed)
+    return _stage(out / "summary.json", lambda: json.loads(run_command(command(study, seed), out / "log.txt")),
+                  study.collect_only)
+
+
+def units(study):
+    return [Unit(f"modality-bias seed {s}", 0, lambda s=s: run_seed(study, s)) for s in study.seeds]
+
+
+def report(study):
+    study.collect_only = True
+    finished = [s for s in study.seeds if (seed_dir(study, s) / "summary.json").is_file()]
+    curves = {s: read_jsonl(seed_dir(study, s) / "curve.jsonl") for s in finished}
+    final = {s: curves[s][-1] for s in finished if curves[s]}
+    rows = []
+    for model, label in (("vlm", "VLM (CMLM, sees the image)"), ("lm", "LM (MLM, text only)")):
+        rows.append([label, *[format_cell([100.0 * final[s][f"{model}_{key}"] for s in final
+                                           if final[s].get(f"{model}_{key}") is not None]) for _, key in COLUMNS],
+                     str(len(final))])
+    rows.append(["chance on content words (uniform within the word's category)", "—",
+                 format_cell([100.0 * final[s]["content_chance"] for s in final if final[s].get("content_chance")]),
+                 "—", str(len(final))])
+    table = markdown_table(["Model", *(f"{c} acc. (%)" for c, _ in COLUMNS), "seeds"], rows)
+    for _, key in COLUMNS:
+        means, bands = {}, {}
+        for model, label in (("vlm", "VLM (CMLM)"), ("lm", "LM (MLM)")):
+            per_seed = [[(r["step"], r[f"{model}_{key}"]) for r in curves[s] if r.get(f"{model}_{key}") is not None]
+                        for s in finished]
+            bands[label] = seed_bands([p for p in per_seed if p])
+            means[label] = [(x, m) for x, m, _ in bands[label]]
+        curve_plot(study.out / f"fig2a_{key}.png", means, "training step", f"masked-token accuracy ({key})",
+                   f"Fig. 2a, {key}: val accuracy at the same masked positions", bands)
+    missing = [s for s in study.seeds if s not in final]
+    notes = [f"Scale `{study.scale.name}`: `{study.scale.vanilla_config}`, {study.scale.modality_steps} steps of "
+             f"joint training (the VLM: METER's pretraining step, ITM + CMLM; the LM: a RoBERTa MLM as deep as the "
+             f"VLM's text tower plus fusion, text only), 15% BERT masking, accuracy on the val shards at the end; "
+             f"mean ± std over seeds. Curves: fig2a_acc.png, fig2a_acc_content.png, fig2a_acc_filler.png.",
+             "Shapes world version 2 (epic/data/synthetic.py): no filler word gives a content word away."]
+    if missing:
+        notes.append(f"Seeds without a finished run: {missing}.")
+    write_report(study.out, study.name, TITLE, table, notes, study.log)
+    return table
