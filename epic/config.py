@@ -116,6 +116,12 @@ class EpicConfig:
     teacher_dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32
     mask_ratio: float = 0.35
     lambda_itc: float = 8.0  # Eq. 9
+    # How L_ITC (Eq. 2) is reduced over a micro-batch. "token_mean" (default): mean BCE over all real tokens, as
+    # ELECTRA reduces its per-token discriminator loss; with it lambda = 8 puts lambda*L_ITC (~8 x 0.3 once
+    # trained) on the scale of L_MLM + L_ITM, which is what App. I says lambda is for ("to balance the ITC loss and
+    # losses in METER"). "pair_sum": Eq. 2 literally, summed over a pair's ~15-40 tokens and averaged over pairs;
+    # lambda = 8 would then weigh ITC ~100-300x the MLM term, so pair_sum needs lambda ~ 8 / mean tokens per pair.
+    itc_reduction: str = "token_mean"
     masking: str = "saliency"  # "saliency" (Sec. 4.4) | "uniform" (ablation "ITC+LM")
     corruption: str = "generator"  # "generator" | "random" (ablation "ITC (rand.)": uniform vocabulary tokens)
     generator_mode: str = "finetune"  # finetune | fixed | pretrained_fixed | conditioned | vlm_sas (Table 5)
@@ -308,6 +314,7 @@ _CHOICES = {
     "epic.corruption": ("generator", "random"),
     "epic.generator_mode": ("finetune", "fixed", "pretrained_fixed", "conditioned", "vlm_sas"),
     "epic.teacher_dtype": ("auto", "fp16", "bf16", "fp32"),
+    "epic.itc_reduction": ("token_mean", "pair_sum"),
     "model.text_model_type": ("roberta", "bert"),
 }
 

@@ -63,10 +63,21 @@ def add_consistency_head(model: nn.Module) -> nn.Module:
     return model
 
 
-def consistency_loss(text_feats: torch.Tensor, head: nn.Linear, inconsistent: torch.Tensor, real: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 1-2: (mean over real tokens of BCE(sigmoid(beta^T h_i + b), 1 - [i in T]), logits z_i [B, L])."""
-    return token_consistency_loss(text_feats, head.weight.view(-1), head.bias, consistency_labels(inconsistent), real)
+ITC_REDUCTIONS = {"token_mean": "mean", "pair_sum": "pair_sum"}  # epic.itc_reduction -> the kernel's reduction
+
+
+def consistency_loss(text_feats: torch.Tensor, head: nn.Linear, inconsistent: torch.Tensor, real: torch.Tensor,
+                     reduction: str = "token_mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 1-2: (L_ITC, logits z_i [B, L]); per-token BCE(sigmoid(beta^T h_i + b), 1 - [i in T]) over real tokens.
+
+    ``reduction`` (epic.itc_reduction): "token_mean" = mean over the micro-batch's real tokens (ELECTRA's
+    convention; the default, see EpicConfig.itc_reduction); "pair_sum" = Eq. 2 as written, the sum over each
+    pair's tokens, averaged over the pairs.
+    """
+    if reduction not in ITC_REDUCTIONS:
+        raise ValueError(f"itc reduction {reduction!r}; use one of {sorted(ITC_REDUCTIONS)}")
+    return token_consistency_loss(text_feats, head.weight.view(-1), head.bias, consistency_labels(inconsistent), real,
+                                  reduction=ITC_REDUCTIONS[reduction])
 
 
 def epic_vlm_loss(loss_itm: torch.Tensor, loss_mlm: torch.Tensor, loss_itc: torch.Tensor, lambda_itc: float
@@ -77,7 +88,7 @@ def epic_vlm_loss(loss_itm: torch.Tensor, loss_mlm: torch.Tensor, loss_itc: torc
 
 def epic_vlm_passes(model, batch: dict, image_embeds: torch.Tensor, corrupted_ids: torch.Tensor,
                     inconsistent: torch.Tensor, real: torch.Tensor, rng: torch.Generator, lambda_itc: float,
-                    mlm_batch: Optional[dict] = None) -> dict:
+                    mlm_batch: Optional[dict] = None, itc_reduction: str = "token_mean") -> dict:
     """The VLM's MLM, ITM and ITC passes on one set of image features; ``loss`` is Eq. 9 without L_GEN.
 
     ``mlm_batch`` (†CMLM) replaces the batch's MLM inputs/labels; ITC reads w_bar = ``corrupted_ids``.
@@ -85,7 +96,8 @@ def epic_vlm_passes(model, batch: dict, image_embeds: torch.Tensor, corrupted_id
     mlm = compute_mlm(model, mlm_batch if mlm_batch is not None else batch, image_embeds)
     itm = compute_itm(model, batch, image_embeds, rng)
     fused = model.infer(input_ids=corrupted_ids, attention_mask=batch["attention_mask"], image_embeds=image_embeds)
-    loss_itc, itc_logits = consistency_loss(fused["text_feats"], getattr(model, HEAD_NAME), inconsistent, real)
+    loss_itc, itc_logits = consistency_loss(fused["text_feats"], getattr(model, HEAD_NAME), inconsistent, real,
+                                            itc_reduction)
     return {"loss": epic_vlm_loss(itm["loss_itm"], mlm["loss_mlm"], loss_itc, lambda_itc),
             "loss_itm": itm["loss_itm"], "loss_mlm": mlm["loss_mlm"], "loss_itc": loss_itc,
             "itm_acc": itm["itm_acc"], "mlm_acc": mlm["mlm_acc"], "itc_logits": itc_logits}
@@ -242,7 +254,7 @@ class EpicObjective:
         inconsistent = inconsistent_positions(batch["input_ids"], corrupted, positions)  # Eq. 6
         mlm_batch = self._cmlm_batch(batch, query_keys, real, rng) if self.epic.cmlm_saliency else None
         vlm = epic_vlm_passes(model, batch, image_embeds, corrupted, inconsistent, real, rng, self.epic.lambda_itc,
-                              mlm_batch)
+                              mlm_batch, self.epic.itc_reduction)
         itc_logits = vlm.pop("itc_logits")
         self.measurements.add(step_counts(real, positions, inconsistent, itc_logits, alpha, batch.get("content_mask")))
         out = {k: (v if k == "loss" else v.detach()) for k, v in vlm.items()}
