@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -43,7 +43,9 @@ class RunConfig:
 @dataclass
 class SourceConfig:
     shards: str = ""  # brace spec, e.g. /data/cc3m/{00000..00331}.tar
-    weight: float = 1.0  # sampling weight in the mixture
+    # Sampling weight in the mixture. "auto": the source's caption count (image count with data.sample_unit=image)
+    # from the counts.json beside its shards (tools/make_shards.py writes it; tools/count_shards.py for others).
+    weight: Union[float, str] = "auto"
     name: str = ""
 
 
@@ -62,6 +64,10 @@ class DataConfig:
     num_workers: int = 4
     mlm_probability: float = 0.15
     randaugment: bool = True
+    # What a training sample is. "caption" (METER / ALBEF): an (image, caption) pair; auto weights are caption
+    # counts and an epoch is one pass over all captions. "image": an image with one caption drawn per visit;
+    # auto weights are image counts.
+    sample_unit: str = "caption"
 
 
 @dataclass
@@ -310,6 +316,7 @@ def dump_config(cfg: Config, path: str | os.PathLike) -> None:
 
 _CHOICES = {
     "train.schedule": ("linear", "tri_stage"),
+    "data.sample_unit": ("caption", "image"),
     "epic.masking": ("saliency", "uniform"),
     "epic.corruption": ("generator", "random"),
     "epic.generator_mode": ("finetune", "fixed", "pretrained_fixed", "conditioned", "vlm_sas"),
@@ -343,7 +350,10 @@ def validate(cfg: Config) -> None:
     for i, src in enumerate(cfg.data.sources):
         if not src.shards:
             raise ConfigError(f"'data.sources[{i}].shards' is empty: give a shard spec like /data/cc3m/{{00000..00331}}.tar")
-        if src.weight <= 0:
+        if isinstance(src.weight, str) and src.weight != "auto":
+            raise ConfigError(f"'data.sources[{i}].weight' must be a number > 0 or 'auto' (its caption count), "
+                              f"got {src.weight!r}")
+        if not isinstance(src.weight, str) and src.weight <= 0:
             raise ConfigError(f"'data.sources[{i}].weight' must be > 0, got {src.weight}")
     if cfg.epic.enabled and cfg.epic.teacher is None and cfg.epic.masking == "saliency":
         raise ConfigError("EPIC saliency masking needs a teacher: set epic.teacher=<run dir | checkpoint | "

@@ -11,15 +11,18 @@ from typing import Optional
 import torch
 
 from epic.config import Config, ConfigError
+from epic.data.shards import epoch_length
 
 _ENV_VAR = re.compile(r"\$\{([^}]+)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
 @dataclass
 class DataPaths:
-    sources: list[tuple[str, list[str], float]]  # (name, shard files, weight)
+    sources: list[tuple[str, list[str], float]]  # (name, shard files, weight; "auto" weights resolved)
     val_shards: Optional[list[str]]
     tokenizer: str
+    sample_unit: str = "caption"
+    epoch_samples: Optional[int] = None  # one pass over all captions (images); None when a counts.json is missing
 
 
 def expand_env(text: str, what: str) -> str:
@@ -54,7 +57,7 @@ def resolve_data_paths(cfg: Config) -> DataPaths:
             raise ConfigError(f"data.root={root} does not exist. Generate the shapes world with "
                               f"`python tools/make_synthetic_shards.py --out {root} --train 2000 --val 200`.")
         if not sources:
-            sources = [("shapes", str(root / "train" / "*.tar"), 1.0)]
+            sources = [("shapes", str(root / "train" / "*.tar"), "auto")]
         val = val or str(root / "val" / "*.tar")
         tokenizer = tokenizer or str(root / "tokenizer")
     if not sources:
@@ -65,9 +68,22 @@ def resolve_data_paths(cfg: Config) -> DataPaths:
     tokenizer = expand_env(tokenizer, "data.tokenizer")
     if not os.path.exists(tokenizer):
         raise ConfigError(f"data.tokenizer={tokenizer} does not exist")
-    resolved = [(name, expand_shards(spec, f"data source '{name}'"), weight) for name, spec, weight in sources]
+    resolved = resolve_source_weights(
+        [(name, expand_shards(spec, f"data source '{name}'"), weight) for name, spec, weight in sources],
+        data.sample_unit)
     val_files = expand_shards(val, "data.val_shards") if val else None
-    return DataPaths(resolved, val_files, tokenizer)
+    return DataPaths([(s.name, list(s.shards), s.weight) for s in resolved], val_files, tokenizer, data.sample_unit,
+                     epoch_length(resolved, data.sample_unit))
+
+
+def resolve_source_weights(sources, sample_unit: str):
+    """epic.data Sources with "auto" weights replaced by caption (image) counts; ConfigError when counts lack."""
+    from epic.data.shards import MissingCountsError, parse_sources
+
+    try:
+        return parse_sources([{"name": n, "shards": files, "weight": w} for n, files, w in sources], sample_unit)
+    except (MissingCountsError, ValueError) as err:
+        raise ConfigError(f"data.sources: {err}") from err
 
 
 def resolve_model_config(model_cfg, tokenizer):
@@ -118,7 +134,8 @@ def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_
     return build_train_loader(sources, tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
                               batch_size=cfg.data.micro_batch_size, num_workers=cfg.data.num_workers,
                               seed=cfg.run.seed, rank=rank, world_size=world_size,
-                              mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment, state=state)
+                              mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment, state=state,
+                              sample_unit=cfg.data.sample_unit)
 
 
 class VanillaObjective:
