@@ -131,7 +131,11 @@ class EpicConfig:
     masking: str = "saliency"  # "saliency" (Sec. 4.4) | "uniform" (ablation "ITC+LM")
     corruption: str = "generator"  # "generator" | "random" (ablation "ITC (rand.)": uniform vocabulary tokens)
     generator_mode: str = "finetune"  # finetune | fixed | pretrained_fixed | conditioned | vlm_sas (Table 5)
-    sas_refresh_every: int = 1000  # vlm_sas: refresh the generator VLM from the main VLM every k steps
+    # vlm_sas (App. G): the auxiliary VLM is the new VLM at first, then refreshed from the main VLM at the end of
+    # every k-th epoch (an epoch = one pass over all captions, data.sample_unit; needs the shards' counts.json), or,
+    # when sas_refresh_every > 0, every that many optimizer steps instead.
+    sas_refresh_epochs: int = 1
+    sas_refresh_every: int = 0
     cmlm_saliency: bool = False  # "†CMLM": saliency masking for the MLM objective
     log_saliency_every: int = 0  # every N steps, a Fig. 4-style image of the saliency of a fixed val batch
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -365,8 +369,11 @@ def validate_epic(epic: EpicConfig) -> None:
     """Combinations of the EPIC switches that cannot work."""
     if epic.lambda_itc < 0:
         raise ConfigError(f"'epic.lambda_itc' must be >= 0, got {epic.lambda_itc}")
-    if epic.sas_refresh_every < 1:
-        raise ConfigError(f"'epic.sas_refresh_every' must be >= 1, got {epic.sas_refresh_every}")
+    if epic.sas_refresh_every < 0:
+        raise ConfigError(f"'epic.sas_refresh_every' must be >= 0 (0 = refresh by epochs), got {epic.sas_refresh_every}")
+    if epic.sas_refresh_every == 0 and epic.sas_refresh_epochs < 1:
+        raise ConfigError(f"'epic.sas_refresh_epochs' must be >= 1 (or set epic.sas_refresh_every=<steps>), got "
+                          f"{epic.sas_refresh_epochs}")
     if epic.log_saliency_every < 0:
         raise ConfigError(f"'epic.log_saliency_every' must be >= 0 (0 = no figure), got {epic.log_saliency_every}")
     if epic.cmlm_saliency and epic.masking != "saliency":

@@ -63,7 +63,7 @@ def make_config(world, teacher, *overrides):
                                             *overrides])
 
 
-def build(setup, *overrides):
+def build(setup, *overrides, paths=None):
     """The trainer's construction (epic/engine/trainer.py Trainer.setup) for one rank: VLM engine + objective."""
     from epic.engine.build import build_model
     from epic.engine.schedule import build_lr_scheduler
@@ -81,7 +81,7 @@ def build(setup, *overrides):
     ds = resolve_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs/cpu_zero2.json")), batch_math, 1.0,
                            on_cpu=True)
     engine = initialize_engine(model, optimizer, scheduler, ds)
-    objective = EpicObjective(cfg, engine, tokenizer, ds, batch_math, setup["paths"], torch.device("cpu"))
+    objective = EpicObjective(cfg, engine, tokenizer, ds, batch_math, paths or setup["paths"], torch.device("cpu"))
     return cfg, engine, objective
 
 
@@ -183,6 +183,38 @@ def test_vlm_sas_generator_is_saved_and_restored_with_the_checkpoint(setup):
     assert not same(weights(restored.generator), weights(objective.generator))  # fresh: a copy of the new VLM
     load_checkpoint(root / "step_00000002", {"vlm": engine2, **restored.extra_engines()}, world_size=1)
     assert same(weights(restored.generator), weights(objective.generator))  # the VLM of the last refresh
+
+
+def test_sas_refresh_schedule_by_epochs_and_by_steps():
+    from epic.objectives.consistency import sas_refresh_due
+
+    # 4 samples per step, epochs of 10 samples: epochs end inside steps 2, 4, 7, 9 (samples 8-12, 16-20, 28-32, 36-40)
+    by_epoch = [s for s in range(12) if sas_refresh_due(s, 0, 1, 4, 10)]
+    assert by_epoch == [3, 5, 8, 10]
+    assert [s for s in range(12) if sas_refresh_due(s, 0, 2, 4, 10)] == [5, 10]  # every 2nd epoch
+    assert [s for s in range(12) if sas_refresh_due(s, 3, 1, 4, 10)] == [3, 6, 9]  # by steps: epochs ignored
+
+
+def test_vlm_sas_refreshes_at_the_epoch_boundary(setup):
+    """Epochs of 10 samples, 4 per step: the first epoch ends during step 2, so the auxiliary VLM is the initial
+    VLM through step 2 and becomes the VLM after step 2's update at the start of step 3."""
+    import dataclasses
+
+    from epic.engine.setup import SetupError
+
+    paths = dataclasses.replace(setup["paths"], epoch_samples=10)
+    _, engine, objective = build(setup, "epic.generator_mode=vlm_sas", "epic.sas_refresh_epochs=1", paths=paths)
+    initial = weights(objective.generator)
+    vlm_after = []
+    for step in range(4):
+        train_step(engine, objective, setup["batch"], step)
+        vlm_after.append(weights(engine.module))
+        if step < 3:
+            assert same(initial, weights(objective.generator)), step
+    sas = weights(objective.generator)
+    assert objective.sas_refreshes == [3] and same(sas, {k: vlm_after[2][k] for k in sas})
+    with pytest.raises(SetupError, match="count_shards"):
+        build(setup, "epic.generator_mode=vlm_sas", paths=dataclasses.replace(setup["paths"], epoch_samples=None))
 
 
 def test_teacher_gets_no_gradient_and_never_changes(setup):

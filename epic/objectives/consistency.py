@@ -137,6 +137,21 @@ def frozen_engine_ds_config(batch_math) -> dict:
             "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
 
 
+def sas_refresh_due(step: int, every_steps: int, every_epochs: int, samples_per_step: int,
+                    epoch_samples: Optional[int]) -> bool:
+    """VLM(SAS), App. G: refresh at the start of optimizer step ``step`` (``step`` steps done)?
+
+    By steps (every_steps > 0): when step is a multiple of it. By epochs: when the samples of the steps done,
+    step * samples_per_step, crossed the end of a k-th epoch during the last step.
+    """
+    if step <= 0:
+        return False
+    if every_steps > 0:
+        return step % every_steps == 0
+    period = every_epochs * epoch_samples
+    return (step * samples_per_step) // period > ((step - 1) * samples_per_step) // period
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -161,10 +176,13 @@ class EpicObjective:
         excluded = set(self.exclude_ids)
         self.allowed_ids = torch.tensor([i for i in range(vocab_size) if i not in excluded], device=self.device)
         self.teacher = self._build_teacher() if self.epic.masking == "saliency" else None
+        self.samples_per_step = batch_math.global_batch_size
+        self.epoch_samples = self._sas_epoch_samples(paths)
         self.generator: Optional[nn.Module] = None  # the module that corrupts (None: random tokens)
         self.gen_engine = None  # the generator's DeepSpeed engine (trained, or checkpoint-only for VLM(SAS))
         self._build_generator(ds_config, batch_math)
         self.measurements = EpicMeasurements()
+        self.sas_refreshes: list[int] = []  # steps at which VLM(SAS) was refreshed (this process)
         self._last_step_seen: Optional[int] = None
         self._last_image_bucket = 0
         self._figure_batch: Optional[dict] = None
@@ -178,6 +196,19 @@ class EpicObjective:
         teacher = load_teacher(source, self.device, self.epic.teacher_dtype)
         check_teacher_fits(teacher, self.tokenizer, self.cfg.data.image_size, self.cfg.data.max_text_len)
         return teacher
+
+    def _sas_epoch_samples(self, paths) -> Optional[int]:
+        """Samples per epoch for VLM(SAS)'s per-epoch refresh; None when it refreshes by steps or is off."""
+        if self.epic.generator_mode != "vlm_sas" or self.epic.sas_refresh_every > 0:
+            return None
+        epoch = getattr(paths, "epoch_samples", None)
+        if not epoch:
+            from epic.engine.setup import SetupError
+
+            raise SetupError("epic.generator_mode=vlm_sas refreshes the auxiliary VLM every epic.sas_refresh_epochs "
+                             "epochs, but the epoch length is unknown: the shards lack counts.json (write it with "
+                             "`python tools/count_shards.py DIR`), or refresh by steps with epic.sas_refresh_every=N")
+        return int(epoch)
 
     def _frozen_dtype(self) -> torch.dtype:
         from epic.models.teacher import resolve_teacher_dtype
@@ -315,8 +346,10 @@ class EpicObjective:
     def _maybe_refresh_sas(self, step: int) -> None:
         if self.epic.generator_mode != "vlm_sas" or self.generator is None:
             return
-        if step > 0 and step % self.epic.sas_refresh_every == 0:
+        if sas_refresh_due(step, self.epic.sas_refresh_every, self.epic.sas_refresh_epochs, self.samples_per_step,
+                           self.epoch_samples):
             self.generator.load_state_dict(self._vlm_weights_for(self.generator))
+            self.sas_refreshes.append(step)
 
     def _cmlm_batch(self, batch: dict, query_keys, real: torch.Tensor, rng) -> dict:
         """†CMLM (App. J): the MLM objective masks data.mlm_probability of the tokens drawn from alpha, not uniformly."""
