@@ -64,6 +64,10 @@ class DataConfig:
     num_workers: int = 4
     mlm_probability: float = 0.15
     randaugment: bool = True
+    # Which tokens METER's MLM masks (mlm_probability of each caption's tokens): "random" (BERT/METER: each token
+    # with probability p) | "saliency" ("†CMLM", App. J, Table 8: ceil(p * len) positions drawn from the frozen
+    # teacher's saliency alpha, Eq. 8, teacher = epic.teacher; same 80/10/10 corruption). Works with or without EPIC.
+    mlm_masking: str = "random"
     # What a training sample is. "caption" (METER / ALBEF): an (image, caption) pair; auto weights are caption
     # counts and an epoch is one pass over all captions. "image": an image with one caption drawn per visit;
     # auto weights are image counts.
@@ -136,7 +140,7 @@ class EpicConfig:
     # when sas_refresh_every > 0, every that many optimizer steps instead.
     sas_refresh_epochs: int = 1
     sas_refresh_every: int = 0
-    cmlm_saliency: bool = False  # "†CMLM": saliency masking for the MLM objective
+    cmlm_saliency: bool = False  # replaced by data.mlm_masking=saliency (kept so that older saved configs load)
     log_saliency_every: int = 0  # every N steps, a Fig. 4-style image of the saliency of a fixed val batch
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
@@ -321,6 +325,7 @@ def dump_config(cfg: Config, path: str | os.PathLike) -> None:
 _CHOICES = {
     "train.schedule": ("linear", "tri_stage"),
     "data.sample_unit": ("caption", "image"),
+    "data.mlm_masking": ("random", "saliency"),
     "epic.masking": ("saliency", "uniform"),
     "epic.corruption": ("generator", "random"),
     "epic.generator_mode": ("finetune", "fixed", "pretrained_fixed", "conditioned", "vlm_sas"),
@@ -362,6 +367,16 @@ def validate(cfg: Config) -> None:
     if cfg.epic.enabled and cfg.epic.teacher is None and cfg.epic.masking == "saliency":
         raise ConfigError("EPIC saliency masking needs a teacher: set epic.teacher=<run dir | checkpoint | "
                           "official METER .ckpt>, or epic.masking=uniform")
+    if cfg.epic.cmlm_saliency:
+        raise ConfigError("'epic.cmlm_saliency' is replaced by data.mlm_masking=saliency (†CMLM, with or without "
+                          "EPIC; the teacher is epic.teacher)")
+    if cfg.data.mlm_masking == "saliency":
+        if cfg.epic.teacher is None:
+            raise ConfigError("data.mlm_masking=saliency (†CMLM) draws the MLM positions from a teacher's saliency: "
+                              "set epic.teacher=<run dir | checkpoint | official METER .ckpt>")
+        if cfg.epic.enabled and cfg.epic.masking != "saliency":
+            raise ConfigError("data.mlm_masking=saliency (†CMLM) inside EPIC reuses its saliency: it needs "
+                              "epic.masking=saliency")
     validate_epic(cfg.epic)
 
 
@@ -376,9 +391,6 @@ def validate_epic(epic: EpicConfig) -> None:
                           f"{epic.sas_refresh_epochs}")
     if epic.log_saliency_every < 0:
         raise ConfigError(f"'epic.log_saliency_every' must be >= 0 (0 = no figure), got {epic.log_saliency_every}")
-    if epic.cmlm_saliency and epic.masking != "saliency":
-        raise ConfigError("'epic.cmlm_saliency' (†CMLM) masks the MLM objective by teacher saliency: it needs "
-                          "epic.masking=saliency and epic.teacher")
     if epic.corruption == "random" and epic.generator_mode != "finetune":
         raise ConfigError(f"'epic.generator_mode={epic.generator_mode}' has no effect with epic.corruption=random "
                           f"(uniform vocabulary tokens, no generator); use epic.corruption=generator")

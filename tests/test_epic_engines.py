@@ -110,7 +110,7 @@ ABLATIONS = {
     "lm_fixed": ["epic.generator_mode=fixed"],
     "lm_cond": ["epic.generator_mode=conditioned"],
     "vlm_sas": ["epic.generator_mode=vlm_sas", "epic.sas_refresh_every=1"],
-    "cmlm": ["epic.cmlm_saliency=true"],
+    "cmlm": ["data.mlm_masking=saliency"],
     "ratio_lambda": ["epic.mask_ratio=0.15", "epic.lambda_itc=1.0"],
 }
 
@@ -272,3 +272,75 @@ def test_saliency_figure_and_resume_state(setup):
     restored.load_state_dict(state)
     measured = objective.measurements.pop()
     assert measured and restored.measurements.pop() == measured  # the metric window survives a resume
+
+
+# ---------------------------------------------------------------------------------------- †CMLM in vanilla METER
+def build_vanilla(setup, config, *overrides):
+    """The trainer's construction for a non-EPIC config: VLM engine + epic.engine.build.build_objective."""
+    from epic.config import load_config
+    from epic.engine.build import build_model, build_objective
+    from epic.engine.schedule import build_lr_scheduler
+    from epic.engine.setup import (build_optimizer, derive_batch_math, initialize_engine, load_ds_config,
+                                   resolve_ds_config)
+
+    cfg = load_config(config, [f"data.root={setup['world']}", f"epic.teacher={setup['tmp'] / 'teacher'}",
+                               f"data.micro_batch_size={BATCH}", f"train.global_batch_size={BATCH}",
+                               "model.dropout=0.0", "train.max_steps=10", *overrides])
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg, setup["paths"])
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps,
+                                cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
+    scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio)
+    batch_math = derive_batch_math(BATCH, BATCH, 1)
+    ds = resolve_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs/cpu_zero2.json")), batch_math, 1.0,
+                           on_cpu=True)
+    engine = initialize_engine(model, optimizer, scheduler, ds)
+    return cfg, engine, build_objective(cfg, engine, tokenizer, ds, batch_math, setup["paths"], "cpu")
+
+
+def hand_alpha(teacher, batch):
+    """Eq. 8 by hand: softmax over the real tokens of the head-mean of q_k K_k^T (no 1/sqrt(d) temperature)."""
+    from epic.objectives.saliency import real_text_tokens
+
+    query, keys = teacher.query_keys(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    scores = torch.einsum("bhd,bhld->bl", query.float(), keys.float()) / query.shape[1]
+    scores = scores.masked_fill(~real_text_tokens(batch), float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def test_cmlm_in_vanilla_meter_runs_a_step_and_masks_by_saliency(setup):
+    import math
+
+    from epic.objectives.saliency import real_text_tokens
+    from epic.objectives.vanilla import SaliencyCMLM
+
+    cfg, engine, objective = build_vanilla(setup, "shapes_tiny_cmlm")
+    assert cfg.data.mlm_masking == "saliency" and not cfg.epic.enabled
+    # no generator (engine or module), no ITC head: METER's objectives only
+    assert objective.extra_engines() == {} and not hasattr(objective, "generator")
+    assert getattr(engine.module, "itc_score", None) is None
+    batch, real = setup["batch"], real_text_tokens(setup["batch"])
+    masked = objective.cmlm(batch, torch.Generator().manual_seed(0))
+    positions = masked["cmlm_positions"]
+    lengths = real.sum(1)
+    assert positions.sum(1).tolist() == [math.ceil(cfg.data.mlm_probability * n) for n in lengths.tolist()]
+    assert not (positions & ~real).any()
+    labels, ids = masked["mlm_labels"], masked["mlm_input_ids"]
+    assert torch.equal(labels != -100, positions) and torch.equal(labels[positions], batch["input_ids"][positions])
+    assert torch.equal(ids[~positions], batch["input_ids"][~positions])
+    alpha = hand_alpha(objective.cmlm.teacher, batch)
+    torch.testing.assert_close(masked["cmlm_alpha"][real], alpha[real], atol=1e-5, rtol=1e-4)
+    # one position per caption: inclusion frequency = alpha exactly (Categorical(alpha)), far from uniform
+    one = SaliencyCMLM(objective.cmlm.teacher, 1e-6, objective.cmlm.mask_token_id, objective.cmlm.replacement_ids)
+    rng, draws = torch.Generator().manual_seed(1), 300
+    counts = sum(one(batch, rng)["cmlm_positions"].float() for _ in range(draws))
+    frequency = counts / draws
+    assert (frequency[real] - alpha[real]).abs().max() < 0.09
+    uniform = real.float() / lengths[:, None]
+    assert (alpha[real] - uniform[real]).abs().max() > 0.15, "the test teacher's saliency is too flat to tell"
+    # the step: L_ITM + L_MLM on the saliency-masked captions; the VLM learns
+    before = weights(engine.module)
+    out = train_step(engine, objective, batch, 0)
+    assert set(out) >= {"loss", "loss_itm", "loss_mlm", "cmlm_content_hit_rate"} and "loss_itc" not in out
+    assert out["loss"].item() == pytest.approx((out["loss_itm"] + out["loss_mlm"]).item(), rel=1e-5)
+    assert not same(before, weights(engine.module))

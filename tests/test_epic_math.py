@@ -371,7 +371,8 @@ def test_summarize_run_averages_the_last_logs(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["epic.cmlm_saliency=true", "epic.masking=uniform"], "needs epic.masking=saliency"),
+    (["data.mlm_masking=saliency", "epic.masking=uniform"], "needs epic.masking=saliency"),
+    (["epic.cmlm_saliency=true"], "replaced by data.mlm_masking=saliency"),
     (["epic.corruption=random", "epic.generator_mode=fixed"], "no effect with epic.corruption=random"),
     (["epic.generator_mode=pretrained_fixed"], "needs epic.generator.pretrained"),
     (["epic.lambda_itc=-1"], "lambda_itc"),

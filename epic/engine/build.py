@@ -139,17 +139,21 @@ def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_
 
 
 class VanillaObjective:
-    """METER's objectives: ITM + MLM with the image encoded once per step."""
+    """METER's objectives: ITM + MLM with the image encoded once per step; ``cmlm`` (a SaliencyCMLM): †CMLM."""
 
-    def __init__(self) -> None:
-        from epic.objectives.vanilla import vanilla_losses
+    def __init__(self, cmlm=None) -> None:
+        from epic.objectives.vanilla import cmlm_losses, vanilla_losses
 
+        self.cmlm = cmlm
         self._losses = vanilla_losses
+        self._cmlm_losses = cmlm_losses
 
     def extra_engines(self) -> dict:
         return {}
 
     def losses(self, model, batch: dict, rng: torch.Generator, step: int) -> dict:
+        if self.cmlm is not None:
+            return self._cmlm_losses(model, batch, rng, self.cmlm)
         return self._losses(model, batch, rng, share_image_embeds=True)
 
     def log_values(self, step: int) -> dict:
@@ -161,7 +165,13 @@ class VanillaObjective:
     def flops_per_sample(self, cfg: Config) -> float:
         from epic.objectives.vanilla import step_flops_per_sample
 
-        return step_flops_per_sample(cfg.model, share_image_embeds=True, text_len=cfg.data.max_text_len)
+        flops = step_flops_per_sample(cfg.model, share_image_embeds=True, text_len=cfg.data.max_text_len)
+        if self.cmlm is not None:
+            from epic.objectives.epic_flops import teacher_flops_per_sample
+
+            with torch.random.fork_rng(devices=[]):
+                flops += teacher_flops_per_sample(self.cmlm.teacher.config, cfg.data.max_text_len)
+        return flops
 
     def state_dict(self) -> dict:
         return {}
@@ -170,8 +180,24 @@ class VanillaObjective:
         pass
 
 
+def load_saliency_teacher(cfg: Config, tokenizer, device):
+    """The frozen teacher of epic.teacher (EPIC's saliency masking, †CMLM), checked against the data's sizes."""
+    from epic.models.teacher import check_teacher_fits, load_teacher
+
+    teacher = load_teacher(expand_env(cfg.epic.teacher, "epic.teacher"), device, cfg.epic.teacher_dtype)
+    check_teacher_fits(teacher, tokenizer, cfg.data.image_size, cfg.data.max_text_len)
+    return teacher
+
+
 def build_objective(cfg: Config, engine, tokenizer, ds_config: dict, batch_math, paths: DataPaths, device):
     if not cfg.epic.enabled:
+        if cfg.data.mlm_masking == "saliency":  # †CMLM (App. J): METER with saliency-masked MLM
+            from epic.data.text import replacement_token_ids
+            from epic.objectives.vanilla import SaliencyCMLM
+
+            teacher = load_saliency_teacher(cfg, tokenizer, torch.device(device))
+            return VanillaObjective(SaliencyCMLM(teacher, cfg.data.mlm_probability, tokenizer.mask_token_id,
+                                                 replacement_token_ids(tokenizer)))
         return VanillaObjective()
     from epic.objectives.consistency import EpicObjective
 
@@ -199,7 +225,7 @@ def check_run_inputs(trainer) -> None:
 
     tokenizer = load_tokenizer(trainer.paths.tokenizer)
     expand_model_paths(resolve_model_config(cfg.model, tokenizer))
-    if cfg.epic.enabled and cfg.epic.teacher is not None:
+    if (cfg.epic.enabled or cfg.data.mlm_masking == "saliency") and cfg.epic.teacher is not None:
         teacher = expand_env(cfg.epic.teacher, "epic.teacher")
         if not os.path.exists(teacher):
             raise ConfigError(f"epic.teacher={teacher} does not exist (a run dir, checkpoint dir, export dir or "

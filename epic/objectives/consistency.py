@@ -35,8 +35,8 @@ from epic.models.meter import init_meter_weights
 from .corruption import (consistency_labels, excluded_token_ids, inconsistent_positions, mask_tokens,
                          random_replacements, replace_at, sample_replacements)
 from .itm import compute_itm
-from .mlm import IGNORE_INDEX, compute_mlm
-from .saliency import real_text_tokens, saliency_masking, uniform_masking
+from .mlm import compute_mlm
+from .saliency import real_text_tokens, saliency_masking, saliency_mlm_inputs, uniform_masking
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +171,7 @@ class EpicObjective:
             raise SetupError("the VLM has no ITC head beta (model.itc_score): epic.engine.build.build_model must call "
                              "epic.objectives.consistency.add_consistency_head(model) before the optimizer is built")
         self.mask_token_id = tokenizer.mask_token_id
+        self._replacement_ids = None  # BERT's random-replacement ids (†CMLM), made on first use
         vocab_size = cfg.model.vocab_size
         self.exclude_ids = excluded_token_ids(tokenizer, vocab_size)
         excluded = set(self.exclude_ids)
@@ -189,13 +190,9 @@ class EpicObjective:
 
     # -- construction ------------------------------------------------------------------------------------------
     def _build_teacher(self):
-        from epic.engine.build import expand_env
-        from epic.models.teacher import check_teacher_fits, load_teacher
+        from epic.engine.build import load_saliency_teacher
 
-        source = expand_env(self.epic.teacher, "epic.teacher")
-        teacher = load_teacher(source, self.device, self.epic.teacher_dtype)
-        check_teacher_fits(teacher, self.tokenizer, self.cfg.data.image_size, self.cfg.data.max_text_len)
-        return teacher
+        return load_saliency_teacher(self.cfg, self.tokenizer, self.device)
 
     def _sas_epoch_samples(self, paths) -> Optional[int]:
         """Samples per epoch for VLM(SAS)'s per-epoch refresh; None when it refreshes by steps or is off."""
@@ -283,7 +280,7 @@ class EpicObjective:
         positions, alpha = self._masking(query_keys, real, self.epic.mask_ratio, rng)
         corrupted, loss_gen = self._corrupt(batch, positions, image_embeds, rng)
         inconsistent = inconsistent_positions(batch["input_ids"], corrupted, positions)  # Eq. 6
-        mlm_batch = self._cmlm_batch(batch, query_keys, real, rng) if self.epic.cmlm_saliency else None
+        mlm_batch = self._cmlm_batch(batch, query_keys, rng) if self.cfg.data.mlm_masking == "saliency" else None
         vlm = epic_vlm_passes(model, batch, image_embeds, corrupted, inconsistent, real, rng, self.epic.lambda_itc,
                               mlm_batch, self.epic.itc_reduction)
         itc_logits = vlm.pop("itc_logits")
@@ -351,12 +348,15 @@ class EpicObjective:
             self.generator.load_state_dict(self._vlm_weights_for(self.generator))
             self.sas_refreshes.append(step)
 
-    def _cmlm_batch(self, batch: dict, query_keys, real: torch.Tensor, rng) -> dict:
-        """†CMLM (App. J): the MLM objective masks data.mlm_probability of the tokens drawn from alpha, not uniformly."""
-        positions, _ = self._masking(query_keys, real, self.cfg.data.mlm_probability, rng)
-        input_ids = batch["input_ids"]
-        labels = torch.where(positions, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-        return {**batch, "mlm_input_ids": mask_tokens(input_ids, positions, self.mask_token_id), "mlm_labels": labels}
+    def _cmlm_batch(self, batch: dict, query_keys, rng) -> dict:
+        """†CMLM inside EPIC (App. J, last sentences): the MLM's positions drawn from alpha, as in vanilla †CMLM."""
+        from epic.data.text import replacement_token_ids
+
+        if self._replacement_ids is None:
+            self._replacement_ids = replacement_token_ids(self.tokenizer).to(self.device)
+        ids, labels, _, _ = saliency_mlm_inputs(batch, query_keys[0], query_keys[1], self.cfg.data.mlm_probability,
+                                                self.mask_token_id, self._replacement_ids, rng)
+        return {**batch, "mlm_input_ids": ids, "mlm_labels": labels}
 
     def flops_per_sample(self, cfg) -> float:
         """Training FLOPs per sample of the whole EPIC step (teacher + generator + VLM), counted on meta."""
