@@ -344,3 +344,46 @@ def test_cmlm_in_vanilla_meter_runs_a_step_and_masks_by_saliency(setup):
     assert set(out) >= {"loss", "loss_itm", "loss_mlm", "cmlm_content_hit_rate"} and "loss_itc" not in out
     assert out["loss"].item() == pytest.approx((out["loss_itm"] + out["loss_mlm"]).item(), rel=1e-5)
     assert not same(before, weights(engine.module))
+
+
+# --------------------------------------------------------------------------------------------- LM (trained)
+def test_fit_generator_then_pretrained_fixed_loads_it_and_a_base_lm_is_refused(setup, capsys):
+    """tools/fit_generator.py (text-only MLM on the shapes captions, DeepSpeed) -> an HF folder with its marker;
+    epic.generator_mode=pretrained_fixed loads exactly those weights, frozen; an untouched LM folder is an error."""
+    import importlib.util
+    import json
+
+    from transformers import RobertaForMaskedLM
+
+    from epic.config import ConfigError
+    from epic.models.generator import FITTED_MARKER
+
+    out = setup["tmp"] / "lm_trained"
+    spec = importlib.util.spec_from_file_location("fit_generator", os.path.join(ROOT, "tools", "fit_generator.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    # in this process (its one gloo rank): the tool's init_distributed finds the process group already started
+    assert tool.main(["--config", "shapes_tiny", "--out", str(out), "--steps", "30", "--batch-size", "16",
+                      "--log-every", "10", "--lr", "2e-3", f"data.root={setup['world']}"]) == 0
+    logs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"step"')]
+    assert [entry["step"] for entry in logs] == [10, 20, 30]
+    assert logs[-1]["loss_gen"] < logs[0]["loss_gen"] - 0.5, logs  # it fits the captions
+    marker = json.loads((out / FITTED_MARKER).read_text())
+    assert marker["steps"] == 30 and marker["captions_seen"] == 480 and len(marker["shards"]) == 4
+    assert marker["mlm_probability"] == 0.15
+
+    _, engine, objective = build(setup, "epic.generator_mode=pretrained_fixed", f"epic.generator.pretrained={out}")
+    assert objective.extra_engines() == {} and objective.generator_info["steps"] == 30
+    saved = RobertaForMaskedLM.from_pretrained(str(out)).state_dict()
+    loaded = objective.generator.lm.state_dict()
+    assert all(torch.equal(loaded[k].float(), saved[k].float()) for k in saved)
+    before = weights(objective.generator)
+    out_step = train_step(engine, objective, setup["batch"], 0)
+    assert torch.isfinite(out_step["loss"]) and same(before, weights(objective.generator))  # fixed
+
+    base = setup["tmp"] / "base_lm"
+    RobertaForMaskedLM.from_pretrained(str(out)).save_pretrained(str(base))  # the same LM without the marker
+    with pytest.raises(ConfigError, match=r"untouched.*LM \(fixed\).*fit_generator"):
+        build(setup, "epic.generator_mode=pretrained_fixed", f"epic.generator.pretrained={base}")
+    _, _, fixed = build(setup, "epic.generator_mode=fixed", f"epic.generator.pretrained={base}")  # LM (fixed): fine
+    assert fixed.extra_engines() == {}

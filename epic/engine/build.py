@@ -230,3 +230,7 @@ def check_run_inputs(trainer) -> None:
         if not os.path.exists(teacher):
             raise ConfigError(f"epic.teacher={teacher} does not exist (a run dir, checkpoint dir, export dir or "
                               f"official METER .ckpt)")
+    if cfg.epic.enabled and cfg.epic.generator_mode == "pretrained_fixed":
+        from epic.models.generator import check_fitted_generator
+
+        check_fitted_generator(expand_env(cfg.epic.generator.pretrained, "epic.generator.pretrained"))

@@ -225,6 +225,10 @@ class EpicObjective:
         gen_cfg = epic.generator
         if gen_cfg.pretrained:
             gen_cfg = dataclasses.replace(gen_cfg, pretrained=expand_env(gen_cfg.pretrained, "epic.generator.pretrained"))
+        if mode == "pretrained_fixed":
+            from epic.models.generator import check_fitted_generator
+
+            self.generator_info = check_fitted_generator(gen_cfg.pretrained)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.run.seed + 1)  # the same initial generator on every rank, without touching
             if mode == "vlm_sas":                     # the trainer's random streams
