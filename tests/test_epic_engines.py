@@ -112,6 +112,7 @@ ABLATIONS = {
     "vlm_sas": ["epic.generator_mode=vlm_sas", "epic.sas_refresh_every=1"],
     "cmlm": ["data.mlm_masking=saliency"],
     "ratio_lambda": ["epic.mask_ratio=0.15", "epic.lambda_itc=1.0"],
+    "itc_pair_sum": ["epic.itc_reduction=pair_sum", "epic.lambda_itc=0.25"],
 }
 
 
