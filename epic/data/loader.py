@@ -300,6 +300,7 @@ class TrainLoader:
         return {"seed": a["seed"], "rank": a["rank"], "world_size": a["world_size"],
                 "streams_per_rank": self.streams_per_rank, "batch_size": a["batch_size"],
                 "shards_open": a["shards_open"], "sample_unit": a["sample_unit"],
+                "source_draw": f"stratified-{SOURCE_BLOCK}" if len(self.sources) > 1 else "single",
                 "sources": [[s.name, len(s.shards), s.weight] for s in self.sources]}
 
     @property
@@ -317,8 +318,10 @@ class TrainLoader:
         batch size and sources (else the stream would differ and the error says which setting changed)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state has version {state.get('version')!r}, expected {STATE_VERSION}")
-        # tuples -> lists, as saved; states written before data.sample_unit existed drew per image
-        saved = json.loads(json.dumps({k: state.get(k, "image" if k == "sample_unit" else None) for k in self._identity()}))
+        # tuples -> lists, as saved. States written before per-caption sampling drew per image, and drew the
+        # source iid per sample (a single source: no draw), so only single-source ones resume (as sample_unit=image).
+        legacy = {"sample_unit": "image", "source_draw": "iid" if len(state.get("sources") or []) > 1 else "single"}
+        saved = json.loads(json.dumps({k: state.get(k, legacy.get(k)) for k in self._identity()}))
         changed = [f"{k}: saved {saved[k]!r}, now {v!r}" for k, v in self._identity().items() if saved[k] != v]
         if changed:
             raise ValueError(
