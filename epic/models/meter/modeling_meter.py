@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from .configuration_meter import METERConfig
-from .fusion import BertCrossLayer, additive_attention_mask
-from .heads import ITMHead, MLMHead, Pooler
-from .text import build_text_tower, encode_text_tokens
-from .vision import (build_vision_tower, clip_to_timm_state_dict, encode_image_tokens, load_clip_weights,
+from ..fusion import BertCrossLayer, additive_attention_mask
+from ..heads import ITMHead, MLMHead, Pooler
+from ..text import build_text_tower, encode_text_tokens
+from ..vision import (build_vision_tower, clip_to_timm_state_dict, encode_image_tokens, load_clip_weights,
                      read_state_dict, timm_to_clip_state_dict)
 
 logger = logging.getLogger(__name__)
