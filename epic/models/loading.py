@@ -1,8 +1,11 @@
-"""Where trained weights come from: a run dir, one DeepSpeed checkpoint, an export dir or an official METER .ckpt.
+"""The one weight loader: a run dir, one DeepSpeed checkpoint, an export dir or an official checkpoint -> a model.
 
+    loaded = load_model("runs/meter_4m")          # LoadedModel(model, source, config): any family, via the registry
     source = locate("runs/meter_4m")              # newest COMPLETE checkpoint of the run
     config = read_config_dict(source)             # the resolved run config saved with it (dict), None if official
-    weights = read_weights(source)                # fp32, our key layout (official: METER's key layout)
+    weights = read_weights(source)                # fp32, our key layout (official: the family's own key layout)
+
+The teacher (epic.models.teacher), fine-tuning, evaluation and tools/export.py all read weights through here.
 
 DeepSpeed checkpoints are consolidated with DeepSpeed's own `zero_to_fp32` (the fp32 master weights from the
 optimizer partitions), so the result does not depend on the world size that wrote them. Checkpoints whose
@@ -10,6 +13,7 @@ optimizer state is not ZeRO-partitioned (stage 0) fall back to the module weight
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -19,12 +23,17 @@ from typing import Optional
 import torch
 import yaml
 
+from epic.ckpt_files import find_checkpoint, read_trainer_state
+
+from .interface import CONSISTENCY_HEAD
+
 log = logging.getLogger(__name__)
 
 VLM_ENGINE = "vlm"  # tag of the main VLM engine inside a step_* checkpoint (epic.engine.checkpoint)
 GENERATOR_ENGINE = "generator"
 EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_CONFIG = "config.yaml"
+EXPORT_CONFIG = "config.yaml"  # the resolved run config (tools/export.py)
+MODEL_CONFIG = "config.json"  # the bare model config (VLPModel.save_pretrained)
 
 
 @dataclass(frozen=True)
@@ -37,21 +46,19 @@ class WeightSource:
 
 
 def locate(path: str | Path) -> WeightSource:
-    """A run dir / its checkpoints dir / a step_* dir, an export dir, or an official METER .ckpt file."""
-    from epic.engine.checkpoint import find_checkpoint
-
+    """A run dir / its checkpoints dir / a step_* dir, an export dir, or an official checkpoint file."""
     path = Path(path)
     if path.is_file():
         return WeightSource("official", path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: give a run dir, a checkpoint dir (step_*), an export dir "
                                 f"(tools/export.py) or an official METER .ckpt")
-    if (path / EXPORT_WEIGHTS).is_file() and (path / EXPORT_CONFIG).is_file():
+    if (path / EXPORT_WEIGHTS).is_file() and ((path / EXPORT_CONFIG).is_file() or (path / MODEL_CONFIG).is_file()):
         return WeightSource("export", path)
     found = find_checkpoint(path)
     if found is None:
         raise FileNotFoundError(f"{path} holds no complete checkpoint (no step_*/COMPLETE) and is not an export "
-                                f"dir ({EXPORT_WEIGHTS} + {EXPORT_CONFIG}); has the run saved one yet?")
+                                f"dir ({EXPORT_WEIGHTS} + {EXPORT_CONFIG} or {MODEL_CONFIG}); has the run saved one yet?")
     return WeightSource("deepspeed", found)
 
 
@@ -65,22 +72,20 @@ def run_dir_of(source: WeightSource) -> Optional[Path]:
 def read_config_dict(source: WeightSource) -> Optional[dict]:
     """The resolved config the weights were trained with (None for an official checkpoint: it has none we read)."""
     if source.kind == "deepspeed":
-        from epic.engine.checkpoint import read_trainer_state
-
         state = read_trainer_state(source.path)
         if "config" not in state:
             raise KeyError(f"{source.path}/trainer_state.json has no 'config'; it was not written by epic's trainer")
         return state["config"]
     if source.kind == "export":
-        with open(source.path / EXPORT_CONFIG) as f:
-            return yaml.safe_load(f)
+        if (source.path / EXPORT_CONFIG).is_file():
+            with open(source.path / EXPORT_CONFIG) as f:
+                return yaml.safe_load(f)
+        return {"model": json.loads((source.path / MODEL_CONFIG).read_text())}  # save_pretrained: the model only
     return None
 
 
 def read_step(source: WeightSource) -> int:
     if source.kind == "deepspeed":
-        from epic.engine.checkpoint import read_trainer_state
-
         return int(read_trainer_state(source.path).get("step", 0))
     if source.kind == "export" and (source.path / "export.json").is_file():
         return int(json.loads((source.path / "export.json").read_text()).get("step", 0))
@@ -133,3 +138,84 @@ def tokenizer_path(source: WeightSource, config: Optional[dict]) -> Optional[str
     if data.get("root"):
         return str(Path(data["root"]) / "tokenizer")
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights -> model, for every family
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # a VLPModel of the family the source names, weights loaded, in train mode
+    source: WeightSource
+    config: Optional[dict]  # the resolved run config the weights were trained with (None: official / bare export)
+
+    def run_config(self):
+        """``config`` as an ``epic.config.Config`` (a pretraining run's)."""
+        from epic.config import config_from_dict
+
+        if self.config is None or "run" not in self.config:
+            raise ValueError(f"{self.source.describe()} carries no run config")
+        return config_from_dict(self.config)
+
+
+def without_local_weights(model_cfg):
+    """The model config with its local pretrained-tower paths (fields named ``*_pretrained``) cleared: the weights
+    come from the checkpoint, so the original files are not read again."""
+    cleared = {f.name: None for f in dataclasses.fields(model_cfg) if f.name.endswith("_pretrained")}
+    return dataclasses.replace(model_cfg, **cleared)
+
+
+def model_config_from_dict(values: dict, source: str = "model"):
+    """A saved ``model:`` section (or a save_pretrained config.json) -> the family's config dataclass."""
+    from epic.config import ConfigError, build_model_section
+
+    try:
+        return without_local_weights(build_model_section(dict(values), "model"))
+    except ConfigError as err:
+        raise ValueError(f"{source}: its model config does not fit this code ({err})") from err
+
+
+def model_from_weights(model_cfg, weights: dict, source: str):
+    """Build ``model_cfg``'s family (registry) and load ``weights`` strictly; an EPIC run's consistency head is
+    rebuilt when the weights have it."""
+    from .registry import build_model
+
+    fields = {f.name for f in dataclasses.fields(model_cfg)}
+    if "consistency_head" in fields and any(k.startswith(CONSISTENCY_HEAD + ".") for k in weights):
+        model_cfg = dataclasses.replace(model_cfg, consistency_head=True)
+    model = build_model(model_cfg)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the saved config (missing {missing[:8]}, unexpected "
+                         f"{unexpected[:8]})")
+    return model
+
+
+def load_official_file(path: Path, family: Optional[str] = None, **converter_options):
+    """An official checkpoint through its family's converter (registry). ``X.ckpt`` may have an ``X.json`` beside
+    it with config fields its tensors cannot tell (head counts...) and, optionally, ``"family"``."""
+    from .registry import load_official
+
+    beside = path.with_suffix(".json")
+    overrides = json.loads(beside.read_text()) if beside.is_file() else None
+    if overrides is not None and "family" in overrides:
+        family = family or overrides["family"]
+        overrides = {k: v for k, v in overrides.items() if k != "family"}
+    return load_official(family or "meter", str(path), overrides, **converter_options)
+
+
+def load_model(path: str | Path, engine: str = VLM_ENGINE, family: Optional[str] = None,
+               allow_missing_heads: bool = True) -> LoadedModel:
+    """Any weight source -> (model, source, run config). ``family`` only matters for official files (default:
+    the ``family`` of the JSON beside the file, else METER); every other source names its family in its config.
+    ``allow_missing_heads``: an official checkpoint without pretraining heads (a fine-tuned one) still loads."""
+    source = locate(path)
+    if source.kind == "official":
+        model = load_official_file(source.path, family, allow_missing_heads=allow_missing_heads)
+        return LoadedModel(model, source, None)
+    config = read_config_dict(source)
+    if not config or "model" not in config:
+        raise ValueError(f"{source.describe()} has no model config")
+    model_cfg = model_config_from_dict(config["model"], source.describe())
+    model = model_from_weights(model_cfg, read_weights(source, engine), source.describe())
+    return LoadedModel(model, source, config if "run" in config else None)

@@ -12,7 +12,6 @@ tokens and m = ceil(mask_ratio * that) masked positions.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -30,11 +29,11 @@ def _count(fn) -> int:
     return counter.get_total_flops()
 
 
-def _meta_meter(model_cfg):
-    from epic.models.meter import METER
+def _meta_meter(model_cfg, **changes):
+    """The family's model on the meta device (the registry builds it; the old name stays)."""
+    from .vanilla import meta_model
 
-    with META:
-        return METER(dataclasses.replace(model_cfg, vit_pretrained=None, text_pretrained=None))
+    return meta_model(model_cfg, **changes)
 
 
 def meta_epic_batch(model_cfg, batch_size: int, text_len: int, mask_ratio: float) -> dict:
@@ -68,22 +67,23 @@ def generator_flops(cfg, batch: dict) -> int:
     flat, ids = batch["masked_flat"], batch["input_ids"]
     targets = torch.zeros(flat.shape[0], dtype=torch.long, device=META)
     if epic.generator_mode == "vlm_sas":
-        sas = _meta_meter(cfg.model)
+        sas = _meta_meter(cfg.model, consistency_head=False)
 
         def forward_only():
             with torch.no_grad():
                 feats = sas.infer(input_ids=ids, attention_mask=batch["attention_mask"],
                                   pixel_values=batch["pixel_values"])["text_feats"]
-                return sas.mlm_score.transform(feats.flatten(0, 1).index_select(0, flat))
+                return sas.mlm_transform(feats.flatten(0, 1).index_select(0, flat))
 
         flops = _count(forward_only)
         with torch.no_grad():
             states = torch.empty(flat.shape[0], cfg.model.hidden_size, device=META)
-            return flops + _vocabulary_flops(states, sas.mlm_score.decoder.weight, sas.mlm_score.bias, targets, False)
+            embedding, bias = sas.mlm_output_embedding()
+            return flops + _vocabulary_flops(states, embedding, bias, targets, False)
     config_class, model_class = GENERATOR_FAMILIES[cfg.model.text_model_type]
     hf_config = generator_hf_config(epic.generator, cfg.model)
     if epic.generator.pretrained:
-        from epic.engine.build import expand_env
+        from epic.paths import expand_env
 
         try:  # the pretrained generator's own sizes (config.json only)
             hf_config = config_class.from_pretrained(expand_env(epic.generator.pretrained, "epic.generator.pretrained"))
@@ -115,7 +115,7 @@ def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_
 
     ``teacher_cfg``: the teacher's METERConfig (default: the VLM's).
     """
-    from .consistency import add_consistency_head, epic_vlm_passes
+    from .consistency import epic_vlm_passes
 
     text_len = text_len or cfg.data.max_text_len
     batch = meta_epic_batch(cfg.model, batch_size, text_len, cfg.epic.mask_ratio)
@@ -126,11 +126,10 @@ def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_
 
         def saliency():
             with torch.no_grad():
-                teacher.infer(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
-                              return_saliency_qk=True, stop_before_last_layer=True)
+                teacher.saliency_qk(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"])
 
         flops["teacher"] = _count(saliency)
-    model = add_consistency_head(_meta_meter(cfg.model))
+    model = _meta_meter(cfg.model, consistency_head=True)
 
     def vlm_step():
         image_embeds = model.encode_image(batch["pixel_values"])

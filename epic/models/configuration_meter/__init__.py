@@ -1,2 +1,2 @@
 """Old import path of METER's config; it lives in ``epic.models.meter.configuration_meter``."""
-from .meter.configuration_meter import METERConfig  # noqa: F401
+from epic.models.meter.configuration_meter import METERConfig  # noqa: F401
