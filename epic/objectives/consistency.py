@@ -312,7 +312,7 @@ class EpicObjective:
 
         teacher_cfg = self.teacher.config if self.teacher is not None else None
         with torch.random.fork_rng(devices=[]):  # called after a resume restored the RNG: leave it untouched
-            return epic_step_flops_per_sample(cfg, teacher_cfg)["total"]
+            return epic_step_flops_per_sample(cfg, teacher_cfg, vlm_passes=epic_vlm_passes)["total"]
 
     # -- logging -----------------------------------------------------------------------------------------------
     def log_values(self, step: int) -> dict:

@@ -109,14 +109,16 @@ def generator_flops(cfg, batch: dict) -> int:
     return flops + _vocabulary_flops(states, embedding, bias, targets, True)  # backward through the encoder too
 
 
-def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_len: Optional[int] = None
-                               ) -> dict[str, float]:
+def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_len: Optional[int] = None,
+                               vlm_passes=None) -> dict[str, float]:
     """{"teacher", "generator", "vlm", "total"}: training FLOPs per sample of one EPIC step at ``cfg``'s sizes.
 
-    ``teacher_cfg``: the teacher's METERConfig (default: the VLM's).
+    ``teacher_cfg``: the teacher's model config (default: the VLM's). ``vlm_passes``: the VLM's part of the step
+    (``epic.objectives.consistency.epic_vlm_passes``; handed in, so that this counter imports no objective).
     """
-    from .consistency import epic_vlm_passes
-
+    if vlm_passes is None:
+        raise TypeError("epic_step_flops_per_sample needs vlm_passes=epic.objectives.consistency.epic_vlm_passes")
+    epic_vlm_passes = vlm_passes
     text_len = text_len or cfg.data.max_text_len
     batch = meta_epic_batch(cfg.model, batch_size, text_len, cfg.epic.mask_ratio)
     real = ~batch["special_tokens_mask"]
