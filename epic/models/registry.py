@@ -8,6 +8,9 @@ each is imported the first time it is asked for). Its modules must provide
     model      a ``epic.models.interface.VLPModel`` subclass (``from_config``, ``from_pretrained``, ...)
     converter  ``load_official(path, config=None) -> model``: the official checkpoint -> our model
     tasks      optional ``build_task_model(task, config, num_answers) -> model`` for epic/finetune.py
+    tiny_config  the name of a packaged run config (epic/configs/) with a tiny model of the family: the
+               interface conformance test (tests/test_model_interface.py) builds it, so a new family is tested
+               against the interface the moment it is registered
 
     model = build_model(cfg.model)                          # the family's from_config
     model = load_official("meter", "meter_clip16_288_roberta_pretrain.ckpt")
@@ -29,13 +32,14 @@ class Family:
     model: str  # "module:ModelClass"
     converter: str  # "module:function" -> load_official(path, config=None)
     tasks: Optional[str] = None  # "module:function" -> build_task_model(task, config, num_answers)
+    tiny_config: str = ""  # a packaged run config with a tiny model (tests/test_model_interface.py builds it)
 
 
 FAMILIES: dict[str, Family] = {
     "meter": Family("meter", config="epic.models.meter.configuration_meter:METERConfig",
                     model="epic.models.meter.modeling_meter:METER",
                     converter="epic.models.meter.modeling_meter:load_official_meter",
-                    tasks="epic.models.downstream:build_task_model"),
+                    tasks="epic.models.downstream:build_task_model", tiny_config="shapes_tiny"),
 }
 
 
