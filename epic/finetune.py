@@ -22,7 +22,6 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.pa
     sys.path.pop(0)  # running as a script: do not let epic/*.py shadow top-level modules
 
 import argparse
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -35,6 +34,8 @@ from epic.finetune_config import FINETUNE_TASKS, TaskConfig, build_dataclass, va
 
 # model fields a checkpoint fixes (shapes); the rest (image_size, dropout, max_text_len) may be changed
 LOCAL_PATH_FIELDS = ("vit_pretrained", "text_pretrained")
+# model fields of the pretraining run that a task model does not take over: EPIC's consistency head beta
+PRETRAINING_ONLY_FIELDS = ("consistency_head",)
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -75,7 +76,8 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
         tokenizer = tokenizer_path(source, source_config)
         if tokenizer and not data.get("data", {}).get("tokenizer"):
             data.setdefault("data", {})["tokenizer"] = tokenizer
-    model = {k: v for k, v in source_config.get("model", {}).items() if k not in LOCAL_PATH_FIELDS}
+    model = {k: v for k, v in source_config.get("model", {}).items()
+             if k not in LOCAL_PATH_FIELDS + PRETRAINING_ONLY_FIELDS and not k.endswith("_pretrained")}
     data["model"] = {**model, **data.get("model", {})}
     if not data.setdefault("data", {}).get("tokenizer"):
         data["data"]["tokenizer"] = source_config.get("data", {}).get("tokenizer")
@@ -84,7 +86,9 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
     data["data"]["sources"] = []
     data.pop("epic", None)  # fine-tuning trains no generator and reads no teacher
     cfg = build_dataclass(TaskConfig, data)
-    cfg.model = dataclasses.replace(cfg.model, vit_pretrained=None, text_pretrained=None)
+    from epic.models.loading import without_local_weights
+
+    cfg.model = without_local_weights(cfg.model)  # the weights come from --init
     fill_task_paths(cfg)
     validate_finetune(cfg)
     if cfg.data.tokenizer is None:

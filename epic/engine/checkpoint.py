@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -29,6 +28,7 @@ import torch.distributed as dist
 # reading checkpoints needs no engine: these live in a leaf (epic.ckpt_files) that models/ can use too
 from epic.ckpt_files import (COMPLETE, STEP_DIR, CheckpointError, complete_checkpoints, find_checkpoint,  # noqa: F401
                              read_module_state_dict, read_trainer_state, tag_for_step)
+
 
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
