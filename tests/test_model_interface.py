@@ -56,10 +56,15 @@ def test_registry_builds_the_family_class(family, built):
 
 def test_infer_heads_and_shapes(built):
     cfg, model, batch = built
+    stream = torch.Generator().manual_seed(5)
+    before = stream.get_state()
     with torch.no_grad():
         image_embeds = model.encode_image(batch["pixel_values"])
+        seeded = model.encode_image(batch["pixel_values"], generator=stream)
         out = model.infer(batch["input_ids"], batch["attention_mask"], image_embeds=image_embeds)
         again = model.infer(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"])
+    assert torch.equal(stream.get_state(), before), "encode_image drew from the generator in eval mode"
+    torch.testing.assert_close(seeded, image_embeds, rtol=0, atol=0)
     assert set(INFER_KEYS) <= set(out)
     length = batch["input_ids"].shape[1]
     assert out["text_feats"].shape == (BATCH, length, cfg.hidden_size)

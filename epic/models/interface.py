@@ -62,8 +62,12 @@ class VLPModel(nn.Module, abc.ABC):
 
     # -- forward -------------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The unimodal image encoding; run once per micro-batch and passed to ``infer(image_embeds=...)``."""
+    def encode_image(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The unimodal image encoding; run once per micro-batch and passed to ``infer(image_embeds=...)``.
+
+        ``generator``: the objective's random stream, for families whose training-time encoding is random (ViLT
+        samples at most ``max_image_len`` patches); it must not be drawn from in eval mode or by deterministic
+        families (METER ignores it), so resuming stays exact."""
 
     @abc.abstractmethod
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,

@@ -228,7 +228,8 @@ class EpicObjective:
             with torch.random.fork_rng(devices=[]):  # reading val images must not move the training RNG
                 self._figure_batch = self._pick_figure_batch(batch)
         real = real_text_tokens(batch)
-        image_embeds = model.encode_image(batch["pixel_values"])  # once per micro-batch, shared by all VLM passes
+        image_embeds = model.encode_image(batch["pixel_values"], generator=rng)  # once per micro-batch, shared by
+        # all VLM passes (the objective's stream: a family with random patch sampling draws from it, METER does not)
         query_keys = self._teacher_query_keys(batch)
         positions, alpha = self._masking(query_keys, real, self.epic.mask_ratio, rng)
         corrupted, loss_gen = self._corrupt(batch, positions, image_embeds, rng)

@@ -26,7 +26,7 @@ def vanilla_losses(model, batch: dict, generator: torch.Generator, share_image_e
     check_batch(batch)
     pixel_values = batch["pixel_values"]
     if share_image_embeds:
-        out = base_losses(model, batch, model.encode_image(pixel_values), generator)
+        out = base_losses(model, batch, model.encode_image(pixel_values, generator=generator), generator)
     else:
         pairs = draw_itm_pairs(pixel_values.shape[0], generator, pixel_values.device)
         mlm = compute_mlm(model, batch, model.encode_image(pixel_values))

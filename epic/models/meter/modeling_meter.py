@@ -100,8 +100,9 @@ class METER(VLPModel):
         return self.mlm_score.decoder.weight, self.mlm_score.bias
 
     # ----------------------------------------------------------------------------------------------- towers
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] → vision tower output [B, N_img, vit_width] (ln_post on every token)."""
+    def encode_image(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """[B, 3, S, S] → vision tower output [B, N_img, vit_width] (ln_post on every token); deterministic, so
+        ``generator`` is never drawn from."""
         size = self.config.image_size
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (size, size):
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected [B, 3, {size}, {size}] "
