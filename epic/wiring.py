@@ -11,16 +11,20 @@ from pathlib import Path
 from typing import Optional
 
 from epic.config import Config, ConfigError
+from epic.data.shards import epoch_length
 from epic.engine.trainer import Trainer
+from epic.models.teacher import load_saliency_teacher
 from epic.objectives.vanilla import VanillaObjective  # noqa: F401  (the objective protocol's reference)
 from epic.paths import expand_env
 
 
 @dataclass
 class DataPaths:
-    sources: list[tuple[str, list[str], float]]  # (name, shard files, weight)
+    sources: list[tuple[str, list[str], float]]  # (name, shard files, weight; "auto" weights resolved)
     val_shards: Optional[list[str]]
     tokenizer: str
+    sample_unit: str = "caption"
+    epoch_samples: Optional[int] = None  # one pass over all captions (images); None when a counts.json is missing
 
 
 def expand_shards(spec: str, what: str) -> list[str]:
@@ -43,7 +47,7 @@ def resolve_data_paths(cfg: Config) -> DataPaths:
             raise ConfigError(f"data.root={root} does not exist. Generate the shapes world with "
                               f"`python tools/make_synthetic_shards.py --out {root} --train 2000 --val 200`.")
         if not sources:
-            sources = [("shapes", str(root / "train" / "*.tar"), 1.0)]
+            sources = [("shapes", str(root / "train" / "*.tar"), "auto")]
         val = val or str(root / "val" / "*.tar")
         tokenizer = tokenizer or str(root / "tokenizer")
     if not sources:
@@ -54,9 +58,22 @@ def resolve_data_paths(cfg: Config) -> DataPaths:
     tokenizer = expand_env(tokenizer, "data.tokenizer")
     if not os.path.exists(tokenizer):
         raise ConfigError(f"data.tokenizer={tokenizer} does not exist")
-    resolved = [(name, expand_shards(spec, f"data source '{name}'"), weight) for name, spec, weight in sources]
+    resolved = resolve_source_weights(
+        [(name, expand_shards(spec, f"data source '{name}'"), weight) for name, spec, weight in sources],
+        data.sample_unit)
     val_files = expand_shards(val, "data.val_shards") if val else None
-    return DataPaths(resolved, val_files, tokenizer)
+    return DataPaths([(s.name, list(s.shards), s.weight) for s in resolved], val_files, tokenizer, data.sample_unit,
+                     epoch_length(resolved, data.sample_unit))
+
+
+def resolve_source_weights(sources, sample_unit: str):
+    """epic.data Sources with "auto" weights replaced by caption (image) counts; ConfigError when counts lack."""
+    from epic.data.shards import MissingCountsError, parse_sources
+
+    try:
+        return parse_sources([{"name": n, "shards": files, "weight": w} for n, files, w in sources], sample_unit)
+    except (MissingCountsError, ValueError) as err:
+        raise ConfigError(f"data.sources: {err}") from err
 
 
 def resolve_model_config(model_cfg, tokenizer):
@@ -120,19 +137,29 @@ def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_
     return build_train_loader(sources, tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
                               batch_size=cfg.data.micro_batch_size, num_workers=cfg.data.num_workers,
                               seed=cfg.run.seed, rank=rank, world_size=world_size,
-                              mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment, state=state)
+                              mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment, state=state,
+                              sample_unit=cfg.data.sample_unit)
 
 
 def build_objective(cfg: Config, engine, tokenizer, ds_config: dict, batch_math, paths: DataPaths, device):
     """The run's objective, with the engines of the extra modules it declares made by the engine factory."""
+    import torch
+
     from epic.engine.setup import create_engine
 
-    if not cfg.epic.enabled:
+    if not cfg.epic.enabled and cfg.data.mlm_masking == "saliency":  # †CMLM (App. J): saliency-masked MLM
+        from epic.data.text import replacement_token_ids
+        from epic.objectives.vanilla import SaliencyCMLM
+
+        teacher = load_saliency_teacher(cfg, tokenizer, torch.device(device))
+        objective = VanillaObjective(SaliencyCMLM(teacher, cfg.data.mlm_probability, tokenizer.mask_token_id,
+                                                  replacement_token_ids(tokenizer)))
+    elif not cfg.epic.enabled:
         objective = VanillaObjective()
     else:
         from epic.objectives.consistency import EpicObjective
 
-        objective = EpicObjective(cfg, engine, tokenizer, paths=paths, device=device)
+        objective = EpicObjective(cfg, engine, tokenizer, batch_math=batch_math, paths=paths, device=device)
     on_cpu = str(device).startswith("cpu")
     objective.attach_engines({name: create_engine(spec, ds_config, batch_math, cfg.train.grad_clip, on_cpu)
                               for name, spec in objective.extra_modules().items()})
@@ -160,11 +187,15 @@ def check_run_inputs(trainer) -> None:
 
     tokenizer = load_tokenizer(trainer.paths.tokenizer)
     expand_model_paths(resolve_model_config(cfg.model, tokenizer))
-    if cfg.epic.enabled and cfg.epic.teacher is not None:
+    if (cfg.epic.enabled or cfg.data.mlm_masking == "saliency") and cfg.epic.teacher is not None:
         teacher = expand_env(cfg.epic.teacher, "epic.teacher")
         if not os.path.exists(teacher):
             raise ConfigError(f"epic.teacher={teacher} does not exist (a run dir, checkpoint dir, export dir or "
                               f"official METER .ckpt)")
+    if cfg.epic.enabled and cfg.epic.generator_mode == "pretrained_fixed":
+        from epic.models.generator import check_fitted_generator
+
+        check_fitted_generator(expand_env(cfg.epic.generator.pretrained, "epic.generator.pretrained"))
 
 
 class PretrainTrainer(Trainer):

@@ -70,7 +70,9 @@ def run_dir_of(source: WeightSource) -> Optional[Path]:
 
 
 def read_config_dict(source: WeightSource) -> Optional[dict]:
-    """The resolved config the weights were trained with (None for an official checkpoint: it has none we read)."""
+    """The resolved config the weights were trained with; for an official checkpoint only its ``model`` section,
+    from its family's ``official_config`` (tensor shapes, the file's own hyper-parameters, FILE.json beside it;
+    None if the family registers none)."""
     if source.kind == "deepspeed":
         state = read_trainer_state(source.path)
         if "config" not in state:
@@ -81,7 +83,8 @@ def read_config_dict(source: WeightSource) -> Optional[dict]:
             with open(source.path / EXPORT_CONFIG) as f:
                 return yaml.safe_load(f)
         return {"model": json.loads((source.path / MODEL_CONFIG).read_text())}  # save_pretrained: the model only
-    return None
+    cfg = official_model_config(source.path)
+    return None if cfg is None else {"model": dataclasses.asdict(without_local_weights(cfg))}
 
 
 def read_step(source: WeightSource) -> int:
@@ -191,17 +194,31 @@ def model_from_weights(model_cfg, weights: dict, source: str):
     return model
 
 
-def load_official_file(path: Path, family: Optional[str] = None, **converter_options):
-    """An official checkpoint through its family's converter (registry). ``X.ckpt`` may have an ``X.json`` beside
-    it with config fields its tensors cannot tell (head counts...) and, optionally, ``"family"``."""
-    from .registry import load_official
-
-    beside = path.with_suffix(".json")
+def official_family_and_overrides(path: Path, family: Optional[str] = None) -> tuple[str, Optional[dict]]:
+    """``X.ckpt`` may have an ``X.json`` beside it with config values its tensors cannot tell (head counts...) and,
+    optionally, ``"family"`` (default: ``family``, else METER)."""
+    beside = Path(path).with_suffix(".json")
     overrides = json.loads(beside.read_text()) if beside.is_file() else None
     if overrides is not None and "family" in overrides:
         family = family or overrides["family"]
         overrides = {k: v for k, v in overrides.items() if k != "family"}
-    return load_official(family or "meter", str(path), overrides, **converter_options)
+    return family or "meter", overrides
+
+
+def official_model_config(path: Path, family: Optional[str] = None):
+    """The model config of an official checkpoint (its family's ``official_config``), or None."""
+    from .registry import official_config
+
+    family, overrides = official_family_and_overrides(path, family)
+    return official_config(family, str(path), overrides)
+
+
+def load_official_file(path: Path, family: Optional[str] = None, **converter_options):
+    """An official checkpoint through its family's converter (registry), with the JSON beside it."""
+    from .registry import load_official
+
+    family, overrides = official_family_and_overrides(path, family)
+    return load_official(family, str(path), overrides, **converter_options)
 
 
 def load_model(path: str | Path, engine: str = VLM_ENGINE, family: Optional[str] = None,

@@ -8,6 +8,7 @@ each is imported the first time it is asked for). Its modules must provide
     model      a ``epic.models.interface.VLPModel`` subclass (``from_config``, ``from_pretrained``, ...)
     converter  ``load_official(path, config=None) -> model``: the official checkpoint -> our model
     tasks      optional ``build_task_model(task, config, num_answers) -> model`` for epic/finetune.py
+    official_config  optional ``(path, config=None) -> config``: an official file's architecture without its weights
     tiny_config  the name of a packaged run config (epic/configs/) with a tiny model of the family: the
                interface conformance test (tests/test_model_interface.py) builds it, so a new family is tested
                against the interface the moment it is registered
@@ -33,13 +34,15 @@ class Family:
     converter: str  # "module:function" -> load_official(path, config=None)
     tasks: Optional[str] = None  # "module:function" -> build_task_model(task, config, num_answers)
     tiny_config: str = ""  # a packaged run config with a tiny model (tests/test_model_interface.py builds it)
+    official_config: Optional[str] = None  # "module:function" -> (path, config=None) -> the file's model config
 
 
 FAMILIES: dict[str, Family] = {
     "meter": Family("meter", config="epic.models.meter.configuration_meter:METERConfig",
                     model="epic.models.meter.modeling_meter:METER",
                     converter="epic.models.meter.modeling_meter:load_official_meter",
-                    tasks="epic.models.downstream:build_task_model", tiny_config="shapes_tiny"),
+                    tasks="epic.models.downstream:build_task_model", tiny_config="shapes_tiny",
+                    official_config="epic.models.meter.modeling_meter:official_meter_config"),
 }
 
 
@@ -82,6 +85,13 @@ def load_official(family: str, path: str, config=None, **options):
     """An official checkpoint of ``family`` -> our model (``config``: the family's own config values, a dict or a
     JSON path; ``options``: the converter's own switches, e.g. METER's ``allow_missing_heads``)."""
     return _import(get_family(family).converter)(path, config, **options)
+
+
+def official_config(family: str, path: str, config=None):
+    """The model config an official checkpoint of ``family`` holds (without loading its weights), or None when the
+    family registers no ``official_config``."""
+    entry = get_family(family)
+    return None if entry.official_config is None else _import(entry.official_config)(path, config)
 
 
 def build_task_model(task: str, config, num_answers: int = 0):

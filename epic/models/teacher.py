@@ -70,6 +70,16 @@ def load_teacher(source: str, device, dtype: str = "auto") -> SaliencyTeacher:
     return teacher
 
 
+def load_saliency_teacher(cfg, tokenizer, device) -> SaliencyTeacher:
+    """The frozen teacher of ``epic.teacher`` (EPIC's saliency masking, †CMLM) for a run config, checked against
+    the data's sizes."""
+    from epic.paths import expand_env
+
+    teacher = load_teacher(expand_env(cfg.epic.teacher, "epic.teacher"), device, cfg.epic.teacher_dtype)
+    check_teacher_fits(teacher, tokenizer, cfg.data.image_size, cfg.data.max_text_len)
+    return teacher
+
+
 def resolve_teacher_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32

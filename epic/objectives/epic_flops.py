@@ -12,6 +12,7 @@ tokens and m = ceil(mask_ratio * that) masked positions.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -29,11 +30,16 @@ def _count(fn) -> int:
     return counter.get_total_flops()
 
 
-def _meta_meter(model_cfg, **changes):
-    """The family's model on the meta device (the registry builds it; the old name stays)."""
-    from .vanilla import meta_model
+def meta_model(model_cfg, **changes):
+    """The family's model at ``model_cfg``'s sizes on the meta device (no memory), through the registry."""
+    from epic.models.loading import without_local_weights
+    from epic.models.registry import build_model
 
-    return meta_model(model_cfg, **changes)
+    with META:
+        return build_model(without_local_weights(dataclasses.replace(model_cfg, **changes)))
+
+
+_meta_meter = meta_model  # the old name
 
 
 def meta_epic_batch(model_cfg, batch_size: int, text_len: int, mask_ratio: float) -> dict:
@@ -109,6 +115,22 @@ def generator_flops(cfg, batch: dict) -> int:
     return flops + _vocabulary_flops(states, embedding, bias, targets, True)  # backward through the encoder too
 
 
+def teacher_flops(teacher_cfg, batch: dict) -> int:
+    """The frozen teacher's forward up to its saliency layer (Eq. 8's inputs, ``saliency_qk``), for the batch."""
+    teacher = _meta_meter(teacher_cfg)
+
+    def saliency():
+        with torch.no_grad():
+            teacher.saliency_qk(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"])
+
+    return _count(saliency)
+
+
+def teacher_flops_per_sample(teacher_cfg, text_len: int, batch_size: int = 2) -> float:
+    """Per sample, at full-length captions (†CMLM adds this to the vanilla step)."""
+    return teacher_flops(teacher_cfg, meta_epic_batch(teacher_cfg, batch_size, text_len, 0.15)) / batch_size
+
+
 def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_len: Optional[int] = None,
                                vlm_passes=None) -> dict[str, float]:
     """{"teacher", "generator", "vlm", "total"}: training FLOPs per sample of one EPIC step at ``cfg``'s sizes.
@@ -124,13 +146,7 @@ def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_
     real = ~batch["special_tokens_mask"]
     flops = {"teacher": 0, "generator": generator_flops(cfg, batch)}
     if cfg.epic.masking == "saliency":
-        teacher = _meta_meter(teacher_cfg or cfg.model)
-
-        def saliency():
-            with torch.no_grad():
-                teacher.saliency_qk(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"])
-
-        flops["teacher"] = _count(saliency)
+        flops["teacher"] = teacher_flops(teacher_cfg or cfg.model, batch)
     model = _meta_meter(cfg.model, consistency_head=True)
 
     def vlm_step():
