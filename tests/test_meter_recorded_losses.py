@@ -1,6 +1,8 @@
 """METER's behaviour is pinned: a fixed-seed 2-rank 20-step vanilla run and a 20-step EPIC run on the shapes world
 (CPU, ``train.deterministic=true``) log, step by step, exactly the values recorded in
-``tests/data/meter_recorded_losses.json`` from the code before the family-interface refactor (issue 11).
+``tests/data/meter_recorded_losses.json`` from the code before the family-interface refactor (issue 11): first
+recorded on main 8a3d592, re-recorded on main b215174 (h10b's per-caption data mixture changed the stream) from a
+plain export of that commit, without the refactor; the refactored tree reproduces it exactly.
 
 The EPIC run's teacher is the vanilla run's own run dir, so the teacher loader (run dir -> pruned frozen copy)
 is pinned too. To re-record after an *intended* change of METER's numerics:
