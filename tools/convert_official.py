@@ -51,14 +51,20 @@ def convert(family: str, src: str, out: str, config=None, **options):
 
     if not Path(src).is_file():
         raise SystemExit(f"--src {src} is not a file")
-    model = load_official(family, src, config, **options)
+    model = load_official(family, src, config, **options)  # converter errors (keys, sizes) raise before writing
     model.save_pretrained(out)
     return model
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    model = convert(args.family, args.src, args.out, args.config, **parse_options(args.option))
+    try:
+        model = convert(args.family, args.src, args.out, args.config, **parse_options(args.option))
+    except (ValueError, OSError, KeyError) as err:
+        raise SystemExit(f"error: {' '.join(str(err).split())}") from None
+    for source, report in getattr(model, "official_config_report", {}).items():  # what a converter read, if it says
+        print(f"{source}: used {', '.join(f'{k}->{v}' for k, v in report['used'].items()) or 'nothing'}; "
+              f"ignored (training-only) {', '.join(report['ignored']) or 'nothing'}")
     sizes = {k: v for k, v in dataclasses.asdict(model.config).items() if v is not None}
     print(f"wrote {args.out}/model.safetensors and config.json ({args.family}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
