@@ -151,3 +151,127 @@ def test_gradcam_attention_is_the_fused_attention(shapes_world, tokenizer):
     maps = gradcam_maps(vlm, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                         torch.tensor([1, 2, 1, 3]))
     assert maps.shape == (4, 2, 2) and (maps >= 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ smoke runs
+# One real smoke pipeline (vanilla METER and EPIC: pretraining, NLVR2 and retrieval fine-tuning, zero-shot
+# retrieval, through the same entry points a user runs) is shared by every study: the other pretraining variants
+# are checked to be valid configs (every override resolves) and then read the shared runs, so that this test checks
+# each study's plumbing, table and plots in CI time, not the variants' training (the real studies run them).
+STUDY_FILES = {"modality-bias": ["fig2a_acc.png", "fig2a_acc_content.png", "fig2a_acc_filler.png"],
+               "unmasked-use": ["fig2b.png"], "table4": ["table4.png"], "table5": ["table5.png"],
+               "table6": ["table6.png"], "table8": ["table8.png"],
+               "fig6": ["fig6_inconsistent_samples.png", "fig6_itc_acc_inconsistent.png"],
+               "gradcam": ["gradcam.png"]}
+CELL = re.compile(r"^-?\d+\.\d ± \d+\.\d$")
+
+
+@pytest.fixture(scope="session")
+def smoke_root(tmp_path_factory):
+    from study import build_study, parse_args
+
+    from epic.studies.common import VANILLA, Variant, run_unit
+
+    root = tmp_path_factory.mktemp("studies")
+    base = ["--smoke", "--world", str(root / "world"), "--runs", str(root / "runs")]
+    study = build_study(parse_args(["table4", *base, "--out", str(root / "table4")]))
+    shared = {"vanilla": run_unit(study, VANILLA, 0), "epic": run_unit(study, Variant("EPIC", "epic", ()), 0)}
+    return root, base, shared
+
+
+def share_runs(module, study, shared):
+    """Point the study's other variants at the shared runs after checking that their configs resolve."""
+    from epic.config import load_config
+    from epic.studies.common import pretrain_overrides
+
+    for variant in getattr(module, "VARIANTS", getattr(module, "MODELS", ())):
+        unit = study.unit_dir(variant, 0)
+        if unit.exists():
+            continue
+        teacher = Path(shared["vanilla"]["dir"]) if variant.needs_teacher else None
+        fitted = str(teacher) if variant.needs_fitted_lm else None
+        load_config(study.scale.config_of(variant), pretrain_overrides(study, variant, 0, teacher, fitted))
+        unit.parent.mkdir(parents=True, exist_ok=True)
+        unit.symlink_to(Path(shared["vanilla" if variant.kind == "vanilla" else "epic"]["dir"]))
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+@pytest.mark.parametrize("name", list(STUDY_FILES))
+def test_every_study_in_smoke_mode_writes_its_table_and_plots(name, smoke_root, capsys):
+    import importlib
+
+    import study as study_tool
+
+    root, base, shared = smoke_root
+    out = root / name
+    argv = [name, *base, "--out", str(out)]
+    module = importlib.import_module(f"epic.studies.{study_tool.STUDIES[name]}")
+    pretraining = name.startswith("table") or name == "fig6"
+    if pretraining:
+        share_runs(module, study_tool.build_study(study_tool.parse_args(argv)), shared)
+        argv.append("--report-only")
+    if name == "unmasked-use":  # needs the modality-bias run of the same seed
+        study_tool.main(["modality-bias", *base, "--out", str(root / "modality-bias")])
+    assert study_tool.main(argv) == 0
+    report = (out / f"{name}.md").read_text()
+    assert report in capsys.readouterr().out  # the table is printed too
+    for png in STUDY_FILES[name]:
+        assert (out / png).stat().st_size > 1000, png
+    rows = table_rows(report)
+    header, body = rows[0], rows[2:]
+    assert rows[1] == ["---"] * len(header) and header[-1] == "seeds"
+    if pretraining:
+        variants = getattr(module, "VARIANTS")
+        assert [r[0] for r in body] == [v.name for v in variants]
+        for row in body:
+            assert row[-1] == "1" and all(CELL.match(c) for c in row[1:-1]), row
+    else:
+        assert body and all(r[-1] == "1" for r in body if r[-1] != "—")
+        assert sum(bool(CELL.match(c)) for r in body for c in r) >= 2
+    if name == "table4":
+        results = json.loads((out / "results.json").read_text())
+        assert {r["variant"] for r in results} == {v.name for v in module.VARIANTS}
+        assert all(0 <= r["nlvr2"]["accuracy"] <= 100 and "tr_r1" in r["ret_zs"] for r in results)
+
+
+def test_slurm_array_scripts(tmp_path, monkeypatch):
+    """--slurm: two arrays (teachers first, the rest after them) whose tasks run one unit each."""
+    from epic.studies import slurm
+
+    calls = []
+
+    def fake_run(cmd, cwd=None, capture_output=None, text=None):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout=f"{100 + len(calls)};cluster\n", stderr="")
+
+    monkeypatch.setattr(slurm.subprocess, "run", fake_run)
+    argv = ["table4", "--seeds", "3", "--out", str(tmp_path)]
+    jobs = slurm.submit_arrays("table4", {0: 3, 1: 9}, argv, tmp_path, "tiny", ["--partition=cpu"])
+    assert jobs == ["101", "102"]
+    assert calls[0] == ["sbatch", "--parsable", str(tmp_path / "slurm" / "phase0.sbatch")]
+    assert calls[1] == ["sbatch", "--parsable", "--dependency=afterok:101", str(tmp_path / "slurm" / "phase1.sbatch")]
+    script = (tmp_path / "slurm" / "phase1.sbatch").read_text()
+    assert "#SBATCH --array=0-8" in script and "#SBATCH --partition=cpu" in script
+    assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@600" in script
+    assert script.splitlines()[-1].endswith('tools/study.py table4 --seeds 3 --out ' + str(tmp_path)
+                                           + ' --unit "1:$SLURM_ARRAY_TASK_ID"')
+    proc = subprocess.run(["bash", "-n", str(tmp_path / "slurm" / "phase0.sbatch")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_slurm_task_runs_its_trainers_through_the_shared_launcher(tmp_path):
+    from epic.studies.common import Study, Variant, launcher_command, make_scale
+
+    study = Study("table4", make_scale("tiny", tmp_path / "world"), tmp_path / "out", tmp_path / "runs", [0],
+                  in_slurm=True)
+    unit = study.unit_dir(Variant("EPIC", "epic", ()), 1)
+    cmd, env = launcher_command(study, "epic_shapes_tiny", unit, ["run.seed=1"])
+    assert cmd == ["bash", "slurm/launch.sh", "run.seed=1"]
+    assert Path(env["EPIC_RUNS"]) / env["EPIC_RUN_NAME"] == unit and env["EPIC_RUN_CONFIG"] == "epic_shapes_tiny"
+    assert env["EPIC_SMOKE_CPU"] == "1" and env["EPIC_DATA"] == str(tmp_path / "world")
+    cmd, env = launcher_command(study, "finetune_shapes", unit / "ft_nlvr2", [], finetune_task="nlvr2", init=unit)
+    assert env["EPIC_FINETUNE_TASK"] == "nlvr2" and env["EPIC_INIT"] == str(unit)

@@ -119,3 +119,43 @@ def test_content_mask_hand_case(shapes_world):
     assert mask.shape == (20,)
     with pytest.raises(ValueError, match="whitespace words"):
         content_token_mask(caption, flags[:-1], tokenizer)
+
+
+def test_world_version_2_has_no_text_leaks_of_content_words():
+    """Version 2: a content word's filler context no longer names it (the modality-bias study needs that)."""
+    import random
+    from collections import Counter, defaultdict
+
+    from epic.data.synthetic import make_captions, sample_scene, world_tables
+
+    contexts = defaultdict(Counter)  # two filler words before a content word -> the content words seen there
+    for i in range(3000):
+        rng = random.Random(i)
+        scene = sample_scene(rng, 2)
+        for caption, flags in zip(*make_captions(scene, rng)):
+            words = caption.split()
+            assert "orange" not in words
+            assert not any(flags[j] for j in range(1, len(words)) if words[j - 1] == "an"), caption  # a/an
+            for j, (word, content) in enumerate(zip(words, flags)):
+                if content and j >= 2 and not flags[j - 1] and not flags[j - 2]:
+                    contexts[(words[j - 2], words[j - 1])][word] += 1
+    assert world_tables(2)["positions"]["center"][1] == "at the center"
+    # every position word follows "at the"; no filler context fixes its content word
+    assert {w for w in contexts[("at", "the")]} >= {"left", "right", "top", "bottom", "center"}
+    for context, seen in contexts.items():
+        assert len(seen) > 1, (context, seen)
+    with pytest.raises(ValueError, match="version"):
+        world_tables(3)
+
+
+def test_world_version_1_is_the_default_and_unchanged(tmp_path):
+    import random
+
+    from epic.data.synthetic import make_captions, sample_scene
+
+    rng = random.Random(0)
+    scene = sample_scene(rng)
+    assert "version" not in scene and make_captions(scene, rng)  # v1 scenes carry no version field
+    manifest = json.loads((generate_shapes_world(tmp_path / "v2", n_train=4, n_val=2, image_size=32,
+                                                 version=2) / "manifest.json").read_text())
+    assert manifest["version"] == 2 and "pink" in manifest["content_vocabulary"]

@@ -99,7 +99,7 @@ class Scale:
             tasks = self.world / "tasks"
             return str(tasks / "retrieval" / "val.json"), str(tasks / "images")
         from epic.config import read_config_data
-        from epic.engine.build import expand_env
+        from epic.paths import expand_env
 
         ft = read_config_data("finetune_retrieval_f30k").get("finetune", {})
         return expand_env(ft["val_json"], "finetune.val_json"), expand_env(ft["images"], "finetune.images")
@@ -118,8 +118,8 @@ WORLD_SIZES = {"tiny": dict(n_train=4000, n_val=200, tasks_train=2000, tasks_val
 
 def make_scale(name: str, world: Optional[Path] = None, gpus: int = 0) -> Scale:
     if name == "tiny":
-        return Scale("tiny", "shapes_tiny", "epic_shapes_tiny", "ds_configs/cpu_zero2.json", pretrain_steps=800,
-                     nlvr2_steps=400, retrieval_steps=300, world=world, modality_steps=1000)
+        return Scale("tiny", "shapes_tiny", "epic_shapes_tiny", "ds_configs/cpu_zero2.json", pretrain_steps=600,
+                     nlvr2_steps=300, retrieval_steps=200, world=world, modality_steps=1000)
     if name == "smoke":
         return Scale("smoke", "shapes_tiny", "epic_shapes_tiny", "ds_configs/cpu_zero2.json", pretrain_steps=4,
                      nlvr2_steps=2, retrieval_steps=2, world=world, modality_steps=4)

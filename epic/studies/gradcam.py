@@ -136,20 +136,13 @@ def encode_probe(probe: dict, tokenizer, max_len: int, inconsistent: bool) -> tu
 
 
 def load_vlm(run_dir: Path):
-    """METER (with the ITC head when the run has one) and its tokenizer, from a pretraining run."""
+    """The VLM of a pretraining run (its family's model, the ITC head included when it has one), its tokenizer
+    and its config."""
     from epic.data import load_tokenizer
-    from epic.eval.loading import locate, read_config_dict, read_weights
-    from epic.models.meter import METER, config_from_dict
+    from epic.models.loading import load_model
 
-    source = locate(run_dir)
-    config = read_config_dict(source)
-    model = METER.from_config(config_from_dict(config["model"]))
-    weights = read_weights(source)
-    if any(k.startswith("itc_score") for k in weights):
-        from epic.objectives.consistency import add_consistency_head
-
-        add_consistency_head(model)
-    model.load_state_dict(weights)
+    loaded = load_model(run_dir)
+    model, config = loaded.model, loaded.config
     model.eval()
     return model, load_tokenizer(config["data"]["tokenizer"]), config
 

@@ -131,12 +131,10 @@ def evaluate(vlm, lm, batches: list[dict], tokenizer) -> dict:
 
 # ------------------------------------------------------------------------------------------------ training
 def _wiring():
-    """The config -> objects helpers (epic.engine.build today; epic.wiring after the family refactor)."""
-    try:
-        from epic import wiring as build  # type: ignore[attr-defined]
-    except ImportError:
-        from epic.engine import build
-    return build
+    """The config -> objects helpers."""
+    from epic import wiring
+
+    return wiring
 
 
 def linear_schedule(optimizer, steps: int, warmup_ratio: float):
@@ -221,12 +219,12 @@ def train(config: str, overrides: list[str], out: Path, steps: int, eval_every: 
 def load_trained(out: Path):
     """(vlm, lm, sampler, tokenizer, info) saved by `train` in `out`."""
     from epic.data import load_tokenizer
-    from epic.models.configuration_meter import METERConfig
-    from epic.models.meter import METER
+    from epic.models.loading import model_config_from_dict
+    from epic.models.registry import build_model
 
     info = json.loads((out / "models.json").read_text())
-    model_cfg = METERConfig(**info["model"])
-    vlm = METER.from_config(model_cfg)
+    model_cfg = model_config_from_dict(info["model"], str(out / "models.json"))
+    vlm = build_model(model_cfg)
     vlm.load_state_dict(torch.load(out / "vlm.pt", map_location="cpu"))
     lm, sampler = text_only_lm(model_cfg, 0), text_only_lm(model_cfg, 0)
     lm.load_state_dict(torch.load(out / "lm.pt", map_location="cpu"))
