@@ -179,6 +179,11 @@ def train(config: str, overrides: list[str], out: Path, steps: int, eval_every: 
     for m in models.values():
         m.train()
 
+    def save_models() -> None:  # at every evaluation, so that a stopped run still serves unmasked-use
+        for name, model in models.items():
+            torch.save(model.state_dict(), out / f"{name}.pt.tmp")
+            (out / f"{name}.pt.tmp").replace(out / f"{name}.pt")
+
     def record(step: int) -> dict:
         row = {"step": step, **evaluate(vlm, lm, val, tokenizer)}
         with open(curve_path, "a") as f:
@@ -187,7 +192,17 @@ def train(config: str, overrides: list[str], out: Path, steps: int, eval_every: 
             + " ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)))
         return row
 
-    record(0)
+    import dataclasses
+
+    (out / "models.json").write_text(json.dumps({"config": config, "overrides": overrides,
+                                                 "model": dataclasses.asdict(cfg.model), "steps": steps,
+                                                 "tokenizer": paths.tokenizer, "val_shards": paths.val_shards,
+                                                 "vlm_objective": vlm_objective,
+                                                 "data": {"image_size": cfg.data.image_size,
+                                                          "max_text_len": cfg.data.max_text_len,
+                                                          "eval_batch_size": cfg.data.eval_batch_size}},
+                                                indent=1) + "\n")
+    last = record(0)
     for step, batch in zip(range(1, steps + 1), loader):
         losses = joint_step(vlm, lm, batch, rng, vlm_objective)
         losses["sampler"] = masked_lm_loss(lm_logits(sampler, batch), batch["mlm_labels"])
@@ -200,10 +215,7 @@ def train(config: str, overrides: list[str], out: Path, steps: int, eval_every: 
             schedules[name].step()
         if step % eval_every == 0 or step == steps:
             last = record(step)
-    for name, model in models.items():
-        torch.save(model.state_dict(), out / f"{name}.pt")
-    import dataclasses
-
+            save_models()
     (out / "models.json").write_text(json.dumps({"config": config, "overrides": overrides,
                                                  "model": dataclasses.asdict(cfg.model), "steps": steps,
                                                  "tokenizer": paths.tokenizer, "val_shards": paths.val_shards,

@@ -40,7 +40,10 @@ def units(study):
 def report(study):
     study.collect_only = True
     finished = [s for s in study.seeds if (seed_dir(study, s) / "summary.json").is_file()]
-    curves = {s: read_jsonl(seed_dir(study, s) / "curve.jsonl") for s in finished}
+    curves = {s: read_jsonl(seed_dir(study, s) / "curve.jsonl") for s in study.seeds}
+    # a run that has not finished (stopped, or still going) is reported at its last evaluation, and said so
+    partial = {s: curves[s][-1]["step"] for s in study.seeds if s not in finished and len(curves[s]) > 1}
+    finished += sorted(partial)
     final = {s: curves[s][-1] for s in finished if curves[s]}
     rows = []
     for model, label in (("vlm", "VLM (CMLM, sees the image)"), ("lm", "LM (MLM, text only)")):
@@ -61,12 +64,18 @@ def report(study):
         curve_plot(study.out / f"fig2a_{key}.png", means, "training step", f"masked-token accuracy ({key})",
                    f"Fig. 2a, {key}: val accuracy at the same masked positions", bands)
     missing = [s for s in study.seeds if s not in final]
+    if partial:
+        notes_partial = [f"Not finished: seed {s} is reported at its last evaluation, step {step} of "
+                         f"{study.scale.modality_steps}." for s, step in sorted(partial.items())]
+    else:
+        notes_partial = []
     notes = [f"Scale `{study.scale.name}`: `{study.scale.vanilla_config}`, {study.scale.modality_steps} steps of "
              f"joint training (the VLM: METER's pretraining step, ITM + CMLM; the LM: a RoBERTa MLM as deep as the "
              f"VLM's text tower plus fusion, text only), 15% BERT masking, accuracy on the val shards at the end; "
              f"mean ± std over seeds. Curves: fig2a_acc.png, fig2a_acc_content.png, fig2a_acc_filler.png.",
              "Shapes world version 2 (epic/data/synthetic.py): no filler word gives a content word away."]
+    notes += notes_partial
     if missing:
-        notes.append(f"Seeds without a finished run: {missing}.")
+        notes.append(f"Seeds without any evaluation: {missing}.")
     write_report(study.out, study.name, TITLE, table, notes, study.log)
     return table
