@@ -443,8 +443,10 @@ def bar_plot(path: Path, results: Sequence[dict], variants: Sequence[Variant], t
 
 
 def curve_plot(path: Path, curves: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str,
-               title: str, bands: Optional[dict[str, list[tuple[float, float, float]]]] = None) -> Path:
-    """Lines (x, y) per label; `bands` adds a mean ± std band per label: (x, mean, std)."""
+               title: str, bands: Optional[dict[str, list[tuple[float, float, float]]]] = None,
+               hline: Optional[tuple[float, str]] = None) -> Path:
+    """Lines (x, y) per label; `bands` adds a mean ± std band per label: (x, mean, std); `hline` a dashed
+    reference line (y, label), e.g. chance."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -459,6 +461,8 @@ def curve_plot(path: Path, curves: dict[str, list[tuple[float, float]]], xlabel:
             xs, means, stds = zip(*bands[label])
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                             color=f"C{i}", alpha=0.2)
+    if hline is not None:
+        ax.axhline(hline[0], color="gray", linestyle="--", linewidth=1, label=hline[1])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

@@ -61,8 +61,10 @@ def report(study):
                         for s in finished]
             bands[label] = seed_bands([p for p in per_seed if p])
             means[label] = [(x, m) for x, m, _ in bands[label]]
+        chances = [final[s]["content_chance"] for s in final if final[s].get("content_chance")]
+        hline = (sum(chances) / len(chances), "chance (content words)") if chances and key == "acc_content" else None
         curve_plot(study.out / f"fig2a_{key}.png", means, "training step", f"masked-token accuracy ({key})",
-                   f"Fig. 2a, {key}: val accuracy at the same masked positions", bands)
+                   f"Fig. 2a, {key}: val accuracy at the same masked positions", bands, hline)
     missing = [s for s in study.seeds if s not in final]
     if partial:
         notes_partial = [f"Not finished: seed {s} is reported at its last evaluation, step {step} of "
