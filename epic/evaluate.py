@@ -71,8 +71,11 @@ def load_for_evaluation(ckpt: str, task: str, overrides: list[str] = ()) -> tupl
     if source.kind != "official":
         if trained_task:
             model = build_task_model(trained_task, cfg.model, cfg.finetune.num_answers)
-        else:
-            model = build_model(cfg.model)
+        else:  # a pretraining checkpoint: EPIC's ITC head is pretraining-only (zero-shot scores use ITM)
+            fields = {f.name for f in dataclasses.fields(cfg.model)}
+            model_cfg = dataclasses.replace(cfg.model, consistency_head=False) if "consistency_head" in fields \
+                else cfg.model
+            model = build_model(model_cfg)
         report = load_pretrained_weights(model, read_weights(source))
         if report["new_heads"] and trained_task:
             raise ConfigError(f"{source.describe()} lacks the weights of {report['new_heads']}")
