@@ -410,11 +410,12 @@ class ALBEF(VLPModel):
 
     @torch.no_grad()
     def momentum_mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            image_embeds_m: torch.Tensor) -> torch.Tensor:
-        """The momentum model's MLM logits on the (masked) text with the momentum image tokens [B, L, V]."""
+                            image_embeds_m: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The momentum model's MLM logits on the (masked) text with the momentum image tokens: [B, L, V], or
+        [M, V] at the M True entries of ``positions`` [B, L] (the vocabulary projection then runs only there)."""
         bert = self.text_encoder_m.bert
         fused = bert.fuse(bert.encode_text(input_ids, attention_mask), attention_mask, image_embeds_m)
-        return self.text_encoder_m.cls(fused)
+        return self.text_encoder_m.cls(fused if positions is None else fused[positions])
 
     # ----------------------------------------------------------------------------------------------- EPIC saliency
     def _saliency_layer_index(self) -> int:
