@@ -136,7 +136,7 @@ class Intermediate(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(x), approximate="tanh")
+        return F.gelu(self.dense(x))
 
 
 class BertLayer(nn.Module):
