@@ -606,3 +606,32 @@ def test_albef_step_trains_online_weights_and_fills_the_queue():
     assert single.loss_itm.item() == 0.0 and torch.isfinite(single.loss)
     single.loss.backward()
     assert model.itm_head.weight.grad is not None and model.itm_head.weight.grad.abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("base, epic", [("albef_4m", "epic_albef_4m"), ("albef_16m", "epic_albef_16m"),
+                                        ("albef_shapes_tiny", "epic_albef_shapes_tiny")])
+def test_albef_configs(base, epic):
+    from epic.config import CONFIG_DIR, _read_yaml_with_extends
+    from epic.models.albef.configuration_albef import config_from_dict
+
+    vanilla = _read_yaml_with_extends(CONFIG_DIR / f"{base}.yaml")
+    with_epic = _read_yaml_with_extends(CONFIG_DIR / f"{epic}.yaml")
+    assert {k for k in set(vanilla) | set(with_epic) if vanilla.get(k) != with_epic.get(k)} <= {"run", "epic"}
+    assert with_epic["epic"]["enabled"] is True and vanilla.get("epic", {}).get("enabled", False) is False
+    model = dict(vanilla["model"])
+    assert model.pop("family") == "albef"
+    cfg = config_from_dict({**model, "vocab_size": model["vocab_size"] or 100, "vision_pretrained": None,
+                            "text_pretrained": None})
+    train = vanilla["train"]
+    assert train["schedule"] == "cosine" and cfg.queue_size >= train["global_batch_size"]
+    if base != "albef_shapes_tiny":  # ALBEF's recipe
+        assert (train["global_batch_size"], vanilla["data"]["micro_batch_size"]) == (512, 64)
+        assert (train["lr"], train["weight_decay"], train["final_lr_scale"]) == (1e-4, 0.02, 0.1)
+        assert (cfg.image_size, cfg.fusion_layer, cfg.num_hidden_layers, cfg.embed_dim) == (256, 6, 12, 256)
+        assert (cfg.queue_size, cfg.momentum, cfg.temp, cfg.alpha) == (65536, 0.995, 0.07, 0.4)
+        steps_per_epoch = cfg.alpha_ramp_steps
+        assert train["max_steps"] == pytest.approx(30 * steps_per_epoch, rel=0.01)  # cosine over 30 epochs
+        assert train["warmup_ratio"] * train["max_steps"] == pytest.approx(2000, rel=0.01)

@@ -55,6 +55,9 @@ class ALBEFConfig:
     queue_size: int = 65536
     momentum: float = 0.995
     alpha: float = 0.4
+    # distillation weight ramp: alpha * min(1, step / alpha_ramp_steps), ALBEF's ramp over the first epoch
+    # (alpha * min(1, i / len(data_loader)) in epoch 0); set it to the run's steps per epoch, 0 = no ramp
+    alpha_ramp_steps: int = 0
     mlm_probability: float = 0.15
 
     # Std of the normal init of the randomly initialised Linear / Embedding weights (BERT and ALBEF use 0.02;
