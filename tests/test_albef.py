@@ -257,6 +257,8 @@ def test_forward_matches_the_official_structure(official):
         mlm_m = model.momentum_mlm_logits(ids, mask, mom["image_embeds_m"])
     for key in ("image_embeds", "text_embeds", "image_feat", "text_feat", "text_feats", "cls_feats"):
         assert rel_err(out[key], ref[key]) < 1e-5, key
+    from epic.models.interface import INFER_KEYS, VLPModel
+    assert isinstance(model, VLPModel) and set(INFER_KEYS) <= set(out)
     assert torch.equal(out["image_feats"], out["image_embeds"])  # no fused image stream in ALBEF
     assert rel_err(itm, ref["itm"]) < 1e-5
     assert rel_err(mlm, ref["mlm"]) < 1e-5
@@ -335,6 +337,26 @@ def test_deit_initialisation(tmp_path):
     torch.save({"model": small.state_dict()}, tmp_path / "small.pth")
     with pytest.raises(ValueError, match="missing.*blocks.1"):
         ALBEF(ALBEFConfig.tiny(vision_pretrained=str(tmp_path / "small.pth")))
+
+
+def test_bert_initialisation_from_a_local_hf_folder(tmp_path):
+    """text_pretrained: an HF BERT's layers become ALBEF's text layers (its first fusion_layer layers give the text
+    encoder; the cross-attention stays random), as ALBEF's BertForMaskedLM.from_pretrained(bert-base-uncased)."""
+    from transformers import BertConfig, BertForMaskedLM
+    hf = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                    intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0)).eval()
+    hf.save_pretrained(str(tmp_path))
+    model = ALBEF(ALBEFConfig.tiny(text_pretrained=str(tmp_path))).eval()
+    _, ids, mask = inputs()
+    with torch.no_grad():
+        ours = model.encode_text(ids, mask)
+        ref = hf.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[FUSION]
+    assert rel_err(ours, ref) < 1e-5
+    assert torch.equal(model.text_encoder.cls.predictions.transform.dense.weight,
+                       hf.cls.predictions.transform.dense.weight)
+    assert torch.equal(model.text_encoder_m.bert.embeddings.word_embeddings.weight,  # momentum copy made after
+                       hf.bert.embeddings.word_embeddings.weight)
 
 
 def test_momentum_copies_are_not_trained_and_not_in_param_groups():
