@@ -329,14 +329,14 @@ def test_deit_initialisation(tmp_path):
     deit = VisionTransformer(img_size=16, patch_size=PATCH, embed_dim=VW, depth=VDEPTH, num_heads=VHEADS,
                              num_classes=10)
     torch.save({"model": deit.state_dict()}, tmp_path / "deit.pth")
-    model = ALBEF(ALBEFConfig.tiny(vision_pretrained=str(tmp_path / "deit.pth")))
+    model = ALBEF(ALBEFConfig.tiny(vit_pretrained=str(tmp_path / "deit.pth")))
     assert torch.equal(model.visual_encoder.blocks[1].mlp.fc2.weight, deit.blocks[1].mlp.fc2.weight)
     assert model.visual_encoder.pos_embed.shape[1] == 1 + (32 // PATCH) ** 2
     assert torch.equal(model.visual_encoder_m.blocks[0].attn.qkv.weight, deit.blocks[0].attn.qkv.weight)
     small = VisionTransformer(img_size=16, patch_size=PATCH, embed_dim=VW, depth=1, num_heads=VHEADS)
     torch.save({"model": small.state_dict()}, tmp_path / "small.pth")
     with pytest.raises(ValueError, match="missing.*blocks.1"):
-        ALBEF(ALBEFConfig.tiny(vision_pretrained=str(tmp_path / "small.pth")))
+        ALBEF(ALBEFConfig.tiny(vit_pretrained=str(tmp_path / "small.pth")))
 
 
 def test_bert_initialisation_from_a_local_hf_folder(tmp_path):
@@ -536,7 +536,9 @@ def _gather_worker(rank, world, init_file, out_dir):
 
 def test_queue_all_gather_across_two_gloo_ranks(tmp_path):
     import torch.multiprocessing as mp
-    mp.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    # fork: the children inherit the imported modules (spawn would import torch and epic again in each)
+    mp.start_processes(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
     assert torch.equal(r0["image"], r1["image"]) and torch.equal(r0["text"], r1["text"])
     assert int(r0["ptr"]) == int(r1["ptr"]) == (3 * 4) % 8
@@ -612,7 +614,7 @@ def test_albef_step_trains_online_weights_and_fills_the_queue():
     torch.manual_seed(0)
     model = ALBEF(ALBEFConfig.tiny())
     out = albef_losses(model, _batch(4), alpha=0.4, generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(out.loss) and int(model.queue_ptr) == 4
+    assert torch.isfinite(out.loss) and int(model.queue_ptr) == 4 and out.alpha == 0.4
     out.loss.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
     for name in ("temp", "itm_head.weight", "vision_proj.weight", "text_proj.weight",
@@ -630,6 +632,24 @@ def test_albef_step_trains_online_weights_and_fills_the_queue():
     assert model.itm_head.weight.grad is not None and model.itm_head.weight.grad.abs().sum() == 0
 
 
+def test_recipe_ramps_alpha_with_the_step_count_and_reuses_image_embeds():
+    from epic.objectives.albef_losses import albef_recipe
+    torch.manual_seed(0)
+    model = ALBEF(ALBEFConfig.tiny(alpha_ramp_steps=4))
+    batch = _batch(3)
+    image_embeds = model.encode_image(batch["pixel_values"])
+    alphas = []
+    for _ in range(6):
+        out = albef_recipe(model, batch, image_embeds, torch.Generator().manual_seed(0))
+        alphas.append(float(out["alpha"]))
+        model.after_optimizer_step()
+    assert alphas == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
+    assert int(model.momentum_step) == 6 and int(model.queue_ptr) == (6 * 3) % 32
+    assert set(out) >= {"loss", "loss_ita", "loss_itm", "loss_mlm", "itm_acc"}
+    with pytest.raises(KeyError, match="mlm_labels"):
+        albef_recipe(model, {k: v for k, v in batch.items() if k != "mlm_labels"}, image_embeds, None)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------------------------
@@ -645,7 +665,7 @@ def test_albef_configs(base, epic):
     assert with_epic["epic"]["enabled"] is True and vanilla.get("epic", {}).get("enabled", False) is False
     model = dict(vanilla["model"])
     assert model.pop("family") == "albef"
-    cfg = config_from_dict({**model, "vocab_size": model["vocab_size"] or 100, "vision_pretrained": None,
+    cfg = config_from_dict({**model, "vocab_size": model["vocab_size"] or 100, "vit_pretrained": None,
                             "text_pretrained": None})
     train = vanilla["train"]
     assert train["schedule"] == "cosine" and cfg.queue_size >= train["global_batch_size"]

@@ -28,7 +28,6 @@ import torch  # noqa: E402
 from epic.data.loader import build_eval_loader, build_train_loader  # noqa: E402
 from epic.models.albef import ALBEF, ALBEFConfig  # noqa: E402
 from epic.objectives.albef_losses import albef_losses  # noqa: E402
-from epic.objectives.contrastive import alpha_ramp  # noqa: E402
 from epic.objectives.saliency import real_text_tokens, saliency_masking  # noqa: E402
 
 IMAGE_SIZE, MAX_TEXT_LEN, MASK_RATIO = 64, 32, 0.35
@@ -108,14 +107,13 @@ def main(argv=None) -> int:
     model.train()
     start = time.perf_counter()
     for step, batch in zip(range(args.steps), train):
-        alpha = alpha_ramp(model.config.alpha, step, model.config.alpha_ramp_steps)
-        out = albef_losses(model, batch, alpha, generator)
+        out = albef_losses(model, batch, None, generator)  # alpha ramped by model.momentum_step
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        model.momentum_update()
+        model.after_optimizer_step()  # momentum update + step count
         if step % 50 == 0 or step == args.steps - 1:
-            row = {"step": step, **{k: round(float(v.detach()), 4) for k, v in out.scalars().items()}, "alpha": alpha,
+            row = {"step": step, **{k: round(float(v.detach()), 4) for k, v in out.scalars().items()},
                    "temp": round(float(model.temp), 4), "seconds": round(time.perf_counter() - start, 1)}
             log.append(row)
             print(json.dumps(row), flush=True)

@@ -17,12 +17,21 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .contrastive import contrastive_loss, dequeue_and_enqueue, gather_features
+from .contrastive import alpha_ramp, contrastive_loss, dequeue_and_enqueue, gather_features
 
 logger = logging.getLogger(__name__)
 
 #: floor added to every off-diagonal hard-negative weight (X-VLM adds 1e-5 to ALBEF's softmax for the same crash)
 NEGATIVE_WEIGHT_FLOOR = 1e-5
+
+
+BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")
+
+
+def check_batch(batch: dict) -> None:
+    missing = [key for key in BATCH_KEYS if key not in batch]
+    if missing:
+        raise KeyError(f"the batch lacks {missing} (has {sorted(batch)}); the MLM collator of epic.data yields them")
 
 
 # ------------------------------------------------------------------------------------------------ ITM hard negatives
@@ -107,12 +116,14 @@ class ALBEFStepOutput:
     loss_itm: torch.Tensor
     loss_mlm: torch.Tensor
     itm_accuracy: torch.Tensor
+    alpha: float
     image_embeds: torch.Tensor
     text_embeds: torch.Tensor
 
     def scalars(self) -> Dict[str, torch.Tensor]:
         return {"loss": self.loss, "loss_ita": self.loss_ita.detach(), "loss_itm": self.loss_itm.detach(),
-                "loss_mlm": self.loss_mlm.detach(), "itm_accuracy": self.itm_accuracy.detach()}
+                "loss_mlm": self.loss_mlm.detach(), "itm_acc": self.itm_accuracy.detach(),
+                "alpha": torch.tensor(self.alpha)}
 
 
 def itm_hard_negative_loss(model, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
@@ -136,17 +147,23 @@ def itm_hard_negative_loss(model, image_embeds: torch.Tensor, text_embeds: torch
     return itm_loss(logits, pairs["labels"]), accuracy
 
 
-def albef_losses(model, batch: Dict[str, torch.Tensor], alpha: float, generator: Optional[torch.Generator] = None,
-                 gather=gather_features) -> ALBEFStepOutput:
+def albef_losses(model, batch: Dict[str, torch.Tensor], alpha: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None, image_embeds: Optional[torch.Tensor] = None,
+                 mlm_batch: Optional[dict] = None, gather=gather_features) -> ALBEFStepOutput:
     """One ALBEF pretraining forward on a micro-batch (``pixel_values``, ``input_ids``, ``attention_mask``,
     ``mlm_input_ids``, ``mlm_labels``): L_ita + L_itm + L_mlm, in ALBEF's order (the contrastive loss reads the
     queue, then this micro-batch's momentum features, gathered over ranks, are enqueued).
 
-    The image is encoded once and reused by the contrastive, ITM and MLM passes. ``alpha``: the ramped
-    distillation weight (``contrastive.alpha_ramp``). The momentum update is *not* done here: call
-    ``model.momentum_update()`` after each optimizer step."""
+    The image is encoded once (or ``image_embeds`` is given) and reused by the contrastive, ITM and MLM passes.
+    ``alpha``: the distillation weight; None ramps ``model.config.alpha`` over ``alpha_ramp_steps`` optimizer
+    steps (``model.momentum_step``, which the checkpoint carries). ``mlm_batch`` replaces the MLM inputs and labels
+    (EPIC's CMLM). The momentum update is *not* done here: the trainer calls ``model.after_optimizer_step()``."""
+    check_batch(batch)
+    if alpha is None:
+        alpha = alpha_ramp(model.config.alpha, int(model.momentum_step), model.config.alpha_ramp_steps)
     pixel_values, input_ids, attention_mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
-    image_embeds = model.encode_image(pixel_values)
+    if image_embeds is None:
+        image_embeds = model.encode_image(pixel_values)
     text_embeds = model.encode_text(input_ids, attention_mask)
     image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds)
     momentum = model.momentum_features(input_ids, attention_mask, pixel_values)
@@ -158,9 +175,9 @@ def albef_losses(model, batch: Dict[str, torch.Tensor], alpha: float, generator:
     loss_itm, itm_accuracy = itm_hard_negative_loss(model, image_embeds, text_embeds, attention_mask,
                                                     ita.sim_i2t, ita.sim_t2i, generator)
 
-    labels = batch["mlm_labels"]
+    masked_batch = mlm_batch if mlm_batch is not None else batch
+    labels, mlm_ids = masked_batch["mlm_labels"], masked_batch["mlm_input_ids"]
     masked = labels != -100
-    mlm_ids = batch["mlm_input_ids"]
     fused = model.fuse(model.encode_text(mlm_ids, attention_mask), attention_mask, image_embeds)
     logits = model.mlm_score(fused[masked])
     logits_m = None
@@ -170,4 +187,11 @@ def albef_losses(model, batch: Dict[str, torch.Tensor], alpha: float, generator:
 
     loss = ita.loss + loss_itm + loss_mlm
     return ALBEFStepOutput(loss=loss, loss_ita=ita.loss, loss_itm=loss_itm, loss_mlm=loss_mlm,
-                           itm_accuracy=itm_accuracy, image_embeds=image_embeds, text_embeds=text_embeds)
+                           itm_accuracy=itm_accuracy, alpha=alpha, image_embeds=image_embeds, text_embeds=text_embeds)
+
+
+def albef_recipe(model, batch: dict, image_embeds: torch.Tensor, rng: torch.Generator,
+                 mlm_batch: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+    """ALBEF's entry of the family recipes (``losses(model, batch, image_embeds, rng, mlm_batch=None)``):
+    ``loss`` = L_ita + L_itm + L_mlm and each term, detached."""
+    return albef_losses(model, batch, None, rng, image_embeds=image_embeds, mlm_batch=mlm_batch).scalars()

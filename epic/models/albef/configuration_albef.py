@@ -18,6 +18,8 @@ SALIENCY_CHOICES = ("fused_cls", "image_cls_cross")
 
 @dataclass
 class ALBEFConfig:
+    family: str = "albef"  # the registry name (model.family in a run config)
+
     # Vision encoder: timm ViT (ALBEF's models/vit.py: pre-norm blocks, GELU, final LayerNorm on every token,
     # LayerNorm eps 1e-6, qkv bias). ALBEF hard-codes patch 16, width 768, depth 12, 12 heads.
     image_size: int = 256  # ALBEF's image_res
@@ -27,7 +29,7 @@ class ALBEFConfig:
     vision_heads: int = 12
     vision_mlp_ratio: float = 4.0
     vision_layer_norm_eps: float = 1e-6
-    vision_pretrained: Optional[str] = None  # local DeiT-B file (deit_base_patch16_224-b5f2ef4d.pth: {'model': sd})
+    vit_pretrained: Optional[str] = None  # local DeiT-B file (deit_base_patch16_224-b5f2ef4d.pth: {'model': sd})
 
     # Text encoder + fusion: BERT (ALBEF's xbert.py; names as config_bert.json). Layers [0, fusion_layer) are the
     # text encoder, layers [fusion_layer, num_hidden_layers) the fusion encoder (self-attn -> cross-attn -> FFN).
@@ -70,6 +72,8 @@ class ALBEFConfig:
 
     def __post_init__(self):
         problems = []
+        if self.family != "albef":
+            problems.append(f"family is {self.family!r}; an ALBEFConfig is family 'albef'")
         if self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.vision_width % self.vision_heads:

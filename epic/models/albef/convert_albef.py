@@ -25,6 +25,8 @@ from .modeling_albef import ALBEF
 
 logger = logging.getLogger(__name__)
 
+#: our buffers that ALBEF's checkpoints do not have (ALBEF counts iterations in its training loop)
+NOT_IN_OFFICIAL = ("momentum_step",)
 POSITION_ID_KEYS = ("text_encoder.bert.embeddings.position_ids", "text_encoder_m.bert.embeddings.position_ids")
 VISION_PREFIXES = ("visual_encoder.", "visual_encoder_m.")
 #: ALBEF's Pretrain.yaml key -> ALBEFConfig field
@@ -152,14 +154,14 @@ def albef_config_from_official(official_config: Union[str, dict], state_dict: Di
     fields.setdefault("encoder_width", fields["vision_width"])
     fields["vision_heads"] = max(1, fields["vision_width"] // 64)
     fields.update(overrides or {})
-    fields.update(vision_pretrained=None, text_pretrained=None)
+    fields.update(vit_pretrained=None, text_pretrained=None)
     return config_from_dict(fields, source="ALBEF config")
 
 
 # ------------------------------------------------------------------------------------------------ state dicts
 def to_official_state_dict(model: ALBEF) -> Dict[str, torch.Tensor]:
     """Our state dict in ALBEF's layout: the same names, plus the position_ids buffers ALBEF's BERT saved."""
-    out = dict(model.state_dict())
+    out = {k: v for k, v in model.state_dict().items() if k not in NOT_IN_OFFICIAL}
     positions = torch.arange(model.config.max_position_embeddings).expand(1, -1)
     for key in POSITION_ID_KEYS:
         out[key] = positions.clone()
@@ -185,7 +187,7 @@ def from_official_state_dict(official: Dict[str, torch.Tensor], model: ALBEF) ->
             ids = official.pop(key)
             if not torch.equal(ids.reshape(-1).long(), torch.arange(ids.numel())):
                 raise ValueError(f"{key} is not 0..{ids.numel() - 1}: this BERT uses custom positions")
-    ours = model.state_dict()
+    ours = {k: v for k, v in model.state_dict().items() if k not in NOT_IN_OFFICIAL}
     unexpected = sorted(set(official) - set(ours))
     missing = sorted(set(ours) - set(official))
     if unexpected or missing:
@@ -203,8 +205,9 @@ def from_official_state_dict(official: Dict[str, torch.Tensor], model: ALBEF) ->
                 raise ValueError(f"{alias} differs from {source}; ALBEF ties them (an untied MLM decoder is not "
                                  f"an ALBEF checkpoint)")
     _resample_position_embeddings(official, model)
+    official["momentum_step"] = torch.zeros((), dtype=torch.long)  # unknown: the alpha ramp restarts if trained on
     shape_errors = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}" for k, v in official.items()
-                    if tuple(v.shape) != tuple(ours[k].shape)]
+                    if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
     if shape_errors:
         raise ValueError("official ALBEF tensors do not fit the config: " + "; ".join(shape_errors))
     return official

@@ -265,9 +265,9 @@ class ALBEF(VLPModel):
         self.config = cfg
         self.visual_encoder = build_vision_encoder(cfg)
         self.text_encoder = TextEncoder(cfg)
-        if cfg.vision_pretrained:
+        if cfg.vit_pretrained:
             from .convert_albef import load_deit_weights
-            load_deit_weights(self.visual_encoder, cfg.vision_pretrained)
+            load_deit_weights(self.visual_encoder, cfg.vit_pretrained)
         if cfg.text_pretrained:
             from .convert_albef import load_bert_weights
             load_bert_weights(self.text_encoder, cfg.text_pretrained)
@@ -289,6 +289,8 @@ class ALBEF(VLPModel):
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # optimizer steps taken (momentum updates done): drives the alpha ramp, and resumes with the checkpoint
+        self.register_buffer("momentum_step", torch.zeros((), dtype=torch.long))
 
     @classmethod
     def from_config(cls, config) -> "ALBEF":
@@ -399,6 +401,13 @@ class ALBEF(VLPModel):
                     p_m.copy_(p_m.float() * m + p.float() * (1.0 - m))
 
     @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """What the trainer calls after every optimizer step that was taken (not after a skipped overflow step,
+        not between accumulation micro-batches): the momentum update, and the step count of the alpha ramp."""
+        self.momentum_update()
+        self.momentum_step += 1
+
+    @torch.no_grad()
     def momentum_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           pixel_values: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The momentum encoders' outputs: ``image_embeds_m``, ``image_feat_m``, ``text_feat_m`` (no gradients)."""
@@ -473,7 +482,7 @@ class ALBEF(VLPModel):
         index = self._saliency_layer_index()
         layers = self.text_encoder.bert.encoder.layer
         skip = [self.text_encoder.cls, self.itm_head, self.vision_proj, self.text_proj, self.temp,
-                self.image_queue, self.text_queue, self.queue_ptr, *layers[index + 1:]]
+                self.image_queue, self.text_queue, self.queue_ptr, self.momentum_step, *layers[index + 1:]]
         skip += [getattr(self, momentum) for _, momentum in MOMENTUM_PAIRS]
         if self.consistency_head() is not None:
             skip.append(self.consistency_head())
@@ -482,7 +491,7 @@ class ALBEF(VLPModel):
                      *(momentum for _, momentum in MOMENTUM_PAIRS)):
             teacher._modules.pop(name, None)
         teacher.text_encoder._modules.pop("cls")
-        for name in ("image_queue", "text_queue", "queue_ptr"):
+        for name in ("image_queue", "text_queue", "queue_ptr", "momentum_step"):
             teacher._buffers.pop(name)
         teacher._parameters.pop("temp")
         teacher.text_encoder.bert.encoder.layer = nn.ModuleList(teacher.text_encoder.bert.encoder.layer[:index + 1])
@@ -532,7 +541,7 @@ class ALBEF(VLPModel):
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in TIED_KEYS}
         save_file(state, os.path.join(directory, WEIGHTS_NAME))
-        config = dataclasses.replace(self.config, vision_pretrained=None, text_pretrained=None)
+        config = dataclasses.replace(self.config, vit_pretrained=None, text_pretrained=None)
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
             json.dump(dataclasses.asdict(config), f, indent=2)
 
@@ -546,7 +555,7 @@ class ALBEF(VLPModel):
                                         f"convert an official checkpoint with epic.models.albef.load_official_albef")
         with open(os.path.join(directory, CONFIG_NAME)) as f:
             cfg = config_from_dict(json.load(f), source=os.path.join(directory, CONFIG_NAME))
-        model = cls(dataclasses.replace(cfg, vision_pretrained=None, text_pretrained=None))
+        model = cls(dataclasses.replace(cfg, vit_pretrained=None, text_pretrained=None))
         result = model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)), strict=False)
         missing = sorted(set(result.missing_keys) - set(TIED_KEYS))
         if missing or result.unexpected_keys:
