@@ -365,19 +365,26 @@ def test_momentum_copies_are_not_trained_and_not_in_param_groups():
     listed = [name for group in spec.values() for names in group.values() for name in names]
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert sorted(listed) == sorted(trainable) and len(listed) == len(set(listed))
-    momentum = [name for name, _ in model.named_parameters() if name.split(".")[0].endswith("_m")]
-    assert momentum and not set(momentum) & set(listed)
-    assert all(not p.requires_grad for name, p in model.named_parameters() if name in momentum)
+    # the momentum copies hold their weights as buffers: never parameters, so never in an optimizer or a ZeRO
+    # partition, and left in fp32 by DeepSpeed's half-precision cast (which casts parameters only)
+    assert not [name for name, _ in model.named_parameters() if name.split(".")[0].endswith("_m")]
     buffers = dict(model.named_buffers())
-    assert {"image_queue", "text_queue", "queue_ptr"} <= set(buffers)
+    momentum = [name for name in buffers if name.split(".")[0].endswith("_m")]
+    untracked = {"temp", "itm_head.weight", "itm_head.bias", "itc_score.weight", "itc_score.bias"}
+    assert {name.replace("_m.", ".", 1) for name in momentum} == set(trainable) - untracked
+    assert {"image_queue", "text_queue", "queue_ptr", "momentum_step"} <= set(buffers)
     assert "text_encoder.bert.encoder.layer.2.crossattention.self.key.weight" in spec["fusion"]["decay"]
     assert "text_encoder.bert.encoder.layer.1.attention.self.key.weight" in spec["backbone"]["decay"]
     assert "itc_score.weight" in spec["head"]["decay"] and "temp" in spec["head"]["decay"]
     assert "visual_encoder.norm.weight" in spec["backbone"]["no_decay"]
     # the momentum copies start equal to the online weights (ALBEF's copy_params)
-    for online, copy_module in model.momentum_pairs():
-        for p, p_m in zip(online.parameters(), copy_module.parameters()):
-            assert torch.equal(p, p_m)
+    for p, p_m in model.momentum_pairs():
+        assert torch.equal(p, p_m) and p_m.dtype == torch.float32
+    # the momentum decoder stays tied to the momentum word embeddings through dtype/device moves
+    model.double()
+    head = model.text_encoder_m.cls.predictions
+    assert head.decoder.weight is model.text_encoder_m.bert.embeddings.word_embeddings.weight
+    assert head.decoder.bias is head.bias
 
 
 def test_momentum_update_formula():
@@ -386,16 +393,47 @@ def test_momentum_update_formula():
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
-    before = {n: p.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p_m in model.state_dict().values():  # distinct momentum values (the copies start equal)
+            if p_m.is_floating_point():
+                p_m.copy_(torch.randn(p_m.shape, generator=g))
+    before = {**{n: p.clone() for n, p in model.named_parameters()},
+              **{n: b.clone() for n, b in model.named_buffers()}}
     model.momentum_update()
+    checked = 0
     for online, momentum in (("visual_encoder", "visual_encoder_m"), ("vision_proj", "vision_proj_m"),
                              ("text_encoder", "text_encoder_m"), ("text_proj", "text_proj_m")):
-        for name, p_m in getattr(model, momentum).named_parameters():
+        for name, _ in getattr(model, online).named_parameters():
+            p_m = dict(model.named_buffers())[f"{momentum}.{name}"]
             expected = 0.995 * before[f"{momentum}.{name}"] + 0.005 * before[f"{online}.{name}"]
             torch.testing.assert_close(p_m, expected, rtol=1e-6, atol=1e-6)
+            checked += 1
+    assert checked == len(model.momentum_pairs()) > 0
     for name, p in model.named_parameters():  # online weights untouched
-        if p.requires_grad:
-            assert torch.equal(p, before[name])
+        assert torch.equal(p, before[name])
+
+
+def test_momentum_stays_fp32_under_a_bf16_model_and_still_moves():
+    """A bf16 store would round a 0.5% step of weights this close to zero change; the fp32 copies keep it."""
+    torch.manual_seed(0)
+    model = ALBEF(ALBEFConfig.tiny())
+    for p in model.parameters():  # what DeepSpeed's bf16 cast does: parameters only
+        p.data = p.data.to(torch.bfloat16)
+    p, p_m = next((p, p_m) for p, p_m in model.momentum_pairs() if p.ndim == 2)
+    assert p.dtype == torch.bfloat16 and p_m.dtype == torch.float32
+    with torch.no_grad():
+        p.mul_(1.01)  # the online weight moved 1% away from its copy
+    start = p_m.clone()
+    model.momentum_update()
+    torch.testing.assert_close(p_m, 0.995 * start + 0.005 * p.float(), rtol=1e-6, atol=1e-7)
+    moved = start != 0
+    assert (p_m[moved] != start[moved]).all()
+    bf16_store = (0.995 * start.to(torch.bfloat16) + 0.005 * p).to(torch.bfloat16)
+    assert (bf16_store == start.to(torch.bfloat16)).float().mean() > 0.9  # what a bf16 copy would have kept
+    batch = _batch(3)
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    out = albef_losses(model, batch, alpha=0.4, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss) and model.image_queue.dtype == torch.float32
 
 
 def test_clamped_temperature_and_consistency_head():

@@ -7,13 +7,18 @@ Submodule and parameter names are ALBEF's own (salesforce/ALBEF ``models/model_p
 momentum copies ``*_m`` and the buffers ``image_queue``, ``text_queue``, ``queue_ptr``; so an official checkpoint
 loads with a key check and no renaming (``convert_albef.py``).
 
-What is not trained: the momentum copies (``requires_grad`` False, left out of ``param_groups_spec``, so never in an
-optimizer or a ZeRO partition) and the queues (buffers). Both live in ``state_dict`` and therefore in every
-checkpoint. ``momentum_update`` is called by the trainer after each optimizer step (ALBEF calls it at the start of
-the next forward: the same sequence of values).
+What is not trained: the momentum copies and the queues. The momentum copies hold their weights as fp32
+*buffers* (``parameters_to_buffers``), not parameters: they are never in ``parameters()``, hence never in an
+optimizer, a ZeRO partition or a gradient reduction, and DeepSpeed's half-precision cast (which casts parameters
+only) leaves them in fp32, so the 0.5% momentum steps are not rounded away in bf16. Everything is in
+``state_dict`` under ALBEF's names, hence in every checkpoint. Buffers are not broadcast by DeepSpeed: build the
+model with the same seed on every rank (the trainer does) so that copies and queues start identical.
+``after_optimizer_step`` (momentum update + step count) is called by the trainer after each optimizer step (ALBEF
+updates at the start of the next forward: the same sequence of values).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -42,6 +47,20 @@ TIED_KEYS = tuple(f"{encoder}.cls.predictions.decoder.{part}" for encoder in ("t
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
+def parameters_to_buffers(module: nn.Module) -> None:
+    """Turn every parameter of ``module`` into a (persistent, detached) buffer of the same name, keeping ties
+    (one tensor stays one tensor). Forward code reads ``self.weight`` either way."""
+    converted: Dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None:
+                continue
+            tensor = converted.setdefault(id(param), param.detach().clone())
+            del sub._parameters[name]
+            sub.register_buffer(name, tensor)
+
+
+
 def init_bert_weights(module: nn.Module, std: float) -> None:
     """BERT's init (BertPreTrainedModel._init_weights): N(0, std) weights, zero bias, unit LayerNorm."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -281,16 +300,32 @@ class ALBEF(VLPModel):
             setattr(self, CONSISTENCY_HEAD, nn.Linear(cfg.hidden_size, 1))
             init_bert_weights(getattr(self, CONSISTENCY_HEAD), cfg.initializer_range)
 
-        # momentum copies (ALBEF's copy_params): same values, never trained
+        # momentum copies (ALBEF's copy_params): same values, never trained, weights as fp32 buffers
         for online, momentum in MOMENTUM_PAIRS:
             copy_module = copy.deepcopy(getattr(self, online))
-            copy_module.requires_grad_(False)
+            parameters_to_buffers(copy_module)
             setattr(self, momentum, copy_module)
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         # optimizer steps taken (momentum updates done): drives the alpha ramp, and resumes with the checkpoint
         self.register_buffer("momentum_step", torch.zeros((), dtype=torch.long))
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply (``.to``, ``.cuda``, ``.half``) replaces each buffer by name, which would split the
+        momentum MLM decoder from the momentum word embeddings it is tied to (parameters keep their identity,
+        buffers do not): tie them again afterwards."""
+        super()._apply(fn, recurse)
+        self._tie_momentum_decoder()
+        return self
+
+    def _tie_momentum_decoder(self) -> None:
+        encoder = self.__dict__.get("_modules", {}).get("text_encoder_m")
+        if encoder is None or "cls" not in encoder._modules:
+            return
+        predictions = encoder.cls.predictions
+        predictions.decoder._buffers["weight"] = encoder.bert.embeddings.word_embeddings._buffers["weight"]
+        predictions.decoder._buffers["bias"] = predictions._buffers["bias"]
 
     @classmethod
     def from_config(cls, config) -> "ALBEF":
@@ -371,34 +406,33 @@ class ALBEF(VLPModel):
         return self.temp
 
     # ----------------------------------------------------------------------------------------------- momentum
-    def momentum_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
-        return [(getattr(self, online), getattr(self, momentum)) for online, momentum in MOMENTUM_PAIRS]
+    def momentum_pairs(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(online parameter, momentum buffer) for every weight of the momentum-tracked modules, matched by name."""
+        pairs = []
+        for online, momentum in MOMENTUM_PAIRS:
+            copies = dict(getattr(self, momentum).named_buffers())
+            for name, param in getattr(self, online).named_parameters():
+                if name not in copies:
+                    raise RuntimeError(f"{momentum} has no copy of {online}.{name}")
+                pairs.append((param, copies[name]))
+        return pairs
 
     @torch.no_grad()
     def copy_params(self) -> None:
         """Momentum copies := online weights (ALBEF's copy_params; done at construction)."""
-        for online, momentum in self.momentum_pairs():
-            for p, p_m in zip(online.parameters(), momentum.parameters()):
-                p_m.copy_(p)
+        for p, p_m in self.momentum_pairs():
+            p_m.copy_(p)
 
     @torch.no_grad()
     def momentum_update(self, momentum: Optional[float] = None) -> None:
         """theta_m <- m * theta_m + (1 - m) * theta for every momentum copy (m = config.momentum = 0.995), ALBEF's
-        _momentum_update. Called after each optimizer step.
-
-        The arithmetic runs in fp32, but the result is stored in the copy's dtype: under a half-precision engine
-        keep the copies in fp32, since a bf16 store rounds away most of a 0.5% step."""
+        _momentum_update, in the copies' dtype (fp32 even when the online weights are half precision)."""
         m = self.config.momentum if momentum is None else momentum
-        for online, copy_module in self.momentum_pairs():
-            params = list(online.parameters())
-            params_m = list(copy_module.parameters())
-            if len(params) != len(params_m):
-                raise RuntimeError("momentum copy and online module have different parameter lists")
-            for p, p_m in zip(params, params_m):
-                if p_m.dtype == torch.float32 and p.dtype == torch.float32:
-                    p_m.mul_(m).add_(p, alpha=1.0 - m)
-                else:
-                    p_m.copy_(p_m.float() * m + p.float() * (1.0 - m))
+        pairs = self.momentum_pairs()
+        copies = [p_m for _, p_m in pairs]
+        online = [p.detach() if p.dtype == p_m.dtype else p.detach().to(p_m.dtype) for p, p_m in pairs]
+        torch._foreach_mul_(copies, m)
+        torch._foreach_add_(copies, online, alpha=1.0 - m)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -407,15 +441,24 @@ class ALBEF(VLPModel):
         self.momentum_update()
         self.momentum_step += 1
 
+    def _momentum_autocast(self, device: torch.device):
+        """fp32 momentum weights with half-precision online weights: run the momentum model under autocast at the
+        online dtype (the cost of the online forward, not of an fp32 one)."""
+        online, copy_dtype = self.vision_proj.weight.dtype, self.vision_proj_m.weight.dtype
+        if online == copy_dtype or online not in (torch.float16, torch.bfloat16):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=online)
+
     @torch.no_grad()
     def momentum_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           pixel_values: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The momentum encoders' outputs: ``image_embeds_m``, ``image_feat_m``, ``text_feat_m`` (no gradients)."""
-        image_embeds_m = self._run_vit(self.visual_encoder_m, pixel_values)
-        text_embeds_m = self.text_encoder_m.bert.encode_text(input_ids, attention_mask)
-        return {"image_embeds_m": image_embeds_m,
-                "image_feat_m": F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1),
-                "text_feat_m": F.normalize(self.text_proj_m(text_embeds_m[:, 0, :]), dim=-1)}
+        with self._momentum_autocast(pixel_values.device):
+            image_embeds_m = self._run_vit(self.visual_encoder_m, pixel_values.to(self.vision_proj_m.weight.dtype))
+            text_embeds_m = self.text_encoder_m.bert.encode_text(input_ids, attention_mask)
+            return {"image_embeds_m": image_embeds_m,
+                    "image_feat_m": F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]).float(), dim=-1),
+                    "text_feat_m": F.normalize(self.text_proj_m(text_embeds_m[:, 0, :]).float(), dim=-1)}
 
     @torch.no_grad()
     def momentum_mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -423,8 +466,9 @@ class ALBEF(VLPModel):
         """The momentum model's MLM logits on the (masked) text with the momentum image tokens: [B, L, V], or
         [M, V] at the M True entries of ``positions`` [B, L] (the vocabulary projection then runs only there)."""
         bert = self.text_encoder_m.bert
-        fused = bert.fuse(bert.encode_text(input_ids, attention_mask), attention_mask, image_embeds_m)
-        return self.text_encoder_m.cls(fused if positions is None else fused[positions])
+        with self._momentum_autocast(input_ids.device):
+            fused = bert.fuse(bert.encode_text(input_ids, attention_mask), attention_mask, image_embeds_m)
+            return self.text_encoder_m.cls(fused if positions is None else fused[positions])
 
     # ----------------------------------------------------------------------------------------------- EPIC saliency
     def _saliency_layer_index(self) -> int:
