@@ -715,3 +715,14 @@ def test_albef_configs(base, epic):
         steps_per_epoch = cfg.alpha_ramp_steps
         assert train["max_steps"] == pytest.approx(30 * steps_per_epoch, rel=0.01)  # cosine over 30 epochs
         assert train["warmup_ratio"] * train["max_steps"] == pytest.approx(2000, rel=0.01)
+
+
+def test_consistency_head_does_not_change_the_other_draws():
+    torch.manual_seed(0)
+    plain = ALBEF(ALBEFConfig.tiny())
+    torch.manual_seed(0)
+    with_head = ALBEF(ALBEFConfig.tiny(consistency_head=True))
+    others = {k: v for k, v in with_head.state_dict().items() if not k.startswith("itc_score.")}
+    assert others.keys() == plain.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(others[key], value), key

@@ -296,9 +296,6 @@ class ALBEF(VLPModel):
         for head in (self.vision_proj, self.text_proj, self.itm_head):
             init_bert_weights(head, cfg.initializer_range)
         self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
-        if cfg.consistency_head:
-            setattr(self, CONSISTENCY_HEAD, nn.Linear(cfg.hidden_size, 1))
-            init_bert_weights(getattr(self, CONSISTENCY_HEAD), cfg.initializer_range)
 
         # momentum copies (ALBEF's copy_params): same values, never trained, weights as fp32 buffers
         for online, momentum in MOMENTUM_PAIRS:
@@ -310,6 +307,9 @@ class ALBEF(VLPModel):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         # optimizer steps taken (momentum updates done): drives the alpha ramp, and resumes with the checkpoint
         self.register_buffer("momentum_step", torch.zeros((), dtype=torch.long))
+        if cfg.consistency_head:  # EPIC's beta (Eq. 1), created last: every other weight is drawn as without it
+            setattr(self, CONSISTENCY_HEAD, nn.Linear(cfg.hidden_size, 1))
+            init_bert_weights(getattr(self, CONSISTENCY_HEAD), cfg.initializer_range)
 
     def _apply(self, fn, recurse=True):
         """nn.Module._apply (``.to``, ``.cuda``, ``.half``) replaces each buffer by name, which would split the
