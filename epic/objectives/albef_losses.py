@@ -10,7 +10,7 @@ offers them.
 """
 from __future__ import annotations
 
-import logging
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from .contrastive import alpha_ramp, contrastive_loss, dequeue_and_enqueue, gather_features
 
-logger = logging.getLogger(__name__)
 
 #: floor added to every off-diagonal hard-negative weight (X-VLM adds 1e-5 to ALBEF's softmax for the same crash)
 NEGATIVE_WEIGHT_FLOOR = 1e-5
@@ -135,8 +134,8 @@ def itm_hard_negative_loss(model, image_embeds: torch.Tensor, text_embeds: torch
     batch = image_embeds.shape[0]
     negatives = sample_hard_negatives(sim_i2t, sim_t2i, generator)
     if negatives is None:
-        logger.warning("ALBEF ITM needs >= 2 samples per micro-batch for a hard negative; ITM is skipped for this "
-                       "micro-batch of 1 (raise data.micro_batch_size)")
+        warnings.warn("ALBEF ITM needs >= 2 samples per micro-batch for a hard negative; ITM is skipped for "
+                      "micro-batches of 1 (raise data.micro_batch_size)", RuntimeWarning)  # shown once per place
         fused = model.fuse(text_embeds, attention_mask, image_embeds)
         return model.itm_score(fused[:, 0]).sum() * 0.0, torch.zeros((), device=image_embeds.device)
     pairs = itm_pairs(batch, negatives, image_embeds.device)
