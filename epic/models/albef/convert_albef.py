@@ -165,6 +165,7 @@ def to_official_state_dict(model: ALBEF) -> Dict[str, torch.Tensor]:
     positions = torch.arange(model.config.max_position_embeddings).expand(1, -1)
     for key in POSITION_ID_KEYS:
         out[key] = positions.clone()
+    out["temp"] = out["temp"].reshape(())  # ALBEF's temperature is 0-d (ours [1], see ALBEF.__init__)
     return out
 
 
@@ -204,6 +205,9 @@ def from_official_state_dict(official: Dict[str, torch.Tensor], model: ALBEF) ->
             if not torch.equal(official[alias], official[source]):
                 raise ValueError(f"{alias} differs from {source}; ALBEF ties them (an untied MLM decoder is not "
                                  f"an ALBEF checkpoint)")
+    if official["temp"].numel() != 1:
+        raise ValueError(f"temp has shape {tuple(official['temp'].shape)}; ALBEF's temperature is one number")
+    official["temp"] = official["temp"].reshape(1)
     _resample_position_embeddings(official, model)
     official["momentum_step"] = torch.zeros((), dtype=torch.long)  # unknown: the alpha ramp restarts if trained on
     shape_errors = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}" for k, v in official.items()

@@ -295,7 +295,9 @@ class ALBEF(VLPModel):
         self.itm_head = nn.Linear(cfg.hidden_size, 2)
         for head in (self.vision_proj, self.text_proj, self.itm_head):
             init_bert_weights(head, cfg.initializer_range)
-        self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
+        # shape [1], not ALBEF's 0-d []: DeepSpeed's broadcast views every parameter as bytes, which a 0-d half
+        # tensor cannot do (the converter reshapes to and from ALBEF's [])
+        self.temp = nn.Parameter(torch.full((1,), float(cfg.temp)))
 
         # momentum copies (ALBEF's copy_params): same values, never trained, weights as fp32 buffers
         for online, momentum in MOMENTUM_PAIRS:
@@ -559,7 +561,8 @@ class ALBEF(VLPModel):
         BERT layers from ``fusion_layer`` on, head = MLM/ITM heads, projections, temperature and the consistency
         head, backbone = ViT, embeddings and text layers. Weight decay follows ALBEF's optimizer
         (optim/optim_factory.add_weight_decay): none on 1-d tensors and biases, decay on everything else (the
-        0-d temperature included). Momentum copies have ``requires_grad`` False and are never listed."""
+        0-d temperature included: ours is [1] for DeepSpeed, decayed by name). Momentum copies are buffers, never
+        parameters, so never listed."""
         spec = {group: {"decay": [], "no_decay": []} for group in ("backbone", "fusion", "head")}
         fusion_prefixes = tuple(f"text_encoder.bert.encoder.layer.{i}." for i in
                                 range(self.config.fusion_layer, len(self.text_encoder.bert.encoder.layer)))
@@ -572,7 +575,7 @@ class ALBEF(VLPModel):
                 group = "backbone"
             else:
                 group = "head"
-            decay = not (param.ndim == 1 or name.endswith(".bias"))
+            decay = name == "temp" or not (param.ndim <= 1 or name.endswith(".bias"))
             spec[group]["decay" if decay else "no_decay"].append(name)
         return spec
 
