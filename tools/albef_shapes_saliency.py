@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-batches", type=int, default=4)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--save", help="save the trained model here (ALBEF.save_pretrained)")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     tmp = None
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     train = build_train_loader(f"{world}/train/*.tar", tokenizer, image_size=IMAGE_SIZE, max_text_len=MAX_TEXT_LEN,
                                batch_size=args.batch, num_workers=0, seed=args.seed, rank=0, world_size=1)
     val = build_eval_loader(f"{world}/val/*.tar", tokenizer, image_size=IMAGE_SIZE, max_text_len=MAX_TEXT_LEN,
-                            batch_size=32, all_captions=False)
+                            batch_size=32, all_captions=True)
     val_batches = [b for _, b in zip(range(args.val_batches), val)]
     model = ALBEF(tiny_config(len(tokenizer), tokenizer.pad_token_id))
     before = content_hit_rates(model.eval(), val_batches, args.seed)
@@ -114,10 +115,12 @@ def main(argv=None) -> int:
         model.after_optimizer_step()  # momentum update + step count
         if step % 50 == 0 or step == args.steps - 1:
             row = {"step": step, **{k: round(float(v.detach()), 4) for k, v in out.scalars().items()},
-                   "temp": round(float(model.temp), 4), "seconds": round(time.perf_counter() - start, 1)}
+                   "temp": round(float(model.temp.detach()), 4), "seconds": round(time.perf_counter() - start, 1)}
             log.append(row)
             print(json.dumps(row), flush=True)
     after = content_hit_rates(model.eval(), val_batches, args.seed)
+    if args.save:
+        model.save_pretrained(args.save)
     result = {"steps": args.steps, "batch": args.batch, "untrained": before, "trained": after, "log": log}
     print(json.dumps({"untrained": before, "trained": after}, indent=2))
     if args.json:
