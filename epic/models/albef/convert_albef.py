@@ -47,18 +47,21 @@ REQUIRED_BERT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "fusion_
 
 
 # ------------------------------------------------------------------------------------------------ reading files
-def read_checkpoint(path: str) -> dict:
-    """The top-level object of a ``.pth`` / ``.bin`` (torch.load, weights only) or ``.safetensors`` file."""
+def read_checkpoint(path: str, weights_only: bool = True) -> dict:
+    """The top-level object of a ``.pth`` / ``.bin`` (torch.load) or ``.safetensors`` file.
+
+    ``weights_only`` (default) refuses pickled objects other than tensors and containers; pass False only for a
+    file you trust (a pickle can run code)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:  # pickles with objects beyond tensors and containers
-        raise ValueError(f"cannot read {path!r} as a weights-only torch checkpoint ({error}); re-save it as "
-                         f"{{'model': state_dict}}") from error
+        raise ValueError(f"cannot read {path!r} as a weights-only torch checkpoint ({error}); if you trust the "
+                         f"file, pass weights_only=False, or re-save it as {{'model': state_dict}}") from error
 
 
 def state_dict_of(checkpoint: dict, source: str) -> Dict[str, torch.Tensor]:
@@ -218,14 +221,16 @@ def from_official_state_dict(official: Dict[str, torch.Tensor], model: ALBEF) ->
 
 
 def load_official_albef(path_or_state_dict, config: Union[str, dict, None] = None,
-                        overrides: Optional[dict] = None) -> ALBEF:
+                        overrides: Optional[dict] = None, weights_only: bool = True) -> ALBEF:
     """Our ALBEF from an official checkpoint (path or loaded dict), momentum copies and queues included.
 
     ``config``: ALBEF's own config (Pretrain.yaml keys, ``bert_config`` dict or path inside), as a dict or a
     JSON/YAML path; None takes the ``'config'`` ALBEF stores in its checkpoints. ``overrides``: ALBEFConfig fields
-    (e.g. ``vision_heads`` for non-standard ViTs, ``saliency``, ``consistency_head``)."""
+    (e.g. ``vision_heads`` for non-standard ViTs, ``saliency``, ``consistency_head``). ``weights_only``: see
+    ``read_checkpoint``."""
     source = path_or_state_dict if isinstance(path_or_state_dict, str) else "the given state dict"
-    checkpoint = read_checkpoint(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
+    checkpoint = (read_checkpoint(path_or_state_dict, weights_only) if isinstance(path_or_state_dict, str)
+                  else path_or_state_dict)
     state_dict = state_dict_of(checkpoint, source)
     if config is None:
         config = checkpoint.get("config")
