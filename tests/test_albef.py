@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from epic.models.albef import ALBEF, ALBEFConfig, load_official_albef, to_official_state_dict
-from epic.models.albef.convert_albef import load_deit_weights
 from epic.objectives.albef_losses import (albef_losses, hard_negative_weights, itm_pairs, mlm_distillation_loss,
                                           sample_hard_negatives)
 from epic.objectives.contrastive import (alpha_ramp, contrastive_loss, dequeue_and_enqueue, enqueue,
