@@ -726,3 +726,29 @@ def test_consistency_head_does_not_change_the_other_draws():
     assert others.keys() == plain.state_dict().keys()
     for key, value in plain.state_dict().items():
         assert torch.equal(others[key], value), key
+
+
+def test_recipe_runs_on_the_meta_device_with_the_flops_of_a_real_batch():
+    """The trainer counts FLOPs per sample on the meta device (no data, no memory): the recipe must run there and
+    count what a real batch with the same number of MLM targets costs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ALBEFConfig.tiny(mlm_probability=0.25)
+    length, batch_size = 8, 3
+    real = _batch(batch_size, length)
+    real["mlm_labels"] = torch.full_like(real["input_ids"], -100)
+    real["mlm_labels"][:, [1, 5]] = real["input_ids"][:, [1, 5]]  # 2 = round(0.25 * 8) targets per caption
+
+    def count(model, batch):
+        # the math attention backend on both devices (the CPU's fused SDPA kernel is invisible to FlopCounterMode)
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            albef_losses(model, batch, None, torch.Generator()).loss.backward()
+        return counter.get_total_flops()
+
+    torch.manual_seed(0)
+    flops_real = count(ALBEF(cfg), real)
+    with torch.device("meta"):
+        meta_model = ALBEF(cfg)
+    meta = {k: torch.empty_like(v, device="meta") for k, v in real.items()}
+    assert count(meta_model, meta) == flops_real > 0

@@ -90,10 +90,10 @@ def mlm_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, logits_m: 
     """ALBEF's MLM: (1 - alpha) * CE(logits, labels) + alpha * soft CE(logits, softmax(logits_m)), both averaged
     over the masked positions.
 
-    ``logits`` [M, V] and ``logits_m`` [M, V] at the M masked positions, ``labels`` [M] (or all three over
-    [B, L] with -100 on unmasked positions). ``logits_m`` None (or alpha 0) is plain MLM. No masked position:
+    ``logits`` [M, V] and ``logits_m`` [M, V] at the M masked positions, ``labels`` [M] (every entry a target),
+    or all three over [B, L] with -100 on unmasked positions. ``logits_m`` None (or alpha 0) is plain MLM. No masked position:
     a zero that keeps the graph (ALBEF's mean over nothing would be NaN)."""
-    if labels.dim() > 1 or (labels == -100).any():
+    if labels.dim() > 1:
         keep = labels != -100
         logits, labels = logits[keep], labels[keep]
         logits_m = None if logits_m is None else logits_m[keep]
@@ -105,6 +105,23 @@ def mlm_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, logits_m: 
         return hard
     soft = -(F.softmax(logits_m.float(), dim=-1) * log_probs).sum(dim=-1).mean()
     return (1.0 - alpha) * hard + alpha * soft
+
+
+def mlm_positions(labels: torch.Tensor, mlm_probability: float):
+    """(positions, targets [M]): ``positions`` indexes [B, L, ...] tensors at the M positions with a label.
+
+    On the meta device (FLOP counting, where a boolean selection has no known size) the first
+    round(mlm_probability * L) positions of every caption stand in: the same M as a real 15% batch."""
+    if labels.is_meta:
+        count = max(1, round(mlm_probability * labels.shape[1]))
+        return (slice(None), slice(0, count)), labels[:, :count].reshape(-1)
+    masked = labels != -100
+    return masked, labels[masked]
+
+
+def rows(states: torch.Tensor, positions) -> torch.Tensor:
+    """[B, L, H] states at ``positions`` (from ``mlm_positions``) as [M, H]."""
+    return states[positions].reshape(-1, states.shape[-1])
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
@@ -159,7 +176,10 @@ def albef_losses(model, batch: Dict[str, torch.Tensor], alpha: Optional[float] =
     (EPIC's CMLM). The momentum update is *not* done here: the trainer calls ``model.after_optimizer_step()``."""
     check_batch(batch)
     if alpha is None:
-        alpha = alpha_ramp(model.config.alpha, int(model.momentum_step), model.config.alpha_ramp_steps)
+        if model.momentum_step.is_meta:  # FLOP counting on the meta device: the ramp's end value
+            alpha = model.config.alpha
+        else:
+            alpha = alpha_ramp(model.config.alpha, int(model.momentum_step), model.config.alpha_ramp_steps)
     pixel_values, input_ids, attention_mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
     if image_embeds is None:
         image_embeds = model.encode_image(pixel_values)
@@ -176,13 +196,14 @@ def albef_losses(model, batch: Dict[str, torch.Tensor], alpha: Optional[float] =
 
     masked_batch = mlm_batch if mlm_batch is not None else batch
     labels, mlm_ids = masked_batch["mlm_labels"], masked_batch["mlm_input_ids"]
-    masked = labels != -100
+    positions, targets = mlm_positions(labels, model.config.mlm_probability)
     fused = model.fuse(model.encode_text(mlm_ids, attention_mask), attention_mask, image_embeds)
-    logits = model.mlm_score(fused[masked])
+    logits = model.mlm_score(rows(fused, positions))
     logits_m = None
-    if alpha > 0 and bool(masked.any()):
-        logits_m = model.momentum_mlm_logits(mlm_ids, attention_mask, momentum["image_embeds_m"], masked)
-    loss_mlm = mlm_distillation_loss(logits, labels[masked], logits_m, alpha)
+    if alpha > 0 and targets.numel() > 0:
+        logits_m = model.momentum_mlm_logits(mlm_ids, attention_mask, momentum["image_embeds_m"], positions)
+        logits_m = logits_m.reshape(-1, logits_m.shape[-1])
+    loss_mlm = mlm_distillation_loss(logits, targets, logits_m, alpha)
 
     loss = ita.loss + loss_itm + loss_mlm
     return ALBEFStepOutput(loss=loss, loss_ita=ita.loss, loss_itm=loss_itm, loss_mlm=loss_mlm,

@@ -109,6 +109,8 @@ def dequeue_and_enqueue(image_queue: torch.Tensor, text_queue: torch.Tensor, que
                         gather: Callable[[torch.Tensor], torch.Tensor] = gather_features) -> None:
     """ALBEF's _dequeue_and_enqueue: gather the momentum features of every rank, write them over the oldest queue
     entries and advance the shared pointer (in place; every rank ends with the same queues)."""
+    if queue_ptr.is_meta:  # FLOP counting on the meta device: the copy costs no FLOPs and has no pointer value
+        return
     image_feats = gather(image_feat_m)
     text_feats = gather(text_feat_m)
     ptr = int(queue_ptr.item())
