@@ -104,6 +104,48 @@ class ALBEFConfig:
     def num_fusion_layers(self) -> int:
         return self.num_hidden_layers - self.fusion_layer
 
+    # -- the text-tower names other parts of the system read (the EPIC generator sizes a random BERT of the same
+    # family from them, as for METER); read-only views of the BERT fields, not config keys
+    @property
+    def text_model_type(self) -> str:
+        return "bert"
+
+    @property
+    def text_hidden_size(self) -> int:
+        return self.hidden_size
+
+    @property
+    def text_layers(self) -> int:
+        return self.fusion_layer  # ALBEF's text encoder is the BERT layers before the fusion layers
+
+    @property
+    def text_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def text_intermediate_size(self) -> int:
+        return self.intermediate_size
+
+    @property
+    def text_max_position_embeddings(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def text_type_vocab_size(self) -> int:
+        return self.type_vocab_size
+
+    @property
+    def text_layer_norm_eps(self) -> float:
+        return self.layer_norm_eps
+
+    @property
+    def dropout(self) -> float:
+        return self.hidden_dropout_prob
+
+    @property
+    def vit_width(self) -> int:
+        return self.vision_width
+
     @classmethod
     def tiny(cls, **overrides) -> "ALBEFConfig":
         """A small random ALBEF of the real classes (tests, shapes world)."""

@@ -338,8 +338,9 @@ class ALBEF(VLPModel):
         return cls(config)
 
     # ----------------------------------------------------------------------------------------------- encoders
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] -> ViT output [B, 1 + (S/patch)^2, vision_width] (final LayerNorm on every token)."""
+    def encode_image(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """[B, 3, S, S] -> ViT output [B, 1 + (S/patch)^2, vision_width] (final LayerNorm on every token).
+        Deterministic: ``generator`` (the interface's random stream for sampling encoders) is never drawn from."""
         return self._run_vit(self.visual_encoder, pixel_values)
 
     def _run_vit(self, vit: VisionTransformer, pixel_values: torch.Tensor) -> torch.Tensor:
