@@ -501,6 +501,10 @@ class ALBEF(VLPModel):
           state (the bilinear form is symmetric, so q_k K_k^T is exactly those logits). It keeps Eq. 8's
           image-[CLS]-text pairing, read in ALBEF's direction.
 
+        Measured with tools/albef_shapes_saliency.py (tiny ALBEF, shapes world, 3 seeds): masking by
+        ``fused_cls`` hits content words more often than uniform masking on every seed (0.48 vs 0.40 on average),
+        ``image_cls_cross`` on one seed of three, hence the default.
+
         Both are raw projections without the 1/sqrt(dh) scale; keys cover every text position (mask padding with
         ``attention_mask``)."""
         index = self._saliency_layer_index()
