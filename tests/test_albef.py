@@ -752,3 +752,19 @@ def test_recipe_runs_on_the_meta_device_with_the_flops_of_a_real_batch():
         meta_model = ALBEF(cfg)
     meta = {k: torch.empty_like(v, device="meta") for k, v in real.items()}
     assert count(meta_model, meta) == flops_real > 0
+
+
+def test_hard_negatives_follow_the_softmax_over_the_other_samples():
+    """ALBEF draws negative j for row i with probability softmax(sim_i)_j renormalised over j != i."""
+    sim = torch.tensor([[0.0, 1.0, 2.0], [0.5, 3.0, -1.0], [1.0, 1.0, 0.0]])
+    draws = 6000
+    big = sim.repeat(draws, 1)  # the guard acts per row; square blocks keep the diagonal where it belongs
+    counts = torch.zeros(3, 3)
+    g = torch.Generator().manual_seed(0)
+    for block in big.split(3):
+        neg = sample_hard_negatives(block, block, g)["text_index"]
+        counts[torch.arange(3), neg] += 1
+    expected = F.softmax(sim, dim=1)
+    expected.fill_diagonal_(0)
+    expected = expected / expected.sum(1, keepdim=True)
+    torch.testing.assert_close(counts / draws, expected, atol=0.025, rtol=0)
