@@ -319,6 +319,8 @@ def test_official_config_from_json_and_resolution_change(tmp_path):
     assert model.visual_encoder.pos_embed.shape[1] == 1 + (48 // PATCH) ** 2
     assert model.visual_encoder_m.pos_embed.shape[1] == 1 + (48 // PATCH) ** 2
     assert model.config.fusion_layer == FUSION and model.config.queue_size == QUEUE
+    from epic.models.albef.convert_albef import official_albef_config
+    assert official_albef_config(str(tmp_path / "ALBEF.pth"), None, OVERRIDES) == model.config  # stored config
     # the class token's position is kept, the patch grid is resampled bicubically as ALBEF's interpolate_pos_embed
     assert torch.equal(model.visual_encoder.pos_embed[:, 0], sd["visual_encoder.pos_embed"][:, 0])
 

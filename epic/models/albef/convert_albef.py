@@ -220,14 +220,7 @@ def from_official_state_dict(official: Dict[str, torch.Tensor], model: ALBEF) ->
     return official
 
 
-def load_official_albef(path_or_state_dict, config: Union[str, dict, None] = None,
-                        overrides: Optional[dict] = None, weights_only: bool = True) -> ALBEF:
-    """Our ALBEF from an official checkpoint (path or loaded dict), momentum copies and queues included.
-
-    ``config``: ALBEF's own config (Pretrain.yaml keys, ``bert_config`` dict or path inside), as a dict or a
-    JSON/YAML path; None takes the ``'config'`` ALBEF stores in its checkpoints. ``overrides``: ALBEFConfig fields
-    (e.g. ``vision_heads`` for non-standard ViTs, ``saliency``, ``consistency_head``). ``weights_only``: see
-    ``read_checkpoint``."""
+def _checkpoint_and_config(path_or_state_dict, config, weights_only: bool):
     source = path_or_state_dict if isinstance(path_or_state_dict, str) else "the given state dict"
     checkpoint = (read_checkpoint(path_or_state_dict, weights_only) if isinstance(path_or_state_dict, str)
                   else path_or_state_dict)
@@ -237,8 +230,27 @@ def load_official_albef(path_or_state_dict, config: Union[str, dict, None] = Non
         if config is None:
             raise ValueError(f"{source} stores no 'config'; pass ALBEF's configs/Pretrain.yaml (as a dict or path) "
                              f"with bert_config = configs/config_bert.json")
-    cfg = albef_config_from_official(config, state_dict, overrides)
-    model = ALBEF(cfg)
+    return state_dict, config
+
+
+def official_albef_config(path_or_state_dict, config: Union[str, dict, None] = None,
+                          overrides: Optional[dict] = None, weights_only: bool = True) -> ALBEFConfig:
+    """The architecture of an official ALBEF checkpoint (its config + tensor shapes) as an ALBEFConfig, without
+    building the model (the registry's ``official_config``)."""
+    state_dict, config = _checkpoint_and_config(path_or_state_dict, config, weights_only)
+    return albef_config_from_official(config, state_dict, overrides)
+
+
+def load_official_albef(path_or_state_dict, config: Union[str, dict, None] = None,
+                        overrides: Optional[dict] = None, weights_only: bool = True) -> ALBEF:
+    """Our ALBEF from an official checkpoint (path or loaded dict), momentum copies and queues included.
+
+    ``config``: ALBEF's own config (Pretrain.yaml keys, ``bert_config`` dict or path inside), as a dict or a
+    JSON/YAML path; None takes the ``'config'`` ALBEF stores in its checkpoints. ``overrides``: ALBEFConfig fields
+    (e.g. ``vision_heads`` for non-standard ViTs, ``saliency``, ``consistency_head``). ``weights_only``: see
+    ``read_checkpoint``."""
+    state_dict, config = _checkpoint_and_config(path_or_state_dict, config, weights_only)
+    model = ALBEF(albef_config_from_official(config, state_dict, overrides))
     model.load_state_dict(from_official_state_dict(state_dict, model))
     return model
 
