@@ -1,5 +1,5 @@
-"""ALBEF's released checkpoints (``ALBEF_4M.pth``, ``ALBEF.pth``: ``{'model': state_dict, 'config': ...}``) and
-tower initialisations (DeiT-B, bert-base-uncased) -> our ALBEF.
+"""ALBEF's released checkpoints (``ALBEF_4M.pth``, ``ALBEF.pth``: ``{'model': state_dict, 'config': ...}``) -> our
+ALBEF (tower initialisations, DeiT-B and bert-base-uncased, are in ``weights.py``).
 
 Our parameter names are ALBEF's, so conversion is a key check, not a renaming: every official key must be used and
 every model key given, or a ``ValueError`` lists what is unexpected and what is missing. Two official quirks are
@@ -18,10 +18,10 @@ from typing import Dict, Optional, Union
 
 import torch
 from timm.layers import resample_abs_pos_embed
-from torch import nn
 
 from .configuration_albef import ALBEFConfig, config_from_dict
 from .modeling_albef import ALBEF
+from .weights import read_checkpoint, state_dict_of
 
 logger = logging.getLogger(__name__)
 
@@ -47,34 +47,6 @@ REQUIRED_BERT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "fusion_
 
 
 # ------------------------------------------------------------------------------------------------ reading files
-def read_checkpoint(path: str, weights_only: bool = True) -> dict:
-    """The top-level object of a ``.pth`` / ``.bin`` (torch.load) or ``.safetensors`` file.
-
-    ``weights_only`` (default) refuses pickled objects other than tensors and containers; pass False only for a
-    file you trust (a pickle can run code)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {path!r}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as error:  # pickles with objects beyond tensors and containers
-        raise ValueError(f"cannot read {path!r} as a weights-only torch checkpoint ({error}); if you trust the "
-                         f"file, pass weights_only=False, or re-save it as {{'model': state_dict}}") from error
-
-
-def state_dict_of(checkpoint: dict, source: str) -> Dict[str, torch.Tensor]:
-    """ALBEF's ``{'model': sd}`` (also ``{'state_dict': sd}`` or a bare state dict)."""
-    for key in ("model", "state_dict", "module"):
-        if isinstance(checkpoint.get(key), dict):
-            return dict(checkpoint[key])
-    if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return dict(checkpoint)
-    raise ValueError(f"{source} holds no state dict: expected {{'model': state_dict}} (ALBEF's format), found keys "
-                     f"{sorted(checkpoint)[:10]}")
-
-
 def _read_json_or_dict(value: Union[str, dict, None], what: str) -> dict:
     if value is None:
         return {}
@@ -253,50 +225,3 @@ def load_official_albef(path_or_state_dict, config: Union[str, dict, None] = Non
     model = ALBEF(albef_config_from_official(config, state_dict, overrides))
     model.load_state_dict(from_official_state_dict(state_dict, model))
     return model
-
-
-# ------------------------------------------------------------------------------------------------ tower inits
-def load_deit_weights(vit: nn.Module, path: str) -> None:
-    """DeiT-B (``deit_base_patch16_224-b5f2ef4d.pth``: ``{'model': sd}``) into ALBEF's ViT, as ALBEF's init_deit:
-    the classifier head is dropped, the position embeddings resampled to this resolution, every ViT key required."""
-    state = state_dict_of(read_checkpoint(path), path)
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dist.", "fc_norm."))}
-    if "dist_token" in state:
-        raise ValueError(f"{path!r} is a distilled DeiT (dist_token); ALBEF initialises from the plain DeiT-B")
-    grid = vit.patch_embed.grid_size
-    if "pos_embed" in state and state["pos_embed"].shape[1] != 1 + grid[0] * grid[1]:
-        old = round((state["pos_embed"].shape[1] - 1) ** 0.5)
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"].float(), list(grid), [old, old],
-                                                    num_prefix_tokens=1, interpolation="bicubic", antialias=False)
-    result = vit.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path!r} does not fit the ViT (vision_width/layers/patch_size): missing "
-                         f"{sorted(result.missing_keys)}, unexpected {sorted(result.unexpected_keys)}")
-
-
-def _hf_weights_file(folder: str) -> str:
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    raise FileNotFoundError(f"{folder!r} has no model.safetensors or pytorch_model.bin (a local HF BERT folder, "
-                            f"e.g. bert-base-uncased saved with save_pretrained)")
-
-
-def load_bert_weights(text_encoder: nn.Module, folder: str) -> None:
-    """A local HF BERT (bert-base-uncased) into ``text_encoder``, as ALBEF's BertForMaskedLM.from_pretrained: the
-    cross-attention layers stay randomly initialised, the pooler and NSP head are not used."""
-    state = state_dict_of(read_checkpoint(_hf_weights_file(folder)), folder)
-    renamed = {}
-    for key, value in state.items():
-        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        if key.startswith(("bert.pooler.", "cls.seq_relationship.")) or key.endswith("position_ids") \
-                or key.endswith("token_type_ids"):
-            continue
-        renamed[key] = value
-    result = text_encoder.load_state_dict(renamed, strict=False)
-    missing = [k for k in result.missing_keys if ".crossattention." not in k
-               and not k.startswith("cls.predictions.decoder.")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{folder!r} does not fit the text encoder (vocab/hidden/layers): missing {sorted(missing)}, "
-                         f"unexpected {sorted(result.unexpected_keys)}")
-    # the decoder is tied to the word embeddings (HF files may omit it or store the same values)

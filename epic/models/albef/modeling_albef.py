@@ -33,6 +33,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..interface import CONSISTENCY_HEAD, VLPModel
 from .configuration_albef import ALBEFConfig, config_from_dict
+from .weights import load_bert_weights, load_deit_weights
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -285,10 +286,8 @@ class ALBEF(VLPModel):
         self.visual_encoder = build_vision_encoder(cfg)
         self.text_encoder = TextEncoder(cfg)
         if cfg.vit_pretrained:
-            from .convert_albef import load_deit_weights
             load_deit_weights(self.visual_encoder, cfg.vit_pretrained)
         if cfg.text_pretrained:
-            from .convert_albef import load_bert_weights
             load_bert_weights(self.text_encoder, cfg.text_pretrained)
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim)
