@@ -286,6 +286,13 @@ def test_official_key_round_trip_and_save_pretrained(official, tmp_path):
         assert torch.equal(again.state_dict()[key], value), key
     assert again.text_encoder.cls.predictions.decoder.weight is again.text_encoder.bert.embeddings.word_embeddings.weight
     assert int(again.queue_ptr) == 8
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "model.safetensors"))  # without the tied aliases, strictly loadable
+    assert not set(saved) & {"text_encoder.cls.predictions.decoder.weight", "text_encoder_m.cls.predictions.decoder.bias"}
+    fresh = ALBEF(again.config)
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.text_encoder_m.cls.predictions.decoder.weight,
+                       model.text_encoder_m.bert.embeddings.word_embeddings.weight)
 
 
 def test_official_import_errors():

@@ -43,8 +43,19 @@ MASK_VALUE = -10000.0
 MOMENTUM_PAIRS = (("visual_encoder", "visual_encoder_m"), ("vision_proj", "vision_proj_m"),
                   ("text_encoder", "text_encoder_m"), ("text_proj", "text_proj_m"))
 #: state-dict keys that alias another key (the MLM decoder is tied to the word embeddings, its bias to cls bias)
-TIED_KEYS = tuple(f"{encoder}.cls.predictions.decoder.{part}" for encoder in ("text_encoder", "text_encoder_m")
-                  for part in ("weight", "bias"))
+TIED_SOURCES = {f"{encoder}.cls.predictions.decoder.{part}": f"{encoder}.{source}"
+                for encoder in ("text_encoder", "text_encoder_m")
+                for part, source in (("weight", "bert.embeddings.word_embeddings.weight"),
+                                     ("bias", "cls.predictions.bias"))}
+TIED_KEYS = tuple(TIED_SOURCES)
+
+
+def fill_tied_aliases(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: a state dict saved without the tied aliases (safetensors refuses shared tensors;
+    ``save_pretrained`` drops them) loads strictly, the aliases taken from their sources."""
+    for alias, source in TIED_SOURCES.items():
+        if prefix + alias not in state_dict and prefix + source in state_dict:
+            state_dict[prefix + alias] = state_dict[prefix + source]
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
@@ -311,6 +322,7 @@ class ALBEF(VLPModel):
         if cfg.consistency_head:  # EPIC's beta (Eq. 1), created last: every other weight is drawn as without it
             setattr(self, CONSISTENCY_HEAD, nn.Linear(cfg.hidden_size, 1))
             init_bert_weights(getattr(self, CONSISTENCY_HEAD), cfg.initializer_range)
+        self.register_load_state_dict_pre_hook(fill_tied_aliases)
 
     def _apply(self, fn, recurse=True):
         """nn.Module._apply (``.to``, ``.cuda``, ``.half``) replaces each buffer by name, which would split the
@@ -608,9 +620,8 @@ class ALBEF(VLPModel):
             cfg = config_from_dict(json.load(f), source=os.path.join(directory, CONFIG_NAME))
         model = cls(dataclasses.replace(cfg, vit_pretrained=None, text_pretrained=None))
         result = model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)), strict=False)
-        missing = sorted(set(result.missing_keys) - set(TIED_KEYS))
-        if missing or result.unexpected_keys:
-            raise ValueError(f"{directory!r} does not match its config: missing keys {missing}, unexpected keys "
-                             f"{sorted(result.unexpected_keys)}")
+        if result.missing_keys or result.unexpected_keys:  # the tied aliases are filled by fill_tied_aliases
+            raise ValueError(f"{directory!r} does not match its config: missing keys {sorted(result.missing_keys)}, "
+                             f"unexpected keys {sorted(result.unexpected_keys)}")
         return model
 
