@@ -1,0 +1,111 @@
+"""Region samples for X-VLM (dataset/pretrain_dataset.py RegionTextJsonDataset), as pure functions.
+
+A region-annotated sample holds ``regions: [{"caption", "attributes", "bbox": [x, y, w, h]}]`` (pixels of the
+stored image, COCO's convention) and optionally whole-image captions. One training example from it, as X-VLM
+makes it: a random crop that keeps one chosen region whole, an optional horizontal flip, a resize to the model's
+square input; then up to ``max_regions`` (caption, box) rows — the whole-image caption first when there is one
+(box (0.5, 0.5, 1, 1), every patch, ``is_image`` 1) — for regions of which more than ``min_perc_in_image`` of the
+area survives the crop. Each row carries the box as (cx, cy, w, h) / image side and the patch mask the fusion
+layers attend to (``box_patch_mask``).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from PIL import Image
+
+
+@dataclass
+class RegionRow:
+    caption: str
+    target_bbox: list  # (cx, cy, w, h) normalised to [0, 1]
+    image_atts: list  # [1 + grid^2] 0/1: the pooled token, then the box's patches (row-major)
+    is_image: int  # 1: a whole-image caption (no box loss)
+
+
+def validate_regions(regions, width: int, height: int, where: str = "sample") -> list:
+    """Regions as dicts with a non-empty caption and a positive box inside the image; else a ValueError."""
+    if not isinstance(regions, list):
+        raise ValueError(f"{where}: 'regions' must be a list of {{caption, bbox: [x, y, w, h]}}")
+    for i, region in enumerate(regions):
+        if not isinstance(region, dict) or not isinstance(region.get("caption"), (str, list)) or not region["caption"]:
+            raise ValueError(f"{where}: region {i} needs a non-empty 'caption'")
+        box = region.get("bbox")
+        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise ValueError(f"{where}: region {i} 'bbox' must be [x, y, w, h] numbers, got {box!r}")
+        x, y, w, h = box
+        if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > width + 1e-6 or y + h > height + 1e-6:
+            raise ValueError(f"{where}: region {i} box {box} is empty or leaves the {width}x{height} image")
+    return regions
+
+
+def normalise_box(x: float, y: float, w: float, h: float, width: float, height: float) -> list:
+    """[x, y, w, h] in pixels -> (cx, cy, w, h) as fractions of the image's width and height."""
+    return [(x + w / 2) / width, (y + h / 2) / height, w / width, h / height]
+
+
+def box_patch_mask(x: float, y: float, w: float, h: float, image_size: int, grid: int) -> list:
+    """X-VLM's get_image_attns: 1 for the pooled token and for every output patch the box [x, y, w, h] (pixels of
+    the square model input of side ``image_size``) touches, at least one patch; row-major over ``grid`` x ``grid``."""
+    patch = image_size / grid
+    x_min = min(math.floor(x / patch), grid - 1)
+    x_max = max(x_min + 1, min(math.ceil((x + w) / patch), grid))
+    y_min = min(math.floor(y / patch), grid - 1)
+    y_max = max(y_min + 1, min(math.ceil((y + h) / patch), grid))
+    mask = [0] * (1 + grid * grid)
+    mask[0] = 1
+    for row in range(y_min, y_max):
+        for col in range(x_min, x_max):
+            mask[1 + row * grid + col] = 1
+    return mask
+
+
+def _caption(value, rng: random.Random) -> str:
+    return rng.choice(value) if isinstance(value, list) else value
+
+
+def region_example(image: Image.Image, regions: Sequence[dict], captions: Optional[Sequence[str]], rng: random.Random,
+                   image_size: int, grid: int, max_regions: int = 5, min_perc_in_image: float = 0.5,
+                   hflip: bool = True) -> tuple[Image.Image, list]:
+    """(the cropped, maybe flipped, resized image; its RegionRows). ``hflip`` False for data whose captions name
+    left and right (the shapes world; X-VLM's careful_hflip)."""
+    width, height = image.size
+    validate_regions(list(regions), width, height)
+    x, y, w, h = rng.choice(list(regions))["bbox"]
+    x0, y0 = rng.randint(0, math.floor(x)), rng.randint(0, math.floor(y))
+    x1 = rng.randint(min(math.ceil(x + w), width), width)
+    y1 = rng.randint(min(math.ceil(y + h), height), height)
+    crop_w, crop_h = x1 - x0, y1 - y0
+    image = image.crop((x0, y0, x1, y1))
+    flip = hflip and rng.random() < 0.5
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    image = image.resize((image_size, image_size), Image.BICUBIC)
+    rows, budget = [], max_regions
+    if captions:
+        rows.append(RegionRow(_caption(list(captions), rng), [0.5, 0.5, 1.0, 1.0], [1] * (1 + grid * grid), 1))
+        budget -= 1
+    for region in rng.sample(list(regions), len(regions)):
+        if budget <= 0:
+            break
+        rx, ry, rw, rh = region["bbox"]
+        ix0, iy0 = max(x0, rx), max(y0, ry)
+        ix1, iy1 = min(x0 + crop_w, rx + rw), min(y0 + crop_h, ry + rh)
+        if ix1 <= ix0 or iy1 <= iy0 or (ix1 - ix0) * (iy1 - iy0) / (rw * rh) <= min_perc_in_image:
+            continue
+        bx, by, bw, bh = ix0 - x0, iy0 - y0, ix1 - ix0, iy1 - iy0
+        if flip:
+            bx = crop_w - bx - bw
+        sx, sy = image_size / crop_w, image_size / crop_h
+        bx, bw, by, bh = bx * sx, bw * sx, by * sy, bh * sy
+        caption = _caption(region["caption"], rng)
+        attributes = region.get("attributes")
+        if isinstance(attributes, (str, list)) and attributes:  # X-VLM's layout: prefix one attribute word
+            caption = f"{_caption(attributes, rng)} {caption}"  # (a dict, as the shapes world writes, only describes)
+        rows.append(RegionRow(caption, normalise_box(bx, by, bw, bh, image_size, image_size),
+                              box_patch_mask(bx, by, bw, bh, image_size, grid), 0))
+        budget -= 1
+    return image, rows
