@@ -109,3 +109,30 @@ def region_example(image: Image.Image, regions: Sequence[dict], captions: Option
                               box_patch_mask(bx, by, bw, bh, image_size, grid), 0))
         budget -= 1
     return image, rows
+
+
+def decode_region_sample(raw: dict):
+    """(image, regions, whole-image captions) of a raw shard sample with .json "regions", or a skip reason (str):
+    'missing_regions' when the sample has none, else the reasons of epic.data.shards."""
+    import json
+
+    from .shards import read_image
+
+    if "json" not in raw or not raw["json"]:
+        return "missing_regions"
+    try:
+        meta = json.loads(raw["json"].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return "bad_text"
+    regions = meta.get("regions") if isinstance(meta, dict) else None
+    if not regions:
+        return "missing_regions"
+    image = read_image(raw)
+    if isinstance(image, str):
+        return image
+    try:
+        validate_regions(regions, *image.size, where=str(raw.get("__key__")))
+    except ValueError:
+        return "bad_regions"
+    captions = meta.get("caption") or []
+    return image, regions, [captions] if isinstance(captions, str) else list(captions)
