@@ -18,13 +18,15 @@ SALIENCY_QUERIES = ("fused_cls", "image_cls_cross")
 
 @dataclass
 class XVLMConfig:
+    family: str = "xvlm"  # registry name (``model.family`` in a run config)
+
     # Vision tower: Swin Transformer (timm's implementation, X-VLM's hyper-parameters).
     image_size: int = 224
     swin_patch_size: int = 4
     swin_window_size: int = 7
     swin_embed_dim: int = 128
-    swin_depths: list = field(default_factory=lambda: [2, 2, 18, 2])
-    swin_num_heads: list = field(default_factory=lambda: [4, 8, 16, 32])
+    swin_depths: list[int] = field(default_factory=lambda: [2, 2, 18, 2])
+    swin_num_heads: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
     swin_drop_path_rate: float = 0.1  # X-VLM builds its Swin with drop_path_rate 0.1
     vision_pretrained: Optional[str] = None  # local Swin checkpoint (ImageNet-22k .pth with a 'model' dict)
 
@@ -51,6 +53,8 @@ class XVLMConfig:
     saliency_query: str = "fused_cls"  # EPIC Eq. 8 query: "fused_cls" | "image_cls_cross" (see saliency_qk)
 
     def __post_init__(self):
+        if self.family != "xvlm":
+            raise ValueError(f"XVLMConfig.family is {self.family!r}; it must be 'xvlm'")
         self.swin_depths = list(self.swin_depths)
         self.swin_num_heads = list(self.swin_num_heads)
         if len(self.swin_depths) != len(self.swin_num_heads):

@@ -332,7 +332,7 @@ class XVLM(VLPModel):
         os.makedirs(directory, exist_ok=True)
         save_model(self, os.path.join(directory, WEIGHTS_NAME))
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump({"family": self.family, **self.config.to_dict()}, f, indent=2)
+            json.dump(self.config.to_dict(), f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "XVLM":
@@ -343,8 +343,8 @@ class XVLM(VLPModel):
             raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}; it was not written by XVLM.save_pretrained")
         with open(path) as f:
             values = json.load(f)
-        if values.pop("family", "xvlm") != "xvlm":
-            raise ValueError(f"{path} describes a different model family; load it with that family's class")
+        if values.get("family", "xvlm") != "xvlm":
+            raise ValueError(f"{path} describes the {values['family']!r} family; load it with that family's class")
         values.update(vision_pretrained=None, text_pretrained=None)  # the weights file holds every tensor
         model = cls(XVLMConfig.from_dict(values, source=path))
         load_model(model, os.path.join(directory, WEIGHTS_NAME))
