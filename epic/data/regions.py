@@ -136,3 +136,40 @@ def decode_region_sample(raw: dict):
         return "bad_regions"
     captions = meta.get("caption") or []
     return image, regions, [captions] if isinstance(captions, str) else list(captions)
+
+
+def collate_region_batch(examples, tokenizer, max_text_len: int, rng: random.Random, batch_size: int,
+                         mask_prob: float = 0.25, max_masks: int = 8) -> dict:
+    """A region batch from ``examples`` = [(image tensor [3, S, S], [RegionRow, ...]), ...]: every image once in
+    ``pixel_values``, ``batch_size`` rows (X-VLM's collate: a random subset when there are more, rows repeated
+    when fewer) with ``image_index`` naming each row's image, tokenised captions, X-VLM MLM masking
+    (``mlm_input_ids``, ``mlm_labels``), ``image_atts``, ``target_bbox`` and ``is_image``."""
+    import torch
+
+    from .text import tokenize_captions
+    from .xvlm_masking import mask_batch, word_starts
+
+    examples = [(image, rows) for image, rows in examples if rows]
+    if not examples:
+        raise ValueError("no region rows to collate (every image lost its regions to the crop)")
+    flat = [(i, row) for i, (_, rows) in enumerate(examples) for row in rows]
+    if len(flat) >= batch_size:
+        flat = [flat[j] for j in sorted(rng.sample(range(len(flat)), batch_size))]
+    else:
+        flat = (flat * math.ceil(batch_size / len(flat)))[:batch_size]
+    used = sorted({i for i, _ in flat})
+    remap = {old: new for new, old in enumerate(used)}
+    text = tokenize_captions(tokenizer, [row.caption for _, row in flat], [None] * len(flat), max_text_len)
+    starts = torch.tensor([word_starts(tokenizer.convert_ids_to_tokens(ids)) for ids in text["input_ids"].tolist()])
+    mlm_input_ids, mlm_labels = mask_batch(text["input_ids"], text["special_tokens_mask"], rng, tokenizer.mask_token_id,
+                                           len(tokenizer), mask_prob, max_masks, word_start=starts)
+    return {
+        "pixel_values": torch.stack([examples[i][0] for i in used]),
+        "image_index": torch.tensor([remap[i] for i, _ in flat], dtype=torch.long),
+        **text,
+        "mlm_input_ids": mlm_input_ids,
+        "mlm_labels": mlm_labels,
+        "image_atts": torch.tensor([row.image_atts for _, row in flat], dtype=torch.long),
+        "target_bbox": torch.tensor([row.target_bbox for _, row in flat], dtype=torch.float32),
+        "is_image": torch.tensor([row.is_image for _, row in flat], dtype=torch.long),
+    }
