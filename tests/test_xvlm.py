@@ -499,3 +499,109 @@ def test_recipe_losses_run_and_backpropagate():
     loss, _ = matching_loss(model, image_embeds, torch.ones(image_embeds.shape[:2], dtype=torch.long),
                             model.image_features(image_embeds), text_embeds, atts, model.text_features(text_embeds), g)
     assert torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------------------------------ data plumbing
+def test_make_shards_regions_from_x_vlm_layout_and_coco_instances(tmp_path):
+    import importlib.util
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    from epic.data.regions import decode_region_sample
+    from epic.data.shards import decode_sample
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_shards", root / "tools" / "make_shards.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 30), (200, 0, 0)).save(buffer, format="JPEG")
+        (images / name).write_bytes(buffer.getvalue())
+    xvlm = [{"image": "a.jpg", "caption": "a red picture",
+             "elems": [{"caption": "shirt", "bb": [1, 2, 10, 8], "attributes": ["white"]},
+                       {"caption": "outside", "bb": [35, 25, 30, 30]}]}]  # leaves the image: dropped
+    coco = {"images": [{"id": 7, "file_name": "b.jpg"}], "categories": [{"id": 1, "name": "dog"}],
+            "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [5.5, 4, 20, 12], "iscrowd": 0},
+                            {"id": 2, "image_id": 7, "category_id": 1, "bbox": [0, 0, 40, 30], "iscrowd": 1}]}
+    (tmp_path / "objs.json").write_text(json.dumps(xvlm))
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    out = tmp_path / "shards"
+    assert tool.main(["--regions", "--annotations", str(tmp_path / "objs.json"), "--coco-instances",
+                      str(tmp_path / "instances.json"), "--image-root", str(images), "--out", str(out),
+                      "--no-shuffle", "--workers", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["written"] == 2 and report["regions"] == 2 and report["regions_dropped"] == 1
+    raw = {}
+    with tarfile.open(out / "00000.tar") as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            raw.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+    first, second = (raw[k] for k in sorted(raw))
+    image, regions, captions = decode_region_sample(first)
+    assert captions == ["a red picture"] and regions == [{"caption": "shirt", "bbox": [1.0, 2.0, 10.0, 8.0],
+                                                          "attributes": ["white"]}]
+    assert decode_sample(first).regions == regions  # the caption decoder exposes them too
+    image, regions, captions = decode_region_sample(second)
+    assert captions == [] and regions == [{"caption": "dog", "bbox": [5.5, 4.0, 20.0, 12.0]}]
+    assert decode_sample(second) == "empty_caption"  # a region-only sample is not a caption sample
+
+
+def test_collate_region_batch(shapes_world):
+    from epic.data.regions import collate_region_batch, decode_region_sample
+    from epic.data.text import load_tokenizer
+    from epic.data.transforms import eval_transform
+
+    tokenizer = load_tokenizer(shapes_world / "tokenizer")
+    raw = {}
+    with tarfile.open(shapes_world / "train" / "00000.tar") as tar:
+        for member in tar.getmembers()[:30]:
+            key, ext = member.name.split(".", 1)
+            raw.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+    rng = random.Random(0)
+    examples = []
+    for sample in list(raw.values())[:6]:
+        decoded = decode_region_sample(sample)
+        if isinstance(decoded, str):
+            continue
+        image, regions, captions = decoded
+        crop, rows = region_example(image, regions, captions, rng, image_size=64, grid=8, hflip=False)
+        examples.append((eval_transform(64)(crop), rows))
+    batch = collate_region_batch(examples, tokenizer, 32, rng, batch_size=12)
+    assert batch["pixel_values"].shape[1:] == (3, 64, 64) and batch["image_index"].max() < len(batch["pixel_values"])
+    assert batch["image_atts"].shape == (12, 65) and batch["target_bbox"].shape == (12, 4)
+    assert ((batch["mlm_labels"] != -100).sum(1) >= 1).all() and ((batch["mlm_labels"] != -100).sum(1) <= 8).all()
+    assert torch.equal(batch["target_bbox"][batch["is_image"] == 1], torch.tensor([[0.5, 0.5, 1, 1.]]).expand(
+        int(batch["is_image"].sum()), 4))
+
+
+def test_configs_x_vlm_recipe_and_epic_differs_only_in_epic():
+    from pathlib import Path
+
+    import yaml
+
+    folder = Path(__file__).resolve().parents[1] / "epic" / "configs"
+
+    def read(name):
+        return yaml.safe_load((folder / f"{name}.yaml").read_text())
+
+    base = read("xvlm_4m")
+    assert base["model"]["family"] == "xvlm" and base["train"]["global_batch_size"] == 1024
+    assert (base["train"]["lr"], base["train"]["weight_decay"], base["train"]["lr_mult_fusion"],
+            base["train"]["lr_mult_head"], base["train"]["grad_clip"]) == (1e-4, 0.01, 2.0, 2.0, 1.0)
+    assert base["train"]["max_steps"] * base["train"]["warmup_ratio"] == 2500
+    assert read("xvlm_16m")["train"]["global_batch_size"] == 3072
+    for baseline in ("xvlm_4m", "xvlm_16m", "xvlm_shapes_tiny"):
+        epic = read("epic_" + baseline)
+        assert epic["extends"] == baseline and set(epic) <= {"extends", "run", "epic"} and epic["epic"]["enabled"]
+    for name in ("xvlm_4m", "xvlm_shapes_tiny"):
+        model = dict(read(name)["model"])
+        model.pop("family")
+        model["vocab_size"] = model["vocab_size"] or 2000
+        model.update(vision_pretrained=None, text_pretrained=None)
+        with torch.device("meta"):
+            XVLM(XVLMConfig(**model))
