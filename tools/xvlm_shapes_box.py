@@ -4,7 +4,7 @@ X-VLM's recipe (caption steps and region steps interleaved by epic.objectives.xv
 the family's parameter groups) and its box accuracy (IoU > 0.5, region caption -> box in the whole image) on the
 validation images, printed before and during training.
 
-    python tools/xvlm_shapes_box.py --data DIR [--steps 300] [--eval-every 100] [--seed 0]
+    python tools/xvlm_shapes_box.py --data DIR [--steps 300] [--eval-every 100] [--seed 0] [--save MODEL_DIR]
 
 DIR is a shapes world from tools/make_synthetic_shards.py (generated there at 64 px when it does not exist).
 Prints one JSON line per evaluation: {"step", "box_accuracy", "mean_iou", losses of the last step}.
@@ -109,7 +109,7 @@ def region_batch(samples, rng, tokenizer, max_text_len, images, rows, size, grid
     return collate_region_batch(examples, tokenizer, max_text_len, rng, rows)
 
 
-def run(data: Path, steps: int, eval_every: int, seed: int, log=print) -> list:
+def run(data: Path, steps: int, eval_every: int, seed: int, log=print, save: Path = None) -> list:
     if not (data / "manifest.json").is_file():
         from epic.data.synthetic import generate_shapes_world
 
@@ -148,6 +148,8 @@ def run(data: Path, steps: int, eval_every: int, seed: int, log=print) -> list:
             history.append({"step": step + 1, "box_accuracy": accuracy, "mean_iou": mean_iou,
                             **{k: round(float(v.detach()), 4) for k, v in out.items()}})
             log(json.dumps(history[-1]))
+    if save is not None:
+        model.save_pretrained(str(save))
     return history
 
 
@@ -157,9 +159,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", type=Path, default=None, help="write the trained model here (save_pretrained)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    run(args.data, args.steps, args.eval_every, args.seed)
+    run(args.data, args.steps, args.eval_every, args.seed, save=args.save)
     return 0
 
 

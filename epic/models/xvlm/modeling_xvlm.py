@@ -299,6 +299,9 @@ class XVLM(VLPModel):
 
     def __init__(self, cfg: XVLMConfig):
         super().__init__()
+        if cfg.vocab_size <= cfg.pad_token_id:
+            raise ValueError(f"vocab_size {cfg.vocab_size} (pad_token_id {cfg.pad_token_id}): set model.vocab_size to the "
+                             "tokenizer's size (configs with vocab_size 0 take it from data.tokenizer)")
         self.config = cfg
         self.vision_encoder = build_swin(cfg)
         self.text_encoder = XVLMTextEncoder(cfg, cross_width=cfg.vision_width)
