@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from epic.data.regions import box_patch_mask, normalise_box, region_example
 from epic.data.xvlm_masking import mask_batch, mask_caption, num_masks
@@ -374,6 +376,18 @@ def test_generalized_iou_against_hand_computation():
     assert torch.allclose(l1, ((pred - target).abs().sum(-1)[[0, 3]]).sum() / 2)
     zero_l1, zero_giou = box_regression_losses(pred, target, torch.ones(4))
     assert zero_l1 == 0 and zero_giou == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.01, 0.99), min_size=8, max_size=8))
+def test_generalized_iou_properties(v):
+    a = torch.tensor([[min(v[0], v[1]), min(v[2], v[3]), max(v[0], v[1]) + 1e-3, max(v[2], v[3]) + 1e-3]])
+    b = torch.tensor([[min(v[4], v[5]), min(v[6], v[7]), max(v[4], v[5]) + 1e-3, max(v[6], v[7]) + 1e-3]])
+    from epic.objectives.box import paired_box_iou
+
+    giou, iou = generalized_box_iou(a, b), paired_box_iou(a, b)[0]
+    assert -1 - 1e-6 <= giou <= iou + 1e-6 and torch.allclose(giou, generalized_box_iou(b, a))
+    assert torch.allclose(generalized_box_iou(a, a), torch.ones(1))
 
 
 def test_box_normalisation_and_region_example():
