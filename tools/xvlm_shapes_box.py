@@ -146,7 +146,7 @@ def run(data: Path, steps: int, eval_every: int, seed: int, log=print, save: Pat
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             accuracy, mean_iou = box_accuracy(model, val, tokenizer, max_len, size)
             history.append({"step": step + 1, "box_accuracy": accuracy, "mean_iou": mean_iou,
-                            **{k: round(float(v.detach()), 4) for k, v in out.items()}})
+                            **{f"train_{k}": round(float(v.detach()), 4) for k, v in out.items()}})
             log(json.dumps(history[-1]))
     if save is not None:
         model.save_pretrained(str(save))
