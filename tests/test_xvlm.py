@@ -619,3 +619,27 @@ def test_configs_x_vlm_recipe_and_epic_differs_only_in_epic():
         model.update(vision_pretrained=None, text_pretrained=None)
         with torch.device("meta"):
             XVLM(XVLMConfig(**model))
+
+
+def test_region_loader_resumes_exactly(shapes_world):
+    from epic.data.region_loader import build_region_loader
+    from epic.data.synthetic import shard_spec
+
+    def loader(state=None):
+        return build_region_loader(shard_spec(shapes_world, "train"), shapes_world / "tokenizer", image_size=64, grid=8,
+                                   max_text_len=24, batch_size=8, max_images=3, max_regions=3, hflip=False, seed=5,
+                                   state=state)
+
+    def take(it, n):
+        return [next(it) for _ in range(n)]
+
+    full = take(iter(loader()), 5)
+    first = loader()
+    it = iter(first)
+    take(it, 2)
+    resumed = take(iter(loader(first.state_dict())), 3)
+    for a, b in zip(full[2:], resumed):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    batch = full[0]
+    assert batch["image_atts"].shape == (8, 65) and batch["pixel_values"].shape[0] <= 3
+    assert not torch.equal(full[0]["input_ids"], full[1]["input_ids"])
