@@ -643,3 +643,29 @@ def test_region_loader_resumes_exactly(shapes_world):
     batch = full[0]
     assert batch["image_atts"].shape == (8, 65) and batch["pixel_values"].shape[0] <= 3
     assert not torch.equal(full[0]["input_ids"], full[1]["input_ids"])
+
+
+def test_objective_interleaves_and_counts_flops(shapes_world):
+    from epic.data.region_loader import build_region_loader
+    from epic.data.synthetic import shard_spec
+    from epic.objectives.xvlm import XVLMObjective, step_flops_per_sample
+
+    cfg = XVLMConfig.tiny(vocab_size=2000, pad_token_id=1)
+    loader = build_region_loader(shard_spec(shapes_world, "train"), shapes_world / "tokenizer", image_size=64,
+                                 grid=cfg.image_grid, max_text_len=16, batch_size=4, max_images=2, hflip=False)
+    objective = XVLMObjective(loader, iter_perc=0.5)
+    torch.manual_seed(0)
+    model = XVLM(cfg)
+    pixel_values, input_ids, atts = batch(4, B=4, L=16)
+    input_ids = input_ids.clamp(max=1999)
+    mlm_ids, mlm_labels = mask_batch(input_ids, atts == 0, random.Random(0), 4, 2000)
+    caption = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": atts,
+               "mlm_input_ids": mlm_ids, "mlm_labels": mlm_labels}
+    kinds = [float(objective.losses(model, caption, torch.Generator().manual_seed(s), s)["region_step"])
+             for s in range(4)]
+    assert kinds == [0.0, 1.0, 0.0, 1.0] and "bbox_giou" in objective.log_values(3)
+    state = json.loads(json.dumps(objective.state_dict()))
+    assert state["region_loader"]["batches"] == 2
+    caption_only = step_flops_per_sample(cfg, 16, 0.0, model_cls=XVLM)
+    mixed = step_flops_per_sample(cfg, 16, 0.5, model_cls=XVLM)
+    assert 0 < caption_only < mixed  # region steps add the whole-image fusion for the box head

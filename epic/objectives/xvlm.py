@@ -182,3 +182,106 @@ def region_batch_losses(model, batch: Dict[str, torch.Tensor], generator: Option
     return {"loss": loss, "contrastive": contrastive.detach(), "itm": itm.detach(), "mlm": mlm.detach(),
             "bbox_l1": l1.detach(), "bbox_giou": giou.detach(), "itm_accuracy": itm_acc.detach(),
             "mlm_accuracy": mlm_acc.detach(), "box_accuracy": accuracy.detach()}
+
+
+# ------------------------------------------------------------------------------------------ FLOPs and trainer
+def _pass_flops(model, batch_size: int, text_len: int, masks_per_caption: int, region: bool) -> float:
+    """FLOPs (forward + backward) of one X-VLM step's model passes for ``batch_size`` rows, counted on the meta
+    device: image encoding once, text encoding of the caption and of the masked caption, fusion of the 3B ITM pairs
+    and of the B masked captions, the MLM head at the masked positions, and on region steps the whole-image fusion
+    for the box head."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = model.config
+    B, L = batch_size, text_len
+    with torch.device("meta"):
+        pixels = torch.randn(B, 3, cfg.image_size, cfg.image_size)
+        ids, atts = torch.zeros(B, L, dtype=torch.long), torch.ones(B, L, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        image = model.encode_image(pixels)
+        image_atts = torch.ones(image.shape[:2], dtype=torch.long, device=image.device)
+        text = model.encode_text(ids, atts)
+        masked = model.encode_text(ids, atts)
+        feats = model.image_features(image).sum() + model.text_features(text).sum()
+        pairs = model.fuse(text.repeat(3, 1, 1), atts.repeat(3, 1), image.repeat(3, 1, 1), image_atts.repeat(3, 1))
+        total = feats + model.itm_score(pairs[:, 0]).sum()
+        fused = model.fuse(masked, atts, image, image_atts)
+        total = total + model.mlm_score(fused[:, :masks_per_caption].reshape(-1, fused.shape[-1])).sum()
+        if region:
+            total = total + model.bbox_score(model.fuse(text, atts, image, image_atts)[:, 0]).sum()
+        total.backward()
+    return float(counter.get_total_flops())
+
+
+def step_flops_per_sample(model_config, text_len: int, iter_perc: float, max_masks: int = 8, batch_size: int = 2,
+                          model_cls=None) -> float:
+    """Training FLOPs per sample (row) of X-VLM's recipe, caption and region steps weighted by ``iter_perc``.
+    ``model_cls``: the family's model class (default: looked up in epic.models.registry by ``model_config.family``)."""
+    import dataclasses
+
+    if model_cls is None:
+        from epic.models.registry import model_class  # the registry, never a family module
+
+        model_cls = model_class(model_config.family)
+    model_config = dataclasses.replace(model_config, vision_pretrained=None, text_pretrained=None)
+    with torch.device("meta"):
+        model = model_cls.from_config(model_config)
+    caption = _pass_flops(model, batch_size, text_len, max_masks, region=False) / batch_size
+    region = _pass_flops(model, batch_size, text_len, max_masks, region=True) / batch_size
+    return (1 - iter_perc) * caption + iter_perc * region
+
+
+class XVLMObjective:
+    """X-VLM's recipe behind the trainer's objective protocol (docs/CONTRACTS.md): caption steps use the trainer's
+    batch; region steps (``is_region_step(step, iter_perc)``) draw from the region loader instead. The region
+    loader's position is part of ``state_dict`` (per rank), so a resumed run reads the same region batches. Hard
+    negatives are drawn with the trainer's generator ``rng``. (The caption batch the trainer fetched for a region
+    step is left unused; a trainer that asks ``uses_region_batch(step)`` first can skip fetching it.)"""
+
+    def __init__(self, region_loader, iter_perc: float = 0.5, max_masks: int = 8):
+        if not 0.0 <= iter_perc <= 1.0:
+            raise ValueError(f"iter_perc {iter_perc} must be in [0, 1]")
+        self.region_loader, self.iter_perc, self.max_masks = region_loader, iter_perc, max_masks
+        self._region_iter = None
+        self._last: Dict[str, float] = {}
+
+    def uses_region_batch(self, step: int) -> bool:
+        return self.region_loader is not None and is_region_step(step, self.iter_perc)
+
+    def extra_engines(self) -> dict:
+        return {}
+
+    def _next_region_batch(self, device) -> Dict[str, torch.Tensor]:
+        if self._region_iter is None:
+            self._region_iter = iter(self.region_loader)
+        batch = next(self._region_iter)
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def losses(self, model, batch: dict, rng: torch.Generator, step: int) -> dict:
+        if self.uses_region_batch(step):
+            out = region_batch_losses(model, self._next_region_batch(batch["input_ids"].device), rng)
+            out["region_step"] = torch.ones(())
+        else:
+            out = caption_batch_losses(model, batch, rng)
+            out["region_step"] = torch.zeros(())
+        self._last = {k: float(v) for k, v in out.items() if k != "loss"}
+        return out
+
+    def log_values(self, step: int) -> dict:
+        return dict(self._last)
+
+    def images(self, step: int) -> dict:
+        return {}
+
+    def flops_per_sample(self, cfg) -> float:
+        return step_flops_per_sample(cfg.model, cfg.data.max_text_len, self.iter_perc if self.region_loader else 0.0,
+                                     self.max_masks)
+
+    def state_dict(self) -> dict:
+        return {"region_loader": self.region_loader.state_dict() if self.region_loader is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("region_loader") if state else None
+        if saved is not None and self.region_loader is not None:
+            self.region_loader.load_state_dict(saved)
+            self._region_iter = None
