@@ -189,7 +189,8 @@ def _pass_flops(model, batch_size: int, text_len: int, masks_per_caption: int, r
     """FLOPs (forward + backward) of one X-VLM step's model passes for ``batch_size`` rows, counted on the meta
     device: image encoding once, text encoding of the caption and of the masked caption, fusion of the 3B ITM pairs
     and of the B masked captions, the MLM head at the masked positions, and on region steps the whole-image fusion
-    for the box head."""
+    for the box head. One image per row: an upper bound for region steps, whose rows share images (X-VLM: 128
+    rows from at most 48 images)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = model.config
