@@ -32,6 +32,9 @@ from epic.objectives.box import box_cxcywh_to_xyxy, paired_box_iou  # noqa: E402
 from epic.objectives.xvlm import caption_batch_losses, is_region_step, region_batch_losses  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "epic" / "configs" / "xvlm_shapes_tiny.yaml"
+#: region-step settings of the shapes world (not run-config keys yet; X-VLM-base: 0.5, 128 rows, 48 images, 5, 0.5)
+REGION_SETTINGS = {"region_iter_perc": 0.5, "region_micro_batch_size": 16, "max_images": 8, "max_regions": 4,
+                   "min_perc_in_image": 0.5}
 
 
 def read_split(root: Path, split: str) -> list:
@@ -116,6 +119,7 @@ def run(data: Path, steps: int, eval_every: int, seed: int, log=print, save: Pat
         generate_shapes_world(data, n_train=512, n_val=64, image_size=64, seed=seed, samples_per_shard=256)
     cfg = yaml.safe_load(CONFIG.read_text())
     d, t = cfg["data"], cfg["train"]
+    d.update(REGION_SETTINGS)
     size, max_len = d["image_size"], d["max_text_len"]
     tokenizer = load_tokenizer(data / "tokenizer")
     train, val = read_split(data, "train"), read_split(data, "val")

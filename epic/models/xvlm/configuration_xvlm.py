@@ -44,6 +44,7 @@ class XVLMConfig:
     attention_probs_dropout_prob: float = 0.1
     pad_token_id: int = 0
     fusion_layer: int = 6
+    max_text_len: int = 40  # X-VLM max_tokens (captions truncated to this many tokens)
 
     # Heads.
     embed_dim: int = 256  # contrastive projection size
@@ -63,6 +64,9 @@ class XVLMConfig:
         if self.image_size % self.image_stride:
             raise ValueError(f"image_size {self.image_size} is not a multiple of the Swin output stride "
                              f"{self.image_stride} (swin_patch_size x 2^(stages-1))")
+        if self.max_text_len > self.max_position_embeddings:
+            raise ValueError(f"max_text_len {self.max_text_len} exceeds max_position_embeddings "
+                             f"{self.max_position_embeddings}")
         if not 0 < self.fusion_layer < self.num_hidden_layers:
             raise ValueError(f"fusion_layer {self.fusion_layer} must split the {self.num_hidden_layers} BERT layers "
                              "into text layers and fusion layers (0 < fusion_layer < num_hidden_layers)")
@@ -102,7 +106,7 @@ class XVLMConfig:
         """A small config of the same classes (tests, shapes world): 64 px, 2 Swin stages, 4 BERT layers."""
         base = dict(image_size=64, swin_patch_size=4, swin_window_size=4, swin_embed_dim=16, swin_depths=[1, 2],
                     swin_num_heads=[1, 2], swin_drop_path_rate=0.0, vocab_size=2000, hidden_size=32,
-                    num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                    num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64, max_text_len=32,
                     fusion_layer=2, embed_dim=16, pad_token_id=1, initializer_range=0.1)
         base.update(overrides)
         return cls(**base)
