@@ -100,6 +100,32 @@ class XVLMConfig:
         """Pooled token + grid^2 Swin tokens."""
         return 1 + self.image_grid ** 2
 
+    # Names the EPIC generator reads for its default sizes (epic.models.generator: the text tower's family and sizes;
+    # X-VLM's text tower is BERT, so EPIC-X-VLM's generator is a BERT masked LM, bert-base-uncased for real runs).
+    @property
+    def text_model_type(self) -> str:
+        return "bert"
+
+    @property
+    def text_hidden_size(self) -> int:
+        return self.hidden_size
+
+    @property
+    def text_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def text_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def text_intermediate_size(self) -> int:
+        return self.intermediate_size
+
+    @property
+    def vit_width(self) -> int:
+        return self.vision_width
+
     # ------------------------------------------------------------------------------------------- variants
     @classmethod
     def tiny(cls, **overrides) -> "XVLMConfig":
