@@ -669,3 +669,16 @@ def test_objective_interleaves_and_counts_flops(shapes_world):
     caption_only = step_flops_per_sample(cfg, 16, 0.0, model_cls=XVLM)
     mixed = step_flops_per_sample(cfg, 16, 0.5, model_cls=XVLM)
     assert 0 < caption_only < mixed  # region steps add the whole-image fusion for the box head
+
+
+def test_epic_generator_builds_from_the_x_vlm_config():
+    """EPIC-X-VLM's generator is a BERT masked LM sized from X-VLM's text tower (epic.models.generator)."""
+    from epic.config import GeneratorConfig
+    from epic.models.generator import build_generator
+
+    cfg = XVLMConfig.tiny()
+    generator = build_generator(GeneratorConfig(layers=2), cfg)
+    assert type(generator.lm).__name__ == "BertForMaskedLM"
+    hf = generator.lm.config
+    assert (hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.pad_token_id) == (cfg.vocab_size, cfg.hidden_size,
+                                                                                      2, cfg.pad_token_id)

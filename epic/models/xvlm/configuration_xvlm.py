@@ -123,6 +123,22 @@ class XVLMConfig:
         return self.intermediate_size
 
     @property
+    def text_max_position_embeddings(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def text_type_vocab_size(self) -> int:
+        return self.type_vocab_size
+
+    @property
+    def text_layer_norm_eps(self) -> float:
+        return self.layer_norm_eps
+
+    @property
+    def dropout(self) -> float:
+        return self.hidden_dropout_prob
+
+    @property
     def vit_width(self) -> int:
         return self.vision_width
 
