@@ -682,3 +682,27 @@ def test_epic_generator_builds_from_the_x_vlm_config():
     hf = generator.lm.config
     assert (hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.pad_token_id) == (cfg.vocab_size, cfg.hidden_size,
                                                                                       2, cfg.pad_token_id)
+
+
+def test_contrastive_gathers_across_ranks_like_x_vlm(tmp_path):
+    """2 gloo ranks: each computes the loss over the gathered batch (= the single-process loss over all rows); the
+    gradient reaching each rank's features is its slice of that loss's gradient (X-VLM's AllGather backward)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from _xvlm_gather_worker import gather_worker  # small module: the ranks import no model code
+
+    mp.spawn(gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(4, 8), dim=-1).requires_grad_(True)
+    text = F.normalize(torch.randn(4, 8), dim=-1)
+    full = contrastive_loss(image, text, torch.tensor(0.07))
+    full.backward()
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.allclose(saved["loss"], full.detach(), atol=1e-6)
+        assert torch.allclose(saved["grad"], image.grad[2 * rank:2 * rank + 2], atol=1e-6)
