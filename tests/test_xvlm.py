@@ -3,6 +3,7 @@ checkpoint with every official key; the official-key round trip; region features
 the shapes world's region boxes; the recipe's losses."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -706,3 +707,37 @@ def test_contrastive_gathers_across_ranks_like_x_vlm(tmp_path):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.allclose(saved["loss"], full.detach(), atol=1e-6)
         assert torch.allclose(saved["grad"], image.grad[2 * rank:2 * rank + 2], atol=1e-6)
+
+
+def test_towers_load_from_local_swin_and_bert_checkpoints(tmp_path):
+    """vision_pretrained: a Microsoft Swin checkpoint ({'model': ...}, merging at the end of a stage, with its
+    classifier); text_pretrained: an HF BERT folder. Everything but the cross-attention comes from them."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    swin, state = official_swin(3)
+    swin_state = {k[len("vision_encoder."):]: v for k, v in state.items()}
+    swin_state["head.weight"], swin_state["head.bias"] = torch.zeros(10, 64), torch.zeros(10)
+    torch.save({"model": swin_state}, tmp_path / "swin.pth")
+    t = OFFICIAL_CONFIG["text_config"]
+    torch.manual_seed(3)
+    bert = BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=40))
+    bert.save_pretrained(tmp_path / "bert")
+    v = OFFICIAL_CONFIG["vision_config"]
+    cfg = XVLMConfig(image_size=64, swin_window_size=v["window_size"], swin_embed_dim=v["embed_dim"],
+                     swin_depths=v["depths"], swin_num_heads=v["num_heads"], swin_drop_path_rate=0.0, vocab_size=100,
+                     hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=40, max_text_len=32, fusion_layer=t["fusion_layer"], embed_dim=16,
+                     vision_pretrained=str(tmp_path / "swin.pth"), text_pretrained=str(tmp_path / "bert"))
+    model = XVLM(cfg).eval()
+    for key, value in swin.state_dict().items():
+        assert torch.equal(model.vision_encoder.state_dict()[key], value), key
+    ours = model.text_encoder.state_dict()
+    shared = set(bert.state_dict()) & set(ours)
+    assert len(shared) == len(ours) - sum(".crossattention." in k for k in ours)  # all but the cross-attention
+    for key, value in bert.state_dict().items():
+        if key in ours:
+            assert torch.equal(ours[key], value), key
+    assert model.text_encoder.cls.predictions.decoder.weight is model.text_encoder.bert.embeddings.word_embeddings.weight
+    with pytest.raises(FileNotFoundError, match="vision_pretrained"):
+        XVLM(dataclasses.replace(cfg, vision_pretrained=str(tmp_path / "nope.pth")))
