@@ -235,7 +235,9 @@ def step_flops_per_sample(model_config, text_len: int, iter_perc: float, max_mas
 class XVLMObjective:
     """X-VLM's recipe behind the trainer's objective protocol (docs/CONTRACTS.md): caption steps use the trainer's
     batch; region steps (``is_region_step(step, iter_perc)``) draw from the region loader instead. The region
-    loader's position is part of ``state_dict`` (per rank), so a resumed run reads the same region batches. Hard
+    loader's position is part of ``state_dict``, per rank (each rank reads its own region stream: keep it with the
+    rank's own state, not in DeepSpeed's client_state, which holds rank 0's), so a resumed run reads the same region
+    batches. Hard
     negatives are drawn with the trainer's generator ``rng``. (The caption batch the trainer fetched for a region
     step is left unused; a trainer that asks ``uses_region_batch(step)`` first can skip fetching it.)"""
 

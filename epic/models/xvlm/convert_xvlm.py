@@ -124,7 +124,8 @@ def to_official_state_dict(model: XVLM) -> Dict[str, torch.Tensor]:
         out[_swin_to_official(key)] = value
     for name, buffer in model.vision_encoder.named_buffers():
         if name.endswith(("relative_position_index", "attn_mask")) and buffer is not None:
-            out[_swin_to_official(f"vision_encoder.{name}")] = buffer
+            out[_swin_to_official(f"vision_encoder.{name}")] = buffer.float() if buffer.is_floating_point() else buffer
+    out["temp"] = out["temp"].reshape(())  # X-VLM's temperature is 0-d (ours [1], see XVLM.__init__)
     head = model.text_encoder.cls.predictions
     out["text_encoder.cls.predictions.decoder.bias"] = head.bias.detach()
     out["text_encoder.bert.embeddings.position_ids"] = torch.arange(model.config.max_position_embeddings)[None]
@@ -160,7 +161,7 @@ def from_official_state_dict(official: Dict[str, torch.Tensor], model: XVLM) -> 
     for key, value in official.items():
         if _DERIVED.search(key) or _UNUSED.search(key):
             continue
-        ours[_swin_from_official(key)] = value
+        ours[_swin_from_official(key)] = value.reshape(1) if key == "temp" else value
     return ours
 
 

@@ -84,8 +84,18 @@ def load_swin_checkpoint(swin: nn.Module, path: str) -> None:
                          f"missing {missing[:8]}, unexpected {unexpected[:8]}")
 
 
+def match_swin_mask_dtype(swin: nn.Module, dtype: torch.dtype) -> None:
+    """Cast timm's shifted-window masks (non-persistent fp32 buffers) to the activation dtype. DeepSpeed's fp16 /
+    bf16 engines cast parameters only and keep fp32 buffers, and fp32 mask + 16-bit scores fails in attention."""
+    for block in swin.modules():
+        mask = block._buffers.get("attn_mask") if hasattr(block, "_buffers") else None
+        if mask is not None and mask.dtype != dtype:
+            block._buffers["attn_mask"] = mask.to(dtype)
+
+
 def swin_tokens(swin: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """[B, 3, S, S] -> last-stage tokens after the final LayerNorm, row-major [B, grid^2, C]."""
+    match_swin_mask_dtype(swin, pixel_values.dtype)
     x = swin.forward_features(pixel_values)  # [B, grid, grid, C]
     return x.flatten(1, 2)
 
@@ -309,7 +319,9 @@ class XVLM(VLPModel):
         # Heads keep PyTorch's default Linear init, as X-VLM's do.
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim)
-        self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
+        # X-VLM's temperature is 0-d; ours has shape [1] because DeepSpeed's broadcast of a 0-d 16-bit parameter
+        # fails (view as uint8); the converter reshapes both ways.
+        self.temp = nn.Parameter(torch.full((1,), float(cfg.temp)))
         self.itm_head = build_mlp(cfg.hidden_size, 2)
         self.bbox_head = build_mlp(cfg.hidden_size, 4)
         if cfg.consistency_head:
@@ -363,6 +375,7 @@ class XVLM(VLPModel):
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, 1 + N, C]: the mean of the Swin tokens, then the Swin tokens."""
         self._check_pixels(pixel_values)
+        pixel_values = pixel_values.to(self.vision_encoder.patch_embed.proj.weight.dtype)  # fp32 data, bf16 engine
         return prepend_pooled_token(swin_tokens(self.vision_encoder, pixel_values))
 
     def region_embeds(self, image_embeds: torch.Tensor, image_atts: torch.Tensor,
