@@ -741,3 +741,26 @@ def test_towers_load_from_local_swin_and_bert_checkpoints(tmp_path):
     assert model.text_encoder.cls.predictions.decoder.weight is model.text_encoder.bert.embeddings.word_embeddings.weight
     with pytest.raises(FileNotFoundError, match="vision_pretrained"):
         XVLM(dataclasses.replace(cfg, vision_pretrained=str(tmp_path / "nope.pth")))
+
+
+@torch.no_grad()
+def test_zero_shot_retrieval_uses_the_contrastive_shortlist(shapes_world):
+    """epic.eval.retrieval with X-VLM: the first stage is X-VLM's contrastive features (retrieval_embeddings), the
+    re-ranking the ITM match logit; a shortlist covering every candidate gives the exhaustive result."""
+    from epic.data import build_eval_loader
+    from epic.data.synthetic import shard_spec
+    from epic.eval.retrieval import encode_eval_set, first_stage_embeddings, retrieval_scores
+
+    torch.manual_seed(0)
+    model = XVLM(XVLMConfig.tiny(vocab_size=2000, pad_token_id=1)).eval()
+    loader = build_eval_loader(shard_spec(shapes_world, "val"), shapes_world / "tokenizer", image_size=64,
+                               max_text_len=24, batch_size=32)
+    data = encode_eval_set(model, loader, max_images=6)
+    image_vec, text_vec = first_stage_embeddings(model, data)
+    assert torch.allclose(image_vec, model.image_features(data.image_embeds), atol=1e-6)
+    assert torch.allclose(text_vec, model.text_features(data.text_embeds), atol=1e-6)
+    exhaustive = retrieval_scores(model, data, k_test=0)
+    assert torch.equal(retrieval_scores(model, data, k_test=data.text_embeds.shape[0]), exhaustive)
+    shortlisted = retrieval_scores(model, data, k_test=2)
+    kept = torch.isfinite(shortlisted)
+    assert 0 < kept.sum() < kept.numel() and torch.equal(shortlisted[kept], exhaustive[kept])

@@ -425,6 +425,12 @@ class XVLM(VLPModel):
         """Contrastive text feature: L2-normalised text_proj of the text [CLS] state [B, embed_dim]."""
         return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
 
+    def retrieval_embeddings(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                             text_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """X-VLM's retrieval shortlist (Retrieval.py): the contrastive features of the pooled image token and the
+        text [CLS]; epic.eval.retrieval re-ranks the k_test best by the ITM match logit, as X-VLM does."""
+        return self.image_features(image_embeds), self.text_features(text_embeds)
+
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
               image_embeds: Optional[torch.Tensor] = None, image_atts: Optional[torch.Tensor] = None,
               image_index: Optional[torch.Tensor] = None, text_embeds: Optional[torch.Tensor] = None
