@@ -764,3 +764,17 @@ def test_zero_shot_retrieval_uses_the_contrastive_shortlist(shapes_world):
     shortlisted = retrieval_scores(model, data, k_test=2)
     kept = torch.isfinite(shortlisted)
     assert 0 < kept.sum() < kept.numel() and torch.equal(shortlisted[kept], exhaustive[kept])
+
+
+def test_shapes_box_tool_runs(shapes_world):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "xvlm_shapes_box.py"
+    spec = importlib.util.spec_from_file_location("xvlm_shapes_box", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    history = tool.run(shapes_world, steps=2, eval_every=2, seed=0, log=lambda line: None)
+    assert [h["step"] for h in history] == [0, 2]
+    assert all(0.0 <= h["box_accuracy"] <= 1.0 and 0.0 <= h["mean_iou"] <= 1.0 for h in history)
+    assert "train_bbox_giou" in history[-1]  # step 1 was a region step
