@@ -177,18 +177,29 @@ def read_official_checkpoint(path: str) -> tuple[Dict[str, torch.Tensor], Option
     raise XVLMConversionError(f"{path} is neither {{'model': state_dict, ...}} nor a bare state dict")
 
 
+def _official_config_dict(path: str, config, stored):
+    if stored is not None and isinstance(stored, dict) and isinstance(stored.get("vision_config"), dict) \
+            and isinstance(stored.get("text_config"), dict):
+        return stored
+    if config is None:
+        raise XVLMConversionError(f"{path} carries no usable config; pass X-VLM's config (dict or JSON path) with "
+                                  "vision_config / text_config as dicts")
+    return config
+
+
+def official_xvlm_config(path: str, config: Union[dict, str, None] = None) -> XVLMConfig:
+    """The XVLMConfig of a released X-VLM checkpoint (its stored config, else ``config``), e.g. the architecture of a
+    fine-tuning run started from it."""
+    _, stored = read_official_checkpoint(path)
+    return xvlm_config_from_official(_official_config_dict(path, config, stored))
+
+
 def load_official_xvlm(path: str, config: Union[dict, str, None] = None, consistency_head: bool = False,
                        saliency_query: str = "fused_cls") -> XVLM:
     """An :class:`XVLM` holding a released X-VLM checkpoint. ``config``: X-VLM's own config (dict or JSON path); the
     checkpoint's stored config wins when it carries one. ``consistency_head`` adds EPIC's (new, initialised) head."""
     state, stored = read_official_checkpoint(path)
-    if stored is not None and isinstance(stored, dict) and isinstance(stored.get("vision_config"), dict) \
-            and isinstance(stored.get("text_config"), dict):
-        config = stored
-    if config is None:
-        raise XVLMConversionError(f"{path} carries no usable config; pass X-VLM's config (dict or JSON path) with "
-                                  "vision_config / text_config as dicts")
-    cfg = xvlm_config_from_official(config)
+    cfg = xvlm_config_from_official(_official_config_dict(path, config, stored))
     cfg.consistency_head, cfg.saliency_query = consistency_head, saliency_query
     model = XVLM(cfg)
     ours = from_official_state_dict(state, model)

@@ -372,8 +372,9 @@ class XVLM(VLPModel):
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected [B, 3, {size}, {size}] "
                              f"(config.image_size={size}; resize the images or build the model at this size)")
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] -> [B, 1 + N, C]: the mean of the Swin tokens, then the Swin tokens."""
+    def encode_image(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """[B, 3, S, S] -> [B, 1 + N, C]: the mean of the Swin tokens, then the Swin tokens. Deterministic:
+        ``generator`` (the interface's random stream) is never drawn from."""
         self._check_pixels(pixel_values)
         pixel_values = pixel_values.to(self.vision_encoder.patch_embed.proj.weight.dtype)  # fp32 data, bf16 engine
         return prepend_pooled_token(swin_tokens(self.vision_encoder, pixel_values))
