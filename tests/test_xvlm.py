@@ -778,3 +778,20 @@ def test_shapes_box_tool_runs(shapes_world):
     assert [h["step"] for h in history] == [0, 2]
     assert all(0.0 <= h["box_accuracy"] <= 1.0 and 0.0 <= h["mean_iou"] <= 1.0 for h in history)
     assert "train_bbox_giou" in history[-1]  # step 1 was a region step
+
+
+def test_vanilla_step_and_flop_count_use_the_x_vlm_recipe():
+    """Registered in epic.objectives.recipes: the trainer's vanilla objective (and EPIC's base losses) run X-VLM's
+    caption losses; its FLOP count runs them on the meta device."""
+    from epic.config import load_config
+    from epic.objectives.vanilla import VanillaObjective, vanilla_losses
+
+    torch.manual_seed(0)
+    model = XVLM(XVLMConfig.tiny(vocab_size=100))
+    pixel_values, input_ids, atts = batch(5, B=4)
+    mlm_ids, mlm_labels = mask_batch(input_ids, atts == 0, random.Random(0), 4, 100)
+    out = vanilla_losses(model, {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": atts,
+                                 "mlm_input_ids": mlm_ids, "mlm_labels": mlm_labels}, torch.Generator().manual_seed(0))
+    assert {"loss", "contrastive", "itm", "mlm"} <= set(out) and torch.isfinite(out["loss"])
+    cfg = load_config("xvlm_shapes_tiny", ["model.vocab_size=100"])
+    assert VanillaObjective().flops_per_sample(cfg) > 0

@@ -94,6 +94,8 @@ def hard_negative_weights(image_feat: torch.Tensor, text_feat: torch.Tensor, tem
 def sample_hard_negatives(weights: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One column per row drawn in proportion to ``weights`` [B, B] -> [B]. A row with no negative at all (a batch of
     one image) is an error: ITM needs at least two distinct images per rank."""
+    if weights.is_meta:  # FLOP counting on the meta device: which negative is drawn does not change the FLOPs
+        return torch.arange(weights.shape[0], device=weights.device).roll(1)
     if bool((weights.sum(dim=1) <= 0).any()):
         raise ValueError("a row has no negative to draw (every pair in the batch is positive); ITM with hard negatives "
                          "needs at least two distinct images per micro-batch")
@@ -127,6 +129,9 @@ def masked_lm_loss(model, mlm_input_ids: torch.Tensor, text_atts: torch.Tensor, 
     with the image (or region); the vocabulary logits are formed for those positions only. (loss, accuracy)."""
     text_embeds = model.encode_text(mlm_input_ids, text_atts)
     fused = model.fuse(text_embeds, text_atts, image_embeds, image_atts)
+    if fused.is_meta:  # FLOP counting: the head over every position (an upper bound; real steps use the masked ones)
+        logits = model.mlm_score(fused)
+        return F.cross_entropy(logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=-100), logits.sum() * 0
     selected = mlm_labels != -100
     if not bool(selected.any()):
         zero = fused.sum() * 0
@@ -288,3 +293,13 @@ class XVLMObjective:
         if saved is not None and self.region_loader is not None:
             self.region_loader.load_state_dict(saved)
             self._region_iter = None
+
+
+def caption_recipe(model, batch: dict, image_embeds: torch.Tensor, rng: torch.Generator,
+                   mlm_batch: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+    """X-VLM's image-caption losses in the recipe form of epic.objectives.recipes (what vanilla pretraining and the
+    EPIC step call on shared image features): contrastive + hard-negative ITM + MLM. ``mlm_batch`` (EPIC's †CMLM)
+    replaces the MLM inputs and labels. Region steps are XVLMObjective's (they need the region loader)."""
+    if mlm_batch is not None:
+        batch = {**batch, "mlm_input_ids": mlm_batch["mlm_input_ids"], "mlm_labels": mlm_batch["mlm_labels"]}
+    return caption_batch_losses(model, batch, rng, image_embeds=image_embeds)
