@@ -234,6 +234,12 @@ def test_forward_matches_reference_on_official_checkpoint(official):
     # reusing encode_image gives the same result
     again = model.infer(input_ids, atts, image_embeds=model.encode_image(pixel_values))
     assert torch.equal(again["text_feats"], out["text_feats"])
+    # through the family registry (what the teacher loader and tools/convert_official.py call)
+    from epic.models.registry import load_official, official_config
+
+    assert official_config("xvlm", str(path)) == model.config
+    via_registry = load_official("xvlm", str(path)).eval()
+    assert torch.equal(via_registry.infer(input_ids, atts, pixel_values=pixel_values)["text_feats"], out["text_feats"])
 
 
 @torch.no_grad()

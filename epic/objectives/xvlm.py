@@ -256,6 +256,12 @@ class XVLMObjective:
     def uses_region_batch(self, step: int) -> bool:
         return self.region_loader is not None and is_region_step(step, self.iter_perc)
 
+    def extra_modules(self) -> dict:
+        return {}  # no engine besides the VLM's
+
+    def attach_engines(self, engines: dict) -> None:
+        pass
+
     def extra_engines(self) -> dict:
         return {}
 
