@@ -506,7 +506,8 @@ class XVLM(VLPModel):
 
         * ``"fused_cls"`` (default, as for ALBEF): the fused [CLS] state entering that layer queries the text keys
           of the layer's self-attention. After the earlier fusion layers [CLS] has read the image, so its attention
-          over the words is image-conditioned, and it is what ITM and the box head read.
+          over the words is image-conditioned, and it is what ITM and the box head read. (With only two fusion
+          layers there is no earlier one and this query is text-only: use at least three, as X-VLM's six.)
         * ``"image_cls_cross"``: the layer's cross-attention logits between every text token and the pooled image
           token, i.e. query = cross-attention *key* projection of the pooled token, keys = cross-attention *query*
           projections of the text states (after that layer's self-attention). This is the same image-[CLS] <-> text
