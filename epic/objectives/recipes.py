@@ -54,6 +54,7 @@ def itm_and_mlm_losses(model, batch: dict, image_embeds: torch.Tensor, rng: torc
 RECIPES: Dict[str, str] = {
     "meter": "epic.objectives.recipes:itm_and_mlm_losses",
     "albef": "epic.objectives.albef_losses:albef_recipe",
+    "xvlm": "epic.objectives.xvlm:caption_recipe",
 }
 
 
