@@ -8,7 +8,7 @@ Grad-CAM (as ALBEF's visualisation): the text stream's last cross-attention A [h
 gradient G of the image-text matching score (the ITM head's match logit, the same head for both models) w.r.t. A;
 the map of token t is mean over heads of relu(G ⊙ A)[t] over the image patches (the image [CLS] dropped).
 Scores per map: the share of its mass inside the named object's box and the pointing-game hit (its maximum inside
-the box). Boxes come from the scene's objects (centre ± radius; h16's `regions` carry the same boxes).
+the box). Boxes are the world's region boxes (`regions`: the smallest pixel box holding the drawn object).
 """
 from __future__ import annotations
 
@@ -54,10 +54,13 @@ def pointing_scores(cam: torch.Tensor, box: Sequence[float]) -> dict[str, float]
     return {"mass_in_box": share, "pointing_hit": float(hit), "box_share": float(inside.float().mean())}
 
 
-def object_box(obj: dict) -> tuple[float, float, float, float]:
-    """The box of a shapes-world object (centre ± radius, fractions of the side)."""
-    x, y, r = obj["x"], obj["y"], obj["radius"]
-    return (x - r, y - r, x + r, y + r)
+def object_box(obj: dict, image_size: int) -> tuple[float, float, float, float]:
+    """The box of a shapes-world object as (x0, y0, x1, y1) fractions of the side: the region box of the world's
+    `regions` (the smallest pixel box holding the drawn object, epic.data.synthetic.object_pixel_box)."""
+    from epic.data.synthetic import object_pixel_box
+
+    x, y, w, h = object_pixel_box(obj, image_size)
+    return (x / image_size, y / image_size, (x + w) / image_size, (y + h) / image_size)
 
 
 # ------------------------------------------------------------------------------------------------ Grad-CAM
@@ -160,7 +163,7 @@ def probe_model(run_dir: Path, probes: list[dict]) -> dict:
         ids = torch.tensor([e[0] for e in encoded])
         index = torch.tensor([e[1] for e in encoded])
         cams = gradcam_maps(model, pixels, ids, (ids != tokenizer.pad_token_id).long(), index)
-        scores = [pointing_scores(c, object_box(p["scene"]["objects"][p["which"]])) for c, p in zip(cams, probes)]
+        scores = [pointing_scores(c, object_box(p["scene"]["objects"][p["which"]], size)) for c, p in zip(cams, probes)]
         out[kind] = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
         out[kind]["maps"] = cams[:4].tolist()
     return out
@@ -205,7 +208,8 @@ def pictures(path: Path, result: dict, seed: int) -> None:
     fig, axes = plt.subplots(len(probes), 1 + 2 * len(names), figsize=(2.0 * (1 + 2 * len(names)), 2.1 * len(probes)))
     for row, probe in enumerate(probes):
         axes[row, 0].imshow(probe["image"])
-        x0, y0, x1, y1 = (v * result["image_size"] for v in object_box(probe["scene"]["objects"][probe["which"]]))
+        x0, y0, x1, y1 = (v * result["image_size"] for v in object_box(probe["scene"]["objects"][probe["which"]],
+                                                                        result["image_size"]))
         axes[row, 0].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="white", lw=1.5))
         words = list(probe["words"])
         axes[row, 0].set_title(" ".join(words), fontsize=5)
