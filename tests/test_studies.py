@@ -182,14 +182,20 @@ def smoke_root(tmp_path_factory):
 def share_runs(module, study, shared):
     """Point the study's other variants at the shared runs after checking that their configs resolve."""
     from epic.config import load_config
-    from epic.studies.common import pretrain_overrides
+    from epic.studies.common import _stage, fit_lm_command, pretrain_overrides, run_command
 
     for variant in getattr(module, "VARIANTS", getattr(module, "MODELS", ())):
         unit = study.unit_dir(variant, 0)
         if unit.exists():
             continue
         teacher = Path(shared["vanilla"]["dir"]) if variant.needs_teacher else None
-        fitted = str(teacher) if variant.needs_fitted_lm else None
+        fitted = None
+        if variant.needs_fitted_lm:  # "LM (trained)": tools/fit_generator.py runs for real (2 steps)
+            fitted = study.runs / study.scale.name / "lm-trained" / "seed0"
+            _stage(Path(f"{fitted}.json"), lambda: {"out": str(fitted), **json.loads(run_command(
+                fit_lm_command(study, 0, fitted), Path(f"{fitted}.log"), want_json=False))})
+            assert (fitted / "epic_generator.json").is_file()
+            fitted = str(fitted)
         load_config(study.scale.config_of(variant), pretrain_overrides(study, variant, 0, teacher, fitted))
         unit.parent.mkdir(parents=True, exist_ok=True)
         unit.symlink_to(Path(shared["vanilla" if variant.kind == "vanilla" else "epic"]["dir"]))
