@@ -193,7 +193,7 @@ def share_runs(module, study, shared):
         if variant.needs_fitted_lm:  # "LM (trained)": tools/fit_generator.py runs for real (2 steps)
             fitted = study.runs / study.scale.name / "lm-trained" / "seed0"
             _stage(Path(f"{fitted}.json"), lambda: {"out": str(fitted), **json.loads(run_command(
-                fit_lm_command(study, 0, fitted), Path(f"{fitted}.log"), want_json=False))})
+                fit_lm_command(study, 0, fitted, teacher), Path(f"{fitted}.log"), want_json=False))})
             assert (fitted / "epic_generator.json").is_file()
             fitted = str(fitted)
         load_config(study.scale.config_of(variant), pretrain_overrides(study, variant, 0, teacher, fitted))

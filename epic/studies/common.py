@@ -260,12 +260,14 @@ def zero_shot_command(study: Study, run_dir: Path) -> list[str]:
             "--images", images, "--tb", "none", *extra]
 
 
-def fit_lm_command(study: Study, seed: int, out: Path) -> list[str]:
-    """"LM (trained)": tools/fit_generator.py on the pretraining captions (text only), half the pretraining steps."""
+def fit_lm_command(study: Study, seed: int, out: Path, teacher: Path) -> list[str]:
+    """"LM (trained)": tools/fit_generator.py on the pretraining captions (text only), half the pretraining steps.
+    (The EPIC config it reads is validated whole, so it names the run's teacher too; the fit does not use it.)"""
     scale = study.scale
     steps = max(2, scale.pretrain_steps // 2)
     return [*scale.python_launch(), "tools/fit_generator.py", "--config", scale.epic_config, "--out", str(out),
-            "--steps", str(steps), "--ds_config", scale.ds_config, *scale.pretrain_overrides(), f"run.seed={seed}"]
+            "--steps", str(steps), "--ds_config", scale.ds_config, *scale.pretrain_overrides(),
+            f"epic.teacher={teacher}", f"run.seed={seed}"]
 
 
 def _pretrain_stage(study: Study, variant: Variant, seed: int, teacher, fitted) -> dict:
@@ -303,7 +305,8 @@ def run_unit(study: Study, variant: Variant, seed: int) -> dict:
             fitted = study.fitted_lm or str(study.runs / study.scale.name / "lm-trained" / f"seed{seed}")
             if study.fitted_lm is None:
                 _stage(Path(fitted + ".json"), lambda: {"out": fitted, **json.loads(run_command(
-                    fit_lm_command(study, seed, Path(fitted)), Path(fitted + ".log"), want_json=False))}, collect)
+                    fit_lm_command(study, seed, Path(fitted), teacher), Path(fitted + ".log"), want_json=False))},
+                       collect)
         result = {"variant": variant.name, "seed": seed, "dir": str(unit)}
         if not (unit / "pretrain.json").is_file() and not collect:
             study.log(f"[{study.name}] {variant.name} seed {seed}: pretraining -> {unit}")
