@@ -142,12 +142,12 @@ def load_vlm(run_dir: Path):
     """The VLM of a pretraining run (its family's model, the ITC head included when it has one), its tokenizer
     and its config."""
     from epic.data import load_tokenizer
-    from epic.models.loading import load_model
+    from epic.models.loading import load_model, tokenizer_path
 
     loaded = load_model(run_dir)
     model, config = loaded.model, loaded.config
     model.eval()
-    return model, load_tokenizer(config["data"]["tokenizer"]), config
+    return model, load_tokenizer(tokenizer_path(loaded.source, config)), config
 
 
 def probe_model(run_dir: Path, probes: list[dict]) -> dict:
