@@ -43,6 +43,14 @@ FAMILIES: dict[str, Family] = {
                     converter="epic.models.meter.convert_meter:load_official_meter",
                     tasks="epic.models.downstream:build_task_model", tiny_config="shapes_tiny",
                     official_config="epic.models.meter.convert_meter:official_meter_config"),
+    "albef": Family("albef", config="epic.models.albef.configuration_albef:ALBEFConfig",
+                    model="epic.models.albef.modeling_albef:ALBEF",
+                    converter="epic.models.albef.convert_albef:load_official_albef", tiny_config="albef_shapes_tiny",
+                    official_config="epic.models.albef.convert_albef:official_albef_config"),
+    "xvlm": Family("xvlm", config="epic.models.xvlm.configuration_xvlm:XVLMConfig",
+                   model="epic.models.xvlm.modeling_xvlm:XVLM",
+                   converter="epic.models.xvlm.convert_xvlm:load_official_xvlm", tiny_config="xvlm_shapes_tiny",
+                   official_config="epic.models.xvlm.convert_xvlm:official_xvlm_config"),
 }
 
 
