@@ -40,9 +40,9 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "meter": Family("meter", config="epic.models.meter.configuration_meter:METERConfig",
                     model="epic.models.meter.modeling_meter:METER",
-                    converter="epic.models.meter.modeling_meter:load_official_meter",
+                    converter="epic.models.meter.convert_meter:load_official_meter",
                     tasks="epic.models.downstream:build_task_model", tiny_config="shapes_tiny",
-                    official_config="epic.models.meter.modeling_meter:official_meter_config"),
+                    official_config="epic.models.meter.convert_meter:official_meter_config"),
     "albef": Family("albef", config="epic.models.albef.configuration_albef:ALBEFConfig",
                     model="epic.models.albef.modeling_albef:ALBEF",
                     converter="epic.models.albef.convert_albef:load_official_albef", tiny_config="albef_shapes_tiny",
