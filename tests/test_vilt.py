@@ -376,3 +376,33 @@ def test_pretrained_vit_from_local_file(tmp_path):
         ViLT(tiny_config(vit_pretrained=str(tmp_path / "vit.pth"), hidden_size=64))
     with pytest.raises(FileNotFoundError, match="vit_base_patch32_384"):
         ViLT(tiny_config(vit_pretrained=str(tmp_path / "none.pth")))
+
+
+# --------------------------------------------------------------------------------------------- downstream
+def test_task_models():
+    from epic.models.vilt.tasks_vilt import build_task_model
+
+    config = tiny_config()
+    ids, mask, pixels = batch_inputs()
+    retrieval = build_task_model("retrieval", config).eval()
+    assert torch.equal(retrieval.rank_output.weight, retrieval._modules["itm_score"].fc.weight[1:])
+    assert not any(p.requires_grad for n, p in retrieval.named_parameters() if n.startswith(("itm_score", "mlm_score")))
+    with torch.no_grad():
+        cls_feats = retrieval.infer(ids, mask, pixels)["cls_feats"]
+        match_logit = retrieval.itm_score(cls_feats)[:, 1]
+    assert torch.allclose(retrieval.pair_score(cls_feats), match_logit)  # rank_output starts as ITM's match row
+    vqa = build_task_model("vqa", config, num_answers=7)
+    assert vqa(pixels, ids, mask).shape == (3, 7)
+    with pytest.raises(ValueError, match="answer list"):
+        build_task_model("vqa", config)
+    nlvr2 = build_task_model("nlvr2", config).eval()
+    assert nlvr2.config.num_token_types == 3
+    nlvr2.copy_image_type_row()
+    assert torch.equal(nlvr2.token_type_embeddings.weight[2], nlvr2.token_type_embeddings.weight[1])
+    official = to_official_state_dict(nlvr2)
+    with torch.no_grad():
+        logits = nlvr2(pixels, pixels.flip(0), ids, mask)
+        first = reference_infer(official, 4, ids, mask, pixels, image_type=1)["cls_feats"]
+        second = reference_infer(official, 4, ids, mask, pixels.flip(0), image_type=2)["cls_feats"]
+        assert torch.allclose(logits, nlvr2.nlvr2_classifier(torch.cat([first, second], -1)), atol=1e-5)
+    assert build_task_model("snli_ve", config)(pixels, ids, mask).shape == (3, 3)

@@ -17,6 +17,8 @@ from typing import Optional
 
 @dataclass
 class ViLTConfig:
+    family: str = "vilt"  # registry name (model.family in a run config)
+
     # Joint transformer (timm ViT blocks: pre-LN, qkv bias, GELU MLP, LayerNorm eps 1e-6, final norm).
     hidden_size: int = 768
     num_layers: int = 12
@@ -55,6 +57,8 @@ class ViLTConfig:
 
     def validate(self) -> "ViLTConfig":
         problems = []
+        if self.family != "vilt":
+            problems.append(f"family={self.family!r}: a ViLTConfig is always family 'vilt'")
         if self.hidden_size % self.num_heads:
             problems.append(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.image_size % self.patch_size:
@@ -76,9 +80,8 @@ class ViLTConfig:
 def vilt_config_from_dict(values: dict, source: str = "config") -> ViLTConfig:
     """ViLTConfig from a dict (our field names); ``family: vilt`` is accepted, unknown fields are an error."""
     values = dict(values)
-    family = values.pop("family", "vilt")
-    if family != "vilt":
-        raise ValueError(f"{source} is a {family!r} model config, not a ViLT one")
+    if values.get("family", "vilt") != "vilt":
+        raise ValueError(f"{source} is a {values['family']!r} model config, not a ViLT one")
     known = {f.name for f in dataclasses.fields(ViLTConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -349,7 +349,7 @@ class ViLT(VLPModel):
         save_file(state, os.path.join(directory, WEIGHTS_NAME))
         config = dataclasses.replace(self.config, vit_pretrained=None)  # the weights are in the file
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump({"family": "vilt", **dataclasses.asdict(config)}, f, indent=2)
+            json.dump(dataclasses.asdict(config), f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "ViLT":
