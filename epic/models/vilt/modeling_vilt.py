@@ -206,25 +206,26 @@ class ViLT(VLPModel):
                              f"multiples of patch_size={size} (config.image_size={self.config.image_size})")
         vit = self.transformer
         patches = vit.patch_embed.proj(pixel_values.to(vit.patch_embed.proj.weight.dtype))  # [B, H, h, w]
-        batch, width, height, grid_w = patches.shape
+        batch, channels, rows, cols = patches.shape
         grid = self.config.grid_size
-        spatial = vit.pos_embed[:, 1:].transpose(1, 2).reshape(1, width, grid, grid)
-        spatial = interpolate_position_grid(spatial, height, grid_w).flatten(2).transpose(1, 2)  # [1, N, H]
+        spatial = vit.pos_embed[:, 1:].transpose(1, 2).reshape(1, channels, grid, grid)
+        spatial = interpolate_position_grid(spatial, rows, cols).flatten(2).transpose(1, 2)  # [1, N, H]
         tokens = patches.flatten(2).transpose(1, 2) + spatial  # [B, N, H]
         num_patches = tokens.shape[1]
-        if patch_valid is None:
-            patch_valid = torch.ones(batch, num_patches, dtype=torch.bool)
-        elif tuple(patch_valid.shape) != (batch, num_patches):
+        if patch_valid is not None and tuple(patch_valid.shape) != (batch, num_patches):
             raise ValueError(f"patch_valid has shape {tuple(patch_valid.shape)}; expected {(batch, num_patches)}")
         cap = self.config.max_image_len
-        all_valid = bool(patch_valid.all())
+        all_valid = patch_valid is None or bool(patch_valid.all())
         if not self.training or (all_valid and (cap < 0 or num_patches <= cap)):
             index = torch.arange(num_patches, device=tokens.device).expand(batch, -1)
-            kept_valid = patch_valid.to(tokens.device, torch.bool)
+            kept_valid = (torch.ones(batch, num_patches, dtype=torch.bool, device=tokens.device)
+                          if patch_valid is None else patch_valid.to(tokens.device, torch.bool))
         else:
+            if patch_valid is None:
+                patch_valid = torch.ones(batch, num_patches, dtype=torch.bool, device="cpu")
             index, kept_valid = sample_patches(patch_valid, cap, generator)
             index, kept_valid = index.to(tokens.device), kept_valid.to(tokens.device)
-            tokens = torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, width))
+            tokens = torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, channels))
         cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(batch, -1, -1)
         embeds = vit.pos_drop(torch.cat([cls, tokens], dim=1))
         masks = torch.cat([torch.ones(batch, 1, dtype=torch.long, device=tokens.device), kept_valid.long()], dim=1)
