@@ -406,3 +406,11 @@ def test_task_models():
         second = reference_infer(official, 4, ids, mask, pixels.flip(0), image_type=2)["cls_feats"]
         assert torch.allclose(logits, nlvr2.nlvr2_classifier(torch.cat([first, second], -1)), atol=1e-5)
     assert build_task_model("snli_ve", config)(pixels, ids, mask).shape == (3, 3)
+
+
+def test_consistency_head_leaves_other_weights_unchanged():
+    torch.manual_seed(0)
+    plain = ViLT(tiny_config())
+    torch.manual_seed(0)
+    with_head = ViLT(tiny_config(consistency_head=True))
+    assert all(torch.equal(v, with_head.state_dict()[k]) for k, v in plain.state_dict().items())

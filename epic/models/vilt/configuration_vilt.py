@@ -51,6 +51,48 @@ class ViLTConfig:
     # EPIC's image-token consistency head beta (Eq. 1), Linear(hidden, 1) on every text state; a model option.
     consistency_head: bool = False
 
+    # What the EPIC generator reads of a VLM's text side (its family and default sizes). ViLT has no text tower;
+    # the paper's generator for ViLT is BERT-base (Sec. 5.1), so: a BERT of the joint transformer's sizes.
+    @property
+    def text_model_type(self) -> str:
+        return "bert"
+
+    @property
+    def text_hidden_size(self) -> int:
+        return self.hidden_size
+
+    @property
+    def text_layers(self) -> int:
+        return self.num_layers
+
+    @property
+    def text_heads(self) -> int:
+        return self.num_heads
+
+    @property
+    def text_intermediate_size(self) -> int:
+        return self.hidden_size * self.mlp_ratio
+
+    @property
+    def text_max_position_embeddings(self) -> int:
+        return self.max_text_len
+
+    @property
+    def text_type_vocab_size(self) -> int:
+        return 2  # BERT's own token types (ViLT's text embeddings keep them)
+
+    @property
+    def text_layer_norm_eps(self) -> float:
+        return self.layer_norm_eps
+
+    @property
+    def dropout(self) -> float:
+        return self.drop_rate
+
+    @property
+    def vit_width(self) -> int:
+        return self.hidden_size  # width of the image [CLS] a conditioned generator reads
+
     @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size

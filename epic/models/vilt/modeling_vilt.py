@@ -175,11 +175,13 @@ class ViLT(VLPModel):
         self.pooler = Pooler(config.hidden_size)
         self.mlm_score = MLMHead(config.hidden_size, config.vocab_size, config.layer_norm_eps)
         self.itm_score = ITMHead(config.hidden_size)
-        if config.consistency_head:
-            self.add_module(CONSISTENCY_HEAD, nn.Linear(config.hidden_size, 1))
         for name, module in self.named_children():
             if name != "transformer":
                 module.apply(partial(init_vilt_weights, std=config.initializer_range))
+        if config.consistency_head:  # created last: every other weight draws the same numbers with or without it
+            head = nn.Linear(config.hidden_size, 1)
+            init_vilt_weights(head, std=config.initializer_range)
+            self.add_module(CONSISTENCY_HEAD, head)
         if config.vit_pretrained:
             load_vit_weights(self.transformer, config.vit_pretrained)
 
