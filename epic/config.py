@@ -2,8 +2,9 @@
 
     cfg = load_config("shapes_tiny", overrides=["train.lr=2e-5", "data.micro_batch_size=8"])
 
-A config file is YAML (read with `yaml.safe_load` only). `extends: <name or path>` merges this file over another
-one (recursively for sections). Names without a path are looked up in the packaged `epic/configs/` folder.
+A config file is YAML, read with `yaml.safe_load` only: a tag such as `!!python/object/apply:...` is a ConfigError
+(never executed), and so is a syntax error, with the file and line. `extends: <name or path>` merges this file over
+another one (recursively for sections). Names without a path are looked up in the packaged `epic/configs/` folder.
 Unknown keys, values of the wrong type and missing files raise `ConfigError` at load time, naming the key and
 the closest valid one.
 """
@@ -154,11 +155,43 @@ def resolve_config_path(name: str, relative_to: Optional[Path] = None) -> Path:
                       f"Packaged configs: {', '.join(packaged)}.")
 
 
+def one_line(message: object) -> str:
+    """A message on one line (entry points print `config error: <one line>`)."""
+    return " ".join(str(message).split())
+
+
+def _yaml_error(err: yaml.YAMLError, where: str, line_offset: int = 0) -> ConfigError:
+    """A YAML syntax error or an unsupported tag as a ConfigError naming `where` and the line (1-based)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    at = f"{where}:{mark.line + 1 + line_offset}:{mark.column + 1}" if mark is not None else where
+    problem = getattr(err, "problem", None) or str(err)
+    if isinstance(err, yaml.constructor.ConstructorError) and "tag" in problem:
+        tag = problem.split("tag", 1)[1].strip(" :'\"")
+        return ConfigError(one_line(
+            f"{at}: unsupported YAML tag '{tag}': config files are read with yaml.safe_load, which constructs no "
+            f"Python objects and runs nothing; write a plain value (string, number, list, mapping) instead"))
+    context = getattr(err, "context", None)
+    return ConfigError(one_line(f"{at}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+                                + "; fix the syntax there (indentation, quotes, a missing ':')"))
+
+
+def _load_yaml_text(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise _yaml_error(err, where) from None
+
+
 def _read_yaml_with_extends(path: Path, seen: tuple = ()) -> dict:
     if path in seen:
         raise ConfigError(f"circular 'extends' chain: {' -> '.join(map(str, seen + (path,)))}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    where = str(path) + (f" (extended by {seen[-1]})" if seen else "")
+    try:
+        data = _load_yaml_text(path.read_text(), str(path)) or {}
+    except ConfigError as err:
+        raise ConfigError(f"{err} [reached through 'extends' from {seen[-1]}]" if seen else str(err)) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {where}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
     parent = data.pop("extends", None)
@@ -185,7 +218,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}': empty key")
-    value = yaml.safe_load(raw) if raw != "" else ""
+    value = _load_yaml_text(raw, f"override '{text}' (value)") if raw != "" else ""
     return key.split("."), value
 
 
