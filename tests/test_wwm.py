@@ -91,3 +91,33 @@ def test_target_rule_and_replacement_split():
     assert abs(share_mask - 0.8) < 0.02 and abs(share_kept - 0.1) < 0.02
     with pytest.raises(ValueError, match="mlm_probability"):
         whole_word_mask(ids, word_ids, 3, torch.arange(10, 1000), 1.5, g)
+
+
+def test_train_loader_whole_word_masking(shapes_world):
+    """The training loader's whole_word_masking switch: selections cover whole words of the caption."""
+    from epic.data.loader import build_train_loader
+    from epic.data.synthetic import shard_spec
+    from epic.data.text import load_tokenizer
+    from epic.data.wwm import word_ids_matrix
+
+    tokenizer = load_tokenizer(shapes_world / "tokenizer")
+    loader = build_train_loader(shard_spec(shapes_world, "train"), tokenizer, image_size=64, max_text_len=32,
+                                batch_size=8, num_workers=0, seed=0, rank=0, world_size=1, whole_word_masking=True,
+                                mlm_probability=0.3)
+    batch = next(iter(loader))
+    assert "word_ids" not in batch
+    selected = batch["mlm_labels"] != -100
+    assert selected.any()
+    ids = batch["input_ids"]
+    compared = 0
+    for row in range(ids.shape[0]):
+        real = ids[row][batch["attention_mask"][row].bool()].tolist()
+        enc = tokenizer([tokenizer.decode(real[1:-1])], padding="max_length", max_length=32, truncation=True)
+        words = word_ids_matrix(enc)[0]
+        if not torch.equal(torch.tensor(enc["input_ids"][0]), ids[row]):
+            continue  # decode/encode round trip changed the tokens: nothing to compare
+        compared += 1
+        for w in set(words.tolist()) - {NOT_A_WORD}:
+            flags = selected[row, words == w]
+            assert bool(flags.all()) or not bool(flags.any())
+    assert compared >= 4

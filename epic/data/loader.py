@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .shards import Source, count_skips, decode_sample, expand_shard_spec, iter_raw_samples, parse_sources
 from .text import load_tokenizer, mask_tokens_for_mlm, replacement_token_ids, tokenize_captions
 from .transforms import TRAIN_CROP_SCALE, eval_transform, seeded_transform, train_transform
+from .wwm import whole_word_mask
 
 STATE_VERSION = 1
 # Purposes folded into seeds so the RNG streams of different decisions never coincide.
@@ -54,12 +55,20 @@ def _seed(*keys: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-def collate_rows(keys, pixels, captions, content_words, tokenizer, max_text_len, mlm_probability, replacement_ids, generator) -> dict:
-    """Rows -> the batch dict of docs/CONTRACTS.md (pixel_values, text fields, MLM fields, content_mask, keys)."""
+def collate_rows(keys, pixels, captions, content_words, tokenizer, max_text_len, mlm_probability, replacement_ids, generator,
+                 whole_word_masking: bool = False) -> dict:
+    """Rows -> the batch dict of docs/CONTRACTS.md (pixel_values, text fields, MLM fields, content_mask, keys).
+    ``whole_word_masking`` (ViLT's MLM) selects whole words of the tokenizer's pre-tokenizer (data/wwm.py)."""
     batch = {"pixel_values": torch.stack(pixels).float()}
-    batch.update(tokenize_captions(tokenizer, captions, content_words, max_text_len))
-    batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens_for_mlm(
-        batch["input_ids"], batch["special_tokens_mask"], tokenizer.mask_token_id, replacement_ids, mlm_probability, generator)
+    batch.update(tokenize_captions(tokenizer, captions, content_words, max_text_len, with_word_ids=whole_word_masking))
+    if whole_word_masking:
+        batch["mlm_input_ids"], batch["mlm_labels"] = whole_word_mask(
+            batch["input_ids"], batch.pop("word_ids"), tokenizer.mask_token_id, replacement_ids, mlm_probability,
+            generator)
+    else:
+        batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens_for_mlm(
+            batch["input_ids"], batch["special_tokens_mask"], tokenizer.mask_token_id, replacement_ids, mlm_probability,
+            generator)
     batch["keys"] = list(keys)
     return batch
 
@@ -138,7 +147,7 @@ class TrainStream(IterableDataset):
 
     def __init__(self, sources, tokenizer, *, image_size, max_text_len, batch_size, seed, rank, world_size,
                  streams_per_rank, positions, first_stream, shards_open, mlm_probability, randaugment, crop_scale,
-                 max_consecutive_skips):
+                 max_consecutive_skips, whole_word_masking=False):
         super().__init__()
         self.sources, self.tokenizer = sources, tokenizer
         self.image_size, self.max_text_len, self.batch_size = image_size, max_text_len, batch_size
@@ -146,6 +155,7 @@ class TrainStream(IterableDataset):
         self.streams_per_rank, self.positions, self.first_stream = streams_per_rank, positions, first_stream
         self.shards_open, self.mlm_probability = shards_open, mlm_probability
         self.randaugment, self.crop_scale, self.max_consecutive_skips = randaugment, crop_scale, max_consecutive_skips
+        self.whole_word_masking = whole_word_masking
 
     def __iter__(self):
         info = get_worker_info()
@@ -183,7 +193,7 @@ class TrainStream(IterableDataset):
                 flags.append(sample.content_words[choice])
             generator = torch.Generator().manual_seed(_seed(self.seed, _MLM, stream_index, position["batches"]))
             batch = collate_rows(keys, pixels, captions, flags, self.tokenizer, self.max_text_len,
-                                 self.mlm_probability, replacement_ids, generator)
+                                 self.mlm_probability, replacement_ids, generator, self.whole_word_masking)
             position["batches"] += 1
             skips.update(stream.pop_skips())
             batch["_stream"] = {"stream": local, "position": copy.deepcopy(position), "skips": dict(skips)}
@@ -195,14 +205,15 @@ class TrainLoader:
 
     def __init__(self, sources: Sequence[Source], tokenizer, *, image_size, max_text_len, batch_size, num_workers,
                  seed, rank, world_size, mlm_probability, randaugment, crop_scale, shards_open, pin_memory,
-                 prefetch_factor, max_consecutive_skips, multiprocessing_context=None):
+                 prefetch_factor, max_consecutive_skips, multiprocessing_context=None, whole_word_masking=False):
         self.sources, self.tokenizer = list(sources), tokenizer
         self.num_workers, self.streams_per_rank = num_workers, max(1, num_workers)
         self.pin_memory, self.prefetch_factor, self.multiprocessing_context = pin_memory, prefetch_factor, multiprocessing_context
         self._stream_args = dict(image_size=image_size, max_text_len=max_text_len, batch_size=batch_size, seed=seed,
                                  rank=rank, world_size=world_size, streams_per_rank=self.streams_per_rank,
                                  shards_open=shards_open, mlm_probability=mlm_probability, randaugment=randaugment,
-                                 crop_scale=tuple(crop_scale), max_consecutive_skips=max_consecutive_skips)
+                                 crop_scale=tuple(crop_scale), max_consecutive_skips=max_consecutive_skips,
+                                 whole_word_masking=whole_word_masking)
         self._positions: list = [None] * self.streams_per_rank
         self._batches = 0
         self._skips: Counter = Counter()
@@ -354,7 +365,7 @@ def build_train_loader(sources, tokenizer, *, image_size: int, max_text_len: int
                        seed: int, rank: int, world_size: int, mlm_probability: float = 0.15, randaugment: bool = True,
                        state: Optional[dict] = None, crop_scale=TRAIN_CROP_SCALE, shards_open: int = 2,
                        pin_memory: bool = False, prefetch_factor: int = 2, max_consecutive_skips: int = 100_000,
-                       multiprocessing_context=None) -> TrainLoader:
+                       multiprocessing_context=None, whole_word_masking: bool = False) -> TrainLoader:
     """The infinite, exactly resumable training loader of one rank.
 
     sources: a shard spec, or a list of specs / dicts {shards, weight=1.0, name}; tokenizer: a HF fast tokenizer
@@ -367,7 +378,8 @@ def build_train_loader(sources, tokenizer, *, image_size: int, max_text_len: int
                          batch_size=batch_size, num_workers=num_workers, seed=seed, rank=rank, world_size=world_size,
                          mlm_probability=mlm_probability, randaugment=randaugment, crop_scale=crop_scale,
                          shards_open=shards_open, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
-                         max_consecutive_skips=max_consecutive_skips, multiprocessing_context=multiprocessing_context)
+                         max_consecutive_skips=max_consecutive_skips, multiprocessing_context=multiprocessing_context,
+                         whole_word_masking=whole_word_masking)
     if state is not None:
         loader.load_state_dict(state)
     return loader

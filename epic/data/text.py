@@ -72,8 +72,10 @@ def content_token_mask(caption: str, content_words: Sequence[bool], tokenizer, m
     return content_mask_from_offsets(encoded["offset_mapping"], [content_spans(caption, content_words)])[0]
 
 
-def tokenize_captions(tokenizer, captions: Sequence[str], content_words: Sequence[Optional[Sequence[bool]]], max_text_len: int) -> dict:
-    """Tokenise a batch of captions to exactly max_text_len tokens: ids, attention/special/content masks."""
+def tokenize_captions(tokenizer, captions: Sequence[str], content_words: Sequence[Optional[Sequence[bool]]], max_text_len: int,
+                      with_word_ids: bool = False) -> dict:
+    """Tokenise a batch of captions to exactly max_text_len tokens: ids, attention/special/content masks (and, with
+    ``with_word_ids``, ``word_ids`` [B, L]: each token's word index, -1 on special and pad tokens; see data/wwm.py)."""
     encoded = tokenizer(
         list(captions),
         max_length=max_text_len,
@@ -85,7 +87,12 @@ def tokenize_captions(tokenizer, captions: Sequence[str], content_words: Sequenc
         return_tensors="pt",
     )
     spans = [content_spans(c, flags) for c, flags in zip(captions, content_words)]
-    return {
+    extra = {}
+    if with_word_ids:
+        from .wwm import word_ids_matrix
+
+        extra["word_ids"] = word_ids_matrix(encoded, len(captions))
+    return {**extra, 
         "input_ids": encoded["input_ids"].long(),
         "attention_mask": encoded["attention_mask"].long(),
         "special_tokens_mask": encoded["special_tokens_mask"].bool(),
