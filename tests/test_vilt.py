@@ -414,3 +414,15 @@ def test_consistency_head_leaves_other_weights_unchanged():
     torch.manual_seed(0)
     with_head = ViLT(tiny_config(consistency_head=True))
     assert all(torch.equal(v, with_head.state_dict()[k]) for k, v in plain.state_dict().items())
+
+
+def test_text_embeds_and_retrieval_embeddings_are_reusable():
+    model = ViLT(tiny_config()).eval()
+    ids, mask, pixels = batch_inputs()
+    with torch.no_grad():
+        text_embeds, image_embeds = model.encode_text(ids, mask), model.encode_image(pixels)
+        reused = model.infer(ids, mask, image_embeds=image_embeds, text_embeds=text_embeds)
+        torch.testing.assert_close(reused["cls_feats"], model.infer(ids, mask, pixels)["cls_feats"], rtol=0, atol=0)
+        image_vec, text_vec = model.retrieval_embeddings(image_embeds, text_embeds, mask)
+    assert image_vec.shape == text_vec.shape == (3, 32)
+    torch.testing.assert_close(text_vec[2], text_embeds[2, :3].mean(0))

@@ -238,23 +238,35 @@ class ViLT(VLPModel):
         (every kept patch is a real one on fixed-square images)."""
         return self.visual_embed(pixel_values, generator=generator).embeds
 
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ViLT has no text encoder either: BERT's embedding layer [B, L, H] (``infer(text_embeds=...)`` reuses it)."""
+        if input_ids.shape[1] > self.config.max_text_len:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} positions > max_text_len={self.config.max_text_len}"
+                             f" (ViLT's text position embeddings); shorten data.max_text_len")
+        return self.text_embeddings(input_ids=input_ids)
+
+    def retrieval_embeddings(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                             attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A first-stage shortlist score for retrieval with eval.k_test > 0: mean-pooled embeddings of each
+        modality (ViLT has no unimodal encoders, so this is weak; ViLT itself scores every pair)."""
+        weights = attention_mask.to(text_embeds.dtype).unsqueeze(-1)
+        text = (text_embeds * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return image_embeds.mean(dim=1), text
+
     # ------------------------------------------------------------------------------------------------ joint
     def _joint_inputs(self, input_ids, attention_mask, pixel_values, image_embeds, image_token_type_idx,
-                      image_masks, generator):
+                      image_masks, generator, text_embeds=None):
         if not 0 <= image_token_type_idx < self.config.num_token_types:
             raise ValueError(f"image_token_type_idx={image_token_type_idx} but the model has "
                              f"{self.config.num_token_types} modality types (NLVR2's second image needs "
                              f"num_token_types=3)")
-        if input_ids.shape[1] > self.config.max_text_len:
-            raise ValueError(f"input_ids has {input_ids.shape[1]} positions > max_text_len={self.config.max_text_len}"
-                             f" (ViLT's text position embeddings); shorten data.max_text_len")
         if image_embeds is None:
             if pixel_values is None:
                 raise ValueError("infer needs pixel_values or image_embeds (the output of encode_image)")
             image_embeds = self.encode_image(pixel_values, generator=generator)
         if image_masks is None:
             image_masks = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
-        text = self.text_embeddings(input_ids=input_ids)
+        text = self.encode_text(input_ids) if text_embeds is None else text_embeds
         text = text + self.token_type_embeddings(torch.zeros_like(input_ids))
         image = image_embeds + self.token_type_embeddings(torch.full_like(image_masks, image_token_type_idx))
         joint = torch.cat([text, image], dim=1)
@@ -263,15 +275,16 @@ class ViLT(VLPModel):
 
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
               image_embeds: Optional[torch.Tensor] = None, image_token_type_idx: int = 1,
-              image_masks: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None
-              ) -> Dict[str, torch.Tensor]:
+              image_masks: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+              text_embeds: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """ViLT's infer: text_feats [B, L, H], image_feats [B, 1 + K, H] (image [CLS] first), cls_feats [B, H]
-        (pooler on the text [CLS]), raw_cls_feats (that token before the pooler), image_embeds, image_masks."""
+        (pooler on the text [CLS]), raw_cls_feats (that token before the pooler), image_embeds, image_masks.
+        ``image_embeds`` / ``text_embeds`` (``encode_image`` / ``encode_text``) skip the embedding layers."""
         if self._saliency_only:
             raise RuntimeError("this ViLT is a pruned saliency teacher (saliency_teacher()); it only runs saliency_qk")
         x, keep, image_embeds, image_masks = self._joint_inputs(input_ids, attention_mask, pixel_values,
                                                                 image_embeds, image_token_type_idx, image_masks,
-                                                                generator)
+                                                                generator, text_embeds)
         for block in self.transformer.blocks:
             x = block(x, attn_mask=keep)
         x = self.transformer.norm(x)
