@@ -426,3 +426,21 @@ def test_text_embeds_and_retrieval_embeddings_are_reusable():
         image_vec, text_vec = model.retrieval_embeddings(image_embeds, text_embeds, mask)
     assert image_vec.shape == text_vec.shape == (3, 32)
     torch.testing.assert_close(text_vec[2], text_embeds[2, :3].mean(0))
+
+
+def test_retrieval_evaluator_runs_vilt(shapes_world):
+    """The exhaustive (and shortlisted) retrieval evaluator scores ViLT pairs through the interface alone."""
+    from epic.data.loader import build_eval_loader
+    from epic.data.text import load_tokenizer
+    from epic.data.synthetic import shard_spec
+    from epic.eval.retrieval import evaluate_retrieval
+
+    tokenizer = load_tokenizer(shapes_world / "tokenizer")
+    model = ViLT(tiny_config(image_size=64, vocab_size=len(tokenizer), max_text_len=32,
+                             pad_token_id=tokenizer.pad_token_id))
+    loader = build_eval_loader(shard_spec(shapes_world, "val"), tokenizer, image_size=64, max_text_len=32,
+                               batch_size=32)
+    for k_test in (0, 4):
+        metrics = evaluate_retrieval(model, loader, k_test=k_test, max_images=12, batch_size=32)
+        assert 0.0 <= metrics["tr_r1"] <= 100.0 and 0.0 <= metrics["ir_r10"] <= 100.0, metrics
+    assert model.training  # the evaluator restores the mode
