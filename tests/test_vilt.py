@@ -444,3 +444,18 @@ def test_retrieval_evaluator_runs_vilt(shapes_world):
         metrics = evaluate_retrieval(model, loader, k_test=k_test, max_images=12, batch_size=32)
         assert 0.0 <= metrics["tr_r1"] <= 100.0 and 0.0 <= metrics["ir_r10"] <= 100.0, metrics
     assert model.training  # the evaluator restores the mode
+
+
+def test_lightning_checkpoint_file_with_its_hyper_parameters(tmp_path):
+    """A .ckpt as ViLT writes it: state_dict + hyper_parameters.config (used when no config is given)."""
+    from epic.models.vilt.convert_vilt import official_vilt_config
+
+    sd = synthetic_checkpoint()
+    path = tmp_path / "vilt_200k_mlm_itm.ckpt"
+    torch.save({"state_dict": sd, "hyper_parameters": {"config": dict(TINY)}, "epoch": 3}, path)
+    assert official_vilt_config(str(path)).num_heads == 4
+    model = load_official_vilt(str(path)).eval()
+    ids, mask, pixels = batch_inputs()
+    with torch.no_grad():
+        assert rel_err(model.infer(ids, mask, pixels)["cls_feats"], reference_infer(sd, 4, ids, mask, pixels)[
+            "cls_feats"]) < 1e-5

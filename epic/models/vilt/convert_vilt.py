@@ -160,17 +160,26 @@ def from_official_state_dict(official: Dict[str, torch.Tensor], model: ViLT,
     return used
 
 
-def load_official_vilt(path_or_state_dict, config=None, allow_missing_heads: bool = False) -> ViLT:
-    """Our ViLT from an official ViLT checkpoint (``.ckpt`` with ``state_dict``, or a state dict)."""
-    hyper = None
-    if isinstance(path_or_state_dict, str):
-        loaded = read_checkpoint(path_or_state_dict)
-        hyper = (loaded.get("hyper_parameters") or {}).get("config") if isinstance(loaded, dict) else None
-        state_dict = loaded.get("state_dict", loaded)
-    else:
-        state_dict = dict(path_or_state_dict)
+def _state_and_config(path_or_state_dict, config):
+    """(state dict, ViLT config dict or path) of an official file; the file's own hyper-parameters when no
+    config is given."""
+    if not isinstance(path_or_state_dict, str):
+        return dict(path_or_state_dict), config
+    loaded = read_checkpoint(path_or_state_dict)
+    hyper = (loaded.get("hyper_parameters") or {}).get("config") if isinstance(loaded, dict) else None
     if config is None and isinstance(hyper, dict):
         config = {k: v for k, v in hyper.items() if k in MODEL_KEYS or k in OTHER_KEYS}
+    return loaded.get("state_dict", loaded), config
+
+
+def official_vilt_config(path_or_state_dict, config=None) -> ViLTConfig:
+    """The architecture of an official ViLT file (its tensors + ViLT config), without building the model."""
+    return vilt_config_from_official(*_state_and_config(path_or_state_dict, config))
+
+
+def load_official_vilt(path_or_state_dict, config=None, allow_missing_heads: bool = False) -> ViLT:
+    """Our ViLT from an official ViLT checkpoint (``.ckpt`` with ``state_dict``, or a state dict)."""
+    state_dict, config = _state_and_config(path_or_state_dict, config)
     model = ViLT(vilt_config_from_official(state_dict, config))
     result = model.load_state_dict(from_official_state_dict(state_dict, model, allow_missing_heads), strict=False)
     stray = [k for k in result.missing_keys if not (allow_missing_heads and k.startswith(PRETRAINING_HEADS))]
