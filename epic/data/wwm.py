@@ -17,20 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .text import MLM_IGNORE_INDEX
-
-NOT_A_WORD = -1
-
-
-def word_ids_matrix(encoding, num_rows: int | None = None) -> torch.Tensor:
-    """[B, L] int64 word index of every token of a batch encoding (``NOT_A_WORD`` on special and pad tokens)."""
-    if not hasattr(encoding, "word_ids"):
-        raise TypeError("whole-word masking needs a fast tokenizer's BatchEncoding (it has word_ids()); load the "
-                        "tokenizer with use_fast=True")
-    rows = num_rows if num_rows is not None else len(encoding["input_ids"])
-    return torch.tensor([[NOT_A_WORD if w is None else w for w in encoding.word_ids(i)] for i in range(rows)],
-                        dtype=torch.long)
-
+from .text import MLM_IGNORE_INDEX, NOT_A_WORD, word_ids_matrix  # noqa: F401 (re-exported)
 
 def choose_whole_words(word_ids: Sequence[int], probability: float, generator: torch.Generator) -> list[int]:
     """Token positions of the words picked for one caption (see the module docstring)."""

@@ -43,6 +43,11 @@ FAMILIES: dict[str, Family] = {
                     converter="epic.models.meter.modeling_meter:load_official_meter",
                     tasks="epic.models.downstream:build_task_model", tiny_config="shapes_tiny",
                     official_config="epic.models.meter.modeling_meter:official_meter_config"),
+    "vilt": Family("vilt", config="epic.models.vilt.configuration_vilt:ViLTConfig",
+                   model="epic.models.vilt.modeling_vilt:ViLT",
+                   converter="epic.models.vilt.convert_vilt:load_official_vilt",
+                   tasks="epic.models.vilt.tasks_vilt:build_task_model", tiny_config="vilt_shapes_tiny",
+                   official_config="epic.models.vilt.convert_vilt:official_vilt_config"),
 }
 
 
