@@ -61,7 +61,7 @@ def wpa_valid_masks(attention_mask: torch.Tensor, image_masks: torch.Tensor) -> 
     text_valid[:, 0] = False
     image_valid = image_masks.bool().clone()
     image_valid[:, 0] = False
-    if not bool(text_valid.any(1).all()) or not bool(image_valid.any(1).all()):
+    if text_valid.device.type != "meta" and (not bool(text_valid.any(1).all()) or not bool(image_valid.any(1).all())):
         raise ValueError("word-patch alignment needs at least one word (besides [CLS]/[SEP]) and one patch per pair")
     return text_valid, image_valid
 
@@ -70,7 +70,8 @@ def wpa_distance(text_feats: torch.Tensor, image_feats: torch.Tensor, text_valid
                  image_valid: torch.Tensor, beta: float = IPOT_BETA, iterations: int = IPOT_ITERATIONS,
                  inner_steps: int = IPOT_INNER_STEPS) -> torch.Tensor:
     """Per pair OT distance <C, T> [B] in float32; gradients reach the features through C only."""
-    with torch.autocast(device_type=text_feats.device.type, enabled=False):
+    device_type = "cpu" if text_feats.device.type == "meta" else text_feats.device.type  # meta: FLOP counting
+    with torch.autocast(device_type=device_type, enabled=False):
         cost = cosine_cost(text_feats.float(), image_feats.float())
         joint = text_valid.unsqueeze(2) & image_valid.unsqueeze(1)
         cost = cost.masked_fill(~joint, 0.0)
@@ -80,8 +81,8 @@ def wpa_distance(text_feats: torch.Tensor, image_feats: torch.Tensor, text_valid
 
 def wpa_loss(distance: torch.Tensor, itm_labels: torch.Tensor, weight: float = WPA_WEIGHT) -> torch.Tensor:
     """weight * (sum of matched distances - sum of mismatched ones) / B (ViLT's itm_wpa_loss)."""
-    matched = itm_labels.bool()
-    return weight * (distance[matched].sum() - distance[~matched].sum()) / distance.numel()
+    sign = itm_labels.to(distance.dtype) * 2.0 - 1.0  # +1 matched, -1 mismatched
+    return weight * (sign * distance).sum() / distance.numel()
 
 
 def word_patch_alignment_loss(text_feats: torch.Tensor, image_feats: torch.Tensor, attention_mask: torch.Tensor,
