@@ -56,9 +56,12 @@ def assert_resumed_exactly(full, resumed, keys):
             torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=f"{engine}: {name}")
 
 
-COMMON = ["--ds_config", "ds_configs/cpu_zero2.json", f"data.micro_batch_size={BATCH}", "train.global_batch_size=16",
-          "data.num_workers=0", "train.log_every=1", "train.deterministic=true", "train.max_steps=4",
-          "train.save_every=2", "train.keep_last=2"]
+OVERRIDES = [f"data.micro_batch_size={BATCH}", "train.global_batch_size=16", "data.num_workers=0", "train.log_every=1",
+             "train.deterministic=true", "train.max_steps=4", "train.save_every=2", "train.keep_last=2"]
+
+
+def cli(config, *overrides):
+    return ["--ds_config", "ds_configs/cpu_zero2.json", "--config", config, *OVERRIDES, *overrides]
 
 
 def test_two_rank_zero2_vilt_run_resumes_exactly(shapes_world, tmp_path):
@@ -69,11 +72,12 @@ def test_two_rank_zero2_vilt_run_resumes_exactly(shapes_world, tmp_path):
     cfg = load_config("vilt_shapes_tiny", [f"data.root={shapes_world}"])
     assert cfg.model.max_image_len < (cfg.model.image_size // cfg.model.patch_size) ** 2
     assert cfg.data.whole_word_masking
-    args = COMMON + ["--config", "vilt_shapes_tiny", f"data.root={shapes_world}"]
+    args = cli("vilt_shapes_tiny", f"data.root={shapes_world}")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     proc = run_two_ranks(args + [f"run.dir={full}"])
     assert "world 2" in proc.stdout and "grad accum 2" in proc.stdout
-    run_two_ranks(["--resume", str(full / "checkpoints" / "step_00000002")] + args + [f"run.dir={resumed}"])
+    run_two_ranks(args[:4] + ["--resume", str(full / "checkpoints" / "step_00000002")] + args[4:]
+                  + [f"run.dir={resumed}"])
     assert_resumed_exactly(full, resumed, ("train/loss", "train/loss_itm", "train/loss_mlm"))
     state = json.loads((full / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
     assert state["config"]["model"]["family"] == "vilt"
@@ -88,11 +92,12 @@ def test_two_rank_epic_vilt_run_resumes_exactly(shapes_world, tmp_path):
     torch.manual_seed(7)
     model, _ = build_model(base, resolve_data_paths(base))  # an (untrained) vanilla ViLT export as the teacher
     model.save_pretrained(str(teacher))
-    args = COMMON + ["--config", "epic_vilt_shapes_tiny", f"data.root={shapes_world}", f"epic.teacher={teacher}"]
+    args = cli("epic_vilt_shapes_tiny", f"data.root={shapes_world}", f"epic.teacher={teacher}")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     run_two_ranks(args + [f"run.dir={full}"])
     assert (full / "checkpoints" / "step_00000002" / "generator").is_dir()
-    run_two_ranks(["--resume", str(full / "checkpoints" / "step_00000002")] + args + [f"run.dir={resumed}"])
+    run_two_ranks(args[:4] + ["--resume", str(full / "checkpoints" / "step_00000002")] + args[4:]
+                  + [f"run.dir={resumed}"])
     assert_resumed_exactly(full, resumed, ("train/loss", "train/loss_gen", "train/loss_itc",
                                            "epic/inconsistent_token_ratio"))
 
