@@ -22,7 +22,7 @@ from typing import Dict, Optional
 import torch
 
 from .configuration_vilt import ViLTConfig, vilt_config_from_dict
-from .modeling_vilt import CONSISTENCY_HEAD, ViLT, interpolate_position_grid
+from .modeling_vilt import CONSISTENCY_HEAD, ViLT
 
 logger = logging.getLogger(__name__)
 
@@ -149,14 +149,7 @@ def from_official_state_dict(official: Dict[str, torch.Tensor], model: ViLT,
                 if missing_heads and not allow_missing_heads else "")
         raise ValueError(f"official ViLT checkpoint does not match the model: unknown keys {unexpected}, missing "
                          f"keys {missing}{hint}")
-    pos = used["transformer.pos_embed"]
-    grid, target = round((pos.shape[1] - 1) ** 0.5), model.config.grid_size
-    if grid != target:
-        spatial = pos[:, 1:].transpose(1, 2).reshape(1, pos.shape[2], grid, grid)
-        spatial = interpolate_position_grid(spatial.float(), target, target).to(pos.dtype)
-        used["transformer.pos_embed"] = torch.cat([pos[:, :1], spatial.flatten(2).transpose(1, 2)], dim=1)
-        logger.info("position grid %dx%d resampled to %dx%d (image_size %d)", grid, grid, target, target,
-                    model.config.image_size)
+    used = model.adapt_loaded_state(used)  # the position grid, resampled to the model's image size if needed
     return used
 
 

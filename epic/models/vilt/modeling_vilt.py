@@ -353,6 +353,19 @@ class ViLT(VLPModel):
         """{'backbone'|'fusion'|'head': {'decay'|'no_decay': names}} over trainable parameters (``param_groups_spec``)."""
         return param_groups_spec(name for name, p in self.named_parameters() if p.requires_grad)
 
+    def adapt_loaded_state(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Weights of another image size (pretrained at 384, fine-tuned at 480, ...): the position grid is
+        resampled with ViLT's interpolation (bilinear, align_corners=True). Used by the task-weight loader."""
+        pos = state.get("transformer.pos_embed")
+        own = self.transformer.pos_embed
+        if pos is None or pos.shape == own.shape:
+            return state
+        grid, target = round((pos.shape[1] - 1) ** 0.5), self.config.grid_size
+        spatial = pos[:, 1:].transpose(1, 2).reshape(1, pos.shape[2], grid, grid)
+        spatial = interpolate_position_grid(spatial.float(), target, target).to(pos.dtype)
+        logger.info("position grid %dx%d resampled to %dx%d", grid, grid, target, target)
+        return {**state, "transformer.pos_embed": torch.cat([pos[:, :1], spatial.flatten(2).transpose(1, 2)], dim=1)}
+
     # ------------------------------------------------------------------------------------------------ files
     def save_pretrained(self, directory: str) -> None:
         """``model.safetensors`` (ViLT key names) + ``config.json`` (ViLTConfig) in ``directory``."""
