@@ -48,6 +48,10 @@ FAMILIES: dict[str, Family] = {
                    converter="epic.models.vilt.convert_vilt:load_official_vilt",
                    tasks="epic.models.vilt.tasks_vilt:build_task_model", tiny_config="vilt_shapes_tiny",
                    official_config="epic.models.vilt.convert_vilt:official_vilt_config"),
+    "xvlm": Family("xvlm", config="epic.models.xvlm.configuration_xvlm:XVLMConfig",
+                   model="epic.models.xvlm.modeling_xvlm:XVLM",
+                   converter="epic.models.xvlm.convert_xvlm:load_official_xvlm", tiny_config="xvlm_shapes_tiny",
+                   official_config="epic.models.xvlm.convert_xvlm:official_xvlm_config"),
 }
 
 
