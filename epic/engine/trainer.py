@@ -166,6 +166,13 @@ class Trainer:
         averager.add({"loss": loss_value})
         return loss_value
 
+    def _after_optimizer_step(self, skipped_at_start: int) -> None:
+        """A model with per-step state besides its weights (ALBEF's momentum encoders and distillation ramp) updates
+        it after an optimizer step that was taken; a step DeepSpeed skipped on overflow changed no weight."""
+        hook = getattr(self.engine.module, "after_optimizer_step", None)
+        if hook is not None and self.engine.skipped_steps == skipped_at_start:
+            hook()
+
     def train(self, preemption=None) -> TrainResult:
         """Train to `train.max_steps` (or `stop_at_step`). `preemption`: a PreemptionHandler installed early."""
         cfg = self.cfg
@@ -186,6 +193,7 @@ class Trainer:
             stop_at = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
             while self.step < stop_at:
                 step_losses = []
+                skipped_at_start = self.engine.skipped_steps
                 for _ in range(self.batch.grad_accum_steps):
                     timer.start()
                     batch = next(data_iter)
@@ -193,6 +201,7 @@ class Trainer:
                     timer.stop("data")
                     step_losses.append(self._micro_step(batch, timer, averager))
                     window_samples += self.batch.micro_batch_size * self.world_size
+                self._after_optimizer_step(skipped_at_start)
                 self.step += 1
                 result.losses.append(_mean_across_ranks(sum(step_losses) / len(step_losses), self.device))
                 if self.step % cfg.train.log_every == 0 or self.step == stop_at:

@@ -75,6 +75,7 @@ def itm_wpa_and_mlm_losses(model, batch: dict, image_embeds: torch.Tensor, rng: 
 RECIPES: Dict[str, str] = {
     "meter": "epic.objectives.recipes:itm_and_mlm_losses",
     "vilt": "epic.objectives.recipes:itm_wpa_and_mlm_losses",
+    "albef": "epic.objectives.albef_losses:albef_recipe",
     "xvlm": "epic.objectives.xvlm:caption_recipe",
 }
 
