@@ -108,6 +108,9 @@ class DataConfig:
     # with probability p) | "saliency" ("†CMLM", App. J, Table 8: ceil(p * len) positions drawn from the frozen
     # teacher's saliency alpha, Eq. 8, teacher = epic.teacher; same 80/10/10 corruption). Works with or without EPIC.
     mlm_masking: str = "random"
+    # ViLT's MLM selects whole words (of the tokenizer's pre-tokenizer: WordPiece '##' pieces and BPE pieces of one
+    # word go together; epic/data/wwm.py) instead of independent tokens; with mlm_masking=random only.
+    whole_word_masking: bool = False
     # What a training sample is. "caption" (METER / ALBEF): an (image, caption) pair; auto weights are caption
     # counts and an epoch is one pass over all captions. "image": an image with one caption drawn per visit;
     # auto weights are image counts.
@@ -447,6 +450,9 @@ def validate(cfg: Config) -> None:
     if cfg.epic.cmlm_saliency:
         raise ConfigError("'epic.cmlm_saliency' is replaced by data.mlm_masking=saliency (†CMLM, with or without "
                           "EPIC; the teacher is epic.teacher)")
+    if cfg.data.whole_word_masking and cfg.data.mlm_masking == "saliency":
+        raise ConfigError("data.whole_word_masking and data.mlm_masking=saliency (†CMLM) both choose the MLM "
+                          "positions: set one of them")
     if cfg.data.mlm_masking == "saliency":
         if cfg.epic.teacher is None:
             raise ConfigError("data.mlm_masking=saliency (†CMLM) draws the MLM positions from a teacher's saliency: "

@@ -138,7 +138,7 @@ def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_
                               batch_size=cfg.data.micro_batch_size, num_workers=cfg.data.num_workers,
                               seed=cfg.run.seed, rank=rank, world_size=world_size,
                               mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment, state=state,
-                              sample_unit=cfg.data.sample_unit)
+                              sample_unit=cfg.data.sample_unit, whole_word_masking=cfg.data.whole_word_masking)
 
 
 def build_objective(cfg: Config, engine, tokenizer, ds_config: dict, batch_math, paths: DataPaths, device):

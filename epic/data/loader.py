@@ -55,6 +55,7 @@ from .shards import (Source, count_skips, decode_sample, epoch_length, expand_sh
                      parse_sources)
 from .text import load_tokenizer, mask_tokens_for_mlm, replacement_token_ids, tokenize_captions
 from .transforms import TRAIN_CROP_SCALE, eval_transform, seeded_transform, train_transform
+from .wwm import whole_word_mask
 
 STATE_VERSION = 1
 # Purposes folded into seeds so the RNG streams of different decisions never coincide.
@@ -69,13 +70,20 @@ def _seed(*keys: int) -> int:
 
 
 def collate_rows(keys, pixels, captions, content_words, tokenizer, max_text_len, mlm_probability, replacement_ids,
-                 generator, caption_indices) -> dict:
+                 generator, caption_indices, whole_word_masking: bool = False) -> dict:
     """Rows -> the batch dict of docs/CONTRACTS.md (pixel_values, text fields, MLM fields, content_mask, keys,
-    caption_index: which of the sample's captions each row holds)."""
+    caption_index: which of the sample's captions each row holds). ``whole_word_masking`` (ViLT's MLM) selects
+    whole words of the tokenizer's pre-tokenizer (data/wwm.py)."""
     batch = {"pixel_values": torch.stack(pixels).float()}
-    batch.update(tokenize_captions(tokenizer, captions, content_words, max_text_len))
-    batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens_for_mlm(
-        batch["input_ids"], batch["special_tokens_mask"], tokenizer.mask_token_id, replacement_ids, mlm_probability, generator)
+    batch.update(tokenize_captions(tokenizer, captions, content_words, max_text_len, with_word_ids=whole_word_masking))
+    if whole_word_masking:
+        batch["mlm_input_ids"], batch["mlm_labels"] = whole_word_mask(
+            batch["input_ids"], batch.pop("word_ids"), tokenizer.mask_token_id, replacement_ids, mlm_probability,
+            generator)
+    else:
+        batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens_for_mlm(
+            batch["input_ids"], batch["special_tokens_mask"], tokenizer.mask_token_id, replacement_ids, mlm_probability,
+            generator)
     batch["keys"] = list(keys)
     batch["caption_index"] = torch.tensor(list(caption_indices), dtype=torch.long)
     return batch
@@ -196,7 +204,7 @@ class TrainStream(IterableDataset):
 
     def __init__(self, sources, tokenizer, *, image_size, max_text_len, batch_size, seed, rank, world_size,
                  streams_per_rank, positions, first_stream, shards_open, mlm_probability, randaugment, crop_scale,
-                 max_consecutive_skips, sample_unit="caption"):
+                 max_consecutive_skips, sample_unit="caption", whole_word_masking=False):
         super().__init__()
         self.sample_unit = sample_unit
         self.sources, self.tokenizer = sources, tokenizer
@@ -205,6 +213,7 @@ class TrainStream(IterableDataset):
         self.streams_per_rank, self.positions, self.first_stream = streams_per_rank, positions, first_stream
         self.shards_open, self.mlm_probability = shards_open, mlm_probability
         self.randaugment, self.crop_scale, self.max_consecutive_skips = randaugment, crop_scale, max_consecutive_skips
+        self.whole_word_masking = whole_word_masking
 
     def __iter__(self):
         info = get_worker_info()
@@ -244,7 +253,7 @@ class TrainStream(IterableDataset):
                 flags.append(sample.content_words[choice])
             generator = torch.Generator().manual_seed(_seed(self.seed, _MLM, stream_index, position["batches"]))
             batch = collate_rows(keys, pixels, captions, flags, self.tokenizer, self.max_text_len,
-                                 self.mlm_probability, replacement_ids, generator, chosen)
+                                 self.mlm_probability, replacement_ids, generator, chosen, self.whole_word_masking)
             position["batches"] += 1
             skips.update(stream.pop_skips())
             batch["_stream"] = {"stream": local, "position": copy.deepcopy(position), "skips": dict(skips)}
@@ -256,7 +265,8 @@ class TrainLoader:
 
     def __init__(self, sources: Sequence[Source], tokenizer, *, image_size, max_text_len, batch_size, num_workers,
                  seed, rank, world_size, mlm_probability, randaugment, crop_scale, shards_open, pin_memory,
-                 prefetch_factor, max_consecutive_skips, multiprocessing_context=None, sample_unit="caption"):
+                 prefetch_factor, max_consecutive_skips, multiprocessing_context=None, sample_unit="caption",
+                 whole_word_masking=False):
         self.sources, self.tokenizer = list(sources), tokenizer
         self.num_workers, self.streams_per_rank = num_workers, max(1, num_workers)
         self.pin_memory, self.prefetch_factor, self.multiprocessing_context = pin_memory, prefetch_factor, multiprocessing_context
@@ -264,7 +274,7 @@ class TrainLoader:
                                  rank=rank, world_size=world_size, streams_per_rank=self.streams_per_rank,
                                  shards_open=shards_open, mlm_probability=mlm_probability, randaugment=randaugment,
                                  crop_scale=tuple(crop_scale), max_consecutive_skips=max_consecutive_skips,
-                                 sample_unit=sample_unit)
+                                 sample_unit=sample_unit, whole_word_masking=whole_word_masking)
         self._positions: list = [None] * self.streams_per_rank
         self._batches = 0
         self._skips: Counter = Counter()
@@ -425,7 +435,8 @@ def build_train_loader(sources, tokenizer, *, image_size: int, max_text_len: int
                        seed: int, rank: int, world_size: int, mlm_probability: float = 0.15, randaugment: bool = True,
                        state: Optional[dict] = None, crop_scale=TRAIN_CROP_SCALE, shards_open: int = 2,
                        pin_memory: bool = False, prefetch_factor: int = 2, max_consecutive_skips: int = 100_000,
-                       multiprocessing_context=None, sample_unit: str = "caption") -> TrainLoader:
+                       multiprocessing_context=None, sample_unit: str = "caption",
+                       whole_word_masking: bool = False) -> TrainLoader:
     """The infinite, exactly resumable training loader of one rank.
 
     sources: a shard spec, or a list of specs / dicts {shards, weight="auto", name} (auto: the caption count, or
@@ -440,7 +451,7 @@ def build_train_loader(sources, tokenizer, *, image_size: int, max_text_len: int
                          mlm_probability=mlm_probability, randaugment=randaugment, crop_scale=crop_scale,
                          shards_open=shards_open, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                          max_consecutive_skips=max_consecutive_skips, multiprocessing_context=multiprocessing_context,
-                         sample_unit=sample_unit)
+                         sample_unit=sample_unit, whole_word_masking=whole_word_masking)
     if state is not None:
         loader.load_state_dict(state)
     return loader
