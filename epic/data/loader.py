@@ -164,6 +164,7 @@ class TrainStream(IterableDataset):
         skipped_in_a_row = 0
         while True:
             keys, pixels, captions, flags, skips = [], [], [], [], Counter()
+            caption_indices, shard_urls = [], []  # which caption of which shard: the saliency cache's keys
             while len(keys) < self.batch_size:
                 raw, sample_seed = stream.next_raw()
                 sample = decode_sample(raw)
@@ -181,9 +182,13 @@ class TrainStream(IterableDataset):
                 pixels.append(seeded_transform(transform, sample.image, sample_seed))
                 captions.append(sample.captions[choice])
                 flags.append(sample.content_words[choice])
+                caption_indices.append(choice)
+                shard_urls.append(str(raw.get("__url__", "")))
             generator = torch.Generator().manual_seed(_seed(self.seed, _MLM, stream_index, position["batches"]))
             batch = collate_rows(keys, pixels, captions, flags, self.tokenizer, self.max_text_len,
                                  self.mlm_probability, replacement_ids, generator)
+            batch.setdefault("caption_index", torch.tensor(caption_indices, dtype=torch.long))
+            batch.setdefault("shards", shard_urls)
             position["batches"] += 1
             skips.update(stream.pop_skips())
             batch["_stream"] = {"stream": local, "position": copy.deepcopy(position), "skips": dict(skips)}

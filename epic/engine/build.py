@@ -115,10 +115,30 @@ def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_
     from epic.data import build_train_loader
 
     sources = [{"name": name, "shards": files, "weight": weight} for name, files, weight in paths.sources]
-    return build_train_loader(sources, tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
-                              batch_size=cfg.data.micro_batch_size, num_workers=cfg.data.num_workers,
-                              seed=cfg.run.seed, rank=rank, world_size=world_size,
-                              mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment, state=state)
+    on_cuda = torch.cuda.is_available()  # pinned host memory makes the trainer's non_blocking copies asynchronous
+    loader = build_train_loader(sources, tokenizer, image_size=cfg.data.image_size,
+                                max_text_len=cfg.data.max_text_len, batch_size=cfg.data.micro_batch_size,
+                                num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=rank, world_size=world_size,
+                                mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment,
+                                state=state, pin_memory=on_cuda, prefetch_factor=4 if on_cuda else 2)
+    if cfg.epic.enabled and cfg.epic.saliency_cache:
+        from epic.data.saliency_cache import SaliencyCacheLoader
+
+        loader = SaliencyCacheLoader(loader, open_saliency_cache(cfg, tokenizer))
+    return loader
+
+
+def open_saliency_cache(cfg: Config, tokenizer):
+    """``epic.saliency_cache`` checked against the run's image size, text length and tokenizer."""
+    from epic.data.saliency_cache import SaliencyCache, SaliencyCacheError, check_manifest_fits
+
+    directory = expand_env(cfg.epic.saliency_cache, "epic.saliency_cache")
+    try:
+        cache = SaliencyCache(directory)
+        check_manifest_fits(cache.manifest, cfg.data.image_size, cfg.data.max_text_len, len(tokenizer))
+    except SaliencyCacheError as err:
+        raise ConfigError(str(err)) from err
+    return cache
 
 
 class VanillaObjective:
@@ -187,3 +207,5 @@ def check_run_inputs(trainer) -> None:
         if not os.path.exists(teacher):
             raise ConfigError(f"epic.teacher={teacher} does not exist (a run dir, checkpoint dir, export dir or "
                               f"official METER .ckpt)")
+    if cfg.epic.enabled and cfg.epic.saliency_cache:
+        open_saliency_cache(cfg, tokenizer)

@@ -47,12 +47,16 @@ def _mean_across_ranks(value: float, device) -> float:
     return t.item()
 
 
+# Floating batch entries that keep their dtype (probabilities the objectives read in fp32, e.g. the cached saliency)
+KEEP_DTYPE_KEYS = ("saliency_alpha",)
+
+
 def move_batch(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
-            if value.is_floating_point():
+            if value.is_floating_point() and key not in KEEP_DTYPE_KEYS:
                 value = value.to(float_dtype)
         out[key] = value
     return out

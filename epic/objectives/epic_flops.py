@@ -4,7 +4,8 @@ Shapes only: exact for the matmuls and attention at these sizes, no memory, seco
 full length (``data.max_text_len``: the worst case METER pads to), so each sentence has ``max_text_len - 2`` real
 tokens and m = ceil(mask_ratio * that) masked positions.
 
-    teacher     the frozen teacher's forward up to the penultimate fusion layer (Eq. 8's inputs); no backward
+    teacher     the frozen teacher's forward up to the penultimate fusion layer (Eq. 8's inputs); no backward;
+                0 with the saliency cache (alpha precomputed by tools/precompute_saliency.py)
     generator   the generator's forward + backward on w^mask, and Eq. 4/5/7 over the vocabulary at the M positions
                 (the streaming kernel's backward recomputes the logits: one GEMM of 2*M*d*V more than eager);
                 forward only for a fixed generator or VLM(SAS) (a full METER forward); 0 for "ITC (rand.)"
@@ -109,11 +110,12 @@ def generator_flops(cfg, batch: dict) -> int:
     return flops + _vocabulary_flops(states, embedding, bias, targets, True)  # backward through the encoder too
 
 
-def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_len: Optional[int] = None
-                               ) -> dict[str, float]:
+def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_len: Optional[int] = None,
+                               saliency_cache: bool = False) -> dict[str, float]:
     """{"teacher", "generator", "vlm", "total"}: training FLOPs per sample of one EPIC step at ``cfg``'s sizes.
 
-    ``teacher_cfg``: the teacher's METERConfig (default: the VLM's).
+    ``teacher_cfg``: the teacher's METERConfig (default: the VLM's). ``saliency_cache``: alpha comes from
+    ``epic.saliency_cache`` (every entry found), so the teacher costs nothing in the step.
     """
     from .consistency import add_consistency_head, epic_vlm_passes
 
@@ -121,7 +123,7 @@ def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_
     batch = meta_epic_batch(cfg.model, batch_size, text_len, cfg.epic.mask_ratio)
     real = ~batch["special_tokens_mask"]
     flops = {"teacher": 0, "generator": generator_flops(cfg, batch)}
-    if cfg.epic.masking == "saliency":
+    if cfg.epic.masking == "saliency" and not saliency_cache:
         teacher = _meta_meter(teacher_cfg or cfg.model)
 
         def saliency():
