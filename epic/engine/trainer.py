@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from epic.config import Config, config_to_dict, dump_config
 from epic.engine import checkpoint as ckpt
-from epic.engine.logger import MetricAverager, RunLogger, StepTimer, guess_peak_tflops, log_console
+from epic.engine.logger import RunLogger, StepTimer, guess_peak_tflops, log_console
+from epic.engine.metrics import DeviceMetrics, StepLosses
 from epic.engine.setup import (BatchMath, build_optimizer, derive_batch_math, engine_dtype, initialize_engine,
                                load_ds_config, loss_scale_of, resolve_ds_config)
 from epic.engine.schedule import build_lr_scheduler
@@ -30,21 +31,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean VLM loss per optimizer step, this run only
     checkpoint: Optional[str] = None
     preempted: bool = False
-
-
-def _all_finite(value: torch.Tensor) -> bool:
-    flag = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=value.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
-
-
-def _mean_across_ranks(value: float, device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.item()
 
 
 # Floating batch entries that keep their dtype (probabilities the objectives read in fp32, e.g. the cached saliency)
@@ -150,22 +136,22 @@ class Trainer:
                                     trainer_state, self.cfg.train.keep_last)
 
     # -- one optimizer step ---------------------------------------------------------------------------------
-    def _micro_step(self, batch: dict, timer: StepTimer, averager: MetricAverager) -> float:
+    def _micro_step(self, batch: dict, timer: StepTimer, averager: DeviceMetrics) -> torch.Tensor:
+        """One micro-batch, without a host synchronisation of ours: the loss, its non-finite flag and the metrics
+        stay on the device until the next log line (epic/engine/metrics.py)."""
         out = self.objective.losses(self.engine.module, batch, self.rng, self.step)
         timer.stop("forward")
         loss = out["loss"]
-        if not _all_finite(loss.detach()):
-            # Back-propagating the non-finite loss makes DeepSpeed's overflow check skip the whole optimizer
-            # step on every rank (nothing is applied; the lr schedule does not advance).
-            self.nonfinite_losses += 1
+        # A non-finite loss is back-propagated: DeepSpeed's overflow check then skips the whole optimizer step on
+        # every rank (nothing is applied; the lr schedule does not advance). It is counted at log time.
+        detached = self.step_losses.add_micro(loss)
         self.engine.backward(loss)
         timer.stop("backward")
         self.engine.step()
         timer.stop("step")
         averager.add({k: v for k, v in out.items() if k != "loss"})
-        loss_value = out["loss"].detach().float().item()
-        averager.add({"loss": loss_value})
-        return loss_value
+        averager.add({"loss": detached})
+        return detached
 
     def train(self, preemption=None) -> TrainResult:
         """Train to `train.max_steps` (or `stop_at_step`). `preemption`: a PreemptionHandler installed early."""
@@ -174,8 +160,8 @@ class Trainer:
 
         preemption = preemption or PreemptionHandler()
         result = TrainResult(step=self.step)
-        averager, timer = MetricAverager(), StepTimer()
-        self.nonfinite_losses = 0
+        averager, timer = DeviceMetrics(), StepTimer()
+        self.step_losses = StepLosses()
         self.first_step = self.step
         skipped_before = self.engine.skipped_steps
         data_iter = iter(self.loader)
@@ -187,6 +173,8 @@ class Trainer:
             stop_at = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
             while self.step < stop_at:
                 step_losses = []
+                will_log = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == stop_at
+                timer.active = will_log  # phase times need device syncs: measured on the step before a log line
                 for _ in range(self.batch.grad_accum_steps):
                     timer.start()
                     batch = next(data_iter)
@@ -195,8 +183,9 @@ class Trainer:
                     step_losses.append(self._micro_step(batch, timer, averager))
                     window_samples += self.batch.micro_batch_size * self.world_size
                 self.step += 1
-                result.losses.append(_mean_across_ranks(sum(step_losses) / len(step_losses), self.device))
-                if self.step % cfg.train.log_every == 0 or self.step == stop_at:
+                self.step_losses.add_step(step_losses)
+                if will_log:
+                    result.losses.extend(self.step_losses.flush())  # the one host read of the window
                     elapsed = time.perf_counter() - window_start
                     self._log(averager, timer, window_samples / elapsed, skipped_before)
                     window_start, window_samples = time.perf_counter(), 0
@@ -206,6 +195,7 @@ class Trainer:
                 if saved:
                     result.checkpoint = str(self.save())
                 if preemption.should_stop():
+                    result.losses.extend(self.step_losses.flush())
                     if not saved:
                         result.checkpoint = str(self.save())
                     result.preempted = True
@@ -236,7 +226,7 @@ class Trainer:
         if scale is not None:
             values["train/loss_scale"] = scale
         values["train/skipped_steps"] = float(self.engine.skipped_steps - skipped_before)
-        values["train/nonfinite_losses"] = float(self.nonfinite_losses)
+        values["train/nonfinite_losses"] = float(self.step_losses.nonfinite_total)
         values["perf/samples_per_s"] = samples_per_s
         if self.flops_per_sample:
             tflops = self.flops_per_sample * samples_per_s / self.world_size / 1e12
