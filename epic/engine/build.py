@@ -8,9 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import logging
+
 import torch
 
 from epic.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
 
 _ENV_VAR = re.compile(r"\$\{([^}]+)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -108,7 +112,24 @@ def build_model(cfg: Config, paths: DataPaths):
         from epic.objectives.consistency import add_consistency_head
 
         add_consistency_head(model)
+    apply_fast_path(model, cfg.train)
     return model, tokenizer
+
+
+def apply_fast_path(model, train_cfg) -> None:
+    """``train.activation_checkpointing`` and ``train.compile`` on a freshly built model (before its optimizer)."""
+    from epic.models.fast_path import compile_parts, set_activation_checkpointing
+
+    if train_cfg.activation_checkpointing:
+        parts = set_activation_checkpointing(model)
+        logger.info("train.activation_checkpointing: %s", ", ".join(parts))
+    if train_cfg.compile:
+        parts = model.compile_parts() if hasattr(model, "compile_parts") else {}
+        if not parts:
+            logger.warning("train.compile: %s names no parts to compile; it runs eagerly", type(model).__name__)
+        model.compile_guards = compile_parts(parts)
+        logger.info("train.compile: %d parts (%s) compile at their first call; one that fails runs eagerly, "
+                    "with a warning", len(parts), ", ".join(parts))
 
 
 def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_size: int, state=None):

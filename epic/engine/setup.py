@@ -54,12 +54,27 @@ def build_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], lr: flo
     return [groups[k] for k in sorted(groups)]
 
 
+ADAMW_IMPLS = ("auto", "fused", "foreach", "for_loop")
+
+
+def adamw_kernel_options(impl: str = "auto", on_cuda: Optional[bool] = None) -> dict:
+    """torch.optim.AdamW's kernel choice for ``train.optimizer_impl``: auto = one fused kernel for all parameters
+    on CUDA (``fused=True``), the multi-tensor ``foreach`` path elsewhere; ``for_loop`` is the per-parameter one.
+    All compute the same update (tests/test_fast_path.py checks them against a hand-written AdamW step)."""
+    if impl not in ADAMW_IMPLS:
+        raise SetupError(f"train.optimizer_impl={impl!r}; use one of {', '.join(ADAMW_IMPLS)}")
+    if impl == "auto":
+        impl = "fused" if (torch.cuda.is_available() if on_cuda is None else on_cuda) else "foreach"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False, "fused": False}}[impl]
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
-                    lr_mult_fusion: float = 1.0, lr_mult_head: float = 1.0) -> torch.optim.AdamW:
+                    lr_mult_fusion: float = 1.0, lr_mult_head: float = 1.0, impl: str = "auto") -> torch.optim.AdamW:
     groups = build_param_groups(model.named_parameters(), lr, weight_decay, lr_mult_fusion, lr_mult_head)
     for group in groups:
         group.pop("names")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                             **adamw_kernel_options(impl))
 
 
 def load_ds_config(path: str) -> dict:

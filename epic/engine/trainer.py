@@ -97,7 +97,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.model, self.tokenizer = self.build_model()
         optimizer = build_optimizer(self.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas,
-                                    cfg.train.eps, cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
+                                    cfg.train.eps, cfg.train.lr_mult_fusion, cfg.train.lr_mult_head,
+                                    impl=cfg.train.optimizer_impl)
         scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio,
                                        cfg.train.hold_ratio, cfg.train.final_lr_scale)
         self.engine = initialize_engine(self.model, optimizer, scheduler, self.ds_config)

@@ -176,7 +176,7 @@ class EpicObjective:
     def _build_generator(self, ds_config: dict, batch_math) -> None:
         from epic.engine.build import expand_env
         from epic.engine.schedule import build_lr_scheduler
-        from epic.engine.setup import initialize_engine
+        from epic.engine.setup import adamw_kernel_options, initialize_engine
         from epic.models.generator import build_generator, freeze, generator_param_groups
 
         epic, train = self.epic, self.cfg.train
@@ -194,7 +194,8 @@ class EpicObjective:
                 self.generator = build_generator(gen_cfg, self.cfg.model, conditioned=mode == "conditioned")
         if mode in TRAINED_GENERATOR_MODES:
             optimizer = torch.optim.AdamW(generator_param_groups(self.generator, gen_cfg.lr, gen_cfg.weight_decay),
-                                          lr=gen_cfg.lr, betas=tuple(train.betas), eps=train.eps)
+                                          lr=gen_cfg.lr, betas=tuple(train.betas), eps=train.eps,
+                                          **adamw_kernel_options(train.optimizer_impl))
             scheduler = build_lr_scheduler(optimizer, train.schedule, train.max_steps, train.warmup_ratio,
                                            train.hold_ratio, train.final_lr_scale)
             ds = generator_ds_config(self.cfg, ds_config, batch_math, on_cpu=self.device.type == "cpu")
