@@ -113,6 +113,10 @@ def test_compile_gives_the_same_losses_and_gradients():
     compiled = loss_and_grads(model, batch)
     assert all(g.status == "compiled" for g in guards.values()), compile_report(guards)
     assert_same(compiled, plain)
+    set_activation_checkpointing(model)  # both switches: the compiled layers are recomputed inside checkpoint
+    both = loss_and_grads(model, batch)
+    assert all(g.status == "compiled" for g in guards.values()), compile_report(guards)
+    assert_same(both, plain)
     assert set(dict(model.named_parameters())) == set(dict(tiny_meter().named_parameters()))  # names unchanged
 
 

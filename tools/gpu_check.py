@@ -17,6 +17,8 @@ recorded in the table and the next phase runs):
     probe_off/on  the largest micro batch whose EPIC VLM step (MLM + ITM + ITC passes, forward + backward, bf16
                   weights, with the ZeRO-2 optimizer state of one GPU and the fp16 teacher reserved) fits, without
                   and with train.activation_checkpointing (doubling, then bisection)
+    epic_bf16_fast  as epic_bf16 with train.compile=true and train.activation_checkpointing=true (whatever budget
+                  is left; a part that does not compile is named in its log and runs eagerly)
 
 The table goes to stdout and to DIR/gpu_check.txt (with DIR/gpu_check.json and each phase's log under DIR/logs):
 DIR is --out, else $OUT, else ./gpu_check_out. ``tools/plan_run.py --measured DIR/gpu_check.txt`` plans with the
@@ -39,9 +41,11 @@ sys.path.insert(0, str(ROOT))
 
 # Seconds each phase may take at most (the remaining --budget caps them further), in the order they run.
 PHASE_LIMITS = {"prepare": 75, "epic_bf16": 150, "kernel_tests": 90, "kernel_bench": 90, "epic_fp16": 120,
-                "probe_off": 50, "probe_on": 50}
+                "probe_off": 50, "probe_on": 50, "epic_bf16_fast": 150}
 RESERVE_S = 5  # kept for writing the table
-RUN_TITLES = {"epic_bf16": "EPIC-METER, VLM bf16 + generator fp16", "epic_fp16": "EPIC-METER, VLM fp16 + generator fp16"}
+RUN_TITLES = {"epic_bf16": "EPIC-METER, VLM bf16 + generator fp16", "epic_fp16": "EPIC-METER, VLM fp16 + generator fp16",
+              "epic_bf16_fast": "as the first + train.compile + activation checkpointing"}
+FAST_PATH = ["train.compile=true", "train.activation_checkpointing=true"]
 
 
 # ------------------------------------------------------------------------------------------------- sizes
@@ -150,6 +154,14 @@ def probe_result(log: str) -> dict:
             "tries": len(tries), "capped": capped}
 
 
+def compile_note(log: str) -> str:
+    """Which parts fell back to eager (the warnings of epic.models.fast_path), for the phase line."""
+    text = Path(log).read_text(errors="replace") if Path(log).is_file() else ""
+    failed = [line.split("train.compile: ")[1].split(" did not compile")[0] for line in text.splitlines()
+              if "did not compile" in line and "train.compile: " in line]
+    return f"eager fallback: {', '.join(failed)}" if failed else ""
+
+
 def tests_summary(log: str) -> str:
     for line in reversed(Path(log).read_text(errors="replace").splitlines() if Path(log).is_file() else []):
         if " passed" in line or " failed" in line or " skipped" in line or "deselected" in line:
@@ -255,9 +267,10 @@ def check(args) -> dict:
         elif name in RUN_TITLES:
             run_dir = work / f"run_{name}"
             subprocess.run(["rm", "-rf", str(run_dir)])
-            ds = s["ds_bf16"] if name == "epic_bf16" else s["ds_fp16"]
+            ds = s["ds_fp16"] if name == "epic_fp16" else s["ds_bf16"]
             cmd = [py, "epic/pretrain.py", "--ds_config", ds, "--config", s["config"],
-                   *run_overrides(s, world, teacher, run_dir), "--resume", "none"]
+                   *run_overrides(s, world, teacher, run_dir), *(FAST_PATH if name == "epic_bf16_fast" else []),
+                   "--resume", "none"]
         elif name == "kernel_tests":
             cmd = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *sorted(map(str, ROOT.glob("tests/test_kernel_*.py"))),
                    "-k", "cuda"]
@@ -268,7 +281,8 @@ def check(args) -> dict:
         else:  # probes
             cmd = [py, __file__, "_probe", "--checkpointing", "on" if name == "probe_on" else "off",
                    "--start", str(s["probe_start"]), "--max", str(s["probe_max"]), *common]
-        phase = run_phase(name, cmd, limit(name), logs, env)
+        phase_env = dict(env, EPIC_COMPILE_BACKEND="aot_eager") if args.dry_run and name == "epic_bf16_fast" else env
+        phase = run_phase(name, cmd, limit(name), logs, phase_env)
         if name in RUN_TITLES:
             report["runs"][name] = last_perf(work / f"run_{name}")
             subprocess.run(["rm", "-rf", str(work / f"run_{name}" / "checkpoints")])  # GBs of optimizer state
@@ -278,6 +292,8 @@ def check(args) -> dict:
             report["kernels"] = kernel_rows(out / "kernels.json")
         elif name.startswith("probe"):
             report["probes"][name] = probe_result(phase["log"])
+        if name == "epic_bf16_fast":
+            phase["note"] = compile_note(phase["log"])
         if phase["status"] != "ok" and not phase.get("note"):
             phase["note"] = tail(phase["log"]).replace("|", "/")
         report["phases"][name] = phase

@@ -127,9 +127,10 @@ def apply_fast_path(model, train_cfg) -> None:
         parts = model.compile_parts() if hasattr(model, "compile_parts") else {}
         if not parts:
             logger.warning("train.compile: %s names no parts to compile; it runs eagerly", type(model).__name__)
-        model.compile_guards = compile_parts(parts)
-        logger.info("train.compile: %d parts (%s) compile at their first call; one that fails runs eagerly, "
-                    "with a warning", len(parts), ", ".join(parts))
+        backend = os.environ.get("EPIC_COMPILE_BACKEND", "inductor")  # e.g. aot_eager: graph capture only (CPU)
+        model.compile_guards = compile_parts(parts, backend=backend)
+        logger.info("train.compile (%s): %d parts (%s) compile at their first call; one that fails runs eagerly, "
+                    "with a warning", backend, len(parts), ", ".join(parts))
 
 
 def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_size: int, state=None):

@@ -71,6 +71,11 @@ def _hf_checkpointing(model, enabled: bool) -> None:
         getattr(model, f"{prefix}_checkpointing_disable")()
 
 
+# Exceptions that are control flow, not failures: non-reentrant checkpointing raises this inside the recomputed
+# forward (here: the compiled part) once it has recomputed what backward needs, and catches it outside.
+_CONTROL_FLOW = tuple(e for e in (getattr(torch.utils.checkpoint, "_StopRecomputationError", None),) if e is not None)
+
+
 class CompiledForward:
     """A module's forward run through torch.compile, falling back to eager (once, logged) if compiling fails."""
 
@@ -84,6 +89,8 @@ class CompiledForward:
         try:
             out = self.compiled(*args, **kwargs)
         except Exception as err:  # torch.compile fails at the first call: Dynamo, Inductor, a backend, Triton ...
+            if isinstance(err, _CONTROL_FLOW):  # activation checkpointing stops a recomputation this way
+                raise
             out = self.eager(*args, **kwargs)  # raises if it is the call itself that is wrong
             self.compiled = None
             self.status = f"eager ({type(err).__name__})"
