@@ -169,3 +169,17 @@ def test_adamw_kernel_selection():
     assert all(group["fused"] for group in opt.param_groups)
     assert math.isclose(opt.param_groups[0]["lr"], 1e-4)
     copy.deepcopy(opt.state_dict())
+
+
+def test_the_loader_pins_memory_and_prefetches_on_cuda(shapes_world, monkeypatch):
+    from epic.config import load_config
+    from epic.data import load_tokenizer
+    from epic.engine.build import build_train_data, resolve_data_paths
+
+    cfg = load_config("shapes_tiny", [f"data.root={shapes_world}", "data.num_workers=1"])
+    paths = resolve_data_paths(cfg)
+    tokenizer = load_tokenizer(paths.tokenizer)
+    assert not build_train_data(cfg, paths, tokenizer, 0, 1).pin_memory  # CPU: nothing to pin for
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    loader = build_train_data(cfg, paths, tokenizer, 0, 1)
+    assert loader.pin_memory and loader.prefetch_factor == 4
