@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from epic.config import Config, config_to_dict, dump_config
 from epic.engine import checkpoint as ckpt
