@@ -33,15 +33,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from epic.config import ConfigError, load_config
-    from epic.engine.checkpoint import CheckpointError
-    from epic.engine.setup import SetupError
+    from epic.config import ConfigError, load_config, one_line
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"config error: {one_line(err)}", file=sys.stderr)
         return 2
+    from epic.engine.checkpoint import CheckpointError
+    from epic.engine.setup import SetupError
     from epic.dist import init_distributed
     from epic.engine.preemption import PreemptionHandler
     from epic.engine.trainer import Trainer

@@ -22,7 +22,7 @@ from epic.data.transforms import CLIP_MEAN, CLIP_STD, COLOUR_OPS, RandAugmentNoC
 
 CONTRACT_KEYS = {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "special_tokens_mask",
                  "content_mask", "keys", "caption_index", "shards"}
-TRAIN_ONLY_KEYS = {"caption_index", "shards"}  # what the saliency cache looks alpha up by
+TRAIN_ONLY_KEYS = {"shards"}  # with caption_index, what the saliency cache looks alpha up by
 ROOT = Path(__file__).resolve().parents[1]
 
 
