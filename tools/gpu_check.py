@@ -188,7 +188,8 @@ def render_table(report: dict) -> str:
     lines.append("")
     s = report["sizes"]
     lines.append(f"Training runs ({s['config']}, random weights, {s['image_size']} px, micro batch {s['micro_batch']}, "
-                 f"{s['steps']} steps; figures of the last {s['log_every']} steps)")
+                 f"{s['steps']} steps; figures of the last {s['log_every']} steps)"
+                 + ("; dry run: the engines run bf16 / fp32 (DeepSpeed has no fp16 on CPU)" if meta["dry_run"] else ""))
     lines.append("| run | samples/s | TFLOP/s | MFU | peak mem GiB | GFLOP/sample | loss |")
     lines.append("|---|---|---|---|---|---|---|")
     for key, title in RUN_TITLES.items():
