@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from epic.engine.setup import SetupError
     from epic.dist import init_distributed
     from epic.engine.preemption import PreemptionHandler
-    from epic.engine.trainer import Trainer
+    from epic.wiring import PretrainTrainer
 
     # Installed before any heavy work: a SIGUSR1/SIGTERM during start-up is kept and honoured after the first step
     preemption = None if args.check_only else PreemptionHandler()
@@ -54,9 +54,9 @@ def main(argv=None) -> int:
 
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        trainer = Trainer(cfg, args.ds_config, info, resume=args.resume)
+        trainer = PretrainTrainer(cfg, args.ds_config, info, resume=args.resume)
         if args.check_only:
-            from epic.engine.build import check_run_inputs
+            from epic.wiring import check_run_inputs
 
             check_run_inputs(trainer)
             if info.rank == 0:

@@ -14,11 +14,9 @@ Every rank must call `save_checkpoint` (DeepSpeed's save is collective).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -27,16 +25,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
-COMPLETE = "COMPLETE"
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def tag_for_step(step: int) -> str:
-    return f"step_{step:08d}"
+# reading checkpoints needs no engine: these live in a leaf (epic.ckpt_files) that models/ can use too
+from epic.ckpt_files import (COMPLETE, STEP_DIR, CheckpointError, complete_checkpoints, find_checkpoint,  # noqa: F401
+                             read_module_state_dict, read_trainer_state, tag_for_step)
 
 
 def _barrier() -> None:
@@ -113,16 +104,6 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, engines: dict, rank
     return tag_dir
 
 
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            match = STEP_DIR.match(child.name)
-            if match and (child / COMPLETE).is_file():
-                found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
 def prune_checkpoints(root: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` complete checkpoints; drop older ones and incomplete leftovers below them."""
     complete = complete_checkpoints(root)
@@ -141,29 +122,6 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Find and load
 # ---------------------------------------------------------------------------------------------------------------
-def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
-    """A run dir, its `checkpoints/` dir or one `step_*` dir -> the newest COMPLETE checkpoint dir (or None)."""
-    path = Path(path)
-    if (path / COMPLETE).is_file():
-        return path
-    if STEP_DIR.match(path.name) and path.is_dir():
-        raise CheckpointError(f"{path} is an incomplete checkpoint (no {COMPLETE} marker: the save was "
-                              f"interrupted). Pick an earlier one under {path.parent}.")
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    latest = root / "latest"
-    if latest.is_file():
-        candidate = root / latest.read_text().strip()
-        if (candidate / COMPLETE).is_file():
-            return candidate
-    complete = complete_checkpoints(root)
-    return complete[-1][1] if complete else None
-
-
-def read_trainer_state(ckpt_dir: Path) -> dict:
-    with open(Path(ckpt_dir) / "trainer_state.json") as f:
-        return json.load(f)
-
-
 def load_checkpoint(ckpt_dir: Path, engines: dict, world_size: int) -> tuple[dict, dict]:
     """Restore every engine (module, optimizer, scheduler) and return (trainer_state, this rank's state)."""
     ckpt_dir = Path(ckpt_dir)
@@ -194,30 +152,15 @@ def load_checkpoint(ckpt_dir: Path, engines: dict, world_size: int) -> tuple[dic
 # ---------------------------------------------------------------------------------------------------------------
 # Weights only (evaluation, teacher, fine-tuning): world-size independent under ZeRO-2
 # ---------------------------------------------------------------------------------------------------------------
-def read_module_state_dict(ckpt_dir: str | os.PathLike, engine_name: str = "vlm") -> dict:
-    """The full module state dict of one engine from a ZeRO-1/2 checkpoint (rank 0 wrote the whole module)."""
-    path = Path(ckpt_dir) / engine_name / "mp_rank_00_model_states.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: is {ckpt_dir} a checkpoint written by epic/pretrain.py "
-                              f"(with a '{engine_name}' engine)?")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return state["module"]
 
 
 def load_model_from_checkpoint(path: str | os.PathLike, engine_name: str = "vlm"):
-    """A run dir / checkpoint dir -> (METER in eval mode, the run's resolved Config, checkpoint dir)."""
-    from epic.config import config_from_dict
-    from epic.models.meter import METER
+    """A run dir / checkpoint dir -> (model in eval mode, the run's resolved Config, checkpoint dir).
 
-    ckpt_dir = find_checkpoint(path)
-    if ckpt_dir is None:
-        raise CheckpointError(f"no complete checkpoint under {path}")
-    cfg = config_from_dict(read_trainer_state(ckpt_dir)["config"])
-    # the checkpoint holds every weight: do not read the original pretrained files again
-    model = METER.from_config(dataclasses.replace(cfg.model, vit_pretrained=None, text_pretrained=None))
-    missing, unexpected = model.load_state_dict(read_module_state_dict(ckpt_dir, engine_name), strict=False)
-    extra_heads = [k for k in unexpected if k.split(".")[0] not in dict(model.named_children())]
-    if missing or len(extra_heads) != len(unexpected):
-        raise CheckpointError(f"{ckpt_dir}: weights do not match the saved config (missing {missing[:8]}, "
-                              f"unexpected {[k for k in unexpected if k not in extra_heads][:8]})")
-    return model.eval(), cfg, ckpt_dir
+    Kept for old callers; it is ``epic.models.loading.load_model`` (the one weight loader)."""
+    from epic.models.loading import load_model
+
+    loaded = load_model(path, engine=engine_name)
+    if loaded.source.kind != "deepspeed":
+        raise CheckpointError(f"{path} is not a run dir or checkpoint dir of epic/pretrain.py")
+    return loaded.model.eval(), loaded.run_config(), loaded.source.path

@@ -18,10 +18,8 @@ from epic.config import Config, config_to_dict, dump_config
 from epic.engine import checkpoint as ckpt
 from epic.engine.logger import RunLogger, StepTimer, guess_peak_tflops, log_console
 from epic.engine.metrics import DeviceMetrics, StepLosses
-from epic.engine.setup import (BatchMath, build_optimizer, derive_batch_math, engine_dtype, initialize_engine,
-                               load_ds_config, loss_scale_of, resolve_ds_config)
-from epic.engine.schedule import build_lr_scheduler
-from epic.engine.build import build_model, build_objective, build_train_data, resolve_data_paths
+from epic.engine.setup import (BatchMath, EngineSpec, create_engine, derive_batch_math, engine_dtype, load_ds_config,
+                               loss_scale_of, optimizer_spec, resolve_ds_config)
 
 
 @dataclass
@@ -65,6 +63,9 @@ def pick_resume_checkpoint(run_dir: str, resume: str) -> Optional[Path]:
 
 
 class Trainer:
+    """The loop; what it trains comes from its construction hooks (``epic.wiring.PretrainTrainer`` for pretraining,
+    epic/finetune.py for the downstream tasks), so the engine names no model family and no objective."""
+
     def __init__(self, cfg: Config, ds_config_path: str, dist_info, resume: str = "auto") -> None:
         self.cfg = cfg
         self.rank, self.world_size = dist_info.rank, dist_info.world_size
@@ -76,31 +77,32 @@ class Trainer:
         self.paths = self.resolve_paths()
         self.resume_from = pick_resume_checkpoint(cfg.run.dir, resume)
 
-    # -- construction hooks (epic/finetune.py overrides them for the downstream tasks) ----------------------
+    # -- construction hooks (epic.wiring.PretrainTrainer; epic/finetune.py for the downstream tasks) ------------
     def resolve_paths(self):
-        return resolve_data_paths(self.cfg)
+        """Data paths (called in __init__)."""
+        raise NotImplementedError
 
     def build_model(self):
         """(model, tokenizer); called after the seed is set, before the optimizer exists."""
-        return build_model(self.cfg, self.paths)
+        raise NotImplementedError
 
     def build_objective(self):
-        return build_objective(self.cfg, self.engine, self.tokenizer, self.ds_config, self.batch, self.paths,
-                               self.device)
+        """The objective (protocol: docs/CONTRACTS.md), with the engines of its extra modules attached."""
+        raise NotImplementedError
 
     def build_loader(self, data_state):
-        return build_train_data(self.cfg, self.paths, self.tokenizer, self.rank, self.world_size, data_state)
+        raise NotImplementedError
+
+    def evaluate_during_training(self) -> dict:
+        """Metrics every ``train.eval_every`` steps (all ranks take part); {} for none."""
+        return {}
 
     def setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.model, self.tokenizer = self.build_model()
-        optimizer = build_optimizer(self.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas,
-                                    cfg.train.eps, cfg.train.lr_mult_fusion, cfg.train.lr_mult_head,
-                                    impl=cfg.train.optimizer_impl)
-        scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio,
-                                       cfg.train.hold_ratio, cfg.train.final_lr_scale)
-        self.engine = initialize_engine(self.model, optimizer, scheduler, self.ds_config)
+        self.engine = create_engine(EngineSpec(self.model, optimizer_spec(cfg.train)), self.ds_config, self.batch,
+                                    cfg.train.grad_clip, on_cpu=self.device.type == "cpu")
         self.dtype = engine_dtype(self.ds_config)
         self.objective = self.build_objective()
         self.engines = {"vlm": self.engine, **self.objective.extra_engines()}
@@ -213,7 +215,7 @@ class Trainer:
         return result
 
     # -- logging / evaluation -------------------------------------------------------------------------------
-    def _log(self, averager: MetricAverager, timer: StepTimer, samples_per_s: float, skipped_before: int) -> None:
+    def _log(self, averager: DeviceMetrics, timer: StepTimer, samples_per_s: float, skipped_before: int) -> None:
         metrics = averager.pop()
         times = timer.pop()
         values = {f"train/{k}": v for k, v in metrics.items()}
@@ -249,10 +251,7 @@ class Trainer:
         self.logger.console(self.step, values)
 
     def _evaluate(self) -> None:
-        from epic.engine.build import evaluate_retrieval_during_training
-
-        metrics = evaluate_retrieval_during_training(self.cfg, self.paths, self.engine.module, self.tokenizer,
-                                                     self.rank, self.world_size, self.device, self.dtype)
+        metrics = self.evaluate_during_training()
         if metrics:
             self.logger.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items()})
             log_console(f"eval step {self.step}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()),
