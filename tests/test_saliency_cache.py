@@ -159,10 +159,11 @@ def test_epic_step_with_the_cache_skips_the_teacher_and_matches(cached, monkeypa
 
 def test_flops_without_the_teacher():
     from epic.config import load_config
+    from epic.objectives.consistency import epic_vlm_passes
     from epic.objectives.epic_flops import epic_step_flops_per_sample
 
     cfg = load_config("epic_shapes_tiny", ["epic.teacher=/teacher", "model.vocab_size=300"])
-    full = epic_step_flops_per_sample(cfg)
-    cached = epic_step_flops_per_sample(cfg, saliency_cache=True)
+    full = epic_step_flops_per_sample(cfg, vlm_passes=epic_vlm_passes)
+    cached = epic_step_flops_per_sample(cfg, vlm_passes=epic_vlm_passes, saliency_cache=True)
     assert full["teacher"] > 0 and cached["teacher"] == 0
     assert cached["total"] == pytest.approx(full["total"] - full["teacher"])

@@ -79,7 +79,8 @@ def count(cfg, batch_size: int) -> dict:
 
     epic = epic_step_flops_per_sample(cfg, batch_size=batch_size, vlm_passes=epic_vlm_passes)
     flops = {f"epic {k}": v for k, v in epic.items()}
-    flops["epic (saliency cache)"] = epic_step_flops_per_sample(cfg, batch_size=batch_size, saliency_cache=True)["total"]
+    flops["epic (saliency cache)"] = epic_step_flops_per_sample(cfg, batch_size=batch_size, vlm_passes=epic_vlm_passes,
+                                                                saliency_cache=True)["total"]
     flops["naive epic"] = epic["total"] + naive_extra_flops(cfg, batch_size)
     flops["vanilla shared"] = step_flops_per_sample(cfg.model, True, text_len, batch_size)
     flops["vanilla re-encoded"] = step_flops_per_sample(cfg.model, False, text_len, batch_size)
