@@ -128,7 +128,8 @@ class TrainConfig:
     schedule: str = "linear"  # "linear" (METER: warm-up then linear decay to 0) | "tri_stage" (EPIC App. F)
     warmup_ratio: float = 0.1
     hold_ratio: float = 0.8  # tri_stage only
-    final_lr_scale: float = 0.01  # tri_stage only: exponential decay down to lr * final_lr_scale
+    final_lr_scale: float = 0.01  # tri_stage: exponential decay down to lr * final_lr_scale; cosine: its floor
+    warmup_start_scale: float = 0.0  # cosine only: the warm-up starts at lr * warmup_start_scale (ALBEF: 0.1)
     grad_clip: float = 1.0  # 0 disables clipping
     log_every: int = 50
     save_every: int = 2000
@@ -402,7 +403,7 @@ def dump_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 _CHOICES = {
-    "train.schedule": ("linear", "tri_stage"),
+    "train.schedule": ("linear", "tri_stage", "cosine"),
     "data.sample_unit": ("caption", "image"),
     "data.mlm_masking": ("random", "saliency"),
     "epic.masking": ("saliency", "uniform"),

@@ -188,7 +188,10 @@ def _from_rank_env(env: Mapping[str, str], launcher: str) -> DistInfo:
         raise DistEnvError(f"RANK/WORLD_SIZE are set ({launcher} launcher) but LOCAL_RANK is not: set LOCAL_RANK "
                            f"(the process's index on its node)")
     local_world = None
-    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+    # each launcher's own variable first: DeepSpeed's sets LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE (a stale one
+    # inherited from a parent process must not override what this launcher says)
+    names = ("LOCAL_SIZE", "LOCAL_WORLD_SIZE") if launcher == "deepspeed" else ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+    for name in names:
         if name in env:
             local_world = _int_var(env, name)
             break

@@ -21,7 +21,7 @@ def gloo_rank():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    saved = {k: os.environ.get(k) for k in env}
+    saved_environ = dict(os.environ)  # tools run in this process (init_distributed) export more, e.g. LOCAL_WORLD_SIZE
     os.environ.update(env)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-identical runs to compare
@@ -29,11 +29,8 @@ def gloo_rank():
     yield
     dist.destroy_process_group()
     torch.set_num_threads(threads)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    os.environ.clear()  # a leaked LOCAL_WORLD_SIZE=1 would break every later 2-rank launch of this session
+    os.environ.update(saved_environ)
 
 
 @pytest.fixture(scope="module")
@@ -363,9 +360,16 @@ def test_fit_generator_then_pretrained_fixed_loads_it_and_a_base_lm_is_refused(s
     spec = importlib.util.spec_from_file_location("fit_generator", os.path.join(ROOT, "tools", "fit_generator.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    # in this process (its one gloo rank): the tool's init_distributed finds the process group already started
-    assert tool.main(["--config", "shapes_tiny", "--out", str(out), "--steps", "30", "--batch-size", "16",
-                      "--log-every", "10", "--lr", "2e-3", f"data.root={setup['world']}"]) == 0
+    # in this process (its one gloo rank): the tool's init_distributed finds the process group already started;
+    # it exports the rendezvous variables, which must not leak into later tests' launches
+    saved_env = dict(os.environ)
+    try:
+        exit_code = tool.main(["--config", "shapes_tiny", "--out", str(out), "--steps", "30", "--batch-size", "16",
+                              "--log-every", "10", "--lr", "2e-3", f"data.root={setup['world']}"])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+    assert exit_code == 0
     logs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"step"')]
     assert [entry["step"] for entry in logs] == [10, 20, 30]
     assert logs[-1]["loss_gen"] < logs[0]["loss_gen"] - 0.5, logs  # it fits the captions

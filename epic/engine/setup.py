@@ -122,6 +122,7 @@ class OptimizerSpec:
     warmup_ratio: float
     hold_ratio: float = 0.8
     final_lr_scale: float = 0.01
+    warmup_start_scale: float = 0.0
     lr_mults: Mapping[str, float] = field(default_factory=dict)  # lr group -> multiplier of ``lr``
     impl: str = "auto"  # AdamW kernel (train.optimizer_impl): auto = fused on CUDA, see adamw_kernel_options
 
@@ -133,7 +134,7 @@ def optimizer_spec(train, lr: Optional[float] = None, weight_decay: Optional[flo
                          weight_decay=train.weight_decay if weight_decay is None else weight_decay,
                          betas=tuple(train.betas), eps=train.eps, schedule=train.schedule, max_steps=train.max_steps,
                          warmup_ratio=train.warmup_ratio, hold_ratio=train.hold_ratio,
-                         final_lr_scale=train.final_lr_scale,
+                         final_lr_scale=train.final_lr_scale, warmup_start_scale=train.warmup_start_scale,
                          lr_mults=dict(lr_mults) if lr_mults is not None else
                          {"fusion": train.lr_mult_fusion, "head": train.lr_mult_head},
                          impl=getattr(train, "optimizer_impl", "auto"))
@@ -177,7 +178,7 @@ def create_engine(spec: EngineSpec, vlm_ds_config: dict, batch: BatchMath, grad_
         optimizer = build_optimizer(spec.module, opt.lr, opt.weight_decay, opt.betas, opt.eps, lr_mults=opt.lr_mults,
                                     impl=opt.impl)
         scheduler = build_lr_scheduler(optimizer, opt.schedule, opt.max_steps, opt.warmup_ratio, opt.hold_ratio,
-                                       opt.final_lr_scale)
+                                       opt.final_lr_scale, opt.warmup_start_scale)
     return initialize_engine(spec.module, optimizer, scheduler, ds)
 
 

@@ -155,6 +155,13 @@ class Trainer:
         averager.add({"loss": detached})
         return detached
 
+    def _after_optimizer_step(self, skipped_at_start: int) -> None:
+        """A model with per-step state besides its weights (ALBEF's momentum encoders and distillation ramp) updates
+        it after an optimizer step that was taken; a step DeepSpeed skipped on overflow changed no weight."""
+        hook = getattr(self.engine.module, "after_optimizer_step", None)
+        if hook is not None and self.engine.skipped_steps == skipped_at_start:
+            hook()
+
     def train(self, preemption=None) -> TrainResult:
         """Train to `train.max_steps` (or `stop_at_step`). `preemption`: a PreemptionHandler installed early."""
         cfg = self.cfg
@@ -177,6 +184,7 @@ class Trainer:
                 step_losses = []
                 will_log = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == stop_at
                 timer.active = will_log  # phase times need device syncs: measured on the step before a log line
+                skipped_at_start = self.engine.skipped_steps
                 for _ in range(self.batch.grad_accum_steps):
                     timer.start()
                     batch = next(data_iter)
@@ -184,6 +192,7 @@ class Trainer:
                     timer.stop("data")
                     step_losses.append(self._micro_step(batch, timer, averager))
                     window_samples += self.batch.micro_batch_size * self.world_size
+                self._after_optimizer_step(skipped_at_start)
                 self.step += 1
                 self.step_losses.add_step(step_losses)
                 if will_log:

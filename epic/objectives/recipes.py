@@ -53,6 +53,7 @@ def itm_and_mlm_losses(model, batch: dict, image_embeds: torch.Tensor, rng: torc
 #: family -> "module:function" of its recipe
 RECIPES: Dict[str, str] = {
     "meter": "epic.objectives.recipes:itm_and_mlm_losses",
+    "albef": "epic.objectives.albef_losses:albef_recipe",
     "xvlm": "epic.objectives.xvlm:caption_recipe",
 }
 
