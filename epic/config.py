@@ -140,6 +140,10 @@ class TrainConfig:
     eval_every: int = 0  # 0: no periodic evaluation
     deterministic: bool = False  # CPU exact-resume mode: deterministic algorithms, fixed thread count
     peak_tflops: float = 0.0  # per device, for MFU; 0 = guess from the device name (none on CPU)
+    # GPU fast path (each switch computes the same losses and gradients as the plain path)
+    activation_checkpointing: bool = False  # recompute each ViT block / text layer / fusion layer in backward
+    compile: bool = False  # torch.compile the towers and each fusion layer (a part that fails runs eagerly)
+    optimizer_impl: str = "auto"  # AdamW kernel: auto (fused on CUDA, foreach elsewhere) | fused | foreach | for_loop
 
 
 @dataclass
@@ -186,6 +190,7 @@ class EpicConfig:
     sas_refresh_every: int = 0
     cmlm_saliency: bool = False  # replaced by data.mlm_masking=saliency (kept so that older saved configs load)
     log_saliency_every: int = 0  # every N steps, a Fig. 4-style image of the saliency of a fixed val batch
+    saliency_cache: Optional[str] = None  # dir of tools/precompute_saliency.py: alpha read from it, teacher skipped
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
 
@@ -408,6 +413,7 @@ _CHOICES = {
     "epic.corruption": ("generator", "random"),
     "epic.generator_mode": ("finetune", "fixed", "pretrained_fixed", "conditioned", "vlm_sas"),
     "epic.teacher_dtype": ("auto", "fp16", "bf16", "fp32"),
+    "train.optimizer_impl": ("auto", "fused", "foreach", "for_loop"),
     "epic.itc_reduction": ("token_mean", "pair_sum"),
     "model.text_model_type": ("roberta", "bert"),
 }
@@ -474,6 +480,9 @@ def validate_epic(epic: EpicConfig) -> None:
                           f"{epic.sas_refresh_epochs}")
     if epic.log_saliency_every < 0:
         raise ConfigError(f"'epic.log_saliency_every' must be >= 0 (0 = no figure), got {epic.log_saliency_every}")
+    if epic.saliency_cache is not None and epic.masking != "saliency":
+        raise ConfigError("'epic.saliency_cache' holds the teacher's saliency for epic.masking=saliency; with "
+                          f"epic.masking={epic.masking} it would be unused: unset it")
     if epic.corruption == "random" and epic.generator_mode != "finetune":
         raise ConfigError(f"'epic.generator_mode={epic.generator_mode}' has no effect with epic.corruption=random "
                           f"(uniform vocabulary tokens, no generator); use epic.corruption=generator")

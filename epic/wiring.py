@@ -10,12 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import logging
+
+import torch
+
 from epic.config import Config, ConfigError
 from epic.data.shards import epoch_length
 from epic.engine.trainer import Trainer
 from epic.models.teacher import load_saliency_teacher
 from epic.objectives.vanilla import VanillaObjective  # noqa: F401  (the objective protocol's reference)
 from epic.paths import expand_env
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,18 +133,58 @@ def build_model(cfg: Config, paths: DataPaths):
                           f"needs (see docs/CONTRACTS.md, 'How a family joins')")
     model_cfg = dataclasses.replace(model_cfg, **required)
     cfg.model = model_cfg  # the resolved sizes are saved with the checkpoint
-    return build_family_model(model_cfg), tokenizer
+    model = build_family_model(model_cfg)
+    apply_fast_path(model, cfg.train)
+    return model, tokenizer
+
+
+def apply_fast_path(model, train_cfg) -> None:
+    """``train.activation_checkpointing`` and ``train.compile`` on a freshly built model (before its optimizer)."""
+    from epic.models.fast_path import compile_parts, set_activation_checkpointing
+
+    if train_cfg.activation_checkpointing:
+        parts = set_activation_checkpointing(model)
+        logger.info("train.activation_checkpointing: %s", ", ".join(parts))
+    if train_cfg.compile:
+        parts = model.compile_parts() if hasattr(model, "compile_parts") else {}
+        if not parts:
+            logger.warning("train.compile: %s names no parts to compile; it runs eagerly", type(model).__name__)
+        backend = os.environ.get("EPIC_COMPILE_BACKEND", "inductor")  # e.g. aot_eager: graph capture only (CPU)
+        model.compile_guards = compile_parts(parts, backend=backend)
+        logger.info("train.compile (%s): %d parts (%s) compile at their first call; one that fails runs eagerly, "
+                    "with a warning", backend, len(parts), ", ".join(parts))
 
 
 def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_size: int, state=None):
     from epic.data import build_train_loader
 
     sources = [{"name": name, "shards": files, "weight": weight} for name, files, weight in paths.sources]
-    return build_train_loader(sources, tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
-                              batch_size=cfg.data.micro_batch_size, num_workers=cfg.data.num_workers,
-                              seed=cfg.run.seed, rank=rank, world_size=world_size,
-                              mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment, state=state,
-                              sample_unit=cfg.data.sample_unit, whole_word_masking=cfg.data.whole_word_masking)
+    on_cuda = torch.cuda.is_available()  # pinned host memory makes the trainer's non_blocking copies asynchronous
+    loader = build_train_loader(sources, tokenizer, image_size=cfg.data.image_size,
+                                max_text_len=cfg.data.max_text_len, batch_size=cfg.data.micro_batch_size,
+                                num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=rank, world_size=world_size,
+                                mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment,
+                                state=state, sample_unit=cfg.data.sample_unit,
+                                whole_word_masking=cfg.data.whole_word_masking, pin_memory=on_cuda,
+                                prefetch_factor=4 if on_cuda else 2)
+    if cfg.epic.enabled and cfg.epic.saliency_cache:
+        from epic.data.saliency_cache import SaliencyCacheLoader
+
+        loader = SaliencyCacheLoader(loader, open_saliency_cache(cfg, tokenizer))
+    return loader
+
+
+def open_saliency_cache(cfg: Config, tokenizer):
+    """``epic.saliency_cache`` checked against the run's image size, text length and tokenizer."""
+    from epic.data.saliency_cache import SaliencyCache, SaliencyCacheError, check_manifest_fits
+
+    directory = expand_env(cfg.epic.saliency_cache, "epic.saliency_cache")
+    try:
+        cache = SaliencyCache(directory)
+        check_manifest_fits(cache.manifest, cfg.data.image_size, cfg.data.max_text_len, len(tokenizer))
+    except SaliencyCacheError as err:
+        raise ConfigError(str(err)) from err
+    return cache
 
 
 def build_objective(cfg: Config, engine, tokenizer, ds_config: dict, batch_math, paths: DataPaths, device):
@@ -192,6 +238,8 @@ def check_run_inputs(trainer) -> None:
         if not os.path.exists(teacher):
             raise ConfigError(f"epic.teacher={teacher} does not exist (a run dir, checkpoint dir, export dir or "
                               f"official METER .ckpt)")
+    if cfg.epic.enabled and cfg.epic.saliency_cache:
+        open_saliency_cache(cfg, tokenizer)
     if cfg.epic.enabled and cfg.epic.generator_mode == "pretrained_fixed":
         from epic.models.generator import check_fitted_generator
 

@@ -232,6 +232,7 @@ class TrainStream(IterableDataset):
         skipped_in_a_row = 0
         while True:
             keys, pixels, captions, flags, chosen, skips = [], [], [], [], [], Counter()
+            shard_urls = []  # which shard each row came from: with caption_index, the saliency cache's key
             while len(keys) < self.batch_size:
                 raw, sample_seed, source, shard_pass = stream.next_raw()
                 sample = decode_sample(raw)
@@ -251,9 +252,11 @@ class TrainStream(IterableDataset):
                 pixels.append(seeded_transform(transform, sample.image, sample_seed))
                 captions.append(sample.captions[choice])
                 flags.append(sample.content_words[choice])
+                shard_urls.append(str(raw.get("__url__", "")))
             generator = torch.Generator().manual_seed(_seed(self.seed, _MLM, stream_index, position["batches"]))
             batch = collate_rows(keys, pixels, captions, flags, self.tokenizer, self.max_text_len,
                                  self.mlm_probability, replacement_ids, generator, chosen, self.whole_word_masking)
+            batch["shards"] = shard_urls
             position["batches"] += 1
             skips.update(stream.pop_skips())
             batch["_stream"] = {"stream": local, "position": copy.deepcopy(position), "skips": dict(skips)}

@@ -25,16 +25,24 @@ def guess_peak_tflops() -> float:
 
 
 class StepTimer:
-    """Wall time per phase (data wait / forward / backward / step), synchronising CUDA at phase ends."""
+    """Wall time per phase (data wait / forward / backward / step), synchronising CUDA at phase ends.
+
+    Only while ``active``: the trainer turns it on for the optimizer step before each log line, so the other
+    steps run without these host synchronisations (the shares are then those of that step).
+    """
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
         self._start: Optional[float] = None
+        self.active = True
 
     def start(self) -> None:
-        self._start = time.perf_counter()
+        if self.active:
+            self._start = time.perf_counter()
 
     def stop(self, phase: str) -> None:
+        if not self.active or self._start is None:
+            return
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         now = time.perf_counter()

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from epic.config import Config, config_to_dict, dump_config
 from epic.engine import checkpoint as ckpt
-from epic.engine.logger import MetricAverager, RunLogger, StepTimer, guess_peak_tflops, log_console
+from epic.engine.logger import RunLogger, StepTimer, guess_peak_tflops, log_console
+from epic.engine.metrics import DeviceMetrics, StepLosses
 from epic.engine.setup import (BatchMath, EngineSpec, create_engine, derive_batch_math, engine_dtype, load_ds_config,
                                loss_scale_of, optimizer_spec, resolve_ds_config)
 
@@ -30,19 +30,8 @@ class TrainResult:
     preempted: bool = False
 
 
-def _all_finite(value: torch.Tensor) -> bool:
-    flag = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=value.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
-
-
-def _mean_across_ranks(value: float, device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.item()
+# Floating batch entries that keep their dtype (probabilities the objectives read in fp32, e.g. the cached saliency)
+KEEP_DTYPE_KEYS = ("saliency_alpha",)
 
 
 def move_batch(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
@@ -50,7 +39,7 @@ def move_batch(batch: dict, device: torch.device, float_dtype: torch.dtype) -> d
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
-            if value.is_floating_point():
+            if value.is_floating_point() and key not in KEEP_DTYPE_KEYS:
                 value = value.to(float_dtype)
         out[key] = value
     return out
@@ -149,22 +138,22 @@ class Trainer:
                                     trainer_state, self.cfg.train.keep_last)
 
     # -- one optimizer step ---------------------------------------------------------------------------------
-    def _micro_step(self, batch: dict, timer: StepTimer, averager: MetricAverager) -> float:
+    def _micro_step(self, batch: dict, timer: StepTimer, averager: DeviceMetrics) -> torch.Tensor:
+        """One micro-batch, without a host synchronisation of ours: the loss, its non-finite flag and the metrics
+        stay on the device until the next log line (epic/engine/metrics.py)."""
         out = self.objective.losses(self.engine.module, batch, self.rng, self.step)
         timer.stop("forward")
         loss = out["loss"]
-        if not _all_finite(loss.detach()):
-            # Back-propagating the non-finite loss makes DeepSpeed's overflow check skip the whole optimizer
-            # step on every rank (nothing is applied; the lr schedule does not advance).
-            self.nonfinite_losses += 1
+        # A non-finite loss is back-propagated: DeepSpeed's overflow check then skips the whole optimizer step on
+        # every rank (nothing is applied; the lr schedule does not advance). It is counted at log time.
+        detached = self.step_losses.add_micro(loss)
         self.engine.backward(loss)
         timer.stop("backward")
         self.engine.step()
         timer.stop("step")
         averager.add({k: v for k, v in out.items() if k != "loss"})
-        loss_value = out["loss"].detach().float().item()
-        averager.add({"loss": loss_value})
-        return loss_value
+        averager.add({"loss": detached})
+        return detached
 
     def _after_optimizer_step(self, skipped_at_start: int) -> None:
         """A model with per-step state besides its weights (ALBEF's momentum encoders and distillation ramp) updates
@@ -180,8 +169,8 @@ class Trainer:
 
         preemption = preemption or PreemptionHandler()
         result = TrainResult(step=self.step)
-        averager, timer = MetricAverager(), StepTimer()
-        self.nonfinite_losses = 0
+        averager, timer = DeviceMetrics(), StepTimer()
+        self.step_losses = StepLosses()
         self.first_step = self.step
         skipped_before = self.engine.skipped_steps
         data_iter = iter(self.loader)
@@ -193,6 +182,8 @@ class Trainer:
             stop_at = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
             while self.step < stop_at:
                 step_losses = []
+                will_log = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == stop_at
+                timer.active = will_log  # phase times need device syncs: measured on the step before a log line
                 skipped_at_start = self.engine.skipped_steps
                 for _ in range(self.batch.grad_accum_steps):
                     timer.start()
@@ -203,8 +194,9 @@ class Trainer:
                     window_samples += self.batch.micro_batch_size * self.world_size
                 self._after_optimizer_step(skipped_at_start)
                 self.step += 1
-                result.losses.append(_mean_across_ranks(sum(step_losses) / len(step_losses), self.device))
-                if self.step % cfg.train.log_every == 0 or self.step == stop_at:
+                self.step_losses.add_step(step_losses)
+                if will_log:
+                    result.losses.extend(self.step_losses.flush())  # the one host read of the window
                     elapsed = time.perf_counter() - window_start
                     self._log(averager, timer, window_samples / elapsed, skipped_before)
                     window_start, window_samples = time.perf_counter(), 0
@@ -214,6 +206,7 @@ class Trainer:
                 if saved:
                     result.checkpoint = str(self.save())
                 if preemption.should_stop():
+                    result.losses.extend(self.step_losses.flush())
                     if not saved:
                         result.checkpoint = str(self.save())
                     result.preempted = True
@@ -231,7 +224,7 @@ class Trainer:
         return result
 
     # -- logging / evaluation -------------------------------------------------------------------------------
-    def _log(self, averager: MetricAverager, timer: StepTimer, samples_per_s: float, skipped_before: int) -> None:
+    def _log(self, averager: DeviceMetrics, timer: StepTimer, samples_per_s: float, skipped_before: int) -> None:
         metrics = averager.pop()
         times = timer.pop()
         values = {f"train/{k}": v for k, v in metrics.items()}
@@ -244,7 +237,7 @@ class Trainer:
         if scale is not None:
             values["train/loss_scale"] = scale
         values["train/skipped_steps"] = float(self.engine.skipped_steps - skipped_before)
-        values["train/nonfinite_losses"] = float(self.nonfinite_losses)
+        values["train/nonfinite_losses"] = float(self.step_losses.nonfinite_total)
         values["perf/samples_per_s"] = samples_per_s
         if self.flops_per_sample:
             tflops = self.flops_per_sample * samples_per_s / self.world_size / 1e12

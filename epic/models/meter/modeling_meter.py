@@ -18,6 +18,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from ..fast_path import checkpointed
 from ..fusion import BertCrossLayer, additive_attention_mask
 from ..heads import ITMHead, MLMHead, Pooler, new_consistency_head
 from ..interface import CONSISTENCY_HEAD, VLPModel
@@ -71,6 +72,9 @@ class METER(VLPModel):
         self.cross_modal_image_pooler = Pooler(cfg.hidden_size)
         self.mlm_score = MLMHead(cfg)
         self.itm_score = ITMHead(cfg.hidden_size * 2)
+        # activation checkpointing of the fusion layers (epic.models.fast_path.set_activation_checkpointing sets
+        # it together with the towers' own switches)
+        self.grad_checkpointing = False
         for name, module in self.named_children():
             if name not in ("vit_model", "text_transformer"):
                 module.apply(partial(init_meter_weights, std=cfg.initializer_range))
@@ -163,9 +167,11 @@ class METER(VLPModel):
                 out.update(saliency_query=query[:, :, 0], saliency_keys=keys)
                 return out
             # both streams read the previous layer's outputs (parallel update)
-            new_text, _ = text_layer(text_states, image_states, text_mask, image_mask)
-            new_image, query_key = image_layer(image_states, text_states, image_mask, text_mask,
-                                               return_cross_query_key=wants_saliency)
+            recompute = self.grad_checkpointing and self.training
+            new_text, _ = checkpointed(text_layer, text_states, image_states, text_mask, image_mask,
+                                       enabled=recompute)
+            new_image, query_key = checkpointed(image_layer, image_states, text_states, image_mask, text_mask,
+                                                wants_saliency, enabled=recompute)
             if wants_saliency:
                 out.update(saliency_query=query_key[0][:, :, 0], saliency_keys=query_key[1])
             text_states, image_states = new_text, new_image
@@ -174,6 +180,15 @@ class METER(VLPModel):
                                self.cross_modal_image_pooler(image_states)], dim=-1)
         out.update(text_feats=text_states, image_feats=image_states, cls_feats=cls_feats)
         return out
+
+    def compile_parts(self) -> Dict[str, object]:
+        """What ``train.compile`` compiles (epic.models.fast_path.compile_parts): both towers (the ViT through
+        ``forward_features``, what ``encode_image`` calls) and each fusion layer (the heads are single GEMMs)."""
+        parts = {"vit_model": (self.vit_model, "forward_features"), "text_transformer": self.text_transformer}
+        for stream in ("text", "image"):
+            for index, layer in enumerate(getattr(self, f"cross_modal_{stream}_layers")):
+                parts[f"cross_modal_{stream}_layers.{index}"] = layer
+        return parts
 
     # ----------------------------------------------------------------------------------------------- saliency
     def saliency_qk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
