@@ -38,6 +38,10 @@ class RunConfig:
     dir: str = "runs/default"  # checkpoints, TensorBoard logs and the resolved config live here
     name: str = "epic"
     seed: int = 0
+    # a collective that does not complete within this many seconds (a dead or stalled rank) ends every rank with
+    # a message naming the rank, so that the scheduler can requeue (gloo: the process-group timeout; NCCL: also
+    # TORCH_NCCL_ASYNC_ERROR_HANDLING). Env EPIC_COLLECTIVE_TIMEOUT_S overrides it.
+    collective_timeout_s: float = 900.0
 
 
 @dataclass
@@ -62,6 +66,10 @@ class DataConfig:
     num_workers: int = 4
     mlm_probability: float = 0.15
     randaugment: bool = True
+    # number of data streams, fixed for the run (saved with its checkpoints): global micro-batch j comes from
+    # stream j % streams, whatever the number of ranks. 0: world size x max(1, num_workers) of the first launch.
+    # Resuming on M ranks needs streams % (M x max(1, num_workers)) == 0: pick a number with many divisors.
+    streams: int = 0
 
 
 @dataclass
@@ -86,6 +94,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: no periodic evaluation
     deterministic: bool = False  # CPU exact-resume mode: deterministic algorithms, fixed thread count
     peak_tflops: float = 0.0  # per device, for MFU; 0 = guess from the device name (none on CPU)
+    max_nonfinite_steps: int = 25  # this many optimizer steps in a row with a non-finite loss: save and stop (0: never)
+    record_samples: bool = False  # write each micro-batch's sample keys to run.dir/samples/rank_R.jsonl (audits)
 
 
 @dataclass

@@ -326,6 +326,8 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: Optional[fl
             torch.set_num_threads(threads)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":  # a timed-out NCCL collective aborts the process instead of hanging it (torch's default)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     if not torch.distributed.is_initialized():
         import deepspeed
         from datetime import timedelta
@@ -338,3 +340,83 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: Optional[fl
         atexit.register(destroy_distributed)
     _INITIALISED = info
     return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dead or stalled ranks: a timeout on every collective, a heartbeat per step, and a report naming the rank
+# ---------------------------------------------------------------------------------------------------------------
+TIMEOUT_ENV = "EPIC_COLLECTIVE_TIMEOUT_S"
+_HEARTBEAT = "epic/heartbeat/{}"
+
+
+def collective_timeout_s(configured: float, env: Mapping[str, str] = os.environ) -> float:
+    """run.collective_timeout_s, or EPIC_COLLECTIVE_TIMEOUT_S when set (the env wins: set per job by a launcher)."""
+    value = env.get(TIMEOUT_ENV)
+    if value is None:
+        return float(configured)
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise DistEnvError(f"{TIMEOUT_ENV}='{value}' is not a number of seconds") from None
+    if not seconds > 0:
+        raise DistEnvError(f"{TIMEOUT_ENV}={value} must be > 0 seconds")
+    return seconds
+
+
+def _store():
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return None
+    try:
+        return tdist.distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError, ValueError):
+        return None
+
+
+def heartbeat(step: int) -> None:
+    """This rank starts optimizer step `step` (one small write to the rendezvous store; read only after a failure)."""
+    store = _store()
+    if store is not None:
+        import torch.distributed as tdist
+
+        try:
+            store.set(_HEARTBEAT.format(tdist.get_rank()), str(step))
+        except (RuntimeError, OSError):
+            pass  # the store host is gone: the next collective fails and says so
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    import torch.distributed as tdist
+
+    kinds = tuple(getattr(tdist, name) for name in ("DistError", "DistBackendError", "DistNetworkError")
+                  if hasattr(tdist, name))
+    text = str(error).lower()
+    return isinstance(error, kinds) or any(word in text for word in (
+        "gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe", "socket timeout"))
+
+
+def peer_report(rank: int, world_size: int, wait_s: float = 5.0) -> str:
+    """Which rank stopped: the ranks whose last heartbeat is behind the others' (read from the store)."""
+    from datetime import timedelta
+
+    store = _store()
+    if store is None:
+        return "no process group"
+    steps = {}
+    try:
+        store.set_timeout(timedelta(seconds=wait_s))
+        for r in range(world_size):
+            key = _HEARTBEAT.format(r)
+            steps[r] = int(store.get(key)) if store.check([key]) else 0
+    except (RuntimeError, OSError, ValueError):
+        host = "this rank" if rank == 0 else "rank 0"
+        return (f"the rendezvous store on {host} is unreachable: rank 0 has most likely died (or its node lost "
+                f"the network)")
+    newest = max(steps.values())
+    behind = sorted(r for r, s in steps.items() if s < newest)
+    if not behind:
+        return f"every rank had started step {newest}; the failing collective is inside that step"
+    return (f"rank{'s' if len(behind) > 1 else ''} {', '.join(map(str, behind))} stopped responding (last started "
+            f"step {', '.join(str(steps[r]) for r in behind)}, the others reached step {newest}): "
+            f"{'they have' if len(behind) > 1 else 'it has'} died or hung")

@@ -118,7 +118,8 @@ def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_
     return build_train_loader(sources, tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
                               batch_size=cfg.data.micro_batch_size, num_workers=cfg.data.num_workers,
                               seed=cfg.run.seed, rank=rank, world_size=world_size,
-                              mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment, state=state)
+                              mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment, state=state,
+                              streams=cfg.data.streams or None)
 
 
 class VanillaObjective:
@@ -182,6 +183,13 @@ def check_run_inputs(trainer) -> None:
 
     tokenizer = load_tokenizer(trainer.paths.tokenizer)
     expand_model_paths(resolve_model_config(cfg.model, tokenizer))
+    if cfg.data.streams:
+        from epic.data.loader import check_streams
+
+        try:
+            check_streams(cfg.data.streams, trainer.world_size, cfg.data.num_workers)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if cfg.epic.enabled and cfg.epic.teacher is not None:
         teacher = expand_env(cfg.epic.teacher, "epic.teacher")
         if not os.path.exists(teacher):

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from epic import faults
 from epic.eval.epic_metrics import EpicMeasurements, render_saliency_figure, step_counts
 from epic.kernels import token_consistency_loss
 
@@ -154,6 +155,7 @@ class EpicObjective:
         self._build_generator(ds_config, batch_math)
         self.measurements = EpicMeasurements()
         self._last_step_seen: Optional[int] = None
+        self._step = 0  # the optimizer steps done when the current micro-batch started
         self._last_image_bucket = 0
         self._figure_batch: Optional[dict] = None
 
@@ -228,6 +230,7 @@ class EpicObjective:
         if missing:
             raise KeyError(f"the EPIC step needs batch keys {missing} (has {sorted(batch)}); epic.data loaders "
                            f"yield them")
+        self._step = step
         if step != self._last_step_seen:  # first micro-batch of an optimizer step
             self._last_step_seen = step
             self._maybe_refresh_sas(step)
@@ -279,6 +282,7 @@ class EpicObjective:
             states = self.gen_engine(masked_ids, batch["attention_mask"], flat, image_cls)
             embedding, bias = self.generator.output_embedding()
             samples, loss_gen = sample_replacements(states, embedding, bias, targets, self.exclude_ids, rng)
+            loss_gen = faults.poison("generator", self._step + 1, loss_gen)  # EPIC_FAULT drills only
             self.gen_engine.backward(loss_gen)  # L_GEN (Eq. 7) trains only the generator
             self.gen_engine.step()
             loss_gen = loss_gen.detach()
