@@ -120,7 +120,7 @@ def main(argv=None) -> int:
             raise
         _collective_failure(err, info, timeout_s, peer_report)
     if info.rank == 0:
-        print(json.dumps({"final_step": result.step, "checkpoint": result.checkpoint,
+        print(json.dumps({"final_step": result.step, "start_step": result.start_step, "checkpoint": result.checkpoint,
                           "preempted": result.preempted, "stopped_nonfinite": result.stopped_nonfinite,
                           "last_loss": result.losses[-1] if result.losses else None}), flush=True)
     return 1 if result.stopped_nonfinite else 0

@@ -93,11 +93,20 @@ def expand_model_paths(model_cfg):
     return model_cfg
 
 
-def build_model(cfg: Config, paths: DataPaths):
+def load_run_tokenizer(path: str):
+    """The run's tokenizer, or a ConfigError naming data.tokenizer (a file, an empty or foreign folder)."""
     from epic.data import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.tokenizer={path}: {err}") from err
+
+
+def build_model(cfg: Config, paths: DataPaths):
     from epic.models.meter import METER
 
-    tokenizer = load_tokenizer(paths.tokenizer)
+    tokenizer = load_run_tokenizer(paths.tokenizer)
     model_cfg = expand_model_paths(resolve_model_config(cfg.model, tokenizer))
     if model_cfg.max_text_len < cfg.data.max_text_len:
         raise ConfigError(f"data.max_text_len={cfg.data.max_text_len} exceeds model.max_text_len="
@@ -179,9 +188,7 @@ def evaluate_retrieval_during_training(cfg: Config, paths: DataPaths, model, tok
 def check_run_inputs(trainer) -> None:
     """--check-only: everything a run needs, without building engines. Raises ConfigError on a problem."""
     cfg = trainer.cfg
-    from epic.data import load_tokenizer
-
-    tokenizer = load_tokenizer(trainer.paths.tokenizer)
+    tokenizer = load_run_tokenizer(trainer.paths.tokenizer)
     expand_model_paths(resolve_model_config(cfg.model, tokenizer))
     if cfg.data.streams:
         from epic.data.loader import check_streams

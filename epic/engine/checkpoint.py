@@ -9,7 +9,9 @@ Layout of `run.dir/checkpoints/`:
         trainer_state.json        step, samples seen, world size, the resolved config
         COMPLETE                  written last, after every rank finished: the size of every file above (JSON)
         vlm_universal/            (made on demand) DeepSpeed universal checkpoint of `vlm`, for an elastic resume
-    latest                        the tag of the newest COMPLETE checkpoint (replaced atomically)
+    latest                        the tag of the newest COMPLETE checkpoint (replaced atomically; for people and
+                                  tools: resuming takes the newest COMPLETE one, which a kill between COMPLETE and
+                                  `latest` leaves one ahead)
 
 Every rank must call `save_checkpoint` (DeepSpeed's save is collective). A save that fails on any rank (a full
 disk, say) fails on every rank with one CheckpointError, and its partial folder is removed. Loading checks the
@@ -207,8 +209,9 @@ def _existing_parent(path: Path) -> Path:
 
 
 def _save_failure_message(error: Optional[BaseException], tag_dir: Path, root: Path) -> str:
-    previous = find_checkpoint(root) if root.is_dir() else None
-    keep = (f"`latest` still names {previous.name}, which a relaunch resumes from" if previous is not None
+    latest = root / "latest"
+    previous = latest.read_text().strip() if latest.is_file() else None
+    keep = (f"`latest` still names {previous}, which a relaunch resumes from" if previous
             else "there is no earlier checkpoint")
     if error is None:
         return f"another rank failed to write its part of checkpoint {tag_dir}; removed the partial files; {keep}"
@@ -261,11 +264,8 @@ def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
         raise CheckpointError(f"{path} is an incomplete checkpoint (no {COMPLETE} marker: the save was "
                               f"interrupted). Pick an earlier one under {path.parent}.")
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    latest = root / "latest"
-    if latest.is_file():
-        candidate = root / latest.read_text().strip()
-        if (candidate / COMPLETE).is_file():
-            return candidate
+    # The newest COMPLETE one: `latest` is written after COMPLETE, so a job killed in between leaves `latest` one
+    # behind a checkpoint that is whole.
     complete = complete_checkpoints(root)
     return complete[-1][1] if complete else None
 
@@ -303,15 +303,14 @@ def verify_checkpoint(ckpt_dir: Path) -> Optional[str]:
 
 
 def resume_candidates(path: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints to try, best first: the one `latest` names, then the others from newest to oldest."""
+    """Complete checkpoints to try, from the newest to the oldest (a step dir: only that one)."""
     path = Path(path)
     if (path / COMPLETE).is_file():
         return [path]
     first = find_checkpoint(path)
     if first is None:
         return []
-    root = first.parent
-    return [first] + [p for _, p in reversed(complete_checkpoints(root)) if p != first]
+    return [p for _, p in reversed(complete_checkpoints(first.parent))]
 
 
 def load_newest(candidates: list[Path], engines: dict, world_size: int, log=print) -> tuple[Path, dict, list]:

@@ -41,6 +41,7 @@ class TrainResult:
     checkpoint: Optional[str] = None
     preempted: bool = False
     stopped_nonfinite: bool = False  # train.max_nonfinite_steps steps in a row had a non-finite loss
+    start_step: int = 0  # the step this run started from (the resumed checkpoint's, or 0)
 
 
 def micro_batch_seed(seed: int, purpose: int, global_micro_batch: int) -> int:
@@ -268,7 +269,7 @@ class Trainer:
         from epic.engine.preemption import PreemptionHandler
 
         preemption = preemption or PreemptionHandler()
-        result = TrainResult(step=self.step)
+        result = TrainResult(step=self.step, start_step=self.step)
         averager, timer = MetricAverager(), StepTimer()
         self.first_step = self.step
         skipped_before = self.engine.skipped_steps
