@@ -23,6 +23,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -363,25 +364,59 @@ def collective_timeout_s(configured: float, env: Mapping[str, str] = os.environ)
     return seconds
 
 
-def _store():
+_ALIVE = "epic/alive/{}"
+_FAILED = "epic/failed/{}"
+_ALIVE_EVERY_S = 1.0
+_heartbeat_store = None
+
+
+def _own_store(timeout_s: float = 10.0):
+    """A client connection of our own to the rendezvous store (MASTER_ADDR:MASTER_PORT, hosted by rank 0), so that
+    the heartbeat thread never shares a socket with the main thread."""
+    import torch.distributed as tdist
+    from datetime import timedelta
+
+    return tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def start_heartbeat() -> None:
+    """A daemon thread that bumps this rank's alive counter every second, whatever the main thread is doing (a dead
+    process stops bumping it; a hung one does not), plus the step it starts (`heartbeat`)."""
+    import threading
+
+    global _heartbeat_store
     import torch.distributed as tdist
 
-    if not (tdist.is_available() and tdist.is_initialized()):
-        return None
+    if _heartbeat_store is not None or not (tdist.is_available() and tdist.is_initialized()):
+        return
+    if tdist.get_world_size() == 1 or "MASTER_ADDR" not in os.environ:
+        return
     try:
-        return tdist.distributed_c10d._get_default_store()
-    except (RuntimeError, AttributeError, ValueError):
-        return None
+        _heartbeat_store = _own_store()
+    except (RuntimeError, OSError, ValueError):
+        return
+    rank = tdist.get_rank()
+    store = _own_store()
+
+    def beat():
+        while True:
+            try:
+                store.add(_ALIVE.format(rank), 1)
+            except (RuntimeError, OSError):
+                return  # the store host is gone
+            time.sleep(_ALIVE_EVERY_S)
+
+    threading.Thread(target=beat, name="epic-heartbeat", daemon=True).start()
 
 
 def heartbeat(step: int) -> None:
     """This rank starts optimizer step `step` (one small write to the rendezvous store; read only after a failure)."""
-    store = _store()
-    if store is not None:
+    if _heartbeat_store is not None:
         import torch.distributed as tdist
 
         try:
-            store.set(_HEARTBEAT.format(tdist.get_rank()), str(step))
+            _heartbeat_store.set(_HEARTBEAT.format(tdist.get_rank()), str(step))
         except (RuntimeError, OSError):
             pass  # the store host is gone: the next collective fails and says so
 
@@ -396,27 +431,38 @@ def is_collective_failure(error: BaseException) -> bool:
         "gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe", "socket timeout"))
 
 
-def peer_report(rank: int, world_size: int, wait_s: float = 5.0) -> str:
-    """Which rank stopped: the ranks whose last heartbeat is behind the others' (read from the store)."""
-    from datetime import timedelta
-
-    store = _store()
-    if store is None:
-        return "no process group"
-    steps = {}
+def peer_report(rank: int, world_size: int, wait_s: float = 4.0) -> str:
+    """After a failed collective: which ranks died (alive counter stopped) or hang (alive, but not failing like
+    us), from the rendezvous store. Takes `wait_s` seconds (to watch the counters move)."""
+    if _heartbeat_store is None:
+        return "no heartbeat (start_heartbeat was not called)"
+    others = [r for r in range(world_size) if r != rank]
     try:
-        store.set_timeout(timedelta(seconds=wait_s))
-        for r in range(world_size):
-            key = _HEARTBEAT.format(r)
-            steps[r] = int(store.get(key)) if store.check([key]) else 0
+        store = _own_store(timeout_s=wait_s + 5)
+        store.set(_FAILED.format(rank), "1")
+
+        def counters():
+            return {r: store.add(_ALIVE.format(r), 0) for r in others}
+
+        before = counters()
+        time.sleep(wait_s)
+        after = counters()
+        failed = {r for r in others if store.check([_FAILED.format(r)])}
+        steps = {r: int(store.get(_HEARTBEAT.format(r))) if store.check([_HEARTBEAT.format(r)]) else 0
+                 for r in range(world_size)}
     except (RuntimeError, OSError, ValueError):
         host = "this rank" if rank == 0 else "rank 0"
         return (f"the rendezvous store on {host} is unreachable: rank 0 has most likely died (or its node lost "
                 f"the network)")
-    newest = max(steps.values())
-    behind = sorted(r for r, s in steps.items() if s < newest)
-    if not behind:
-        return f"every rank had started step {newest}; the failing collective is inside that step"
-    return (f"rank{'s' if len(behind) > 1 else ''} {', '.join(map(str, behind))} stopped responding (last started "
-            f"step {', '.join(str(steps[r]) for r in behind)}, the others reached step {newest}): "
-            f"{'they have' if len(behind) > 1 else 'it has'} died or hung")
+    dead = [r for r in others if after[r] == before[r]]
+    hung = [r for r in others if r not in dead and r not in failed]
+
+    def named(ranks, what):
+        where = ", ".join(f"{r} (last started step {steps[r]})" for r in ranks)
+        return f"rank{'s' if len(ranks) > 1 else ''} {where} {what}"
+
+    parts = ([named(dead, "died (its heartbeat stopped)")] if dead else []) + (
+        [named(hung, "hangs (alive, but not in this collective)")] if hung else [])
+    if not parts:
+        return f"every rank is alive and failing alike (steps {steps}): a network problem?"
+    return "; ".join(parts)

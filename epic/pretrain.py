@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {one_line(err)}", file=sys.stderr)
         return 2
-    from epic.dist import collective_timeout_s, init_distributed, is_collective_failure, peer_report
+    from epic.dist import (collective_timeout_s, init_distributed, is_collective_failure, peer_report,
+                           start_heartbeat)
     from epic.engine.preemption import PreemptionHandler
     from epic.engine.trainer import Trainer
 
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
     try:
         timeout_s = collective_timeout_s(cfg.run.collective_timeout_s)
         info = init_distributed(timeout_minutes=timeout_s / 60)
+        start_heartbeat()  # so that a failed collective can say which rank died or hangs
     except user_errors() as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

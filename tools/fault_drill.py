@@ -283,7 +283,9 @@ class Drill:
         if first.codes[0] != 3:
             return fail(f"rank 0 did not stop through the collective timeout (exit {first.codes}): "
                         f"{first.last_error()}")
-        if "rank 1 stopped responding" not in first.stderr[0]:
+        said = "rank 1 (last started step" in first.stderr[0] and (
+            "died" if kind == "kill" else "hangs") in first.stderr[0]
+        if not said:
             return fail("rank 0's message does not name rank 1: " + first.stderr[0].strip()[-300:])
         return None
 

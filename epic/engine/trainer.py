@@ -296,16 +296,6 @@ class Trainer:
                 bad = self.guard.end_step(self.step)
                 result.losses.append(_mean_across_ranks(sum(step_losses) / len(step_losses), self.device))
                 faults.at("step", self.step)
-                if self.guard.should_stop:
-                    result.checkpoint = str(self.save())
-                    result.stopped_nonfinite = True
-                    log_console(f"stopping: {self.guard.in_a_row} optimizer steps in a row (from step "
-                                f"{self.guard.first_bad_step} to {self.step}) had a non-finite loss ({', '.join(bad)}; "
-                                f"train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}). DeepSpeed "
-                                f"skipped those updates, so {result.checkpoint} holds the weights of the failing "
-                                f"engines at step {self.guard.first_bad_step - 1}; lower the lr or check the data "
-                                f"before resuming", self.rank)
-                    break
                 if self.step % cfg.train.log_every == 0 or self.step == stop_at:
                     elapsed = time.perf_counter() - window_start
                     self._log(averager, timer, window_samples / elapsed, skipped_before)
@@ -315,6 +305,11 @@ class Trainer:
                 saved = self.step % cfg.train.save_every == 0 and self.step < stop_at
                 if saved:
                     result.checkpoint = str(self.save())
+                if self.guard.should_stop:
+                    result.checkpoint = result.checkpoint if saved else str(self.save())
+                    result.stopped_nonfinite = True
+                    self._report_nonfinite_stop(bad, result.checkpoint)
+                    break
                 if preemption.should_stop():
                     if not saved:
                         result.checkpoint = str(self.save())
@@ -333,6 +328,14 @@ class Trainer:
                 self.recorder.close()
         result.step = self.step
         return result
+
+    def _report_nonfinite_stop(self, engines: list[str], checkpoint: str) -> None:
+        first = self.guard.first_bad_step
+        log_console(f"stopping: {self.guard.in_a_row} optimizer steps in a row (steps {first} to {self.step}) had a "
+                    f"non-finite loss ({', '.join(engines)}; train.max_nonfinite_steps="
+                    f"{self.cfg.train.max_nonfinite_steps}). DeepSpeed skipped those updates, so {checkpoint} holds "
+                    f"the weights of step {first - 1} for them; lower the lr or check the data before resuming",
+                    self.rank)
 
     # -- logging / evaluation -------------------------------------------------------------------------------
     def _log(self, averager: MetricAverager, timer: StepTimer, samples_per_s: float, skipped_before: int) -> None:
