@@ -407,7 +407,7 @@ class Drill:
     def corrupt_data(self, rate: float) -> Outcome:
         world = self.workdir / f"world_corrupt_{int(rate * 100)}"
         if not world.is_dir():
-            make_corrupt_world(self.world, world, rate, random.Random(self.rng.random()))
+            make_corrupt_world(self.world, world, rate, random.Random(round(rate * 1000)))
         self.counter += 1
         run = self.workdir / f"{self.counter:03d}_corrupt_data_{int(rate * 100)}"
         shutil.rmtree(run, ignore_errors=True)
@@ -484,14 +484,29 @@ def _image_bytes(kind: str, original: bytes) -> bytes:
     return out.getvalue()
 
 
-def _caption(kind: str, original: bytes) -> bytes:
+def _caption(kind: str, original: str) -> str:
     if kind == "long_caption":
-        return (original.decode() + " ") * (20_000 // max(1, len(original)) + 1)
+        return ((original + " ") * (20_000 // max(1, len(original)) + 1))[:20_000]  # 20k characters
     if kind == "blank_caption":
-        return b"  \t \n"
-    if kind == "non_utf8":
-        return "caf\xe9 ".encode("latin-1") + original
+        return "  \t \n"
     return original
+
+
+def _caption_member(kind: str, ext: str, data: bytes) -> bytes:
+    """The .json or .txt member of a sample with its caption corrupted as `kind` says."""
+    if kind not in ("long_caption", "blank_caption", "non_utf8"):
+        return data
+    if ext == "txt":
+        text = data.decode()
+        return "caf\xe9 ".encode("latin-1") + data if kind == "non_utf8" else _caption(kind, text).encode()
+    meta = json.loads(data)
+    if kind == "non_utf8":
+        return json.dumps(meta, ensure_ascii=False).replace('"caption"', '"caf\xe9", "caption"', 1).encode("latin-1",
+                                                                                                          "replace")
+    captions = meta["caption"] if isinstance(meta["caption"], list) else [meta["caption"]]
+    meta["caption"] = [_caption(kind, c) for c in captions]
+    meta.pop("content_words", None)  # one flag per word: no longer matching
+    return json.dumps(meta).encode()
 
 
 def make_corrupt_world(clean: Path, out: Path, rate: float, rng: random.Random) -> None:
@@ -518,17 +533,9 @@ def make_corrupt_world(clean: Path, out: Path, rate: float, rng: random.Random) 
             counter += 1
             image_ext = next(e for e in parts if e in ("jpg", "png", "jpeg", "webp"))
             parts[image_ext] = _image_bytes(kind, parts[image_ext])
-            caption_ext = "txt" if "txt" in parts else "json"
-            if caption_ext == "json":
-                meta = json.loads(parts["json"])
-                caption = meta["caption"] if isinstance(meta["caption"], str) else meta["caption"][0]
-                new = _caption(kind, caption.encode())
-                if new != caption.encode():
-                    parts.pop("json")
-                    parts["txt"] = new if isinstance(new, bytes) else new.encode()
-            else:
-                new = _caption(kind, parts["txt"])
-                parts["txt"] = new if isinstance(new, bytes) else new.encode()
+            for ext in ("json", "txt"):  # the loader reads the json caption first, the txt one without it
+                if ext in parts:
+                    parts[ext] = _caption_member(kind, ext, parts[ext])
             done[key] = kind
             if CORRUPTIONS[kind]:
                 skipped_keys.append(key)
@@ -538,20 +545,14 @@ def make_corrupt_world(clean: Path, out: Path, rate: float, rng: random.Random) 
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    last = shards[-1]  # truncate the last shard in the middle of a member, past its first half
+    last = shards[-1]  # truncate the last shard inside the image of one of its first samples
     data = last.read_bytes()
     with tarfile.open(last) as tar:
-        names = [m for m in tar.getmembers()]
-    cut_member = names[len(names) // 2]
-    cut = cut_member.offset_data + max(1, cut_member.size // 2)
-    last.write_bytes(data[:cut])
-    kept = []
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for m in tar.getmembers():
-            if m.offset_data + m.size <= cut:
-                kept.append(m.name.split(".", 1)[0])
-    cut_key = cut_member.name.split(".", 1)[0]
-    truncated = {"shard": last.name, "complete_keys": sorted(set(kept) - {cut_key})}
+        members = tar.getmembers()
+    images = [m for m in members if m.name.split(".", 1)[1] in ("jpg", "png", "jpeg", "webp")]
+    cut_member = images[len(images) // 8]  # early: streams reach the cut within a short drill
+    last.write_bytes(data[: cut_member.offset_data + max(1, cut_member.size // 2)])
+    truncated = {"shard": last.name, "cut_in": cut_member.name}
     (out / "corruption.json").write_text(json.dumps({"rate": rate, "kinds": done, "skipped_keys": skipped_keys,
                                                      "truncated": truncated}, indent=1))
 

@@ -133,7 +133,10 @@ class SampleStream:
             f"(skips so far: {dict(self.skips)}); its shards are empty or unreadable")
 
     def pop_skips(self) -> Counter:
-        skips, self.skips = self.skips, Counter()
+        # copy and clear in place: the open shards' readers hold this very Counter and add to it when they end
+        # (a truncated tar is counted when its reader reaches the cut, possibly several batches later)
+        skips = Counter(self.skips)
+        self.skips.clear()
         return skips
 
 
