@@ -53,8 +53,9 @@ def test_kill_in_save_then_dead_rank_then_full_disk_then_damaged_checkpoint(dril
     assert drill.rank_fault(run, "kill", 3) is None
     # the disk fills up while step 6 is saved: exit 1 on both ranks, latest still step 4, no partial files
     assert drill.full_disk(run, 6) is None
-    # step 4 loses a file under COMPLETE: the relaunch falls back to step 2 (never to step 0) and finishes
-    assert_survived(drill.damaged_newest_resumes_previous(run, "COMPLETE present, a file missing"))
+    # step 4's rank-1 file is garbled (same size: only rank 1's torch.load finds out): both ranks fall back to
+    # step 2 together (never to step 0; rank 0 does not announce step 4) and finish
+    assert_survived(drill.damaged_newest_resumes_previous(run, "rank 1 file garbled, same size"))
 
 
 def test_elastic_resume_two_to_one_to_two_ranks(drill):

@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "epic" / "pretrain.py"
 STEPS, SAVE_EVERY, MAX_NONFINITE = 8, 2, 3
 SAVE_POINTS = ("save_begin", "save_between", "save_before_complete", "save_before_latest")
-DAMAGES = ("truncated engine file", "missing rank file", "garbage trainer_state.json", "COMPLETE present, a file missing")
+DAMAGES = ("truncated engine file", "missing rank file", "garbage trainer_state.json", "COMPLETE present, a file missing",
+           "rank 1 file garbled, same size")  # the last one only fails on rank 1, when it loads
 FAULTS = ("kill_step", "kill_save", "kill_rank", "stall_rank", "corrupt_ckpt", "enospc", "nan_vlm", "nan_gen",
           "nan_stop", "corrupt_data", "elastic")
 LOSS_TOLERANCE = {"same_world": 1e-6, "elastic": 1e-4}  # elastic: other summation order of the same gradients
@@ -455,6 +456,9 @@ def damage_checkpoint(path: Path, how: str, rank: int = 0) -> None:
         (path / "trainer_state.json").write_text("\x00garbage{")
     elif how == "COMPLETE present, a file missing":
         (path / "generator" / "mp_rank_00_model_states.pt").unlink()
+    elif how == "rank 1 file garbled, same size":
+        f = path / "rank_00001.pt"
+        f.write_bytes(b"\0" * f.stat().st_size)
     else:
         raise ValueError(how)
 

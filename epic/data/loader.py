@@ -135,8 +135,7 @@ class SampleStream:
     def pop_skips(self) -> Counter:
         # copy and clear in place: the open shards' readers hold this very Counter and add to it when they end
         # (a truncated tar is counted when its reader reaches the cut, possibly several batches later)
-        skips = Counter(self.skips)
-        self.skips.clear()
+        skips, self.skips = self.skips, Counter()
         return skips
 
 
