@@ -2,8 +2,9 @@
 
     cfg = load_config("shapes_tiny", overrides=["train.lr=2e-5", "data.micro_batch_size=8"])
 
-A config file is YAML (read with `yaml.safe_load` only). `extends: <name or path>` merges this file over another
-one (recursively for sections). Names without a path are looked up in the packaged `epic/configs/` folder.
+A config file is YAML, read with `yaml.safe_load` only: a tag such as `!!python/object/apply:...` is a ConfigError
+(never executed), and so is a syntax error, with the file and line. `extends: <name or path>` merges this file over
+another one (recursively for sections). Names without a path are looked up in the packaged `epic/configs/` folder.
 Unknown keys, values of the wrong type and missing files raise `ConfigError` at load time, naming the key and
 the closest valid one.
 """
@@ -18,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -48,7 +49,9 @@ class RunConfig:
 @dataclass
 class SourceConfig:
     shards: str = ""  # brace spec, e.g. /data/cc3m/{00000..00331}.tar
-    weight: float = 1.0  # sampling weight in the mixture
+    # Sampling weight in the mixture. "auto": the source's caption count (image count with data.sample_unit=image)
+    # from the counts.json beside its shards (tools/make_shards.py writes it; tools/count_shards.py for others).
+    weight: Union[float, str] = "auto"
     name: str = ""
 
 
@@ -71,6 +74,14 @@ class DataConfig:
     # stream j % streams, whatever the number of ranks. 0: world size x max(1, num_workers) of the first launch.
     # Resuming on M ranks needs streams % (M x max(1, num_workers)) == 0: pick a number with many divisors.
     streams: int = 0
+    # Which tokens METER's MLM masks (mlm_probability of each caption's tokens): "random" (BERT/METER: each token
+    # with probability p) | "saliency" ("†CMLM", App. J, Table 8: ceil(p * len) positions drawn from the frozen
+    # teacher's saliency alpha, Eq. 8, teacher = epic.teacher; same 80/10/10 corruption). Works with or without EPIC.
+    mlm_masking: str = "random"
+    # What a training sample is. "caption" (METER / ALBEF): an (image, caption) pair; auto weights are caption
+    # counts and an epoch is one pass over all captions. "image": an image with one caption drawn per visit;
+    # auto weights are image counts.
+    sample_unit: str = "caption"
 
 
 @dataclass
@@ -127,11 +138,21 @@ class EpicConfig:
     teacher_dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32
     mask_ratio: float = 0.35
     lambda_itc: float = 8.0  # Eq. 9
+    # How L_ITC (Eq. 2) is reduced over a micro-batch. "token_mean" (default): mean BCE over all real tokens, as
+    # ELECTRA reduces its per-token discriminator loss; with it lambda = 8 puts lambda*L_ITC (~8 x 0.3 once
+    # trained) on the scale of L_MLM + L_ITM, which is what App. I says lambda is for ("to balance the ITC loss and
+    # losses in METER"). "pair_sum": Eq. 2 literally, summed over a pair's ~15-40 tokens and averaged over pairs;
+    # lambda = 8 would then weigh ITC ~100-300x the MLM term, so pair_sum needs lambda ~ 8 / mean tokens per pair.
+    itc_reduction: str = "token_mean"
     masking: str = "saliency"  # "saliency" (Sec. 4.4) | "uniform" (ablation "ITC+LM")
     corruption: str = "generator"  # "generator" | "random" (ablation "ITC (rand.)": uniform vocabulary tokens)
     generator_mode: str = "finetune"  # finetune | fixed | pretrained_fixed | conditioned | vlm_sas (Table 5)
-    sas_refresh_every: int = 1000  # vlm_sas: refresh the generator VLM from the main VLM every k steps
-    cmlm_saliency: bool = False  # "†CMLM": saliency masking for the MLM objective
+    # vlm_sas (App. G): the auxiliary VLM is the new VLM at first, then refreshed from the main VLM at the end of
+    # every k-th epoch (an epoch = one pass over all captions, data.sample_unit; needs the shards' counts.json), or,
+    # when sas_refresh_every > 0, every that many optimizer steps instead.
+    sas_refresh_epochs: int = 1
+    sas_refresh_every: int = 0
+    cmlm_saliency: bool = False  # replaced by data.mlm_masking=saliency (kept so that older saved configs load)
     log_saliency_every: int = 0  # every N steps, a Fig. 4-style image of the saliency of a fixed val batch
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
@@ -165,11 +186,43 @@ def resolve_config_path(name: str, relative_to: Optional[Path] = None) -> Path:
                       f"Packaged configs: {', '.join(packaged)}.")
 
 
+def one_line(message: object) -> str:
+    """A message on one line (entry points print `config error: <one line>`)."""
+    return " ".join(str(message).split())
+
+
+def _yaml_error(err: yaml.YAMLError, where: str, line_offset: int = 0) -> ConfigError:
+    """A YAML syntax error or an unsupported tag as a ConfigError naming `where` and the line (1-based)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    at = f"{where}:{mark.line + 1 + line_offset}:{mark.column + 1}" if mark is not None else where
+    problem = getattr(err, "problem", None) or str(err)
+    if isinstance(err, yaml.constructor.ConstructorError) and "tag" in problem:
+        tag = problem.split("tag", 1)[1].strip(" :'\"")
+        return ConfigError(one_line(
+            f"{at}: unsupported YAML tag '{tag}': config files are read with yaml.safe_load, which constructs no "
+            f"Python objects and runs nothing; write a plain value (string, number, list, mapping) instead"))
+    context = getattr(err, "context", None)
+    return ConfigError(one_line(f"{at}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+                                + "; fix the syntax there (indentation, quotes, a missing ':')"))
+
+
+def _load_yaml_text(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise _yaml_error(err, where) from None
+
+
 def _read_yaml_with_extends(path: Path, seen: tuple = ()) -> dict:
     if path in seen:
         raise ConfigError(f"circular 'extends' chain: {' -> '.join(map(str, seen + (path,)))}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    where = str(path) + (f" (extended by {seen[-1]})" if seen else "")
+    try:
+        data = _load_yaml_text(path.read_text(), str(path)) or {}
+    except ConfigError as err:
+        raise ConfigError(f"{err} [reached through 'extends' from {seen[-1]}]" if seen else str(err)) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {where}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
     parent = data.pop("extends", None)
@@ -196,12 +249,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}': empty key")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or type(err).__name__
-        raise ConfigError(f"override '{text}': the value is not valid YAML ({problem}); quote strings, e.g. "
-                          f"key='[text'") from None
+    value = _load_yaml_text(raw, f"override '{text}' (value)") if raw != "" else ""
     return key.split("."), value
 
 
@@ -320,10 +368,13 @@ def dump_config(cfg: Config, path: str | os.PathLike) -> None:
 
 _CHOICES = {
     "train.schedule": ("linear", "tri_stage"),
+    "data.sample_unit": ("caption", "image"),
+    "data.mlm_masking": ("random", "saliency"),
     "epic.masking": ("saliency", "uniform"),
     "epic.corruption": ("generator", "random"),
     "epic.generator_mode": ("finetune", "fixed", "pretrained_fixed", "conditioned", "vlm_sas"),
     "epic.teacher_dtype": ("auto", "fp16", "bf16", "fp32"),
+    "epic.itc_reduction": ("token_mean", "pair_sum"),
     "model.text_model_type": ("roberta", "bert"),
 }
 
@@ -353,11 +404,24 @@ def validate(cfg: Config) -> None:
     for i, src in enumerate(cfg.data.sources):
         if not src.shards:
             raise ConfigError(f"'data.sources[{i}].shards' is empty: give a shard spec like /data/cc3m/{{00000..00331}}.tar")
-        if src.weight <= 0:
+        if isinstance(src.weight, str) and src.weight != "auto":
+            raise ConfigError(f"'data.sources[{i}].weight' must be a number > 0 or 'auto' (its caption count), "
+                              f"got {src.weight!r}")
+        if not isinstance(src.weight, str) and src.weight <= 0:
             raise ConfigError(f"'data.sources[{i}].weight' must be > 0, got {src.weight}")
     if cfg.epic.enabled and cfg.epic.teacher is None and cfg.epic.masking == "saliency":
         raise ConfigError("EPIC saliency masking needs a teacher: set epic.teacher=<run dir | checkpoint | "
                           "official METER .ckpt>, or epic.masking=uniform")
+    if cfg.epic.cmlm_saliency:
+        raise ConfigError("'epic.cmlm_saliency' is replaced by data.mlm_masking=saliency (†CMLM, with or without "
+                          "EPIC; the teacher is epic.teacher)")
+    if cfg.data.mlm_masking == "saliency":
+        if cfg.epic.teacher is None:
+            raise ConfigError("data.mlm_masking=saliency (†CMLM) draws the MLM positions from a teacher's saliency: "
+                              "set epic.teacher=<run dir | checkpoint | official METER .ckpt>")
+        if cfg.epic.enabled and cfg.epic.masking != "saliency":
+            raise ConfigError("data.mlm_masking=saliency (†CMLM) inside EPIC reuses its saliency: it needs "
+                              "epic.masking=saliency")
     validate_epic(cfg.epic)
 
 
@@ -445,13 +509,13 @@ def validate_epic(epic: EpicConfig) -> None:
     """Combinations of the EPIC switches that cannot work."""
     if epic.lambda_itc < 0:
         raise ConfigError(f"'epic.lambda_itc' must be >= 0, got {epic.lambda_itc}")
-    if epic.sas_refresh_every < 1:
-        raise ConfigError(f"'epic.sas_refresh_every' must be >= 1, got {epic.sas_refresh_every}")
+    if epic.sas_refresh_every < 0:
+        raise ConfigError(f"'epic.sas_refresh_every' must be >= 0 (0 = refresh by epochs), got {epic.sas_refresh_every}")
+    if epic.sas_refresh_every == 0 and epic.sas_refresh_epochs < 1:
+        raise ConfigError(f"'epic.sas_refresh_epochs' must be >= 1 (or set epic.sas_refresh_every=<steps>), got "
+                          f"{epic.sas_refresh_epochs}")
     if epic.log_saliency_every < 0:
         raise ConfigError(f"'epic.log_saliency_every' must be >= 0 (0 = no figure), got {epic.log_saliency_every}")
-    if epic.cmlm_saliency and epic.masking != "saliency":
-        raise ConfigError("'epic.cmlm_saliency' (†CMLM) masks the MLM objective by teacher saliency: it needs "
-                          "epic.masking=saliency and epic.teacher")
     if epic.corruption == "random" and epic.generator_mode != "finetune":
         raise ConfigError(f"'epic.generator_mode={epic.generator_mode}' has no effect with epic.corruption=random "
                           f"(uniform vocabulary tokens, no generator); use epic.corruption=generator")

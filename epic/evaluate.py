@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from epic.config import ConfigError, apply_override, parse_override
+from epic.config import ConfigError, apply_override, one_line, parse_override
 from epic.finetune_config import FINETUNE_TASKS, TaskConfig, build_dataclass
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,11 +41,11 @@ def load_for_evaluation(ckpt: str, task: str, overrides: list[str] = ()) -> tupl
     from epic.models.downstream import build_task_model, load_pretrained_weights
     from epic.models.meter import METER, load_official_meter
 
+    parsed = [parse_override(text) for text in overrides]  # a bad override is reported before any file is read
     source = locate(ckpt)
     saved = read_config_dict(source)
     data = json.loads(json.dumps(saved)) if saved is not None else {}
-    for text in overrides:
-        path, value = parse_override(text)
+    for path, value in parsed:
         apply_override(data, path, value)
     data.pop("epic", None)
     trained_task = data.get("finetune", {}).get("task", "")
@@ -146,7 +146,10 @@ def main(argv=None) -> int:
 
     try:
         model, cfg, source = load_for_evaluation(args.ckpt, args.task, args.overrides)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+    except ConfigError as err:
+        print(f"config error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     info = init_distributed()

@@ -30,7 +30,8 @@ from typing import Optional
 
 import torch
 
-from epic.config import ConfigError, _read_yaml_with_extends, apply_override, parse_override, resolve_config_path
+from epic.config import (ConfigError, _read_yaml_with_extends, apply_override, one_line, parse_override,
+                         resolve_config_path)
 from epic.finetune_config import FINETUNE_TASKS, TaskConfig, build_dataclass, validate_finetune
 
 # model fields a checkpoint fixes (shapes); the rest (image_size, dropout, max_text_len) may be changed
@@ -187,13 +188,12 @@ class TaskObjective(_objective_base()):
     def losses(self, model, batch: dict, rng: torch.Generator, step: int) -> dict:
         from epic.eval.nlvr2 import correct_count
         from epic.eval.vqa import vqa_score_sum
-        from epic.models.downstream import classification_loss, retrieval_rank_loss, vqa_loss
+        from epic.models.downstream import classification_loss, retrieval_losses, vqa_loss
 
         if self.task == "retrieval":
             ft = self.cfg.finetune
-            out = retrieval_rank_loss(model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                                      batch["image_ids"], ft.num_negatives, ft.hard_negatives, rng)
-            return {"loss": out["loss"], "rank_acc": out["rank_acc"].detach()}
+            return retrieval_losses(model, batch, negatives=ft.negatives, num_negatives=ft.num_negatives,
+                                    itm_weight=ft.itm_weight, generator=rng)
         if self.task == "vqa":
             logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
             score = vqa_score_sum(logits.detach(), batch["target_scores"]) / logits.shape[0]
@@ -211,6 +211,12 @@ class TaskObjective(_objective_base()):
 
 
 # ------------------------------------------------------------------------------------------------ data
+def random_negative_texts(cfg: TaskConfig) -> int:
+    """Captions the retrieval loader draws per example (finetune.negatives=random, METER's draw_false_text)."""
+    ft = cfg.finetune
+    return ft.num_negatives if ft.task == "retrieval" and ft.negatives == "random" else 0
+
+
 def load_split(cfg: TaskConfig, split: str, for_training: bool):
     from epic.data.tasks import load_task_data
 
@@ -279,7 +285,8 @@ def _trainer_class():
             loader = build_task_train_loader(
                 self.train_data, self.tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
                 batch_size=cfg.data.micro_batch_size, seed=cfg.run.seed, rank=self.rank,
-                world_size=self.world_size, randaugment=cfg.data.randaugment, num_workers=cfg.data.num_workers)
+                world_size=self.world_size, randaugment=cfg.data.randaugment, num_workers=cfg.data.num_workers,
+                num_negative_texts=random_negative_texts(cfg))
             if data_state is not None:
                 loader.load_state_dict(data_state)
             return loader
@@ -323,7 +330,7 @@ def main(argv=None) -> int:
     try:
         cfg = resolve_finetune_config(args.config, args.overrides, args.task, args.init)
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"config error: {one_line(err)}", file=sys.stderr)
         return 2
     from epic.dist import init_distributed
 

@@ -14,6 +14,7 @@ from typing import Optional
 from epic.config import Config, ConfigError, build_dataclass, read_config_data, validate
 
 FINETUNE_TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve")
+RETRIEVAL_NEGATIVES = ("random", "hard", "in_batch")
 
 
 @dataclass
@@ -31,9 +32,18 @@ class FinetuneConfig:
     answer_list: Optional[str] = None
     min_answer_count: int = 1
     num_answers: int = 0  # resolved from the answer list; the VQA head's size
-    # Retrieval: negatives per image from the other captions of the micro-batch (METER: 15 random captions).
+    # Retrieval (METER's irtr recipe): per image its caption + num_negatives negative captions, softmax over their
+    # rank_output scores with the positive first. negatives: "random" = METER's draw_false_text, captions of other
+    # images drawn uniformly from the whole training file by the loader; "hard" = from the other images of the
+    # micro-batch, sampled by the first-stage similarity (ALBEF-style mining); "in_batch" = from the micro-batch,
+    # uniformly.
     num_negatives: int = 15
-    hard_negatives: bool = True  # sample them by the first-stage similarity (ALBEF-style) instead of uniformly
+    negatives: str = "random"
+    # Weight of an ITM term (the frozen ITM head on matched / mismatched pairs) added to the rank loss. METER's irtr
+    # configs list `itm: 0.5`, but its set_task keeps only losses with weight >= 1, so METER trains IR/TR with the
+    # rank loss alone (the 0.5 only makes the ITM head exist, to initialise rank_output from); 0 reproduces that.
+    itm_weight: float = 0.0
+    hard_negatives: Optional[bool] = None  # deprecated (saved configs): true = negatives=hard, false = in_batch
     epochs: float = 0.0  # > 0: train.max_steps = ceil(epochs * train examples / global batch)
 
 
@@ -49,6 +59,12 @@ def validate_finetune(cfg: TaskConfig) -> None:
         raise ConfigError(f"'finetune.task' must be one of {FINETUNE_TASKS}, got {ft.task!r}")
     if ft.num_negatives < 1:
         raise ConfigError(f"'finetune.num_negatives' must be >= 1, got {ft.num_negatives}")
+    if ft.hard_negatives is not None:  # an older saved config
+        ft.negatives, ft.hard_negatives = ("hard" if ft.hard_negatives else "in_batch"), None
+    if ft.negatives not in RETRIEVAL_NEGATIVES:
+        raise ConfigError(f"'finetune.negatives' must be one of {RETRIEVAL_NEGATIVES}, got {ft.negatives!r}")
+    if ft.itm_weight < 0:
+        raise ConfigError(f"'finetune.itm_weight' must be >= 0, got {ft.itm_weight}")
     if ft.epochs < 0:
         raise ConfigError(f"'finetune.epochs' must be >= 0, got {ft.epochs}")
 

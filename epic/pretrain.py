@@ -36,7 +36,9 @@ def parse_args(argv=None):
 
 
 def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+    from epic.config import one_line as config_one_line
+
+    return config_one_line(error)
 
 
 def user_errors() -> tuple:

@@ -25,6 +25,8 @@ def test_paper_settings_of_meter_4m():
     assert cfg.train.lr == 1e-5 and cfg.train.lr_mult_fusion == 5 and cfg.train.lr_mult_head == 5
     assert cfg.train.warmup_ratio == 0.1
     assert [s.name for s in cfg.data.sources] == ["coco", "vg", "sbu", "cc3m"]
+    # per caption, weights = caption counts from the shards' counts.json (App. E Table 7), not typed image counts
+    assert cfg.data.sample_unit == "caption" and all(s.weight == "auto" for s in cfg.data.sources)
 
 
 def test_extends_merges_sections():

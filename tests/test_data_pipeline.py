@@ -21,7 +21,7 @@ from epic.data.text import mask_tokens_for_mlm
 from epic.data.transforms import CLIP_MEAN, CLIP_STD, COLOUR_OPS, RandAugmentNoColour, seeded_transform
 
 CONTRACT_KEYS = {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "special_tokens_mask",
-                 "content_mask", "keys"}
+                 "content_mask", "keys", "caption_index"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,6 +53,7 @@ def test_batch_has_exactly_the_contract_keys_and_types(shapes_world):
         assert batch[name].shape == (6, 16) and batch[name].dtype == torch.int64
     for name in ("special_tokens_mask", "content_mask"):
         assert batch[name].dtype == torch.bool
+    assert batch["caption_index"].shape == (6,) and batch["caption_index"].dtype == torch.int64
     tokenizer = load_tokenizer(shapes_world / "tokenizer")
     ids, special = batch["input_ids"], batch["special_tokens_mask"]
     assert torch.equal(special, (ids == 0) | (ids == 1) | (ids == 2))

@@ -63,7 +63,7 @@ def make_config(world, teacher, *overrides):
                                             *overrides])
 
 
-def build(setup, *overrides):
+def build(setup, *overrides, paths=None):
     """The trainer's construction (epic/engine/trainer.py Trainer.setup) for one rank: VLM engine + objective."""
     from epic.engine.build import build_model
     from epic.engine.schedule import build_lr_scheduler
@@ -81,7 +81,7 @@ def build(setup, *overrides):
     ds = resolve_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs/cpu_zero2.json")), batch_math, 1.0,
                            on_cpu=True)
     engine = initialize_engine(model, optimizer, scheduler, ds)
-    objective = EpicObjective(cfg, engine, tokenizer, ds, batch_math, setup["paths"], torch.device("cpu"))
+    objective = EpicObjective(cfg, engine, tokenizer, ds, batch_math, paths or setup["paths"], torch.device("cpu"))
     return cfg, engine, objective
 
 
@@ -110,8 +110,9 @@ ABLATIONS = {
     "lm_fixed": ["epic.generator_mode=fixed"],
     "lm_cond": ["epic.generator_mode=conditioned"],
     "vlm_sas": ["epic.generator_mode=vlm_sas", "epic.sas_refresh_every=1"],
-    "cmlm": ["epic.cmlm_saliency=true"],
+    "cmlm": ["data.mlm_masking=saliency"],
     "ratio_lambda": ["epic.mask_ratio=0.15", "epic.lambda_itc=1.0"],
+    "itc_pair_sum": ["epic.itc_reduction=pair_sum", "epic.lambda_itc=0.25"],
 }
 
 
@@ -185,6 +186,38 @@ def test_vlm_sas_generator_is_saved_and_restored_with_the_checkpoint(setup):
     assert same(weights(restored.generator), weights(objective.generator))  # the VLM of the last refresh
 
 
+def test_sas_refresh_schedule_by_epochs_and_by_steps():
+    from epic.objectives.consistency import sas_refresh_due
+
+    # 4 samples per step, epochs of 10 samples: epochs end inside steps 2, 4, 7, 9 (samples 8-12, 16-20, 28-32, 36-40)
+    by_epoch = [s for s in range(12) if sas_refresh_due(s, 0, 1, 4, 10)]
+    assert by_epoch == [3, 5, 8, 10]
+    assert [s for s in range(12) if sas_refresh_due(s, 0, 2, 4, 10)] == [5, 10]  # every 2nd epoch
+    assert [s for s in range(12) if sas_refresh_due(s, 3, 1, 4, 10)] == [3, 6, 9]  # by steps: epochs ignored
+
+
+def test_vlm_sas_refreshes_at_the_epoch_boundary(setup):
+    """Epochs of 10 samples, 4 per step: the first epoch ends during step 2, so the auxiliary VLM is the initial
+    VLM through step 2 and becomes the VLM after step 2's update at the start of step 3."""
+    import dataclasses
+
+    from epic.engine.setup import SetupError
+
+    paths = dataclasses.replace(setup["paths"], epoch_samples=10)
+    _, engine, objective = build(setup, "epic.generator_mode=vlm_sas", "epic.sas_refresh_epochs=1", paths=paths)
+    initial = weights(objective.generator)
+    vlm_after = []
+    for step in range(4):
+        train_step(engine, objective, setup["batch"], step)
+        vlm_after.append(weights(engine.module))
+        if step < 3:
+            assert same(initial, weights(objective.generator)), step
+    sas = weights(objective.generator)
+    assert objective.sas_refreshes == [3] and same(sas, {k: vlm_after[2][k] for k in sas})
+    with pytest.raises(SetupError, match="count_shards"):
+        build(setup, "epic.generator_mode=vlm_sas", paths=dataclasses.replace(setup["paths"], epoch_samples=None))
+
+
 def test_teacher_gets_no_gradient_and_never_changes(setup):
     _, engine, objective = build(setup)
     teacher = objective.teacher
@@ -240,3 +273,118 @@ def test_saliency_figure_and_resume_state(setup):
     restored.load_state_dict(state)
     measured = objective.measurements.pop()
     assert measured and restored.measurements.pop() == measured  # the metric window survives a resume
+
+
+# ---------------------------------------------------------------------------------------- †CMLM in vanilla METER
+def build_vanilla(setup, config, *overrides):
+    """The trainer's construction for a non-EPIC config: VLM engine + epic.engine.build.build_objective."""
+    from epic.config import load_config
+    from epic.engine.build import build_model, build_objective
+    from epic.engine.schedule import build_lr_scheduler
+    from epic.engine.setup import (build_optimizer, derive_batch_math, initialize_engine, load_ds_config,
+                                   resolve_ds_config)
+
+    cfg = load_config(config, [f"data.root={setup['world']}", f"epic.teacher={setup['tmp'] / 'teacher'}",
+                               f"data.micro_batch_size={BATCH}", f"train.global_batch_size={BATCH}",
+                               "model.dropout=0.0", "train.max_steps=10", *overrides])
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg, setup["paths"])
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps,
+                                cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
+    scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio)
+    batch_math = derive_batch_math(BATCH, BATCH, 1)
+    ds = resolve_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs/cpu_zero2.json")), batch_math, 1.0,
+                           on_cpu=True)
+    engine = initialize_engine(model, optimizer, scheduler, ds)
+    return cfg, engine, build_objective(cfg, engine, tokenizer, ds, batch_math, setup["paths"], "cpu")
+
+
+def hand_alpha(teacher, batch):
+    """Eq. 8 by hand: softmax over the real tokens of the head-mean of q_k K_k^T (no 1/sqrt(d) temperature)."""
+    from epic.objectives.saliency import real_text_tokens
+
+    query, keys = teacher.query_keys(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    scores = torch.einsum("bhd,bhld->bl", query.float(), keys.float()) / query.shape[1]
+    scores = scores.masked_fill(~real_text_tokens(batch), float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def test_cmlm_in_vanilla_meter_runs_a_step_and_masks_by_saliency(setup):
+    import math
+
+    from epic.objectives.saliency import real_text_tokens
+    from epic.objectives.vanilla import SaliencyCMLM
+
+    cfg, engine, objective = build_vanilla(setup, "shapes_tiny_cmlm")
+    assert cfg.data.mlm_masking == "saliency" and not cfg.epic.enabled
+    # no generator (engine or module), no ITC head: METER's objectives only
+    assert objective.extra_engines() == {} and not hasattr(objective, "generator")
+    assert getattr(engine.module, "itc_score", None) is None
+    batch, real = setup["batch"], real_text_tokens(setup["batch"])
+    masked = objective.cmlm(batch, torch.Generator().manual_seed(0))
+    positions = masked["cmlm_positions"]
+    lengths = real.sum(1)
+    assert positions.sum(1).tolist() == [math.ceil(cfg.data.mlm_probability * n) for n in lengths.tolist()]
+    assert not (positions & ~real).any()
+    labels, ids = masked["mlm_labels"], masked["mlm_input_ids"]
+    assert torch.equal(labels != -100, positions) and torch.equal(labels[positions], batch["input_ids"][positions])
+    assert torch.equal(ids[~positions], batch["input_ids"][~positions])
+    alpha = hand_alpha(objective.cmlm.teacher, batch)
+    torch.testing.assert_close(masked["cmlm_alpha"][real], alpha[real], atol=1e-5, rtol=1e-4)
+    # one position per caption: inclusion frequency = alpha exactly (Categorical(alpha)), far from uniform
+    one = SaliencyCMLM(objective.cmlm.teacher, 1e-6, objective.cmlm.mask_token_id, objective.cmlm.replacement_ids)
+    rng, draws = torch.Generator().manual_seed(1), 300
+    counts = sum(one(batch, rng)["cmlm_positions"].float() for _ in range(draws))
+    frequency = counts / draws
+    assert (frequency[real] - alpha[real]).abs().max() < 0.09
+    uniform = real.float() / lengths[:, None]
+    assert (alpha[real] - uniform[real]).abs().max() > 0.15, "the test teacher's saliency is too flat to tell"
+    # the step: L_ITM + L_MLM on the saliency-masked captions; the VLM learns
+    before = weights(engine.module)
+    out = train_step(engine, objective, batch, 0)
+    assert set(out) >= {"loss", "loss_itm", "loss_mlm", "cmlm_content_hit_rate"} and "loss_itc" not in out
+    assert out["loss"].item() == pytest.approx((out["loss_itm"] + out["loss_mlm"]).item(), rel=1e-5)
+    assert not same(before, weights(engine.module))
+
+
+# --------------------------------------------------------------------------------------------- LM (trained)
+def test_fit_generator_then_pretrained_fixed_loads_it_and_a_base_lm_is_refused(setup, capsys):
+    """tools/fit_generator.py (text-only MLM on the shapes captions, DeepSpeed) -> an HF folder with its marker;
+    epic.generator_mode=pretrained_fixed loads exactly those weights, frozen; an untouched LM folder is an error."""
+    import importlib.util
+    import json
+
+    from transformers import RobertaForMaskedLM
+
+    from epic.config import ConfigError
+    from epic.models.generator import FITTED_MARKER
+
+    out = setup["tmp"] / "lm_trained"
+    spec = importlib.util.spec_from_file_location("fit_generator", os.path.join(ROOT, "tools", "fit_generator.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    # in this process (its one gloo rank): the tool's init_distributed finds the process group already started
+    assert tool.main(["--config", "shapes_tiny", "--out", str(out), "--steps", "30", "--batch-size", "16",
+                      "--log-every", "10", "--lr", "2e-3", f"data.root={setup['world']}"]) == 0
+    logs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"step"')]
+    assert [entry["step"] for entry in logs] == [10, 20, 30]
+    assert logs[-1]["loss_gen"] < logs[0]["loss_gen"] - 0.5, logs  # it fits the captions
+    marker = json.loads((out / FITTED_MARKER).read_text())
+    assert marker["steps"] == 30 and marker["captions_seen"] == 480 and len(marker["shards"]) == 4
+    assert marker["mlm_probability"] == 0.15
+
+    _, engine, objective = build(setup, "epic.generator_mode=pretrained_fixed", f"epic.generator.pretrained={out}")
+    assert objective.extra_engines() == {} and objective.generator_info["steps"] == 30
+    saved = RobertaForMaskedLM.from_pretrained(str(out)).state_dict()
+    loaded = objective.generator.lm.state_dict()
+    assert all(torch.equal(loaded[k].float(), saved[k].float()) for k in saved)
+    before = weights(objective.generator)
+    out_step = train_step(engine, objective, setup["batch"], 0)
+    assert torch.isfinite(out_step["loss"]) and same(before, weights(objective.generator))  # fixed
+
+    base = setup["tmp"] / "base_lm"
+    RobertaForMaskedLM.from_pretrained(str(out)).save_pretrained(str(base))  # the same LM without the marker
+    with pytest.raises(ConfigError, match=r"untouched.*LM \(fixed\).*fit_generator"):
+        build(setup, "epic.generator_mode=pretrained_fixed", f"epic.generator.pretrained={base}")
+    _, _, fixed = build(setup, "epic.generator_mode=fixed", f"epic.generator.pretrained={base}")  # LM (fixed): fine
+    assert fixed.extra_engines() == {}

@@ -244,6 +244,26 @@ def test_itc_loss_matches_binary_cross_entropy_with_logits():
     torch.testing.assert_close(head.bias.grad, ref_b.grad)
 
 
+def test_itc_reductions_token_mean_and_pair_sum_by_hand():
+    """Eq. 2 by hand on two captions (4 and 2 real tokens): token_mean = total / 6 tokens, pair_sum = total / 2
+    pairs; a padded row with no real token is not a pair."""
+    head = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        head.weight.fill_(1.0)
+        head.bias.zero_()
+    z = torch.tensor([[0.5, -1.0, 2.0, 0.0, 9.0], [1.0, 3.0, 9.0, 9.0, 9.0], [9.0, 9.0, 9.0, 9.0, 9.0]])
+    real = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    inconsistent = torch.tensor([[0, 1, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    log_sig = lambda x: -math.log1p(math.exp(-x))  # log sigmoid(x)
+    pair0 = -(log_sig(0.5) + log_sig(1.0) + log_sig(2.0) + log_sig(0.0))  # token 1 inconsistent: log(1 - D) = log_sig(-z)
+    pair1 = -(log_sig(1.0) + log_sig(-3.0))
+    for reduction, want in (("token_mean", (pair0 + pair1) / 6), ("pair_sum", (pair0 + pair1) / 2)):
+        loss, _ = consistency_loss(z[..., None], head, inconsistent, real, reduction)
+        assert loss.item() == pytest.approx(want, rel=1e-6), reduction
+    with pytest.raises(ValueError, match="token_mean"):
+        consistency_loss(z[..., None], head, inconsistent, real, "mean_over_everything")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The generator (Eq. 3-5, 7)
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,7 +371,8 @@ def test_summarize_run_averages_the_last_logs(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["epic.cmlm_saliency=true", "epic.masking=uniform"], "needs epic.masking=saliency"),
+    (["data.mlm_masking=saliency", "epic.masking=uniform"], "needs epic.masking=saliency"),
+    (["epic.cmlm_saliency=true"], "replaced by data.mlm_masking=saliency"),
     (["epic.corruption=random", "epic.generator_mode=fixed"], "no effect with epic.corruption=random"),
     (["epic.generator_mode=pretrained_fixed"], "needs epic.generator.pretrained"),
     (["epic.lambda_itc=-1"], "lambda_itc"),

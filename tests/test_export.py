@@ -127,19 +127,52 @@ def test_text_encoder_loads_with_hf_automodel(exported):
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
+def _timm_from_spec(folder: Path, spec: dict):
+    """Only timm and the JSON: what a user of the export writes (no epic helper)."""
+    import timm
+
+    return timm.create_model(spec["model_name"], pretrained=True,
+                             pretrained_cfg_overlay=dict(file=str(folder / spec["weights"])), **spec["kwargs"]).eval()
+
+
 def test_vision_encoder_loads_into_timm(exported):
-    from export import build_timm_vision_encoder
     from safetensors.torch import load_file
 
     from epic.models.meter import METER
 
     out, _ = exported
     model = METER.from_pretrained(str(out)).eval()
-    vit = build_timm_vision_encoder(json.loads((out / "vision_encoder.json").read_text())).eval()
-    vit.load_state_dict(load_file(str(out / "vision_encoder.safetensors")))  # strict: every key matches
+    spec = json.loads((out / "vision_encoder.json").read_text())
+    assert spec["library"] == "timm" and "norm_eps" not in json.dumps(spec)
+    vit = _timm_from_spec(out, spec)
+    assert set(vit.state_dict()) == set(load_file(str(out / spec["weights"])))  # every tensor, nothing left over
     px, _, _ = _inputs(model)
     with torch.no_grad():
-        torch.testing.assert_close(vit.forward_features(px), model.encode_image(px))
+        torch.testing.assert_close(vit(px), model.encode_image(px), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("patch, image, name", [(16, 288, "vit_base_patch16_clip_quickgelu_224"),
+                                                (32, 224, "vit_base_patch32_clip_quickgelu_224")])
+def test_real_sizes_export_as_timm_clip_model_names(tmp_path, patch, image, name):
+    """METER-B/16 at 288 and the ablation's B/32 at 224 (one block, to stay small): a timm model name + overrides."""
+    import dataclasses
+
+    from export import vision_encoder_spec
+    from safetensors.torch import save_file
+
+    from epic.models.configuration_meter import METERConfig
+    from epic.models.vision import build_vision_tower
+
+    cfg = dataclasses.replace(METERConfig(), image_size=image, patch_size=patch, vit_layers=1)
+    spec = vision_encoder_spec(cfg)
+    assert spec["model_name"] == name
+    assert spec["kwargs"] == {"img_size": image, "depth": 1, "num_classes": 0, "global_pool": ""}
+    ours = build_vision_tower(cfg).eval()
+    save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, str(tmp_path / spec["weights"]))
+    vit = _timm_from_spec(tmp_path, json.loads(json.dumps(spec)))
+    px = torch.randn(1, 3, image, image, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(vit(px), ours.forward_features(px), rtol=0, atol=0)
 
 
 def test_official_layout_checkpoint_imports_to_the_same_model(exported):

@@ -113,11 +113,12 @@ def short_run(task, tasks_dir, tokenizer, steps, lr=1e-3):
 
 def _train_and_evaluate(model, cfg, task, tasks_dir, tokenizer, steps, lr):
     from epic.data.tasks import build_task_train_loader
-    from epic.finetune import TaskObjective, evaluate_split, load_split
+    from epic.finetune import TaskObjective, evaluate_split, load_split, random_negative_texts
 
     before = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
     loader = build_task_train_loader(load_split(cfg, "train", True), tokenizer, image_size=32, max_text_len=24,
-                                     batch_size=16, seed=0, rank=0, world_size=1, randaugment=False)
+                                     batch_size=16, seed=0, rank=0, world_size=1, randaugment=False,
+                                     num_negative_texts=random_negative_texts(cfg))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     objective, rng = TaskObjective(cfg), torch.Generator().manual_seed(0)
     for step, batch in zip(range(steps), loader):

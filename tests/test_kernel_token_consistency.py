@@ -1,5 +1,6 @@
 """Token-consistency loss (EPIC Eq. 1-2): reference vs an independent float64 formula, Triton (interpreter) vs
 reference for outputs and gradients, and the dispatch rules."""
+import math
 import os
 
 import torch
@@ -48,6 +49,9 @@ def float64_loss(hidden, weight, bias, labels, mask, reduction):
         return per_token, z
     if reduction == "sum":
         return per_token.sum(), z
+    if reduction == "pair_sum":  # Eq. 2 per pair (sum over its tokens), then the mean over pairs with tokens
+        rows = mask.any(dim=1)
+        return per_token.sum(dim=1)[rows].mean(), z
     return per_token.sum() / mask.sum(), z
 
 
@@ -55,7 +59,7 @@ def grads_of(loss, inputs, grad_output):
     return torch.autograd.grad(loss, inputs, grad_output)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "pair_sum", "sum", "none"])
 def test_reference_matches_float64_formula_and_its_gradients(reduction):
     hidden, weight, bias, labels, mask = make_inputs()
     params = [t.double().requires_grad_() for t in (hidden, weight, bias)]
@@ -70,7 +74,7 @@ def test_reference_matches_float64_formula_and_its_gradients(reduction):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "pair_sum", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_matches_reference(triton_path, dtype, reduction):
     # odd shapes: n = 7 (not a power of two), d = 300 (> one 256-wide block, not a multiple), B*n = 21 tokens
@@ -104,6 +108,42 @@ def test_triton_gradients_match_float64_autograd(triton_path):
     assert torch.count_nonzero(got[0][..., 19:]) == 0
     for g, w in zip(got[1:], want[1:]):
         torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
+
+
+def hand_case():
+    """Two pairs of three tokens, d = 1, beta = 1, b = 0, so z_i = h_i; the second pair has one counted token
+    and a third pair none (padding only: it must not count as a pair)."""
+    hidden = torch.tensor([[[0.0], [2.0], [-1.0]], [[1.0], [0.0], [0.0]], [[3.0], [3.0], [3.0]]])
+    labels = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 1]])
+    mask = torch.tensor([[True, True, True], [True, False, False], [False, False, False]])
+    weight, bias = torch.ones(1), torch.zeros(())
+    sp = lambda x: math.log1p(math.exp(x))  # -log sigmoid(-x) = softplus(x)
+    # BCE with logits: consistent (y=1): softplus(-z); inconsistent (y=0): softplus(z)
+    pair0 = sp(-0.0) + sp(2.0) + sp(1.0)
+    pair1 = sp(1.0)
+    return (hidden, weight, bias, labels, mask), {"mean": (pair0 + pair1) / 4, "pair_sum": (pair0 + pair1) / 2,
+                                                   "sum": pair0 + pair1}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "pair_sum", "sum"])
+def test_reductions_match_a_hand_computation(reduction):
+    inputs, expected = hand_case()
+    loss, _ = token_consistency_loss_reference(*inputs, reduction=reduction)
+    assert loss.item() == pytest.approx(expected[reduction], rel=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "pair_sum", "sum"])
+def test_triton_reductions_match_a_hand_computation(triton_path, reduction):
+    inputs, expected = hand_case()
+    hidden = inputs[0].clone().requires_grad_()
+    loss, _ = token_consistency_loss(hidden, *inputs[1:], reduction=reduction)
+    assert loss.item() == pytest.approx(expected[reduction], rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    # dL/dz_i = (sigmoid(z_i) - y_i) / divisor on counted tokens, 0 elsewhere
+    divisor = {"mean": 4.0, "pair_sum": 2.0, "sum": 1.0}[reduction]
+    z, y, m = inputs[0][..., 0], inputs[3].float(), inputs[4]
+    want = torch.where(m, torch.sigmoid(z) - y, torch.zeros_like(z)) / divisor
+    torch.testing.assert_close(grad[..., 0], want)
 
 
 def check_empty_mask(fn):

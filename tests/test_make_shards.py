@@ -66,6 +66,16 @@ def test_converts_merges_captions_and_reports_problems(dataset, shapes_world):
     assert report["missing"] == ["missing.jpg"] and [b["image"] for b in report["broken"]] == ["broken.jpg"]
     assert report["without_caption"] == ["blank.jpg"] and report["images"] == 5 and report["written"] == 3
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 0, "00002.tar": 1}
+    counts = json.loads((out / "counts.json").read_text())  # a + b: 2 images, 4 captions; c: 1 image, 1 caption
+    assert counts["shards"] == {"00000.tar": {"images": 2, "captions": 4}, "00001.tar": {"images": 0, "captions": 0},
+                                "00002.tar": {"images": 1, "captions": 1}}
+    assert (counts["images"], counts["captions"]) == (3, 5) and report["captions"] == 5
+    counted = tmp_path / "recounted"  # tools/count_shards.py, reading the shards, finds the same counts
+    counted.mkdir()
+    for tar in out.glob("*.tar"):
+        (counted / tar.name).write_bytes(tar.read_bytes())
+    assert load_tool("count_shards").main([str(counted)]) == 0
+    assert json.loads((counted / "counts.json").read_text()) == counts
     shard0 = members(out / "00000.tar")
     assert shard0["000000000.jpg"] == files["a.jpg"] and shard0["000000001.png"] == files["sub/b.png"]
     assert json.loads(shard0["000000000.json"])["caption"] == ["a red box", "red again"]

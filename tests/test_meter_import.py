@@ -292,3 +292,119 @@ def test_convert_tool_writes_a_loadable_folder(official, tmp_path):
     ids, mask, pixels = inputs(seed=3)
     with torch.no_grad():
         assert torch.equal(loaded.infer(ids, mask, pixels)["cls_feats"], model.infer(ids, mask, pixels)["cls_feats"])
+
+
+# --------------------------------------------------------------------------------------- METER's own config keys
+def meter_own_config(**changes):
+    """A dict as METER's meter/config.py (+ clip16, text_roberta) spells it, for the synthetic sizes."""
+    config = {"exp_name": "mlm_itm", "seed": 0, "datasets": ["coco", "vg", "sbu", "gcc"],
+              "loss_names": {"itm": 1, "mlm": 1, "mpp": 0, "vqa": 0, "nlvr2": 0, "irtr": 0, "contras": 0, "snli": 0},
+              "batch_size": 4096, "train_transform_keys": ["clip"], "val_transform_keys": ["clip"],
+              "image_size": IMAGE, "patch_size": PATCH, "draw_false_image": 1, "image_only": False,
+              "resolution_before": 224, "vqav2_label_size": 3129, "max_text_len": 40, "tokenizer": "roberta-base",
+              "vocab_size": VOCAB, "whole_word_masking": True, "mlm_prob": 0.15, "draw_false_text": 0,
+              "num_top_layer": FUSION_LAYERS, "input_image_embed_size": W, "input_text_embed_size": T,
+              "vit": "ViT-B/16", "hidden_size": H, "num_heads": 4, "num_layers": 6, "mlp_ratio": 4, "drop_rate": 0.0,
+              "optim_type": "adamw", "learning_rate": 1e-5, "weight_decay": 0.01, "decay_power": 1, "max_epoch": 10,
+              "max_steps": 100000, "warmup_steps": 0.1, "end_lr": 0, "lr_mult_head": 5, "lr_mult_cross_modal": 5,
+              "get_recall_metric": False, "resume_from": None, "fast_dev_run": False, "val_check_interval": 1.0,
+              "test_only": False, "data_root": "/data", "log_dir": "result", "per_gpu_batchsize": 32,
+              "num_gpus": 8, "num_nodes": 1, "load_path": "", "num_workers": 8, "precision": 32}
+    config.update(changes)
+    return config
+
+
+def test_importer_accepts_meters_own_config_dict():
+    sd = make_official_state_dict()
+    model = load_official_meter(sd, meter_config=meter_own_config()).eval()
+    cfg = model.config
+    assert (cfg.num_heads, cfg.max_text_len, cfg.dropout, cfg.num_fusion_layers, cfg.mlp_ratio) == (4, 40, 0.0,
+                                                                                                   FUSION_LAYERS, 4)
+    assert cfg.text_model_type == "roberta" and cfg.text_layer_norm_eps == 1e-5 and cfg.patch_size == PATCH
+    report = model.official_config_report["meter_config"]
+    assert report["used"]["num_top_layer"] == "num_fusion_layers" and report["used"]["drop_rate"] == "dropout"
+    assert report["used"]["input_image_embed_size"] == "vit_width" and report["used"]["vit"] == "patch_size"
+    assert {"learning_rate", "datasets", "per_gpu_batchsize", "num_layers", "precision"} <= set(report["ignored"])
+    assert not set(report["used"]) & set(report["ignored"])
+    ids, mask, pixels = inputs()
+    with torch.no_grad():  # 4 fusion heads, as the config says (the width // 64 rule would give 2)
+        ours = model.infer(ids, mask, pixel_values=pixels)
+        reference = reference_meter_infer(sd, ids, mask, pixels, vit_heads=2, text_heads=1, heads=4)
+    torch.testing.assert_close(ours["cls_feats"], reference["cls_feats"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"num_top_layer": 3}, "num_fusion_layers=3 but the tensors say 2"),
+    ({"vit": "ViT-B/32", "patch_size": 32}, "patch_size=32 but the tensors say 16"),
+    ({"vit": "ViT-B/32"}, "give one of them"),  # vit and patch_size disagree
+    ({"input_text_embed_size": 768}, "text_hidden_size=768"),
+    ({"vit": "swin_base_patch4_window7_224_in22k"}, "Swin"),
+    ({"num_top_layers": 6}, "unknown key 'num_top_layers'"),
+    ({"num_fusion_layers": 2, "num_top_layer": 1}, "give one of them"),
+])
+def test_meter_config_errors_are_named(changes, needle):
+    with pytest.raises(ValueError, match=needle):
+        load_official_meter(make_official_state_dict(), meter_config=meter_own_config(**changes))
+
+
+def test_lightning_hyper_parameters_give_the_head_counts(tmp_path):
+    sd = make_official_state_dict()
+    path = tmp_path / "meter.ckpt"
+    torch.save({"state_dict": sd, "hyper_parameters": {"config": meter_own_config(some_future_key=1)}}, path)
+    model = load_official_meter(str(path)).eval()  # no meter_config: the checkpoint's own config is read
+    assert (model.config.num_heads, model.config.max_text_len) == (4, 40)
+    assert "some_future_key" in model.official_config_report["checkpoint hyper_parameters"]["ignored"]
+    ids, mask, pixels = inputs(seed=4)
+    with torch.no_grad():
+        ours = model.infer(ids, mask, pixel_values=pixels)
+        reference = reference_meter_infer(sd, ids, mask, pixels, vit_heads=2, text_heads=1, heads=4)
+    torch.testing.assert_close(ours["cls_feats"], reference["cls_feats"], rtol=1e-4, atol=1e-4)
+    # an explicit meter_config wins over the checkpoint's
+    assert load_official_meter(str(path), {"num_heads": 2, "max_text_len": 30}).config.num_heads == 2
+
+
+def test_loss_names_without_mlm_allow_the_head_to_be_missing():
+    sd = {k: v for k, v in make_official_state_dict().items() if not k.startswith("mlm_score")}
+    with pytest.raises(ValueError, match="allow_missing_heads"):
+        load_official_meter(sd)
+    config = meter_own_config(loss_names={"itm": 0.5, "irtr": 1, "mlm": 0})
+    assert load_official_meter(sd, config).config.num_heads == 4
+
+
+def test_convert_tool_reads_meters_hparams_yaml(official, tmp_path, capsys):
+    import yaml
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_meter_ckpt", Path(__file__).resolve().parents[1] / "tools" / "convert_meter_ckpt.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    _, path, _ = official
+    hparams = tmp_path / "hparams.yaml"  # what Lightning writes beside METER's logs
+    hparams.write_text(yaml.safe_dump({"config": meter_own_config()}))
+    tool.main(["--src", path, "--out", str(tmp_path / "out"), "--meter-config", str(hparams)])
+    out = capsys.readouterr().out
+    assert "meter_config: used" in out and "num_top_layer->num_fusion_layers" in out and "learning_rate" in out
+    assert METER.from_pretrained(str(tmp_path / "out")).config.num_heads == 4
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(meter_own_config(hidden_sise=768)))
+    with pytest.raises(SystemExit, match="unknown key 'hidden_sise'"):
+        tool.main(["--src", path, "--out", str(tmp_path / "out2"), "--meter-config", str(bad)])
+
+
+def test_finetuning_from_an_official_checkpoint_takes_its_architecture(tmp_path):
+    """finetune.py --init meter.ckpt: model.* from the file's tensors and hyper_parameters, not METERConfig defaults."""
+    from epic.finetune import build_finetune_model, resolve_finetune_config
+
+    path = tmp_path / "meter.ckpt"
+    torch.save({"state_dict": make_official_state_dict(), "hyper_parameters": {"config": meter_own_config()}}, path)
+    cfg = resolve_finetune_config(None, [f"run.dir={tmp_path / 'run'}", "data.tokenizer=/some/tokenizer"],
+                                  "retrieval", str(path))
+    model_cfg = cfg.model
+    assert (model_cfg.vit_width, model_cfg.hidden_size, model_cfg.num_fusion_layers, model_cfg.num_heads) == (
+        W, H, FUSION_LAYERS, 4)
+    assert (model_cfg.text_hidden_size, model_cfg.vocab_size, cfg.data.image_size) == (T, VOCAB, IMAGE)
+    model = build_finetune_model(cfg)
+    reference = load_official_meter(str(path))
+    assert torch.equal(model.rank_output.weight, reference.itm_score.fc.weight[1:])
+    assert torch.equal(model.cross_modal_text_layers[0].attention.self.query.weight,
+                       reference.cross_modal_text_layers[0].attention.self.query.weight)

@@ -11,8 +11,9 @@ world size). DIR then holds:
     config.json                 METERConfig, so that METER.from_pretrained(DIR) works (pretraining runs),
     tokenizer/                  the run's tokenizer (HF),
     text_encoder/               the text tower: transformers.AutoModel.from_pretrained(DIR/text_encoder) (+ tokenizer),
-    vision_encoder.safetensors  the vision tower's timm weights, and vision_encoder.json: the keyword arguments of
-                                timm.models.vision_transformer.VisionTransformer that rebuild it,
+    vision_encoder.safetensors  the vision tower's timm weights, and vision_encoder.json: what timm itself reads to
+                                rebuild it (a timm CLIP model name + overrides): timm.create_model(name,
+                                pretrained=True, pretrained_cfg_overlay=dict(file=...), **kwargs),
     meter.ckpt                  {"state_dict": ...} in the official METER layout (vit_model.visual.*, ...),
     generator/                  EPIC runs: the generator as a HF masked LM (AutoModelForMaskedLM) + tokenizer,
     export.json                 where it came from (checkpoint, step, world size) and the file list.
@@ -37,26 +38,36 @@ from epic.eval.loading import (GENERATOR_ENGINE, WeightSource, has_engine, locat
                                read_deepspeed_weights, read_step, tokenizer_path)
 
 
-def vision_encoder_kwargs(model_cfg) -> dict:
-    """Keyword arguments of timm's VisionTransformer equal to epic.models.vision.build_vision_tower(model_cfg)."""
-    from epic.models.vision import CLIP_LAYER_NORM_EPS
-
-    return dict(img_size=model_cfg.image_size, patch_size=model_cfg.patch_size, embed_dim=model_cfg.vit_width,
-                depth=model_cfg.vit_layers, num_heads=model_cfg.vit_heads, mlp_ratio=4.0, pre_norm=True,
-                final_norm=True, global_pool="", num_classes=0, class_token=True, act_layer="quick_gelu",
-                norm_eps=CLIP_LAYER_NORM_EPS)
+# timm's OpenAI-CLIP image towers (QuickGELU, ln_pre, LayerNorm eps 1e-5, class token) by (patch, width, heads)
+TIMM_CLIP_MODELS = {(16, 768, 12): "vit_base_patch16_clip_quickgelu_224",
+                    (32, 768, 12): "vit_base_patch32_clip_quickgelu_224",
+                    (14, 1024, 16): "vit_large_patch14_clip_quickgelu_224"}
+TIMM_CLIP_FAMILY = "vit_base_patch16_clip_quickgelu_224"  # sizes outside the table: its entry point with sizes set
+VISION_WEIGHTS = "vision_encoder.safetensors"
 
 
-def build_timm_vision_encoder(kwargs: dict):
-    """Rebuild the exported vision tower with timm alone (`norm_eps` becomes timm's norm_layer)."""
-    from functools import partial
+def vision_encoder_spec(model_cfg) -> dict:
+    """What `timm.create_model` itself reads to rebuild the vision tower (written as vision_encoder.json).
 
-    from timm.models.vision_transformer import VisionTransformer
-    from torch import nn
+    A released CLIP size is its timm model name plus the overrides METER needs: the image size, the depth (METER
+    keeps 11 of CLIP's 12 blocks), no classifier and no pooling (ln_post on every token). Other sizes use the same
+    CLIP entry point with patch_size / embed_dim / num_heads set too: timm's plain VisionTransformer constructor
+    cannot express CLIP's LayerNorm eps (1e-5; its default is 1e-6) in JSON, its CLIP entry points fix it.
+        timm.create_model(spec["model_name"], pretrained=True,
+                          pretrained_cfg_overlay=dict(file=DIR / spec["weights"]), **spec["kwargs"])
+    The model's forward (= forward_features) then equals our `encode_image`.
+    """
+    import timm
 
-    kwargs = dict(kwargs)
-    eps = kwargs.pop("norm_eps")
-    return VisionTransformer(norm_layer=partial(nn.LayerNorm, eps=eps), **kwargs)
+    kwargs = dict(img_size=model_cfg.image_size, depth=model_cfg.vit_layers, num_classes=0, global_pool="")
+    name = TIMM_CLIP_MODELS.get((model_cfg.patch_size, model_cfg.vit_width, model_cfg.vit_heads))
+    if name is None:
+        name = TIMM_CLIP_FAMILY
+        kwargs.update(patch_size=model_cfg.patch_size, embed_dim=model_cfg.vit_width, num_heads=model_cfg.vit_heads)
+    return {"library": "timm", "timm_version": timm.__version__, "model_name": name, "weights": VISION_WEIGHTS,
+            "kwargs": kwargs,
+            "usage": "timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=<this folder>/"
+                     "weights), **kwargs); model(pixels) -> [B, 1 + grid^2, width], ln_post applied to every token"}
 
 
 def resolve_source(ckpt: str, tag: str | None) -> WeightSource:
@@ -136,10 +147,9 @@ def export(ckpt: str, out: str, tag: str | None = None) -> dict:
     tokenizer.save_pretrained(str(out / "text_encoder"))
     files.append("text_encoder")
 
-    save_file({k: v.detach().contiguous() for k, v in model.vit_model.state_dict().items()},
-              str(out / "vision_encoder.safetensors"))
-    (out / "vision_encoder.json").write_text(json.dumps(vision_encoder_kwargs(model.config), indent=2))
-    files += ["vision_encoder.safetensors", "vision_encoder.json"]
+    save_file({k: v.detach().contiguous() for k, v in model.vit_model.state_dict().items()}, str(out / VISION_WEIGHTS))
+    (out / "vision_encoder.json").write_text(json.dumps(vision_encoder_spec(model.config), indent=2) + "\n")
+    files += [VISION_WEIGHTS, "vision_encoder.json"]
 
     torch.save({"state_dict": to_official_state_dict(model)}, out / "meter.ckpt")
     files.append("meter.ckpt")

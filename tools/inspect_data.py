@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
     from epic.data import build_train_loader
 
-    sources = [{"shards": spec, "name": f"source{i}"} for i, spec in enumerate(args.shards)]
+    sources = [{"shards": spec, "name": f"source{i}", "weight": 1.0} for i, spec in enumerate(args.shards)]
     try:
         loader = build_train_loader(sources, args.tokenizer, image_size=args.image_size, max_text_len=args.max_text_len,
                                     batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed, rank=0,

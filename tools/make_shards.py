@@ -11,7 +11,8 @@ read sequentially at training time) unless --no-shuffle.
 
 Output, in img2dataset's layout so the training loader reads both alike: DIR/NNNNN.tar with {key}.<ext> (the
 original image bytes; ext jpg/png/webp as detected), {key}.txt (first caption) and {key}.json ({"key", "caption":
-[captions], "image": relative path}); DIR/NNNNN_stats.json per shard; DIR/sizes.json ({"NNNNN.tar": count});
+[captions], "image": relative path}); DIR/NNNNN_stats.json per shard; DIR/sizes.json ({"NNNNN.tar": count}); DIR/counts.json (images and captions per
+shard: the training loader's source weights `auto` and its epoch length come from it);
 DIR/report.json (missing and broken images, entries without captions, counts); DIR/plan.json (the inputs).
 
 Resumable: a shard is written to a temporary name and renamed when complete; a rerun keeps completed shards and
@@ -32,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from epic.data.shards import count_shard, write_shard_counts  # noqa: E402
 from epic.data.synthetic import sample_key  # noqa: E402
 
 PIL_FORMAT_TO_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -103,7 +105,7 @@ def write_shard(task: dict) -> dict:
 
     out, shard, samples = Path(task["out"]), task["shard"], task["samples"]
     image_root, verify, shard_size = Path(task["image_root"]), task["verify"], task["shard_size"]
-    stats = {"shard": f"{shard:05d}.tar", "count": 0, "missing": [], "broken": []}
+    stats = {"shard": f"{shard:05d}.tar", "count": 0, "captions": 0, "missing": [], "broken": []}
     tmp = out / f"{shard:05d}.tar.tmp{os.getpid()}"
     with wds.TarWriter(str(tmp), encoder=False, mtime=FIXED_MTIME) as writer:
         for index, sample in enumerate(samples):
@@ -117,6 +119,7 @@ def write_shard(task: dict) -> dict:
             writer.write({"__key__": key, ext: data, "txt": sample["caption"][0].encode("utf-8"),
                           "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
             stats["count"] += 1
+            stats["captions"] += len(sample["caption"])
     stats_path = out / f"{shard:05d}_stats.json"
     stats_path.with_suffix(".tmp").write_text(json.dumps(stats, indent=1))
     os.replace(stats_path.with_suffix(".tmp"), stats_path)
@@ -181,9 +184,15 @@ def main(argv=None) -> int:
     all_stats = [json.loads((out / f"{s:05d}_stats.json").read_text()) for s in range(num_shards)]
     sizes = {st["shard"]: st["count"] for st in all_stats}
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
+    if any("captions" not in st for st in all_stats):  # stats of shards written before captions were counted
+        counts = {st["shard"]: count_shard(str(out / st["shard"])) for st in all_stats}
+    else:
+        counts = {st["shard"]: {"images": st["count"], "captions": st["captions"]} for st in all_stats}
+    write_shard_counts(out, counts)
     report = {
         "images": len(samples),
         "written": sum(sizes.values()),
+        "captions": sum(c["captions"] for c in counts.values()),
         "shards": num_shards,
         "shards_reused": reused,
         "missing": [m for st in all_stats for m in st["missing"]],

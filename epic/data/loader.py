@@ -11,9 +11,20 @@ w, w + W, ...). A stream is a pure function of (seed, s, S) and of how many samp
     visit sequence perm_0 ++ perm_1 ++ ... is dealt round-robin to the S streams, so concurrent streams read
     different shards (no duplicate samples in a global batch while shards outnumber streams);
   * each stream keeps `shards_open` shards open per source and reads them sequentially;
-  * raw draw n picks the source by weight (per sample, so weights are sample shares whatever the shard sizes)
-    and an open shard uniformly, from an RNG seeded with (seed, s, n); the same draw seeds the caption choice
-    and the image augmentation; batch b's MLM masking is seeded with (seed, s, b).
+  * raw draw n picks the source by weight (per sample, so weights are sample shares whatever the shard sizes),
+    stratified: each block of SOURCE_BLOCK draws holds every source floor or ceil(block * share) times
+    (systematic sampling with an offset seeded by (seed, s, block)), in a seeded random order, so the shares are
+    exact to ~1/SOURCE_BLOCK at any length, not only on average; an open shard is drawn uniformly from an RNG
+    seeded with (seed, s, n) (`draw`), which also seeds the image augmentation; batch b's MLM masking is seeded
+    with (seed, s, b).
+  * the sample unit (data.sample_unit). "caption" (default, as METER and ALBEF index their data): a sample is an
+    (image, caption) pair; source weights default to caption counts (counts.json beside the shards) and an epoch
+    is one pass over all captions. A shard is read image by image (so a batch never holds one image twice), and
+    the e-th pass over a source's shards gives image k the caption perm_k[e mod c_k] of a permutation seeded by
+    (seed, source, key): over c passes every caption of an image with c captions comes once, and the passes over
+    a source come as often as its caption share demands. "image": a sample is an image with one caption drawn
+    uniformly per visit (seeded by the draw); weights default to image counts. Both are pure functions of
+    (seed, stream, position): nothing is added to the position. Each batch carries `caption_index` [B].
 Batching happens inside the worker and the DataLoader collates nothing (batch_size=None), so its round-robin
 order is fixed. Every batch carries its stream's position after it (JSON-able: samples drawn, batches made, per
 source the next visit and (visit, offset) of each open shard) and the skip counts since the previous batch; the
@@ -36,6 +47,7 @@ import copy
 import json
 import os
 import random
+import zlib
 from collections import Counter
 from typing import Optional, Sequence
 
@@ -43,13 +55,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import Source, count_skips, decode_sample, expand_shard_spec, iter_raw_samples, parse_sources
+from .shards import (Source, count_skips, decode_sample, epoch_length, expand_shard_spec, iter_raw_samples,
+                     parse_sources)
 from .text import load_tokenizer, mask_tokens_for_mlm, replacement_token_ids, tokenize_captions
 from .transforms import TRAIN_CROP_SCALE, eval_transform, seeded_transform, train_transform
 
 STATE_VERSION = 2  # 2: positions keyed by global stream index, `streams` fixed per run
 # Purposes folded into seeds so the RNG streams of different decisions never coincide.
-_SHARD_ORDER, _DRAW, _MLM, _EVAL_MLM = 1, 2, 3, 4
+_SHARD_ORDER, _DRAW, _MLM, _EVAL_MLM, _CAPTION_ORDER, _SOURCE_BLOCK = 1, 2, 3, 4, 5, 6
+SOURCE_BLOCK = 1024  # draws per stratified block of source choices
 
 
 def _seed(*keys: int) -> int:
@@ -58,13 +72,16 @@ def _seed(*keys: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-def collate_rows(keys, pixels, captions, content_words, tokenizer, max_text_len, mlm_probability, replacement_ids, generator) -> dict:
-    """Rows -> the batch dict of docs/CONTRACTS.md (pixel_values, text fields, MLM fields, content_mask, keys)."""
+def collate_rows(keys, pixels, captions, content_words, tokenizer, max_text_len, mlm_probability, replacement_ids,
+                 generator, caption_indices) -> dict:
+    """Rows -> the batch dict of docs/CONTRACTS.md (pixel_values, text fields, MLM fields, content_mask, keys,
+    caption_index: which of the sample's captions each row holds)."""
     batch = {"pixel_values": torch.stack(pixels).float()}
     batch.update(tokenize_captions(tokenizer, captions, content_words, max_text_len))
     batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens_for_mlm(
         batch["input_ids"], batch["special_tokens_mask"], tokenizer.mask_token_id, replacement_ids, mlm_probability, generator)
     batch["keys"] = list(keys)
+    batch["caption_index"] = torch.tensor(list(caption_indices), dtype=torch.long)
     return batch
 
 
@@ -74,6 +91,28 @@ def shard_for_visit(source_index: int, num_shards: int, seed: int, stream: int, 
     g = stream + visit * num_streams
     epoch, position = divmod(g, num_shards)
     return int(np.random.default_rng(_seed(seed, _SHARD_ORDER, source_index, epoch)).permutation(num_shards)[position])
+
+
+def visit_pass(num_shards: int, stream: int, num_streams: int, visit: int) -> int:
+    """Which pass over a source's shards a stream's visit belongs to (the epoch of its shard permutation)."""
+    return (stream + visit * num_streams) // num_shards
+
+
+def _key_number(key: str) -> int:
+    return zlib.crc32(key.encode("utf-8"))
+
+
+def choose_caption(unit: str, num_captions: int, seed: int, source: int, key: str, shard_pass: int,
+                   sample_seed: int) -> int:
+    """The caption a visit uses. "caption": the shard_pass-th entry (mod c) of the sample's seeded caption
+    permutation, so c passes show each caption once; "image": uniform per visit, from the draw's seed."""
+    if num_captions == 1:
+        return 0
+    if unit == "image":
+        return random.Random(sample_seed).randrange(num_captions)
+    cycle, position = divmod(shard_pass, num_captions)
+    order = np.random.default_rng(_seed(seed, _CAPTION_ORDER, source, _key_number(key), cycle)).permutation(num_captions)
+    return int(order[position])
 
 
 def initial_position(num_sources: int, shards_open: int) -> dict:
@@ -92,16 +131,35 @@ class SampleStream:
         self.weights = np.array([s.weight / total for s in sources])
         self.skips: Counter = Counter()
         self._open: dict = {}
+        self._block = None  # (block number, its source choices): derived from the seed, not part of the position
 
-    def next_raw(self) -> tuple[dict, int]:
-        """The next raw sample and the seed for its caption choice and augmentation."""
-        rng = np.random.default_rng(_seed(self.seed, _DRAW, self.stream, self.position["samples"]))
-        source = int(rng.choice(len(self.sources), p=self.weights)) if len(self.sources) > 1 else 0
+    def draw(self, n: int) -> tuple[int, int, int]:
+        """Raw draw n of this stream: (source, open-shard slot, sample seed), a pure function of (seed, stream, n)."""
+        rng = np.random.default_rng(_seed(self.seed, _DRAW, self.stream, n))
         slot = int(rng.integers(self.shards_open))
-        sample_seed = int(rng.integers(2**62))
+        return self.source_of_draw(n), slot, int(rng.integers(2**62))
+
+    def source_of_draw(self, n: int) -> int:
+        """The source of draw n: systematic sampling of the weights over its block of draws, randomly ordered."""
+        if len(self.sources) == 1:
+            return 0
+        block, index = divmod(n, SOURCE_BLOCK)
+        if self._block is None or self._block[0] != block:
+            rng = np.random.default_rng(_seed(self.seed, _SOURCE_BLOCK, self.stream, block))
+            points = rng.random() + np.arange(SOURCE_BLOCK)  # E[count of s] = SOURCE_BLOCK * weight_s exactly
+            bounds = np.cumsum(self.weights) * SOURCE_BLOCK
+            bounds[-1] = SOURCE_BLOCK + 1.0  # rounding of the cumulative sum never leaves a point unassigned
+            self._block = (block, rng.permutation(np.searchsorted(bounds, points, side="right")))
+        return int(self._block[1][index])
+
+    def next_raw(self) -> tuple[dict, int, int, int]:
+        """The next raw sample, its seed (augmentation, per-image caption choice), its source and shard pass."""
+        source, slot, sample_seed = self.draw(self.position["samples"])
         raw = self._next_from_slot(source, slot)
+        visit = self.position["sources"][source]["slots"][slot][0]
+        shard_pass = visit_pass(len(self.sources[source].shards), self.stream, self.num_streams, visit)
         self.position["samples"] += 1
-        return raw, sample_seed
+        return raw, sample_seed, source, shard_pass
 
     def _url(self, source: int, visit: int) -> str:
         shards = self.sources[source].shards
@@ -135,7 +193,8 @@ class SampleStream:
     def pop_skips(self) -> Counter:
         # copy and clear in place: the open shards' readers hold this very Counter and add to it when they end
         # (a truncated tar is counted when its reader reaches the cut, possibly several batches later)
-        skips, self.skips = self.skips, Counter()
+        skips = Counter(self.skips)
+        self.skips.clear()
         return skips
 
 
@@ -151,8 +210,9 @@ class TrainStream(IterableDataset):
 
     def __init__(self, sources, tokenizer, *, image_size, max_text_len, batch_size, seed, rank, world_size,
                  streams, positions, first_stream, shards_open, mlm_probability, randaugment, crop_scale,
-                 max_consecutive_skips):
+                 max_consecutive_skips, sample_unit="caption"):
         super().__init__()
+        self.sample_unit = sample_unit
         self.sources, self.tokenizer = sources, tokenizer
         self.image_size, self.max_text_len, self.batch_size = image_size, max_text_len, batch_size
         self.seed, self.rank, self.world_size, self.streams = seed, rank, world_size, streams
@@ -184,9 +244,9 @@ class TrainStream(IterableDataset):
         replacement_ids = replacement_token_ids(self.tokenizer)
         skipped_in_a_row = 0
         while True:
-            keys, pixels, captions, flags, skips = [], [], [], [], Counter()
+            keys, pixels, captions, flags, chosen, skips = [], [], [], [], [], Counter()
             while len(keys) < self.batch_size:
-                raw, sample_seed = stream.next_raw()
+                raw, sample_seed, source, shard_pass = stream.next_raw()
                 sample = decode_sample(raw)
                 if isinstance(sample, str):
                     skips[sample] += 1
@@ -197,14 +257,16 @@ class TrainStream(IterableDataset):
                             "check the shards with tools/inspect_data.py")
                     continue
                 skipped_in_a_row = 0
-                choice = random.Random(sample_seed).randrange(len(sample.captions))
+                choice = choose_caption(self.sample_unit, len(sample.captions), self.seed, source, sample.key,
+                                        shard_pass, sample_seed)
+                chosen.append(choice)
                 keys.append(sample.key)
                 pixels.append(seeded_transform(transform, sample.image, sample_seed))
                 captions.append(sample.captions[choice])
                 flags.append(sample.content_words[choice])
             generator = torch.Generator().manual_seed(_seed(self.seed, _MLM, stream_index, position["batches"]))
             batch = collate_rows(keys, pixels, captions, flags, self.tokenizer, self.max_text_len,
-                                 self.mlm_probability, replacement_ids, generator)
+                                 self.mlm_probability, replacement_ids, generator, chosen)
             position["batches"] += 1
             skips.update(stream.pop_skips())
             batch["_stream"] = {"stream": local, "position": copy.deepcopy(position), "skips": dict(skips)}
@@ -227,7 +289,8 @@ class TrainLoader:
 
     def __init__(self, sources: Sequence[Source], tokenizer, *, image_size, max_text_len, batch_size, num_workers,
                  seed, rank, world_size, mlm_probability, randaugment, crop_scale, shards_open, pin_memory,
-                 prefetch_factor, max_consecutive_skips, multiprocessing_context=None, streams=None):
+                 prefetch_factor, max_consecutive_skips, multiprocessing_context=None, streams=None,
+                 sample_unit="caption"):
         streams = streams or world_size * max(1, num_workers)
         check_streams(streams, world_size, num_workers)
         self.sources, self.tokenizer = list(sources), tokenizer
@@ -237,7 +300,8 @@ class TrainLoader:
         self._stream_args = dict(image_size=image_size, max_text_len=max_text_len, batch_size=batch_size, seed=seed,
                                  rank=rank, world_size=world_size, streams=streams,
                                  shards_open=shards_open, mlm_probability=mlm_probability, randaugment=randaugment,
-                                 crop_scale=tuple(crop_scale), max_consecutive_skips=max_consecutive_skips)
+                                 crop_scale=tuple(crop_scale), max_consecutive_skips=max_consecutive_skips,
+                                 sample_unit=sample_unit)
         self._positions: list = [None] * self.streams_per_rank
         self._batches = 0
         self._skips: Counter = Counter()
@@ -276,8 +340,14 @@ class TrainLoader:
         """The settings a saved position is only valid with (the world size is not one of them)."""
         a = self._stream_args
         return {"seed": a["seed"], "streams": self.streams, "batch_size": a["batch_size"],
-                "shards_open": a["shards_open"],
+                "shards_open": a["shards_open"], "sample_unit": a["sample_unit"],
+                "source_draw": f"stratified-{SOURCE_BLOCK}" if len(self.sources) > 1 else "single",
                 "sources": [[s.name, len(s.shards), s.weight] for s in self.sources]}
+
+    @property
+    def epoch_samples(self) -> Optional[int]:
+        """Samples in one epoch (one pass over all captions, or images with sample_unit=image); None if uncounted."""
+        return epoch_length(self.sources, self._stream_args["sample_unit"])
 
     def state_dict(self) -> dict:
         """Position after the last batch yielded (JSON-able; store it per rank, e.g. in DeepSpeed client_state)."""
@@ -360,10 +430,10 @@ class EvalStream(IterableDataset):
 
         def emit(chunk):
             nonlocal batch_no
-            keys, pixels, captions, flags, indices = zip(*chunk)
+            keys, pixels, captions, flags, indices, caption_indices = zip(*chunk)
             generator = torch.Generator().manual_seed(_seed(0, _EVAL_MLM, part, batch_no))
             batch = collate_rows(keys, list(pixels), list(captions), list(flags), self.tokenizer, self.max_text_len,
-                                 0.15, replacement_ids, generator)
+                                 0.15, replacement_ids, generator, caption_indices)
             batch["image_index"] = torch.tensor(indices, dtype=torch.long)
             batch["_skips"] = dict(skips + (shard_skips if part == 0 else Counter()))
             skips.clear(), shard_skips.clear()
@@ -381,7 +451,7 @@ class EvalStream(IterableDataset):
                     continue
                 pixels = transform(sample.image)
                 chosen = range(len(sample.captions)) if self.all_captions else range(1)
-                rows.extend((sample.key, pixels, sample.captions[c], sample.content_words[c], index) for c in chosen)
+                rows.extend((sample.key, pixels, sample.captions[c], sample.content_words[c], index, c) for c in chosen)
                 while len(rows) >= self.batch_size:
                     yield emit(rows[: self.batch_size])
                     rows = rows[self.batch_size:]
@@ -430,23 +500,22 @@ def build_train_loader(sources, tokenizer, *, image_size: int, max_text_len: int
                        seed: int, rank: int, world_size: int, mlm_probability: float = 0.15, randaugment: bool = True,
                        state: Optional[dict] = None, crop_scale=TRAIN_CROP_SCALE, shards_open: int = 2,
                        pin_memory: bool = False, prefetch_factor: int = 2, max_consecutive_skips: int = 100_000,
-                       multiprocessing_context=None, streams: Optional[int] = None) -> TrainLoader:
+                       multiprocessing_context=None, sample_unit: str = "caption", streams: Optional[int] = None) -> TrainLoader:
     """The infinite, exactly resumable training loader of one rank.
 
-    sources: a shard spec, or a list of specs / dicts {shards, weight=1.0, name}; tokenizer: a HF fast tokenizer
-    or its folder; state: a TrainLoader.state_dict() (or merge_train_states() of all ranks) to resume from;
-    streams: the run's number of data streams (None: world_size x max(1, num_workers)); a resumed state brings its
-    own. Missing shards fail here, naming them.
+    sources: a shard spec, or a list of specs / dicts {shards, weight="auto", name} (auto: the caption count, or
+    image count for sample_unit="image", from counts.json); tokenizer: a HF fast tokenizer or its folder; state: a
+    TrainLoader.state_dict() to resume from. Missing shards (and counts that weight auto needs) fail here.
     """
     _check_common(image_size, max_text_len, batch_size, num_workers, rank, world_size)
     if shards_open < 1:
         raise ValueError(f"shards_open must be >= 1, got {shards_open}")
-    loader = TrainLoader(parse_sources(sources), _tokenizer(tokenizer), image_size=image_size, max_text_len=max_text_len,
+    loader = TrainLoader(parse_sources(sources, sample_unit), _tokenizer(tokenizer), image_size=image_size, max_text_len=max_text_len,
                          batch_size=batch_size, num_workers=num_workers, seed=seed, rank=rank, world_size=world_size,
                          mlm_probability=mlm_probability, randaugment=randaugment, crop_scale=crop_scale,
                          shards_open=shards_open, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                          max_consecutive_skips=max_consecutive_skips, multiprocessing_context=multiprocessing_context,
-                         streams=streams or (state or {}).get("streams"))
+                         sample_unit=sample_unit, streams=streams or (state or {}).get("streams"))
     if state is not None:
         loader.load_state_dict(state)
     return loader

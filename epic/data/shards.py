@@ -1,5 +1,11 @@
 """Shards on disk: shard specs and sources, reading raw samples from a tar, decoding them, counting what is skipped.
 
+Shard counts: every folder of shards may hold `counts.json` ({"format": COUNTS_FORMAT, "shards": {"00000.tar":
+{"images": n, "captions": m}, ...}}), written by tools/make_shards.py and tools/make_synthetic_shards.py, or for
+other shards (img2dataset's) by `python tools/count_shards.py DIR`. A source's weight `auto` is its caption count
+(or image count with data.sample_unit=image) summed over its listed shards, and an epoch is one pass over the
+captions (images) of all sources, so neither is typed by hand.
+
 A shard spec is a brace pattern (`/data/cc3m/{00000..00331}.tar`), optionally a glob (`/data/coco/*.tar`), several
 joined with `::`, or a list of those. All listed local shards must exist: a missing one is an error at build time
 naming the pattern and the missing files (the official METER code crashes with an IndexError much later instead).
@@ -25,6 +31,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 from braceexpand import braceexpand
@@ -73,23 +80,120 @@ def expand_shard_spec(spec: Union[str, Sequence[str]], name: str = "shards") -> 
     return urls
 
 
+COUNTS_FILE = "counts.json"
+COUNTS_FORMAT = "epic-shard-counts/1"
+SAMPLE_UNITS = ("caption", "image")
+
+
+class MissingCountsError(FileNotFoundError):
+    """A source needs shard counts (weight auto, or an epoch length) that no counts.json provides."""
+
+
+def write_shard_counts(folder, counts: dict) -> Path:
+    """Write `folder/counts.json` for {shard file name: {"images": n, "captions": m}} (atomically)."""
+    folder = Path(folder)
+    data = {"format": COUNTS_FORMAT, "images": sum(c["images"] for c in counts.values()),
+            "captions": sum(c["captions"] for c in counts.values()),
+            "shards": {name: {"images": int(c["images"]), "captions": int(c["captions"])}
+                       for name, c in sorted(counts.items())}}
+    tmp = folder / (COUNTS_FILE + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, folder / COUNTS_FILE)
+    return folder / COUNTS_FILE
+
+
+def _read_counts_file(folder: str, cache: dict) -> Optional[dict]:
+    if folder not in cache:
+        path = Path(folder) / COUNTS_FILE
+        if not path.is_file():
+            cache[folder] = None
+        else:
+            try:
+                data = json.loads(path.read_text())
+            except ValueError as exn:
+                raise ValueError(f"{path} is not valid JSON ({exn}); rewrite it with tools/count_shards.py") from exn
+            if not isinstance(data, dict) or data.get("format") != COUNTS_FORMAT:
+                raise ValueError(f"{path}: not a shard-count file of format {COUNTS_FORMAT!r}; rewrite it with "
+                                 f"`python tools/count_shards.py {folder}`")
+            cache[folder] = data["shards"]
+    return cache[folder]
+
+
+def shard_counts(urls: Sequence[str], name: str = "shards") -> tuple[int, int]:
+    """(images, captions) summed over the listed shards, from the counts.json beside each; raises
+    MissingCountsError naming the shards (and the command that writes the file) when a count is missing."""
+    cache: dict = {}
+    images = captions = 0
+    missing = []
+    for url in urls:
+        folder, file = (None, None) if _is_remote(url) else os.path.split(os.path.abspath(url))
+        entry = (_read_counts_file(folder, cache) or {}).get(file) if folder else None
+        if entry is None:
+            missing.append(url)
+            continue
+        images += int(entry["images"])
+        captions += int(entry["captions"])
+    if missing:
+        folders = sorted({os.path.dirname(os.path.abspath(u)) for u in missing if not _is_remote(u)})
+        shown = ", ".join(missing[:3]) + (f", ... ({len(missing)} in all)" if len(missing) > 3 else "")
+        fix = (f"write them with `python tools/count_shards.py {' '.join(folders)}`" if folders else
+               "remote shards have no counts: give the source an explicit weight")
+        raise MissingCountsError(
+            f"{name}: no image/caption counts for {shown} ({COUNTS_FILE} beside the shards, written by "
+            f"tools/make_shards.py and tools/make_synthetic_shards.py); {fix}, or give an explicit weight")
+    return images, captions
+
+
+def count_shard(url: str) -> dict:
+    """{"images", "captions", "skipped"} of one shard by reading it (captions only; images are not decoded)."""
+    skips: Counter = Counter()
+    images = captions = skipped = 0
+    for raw in iter_raw_samples(url, skips):
+        text = read_captions(raw)
+        if isinstance(text, str) or not any(e in raw for e in IMAGE_EXTENSIONS):
+            skipped += 1
+            continue
+        images += 1
+        captions += len(text[0])
+    return {"images": images, "captions": captions, "skipped": skipped + sum(skips.values())}
+
+
 @dataclass(frozen=True)
 class Source:
-    """One training source: its shard URLs and its share of the sample stream (weights are normalised)."""
+    """One training source: its shard URLs, its share of the sample stream (weights are normalised) and, when
+    its counts.json files are there, its image and caption counts."""
 
     name: str
     shards: tuple
     weight: float = 1.0
+    images: Optional[int] = None
+    captions: Optional[int] = None
+
+    def count(self, unit: str) -> Optional[int]:
+        """Samples in one pass: captions (unit "caption") or images (unit "image"); None when not counted."""
+        return self.captions if unit == "caption" else self.images
 
 
-def parse_sources(sources) -> list[Source]:
-    """Sources from a spec string, a list of specs, or dicts {shards, weight=1.0, name}; checks shards exist."""
+def epoch_length(sources: Sequence[Source], unit: str) -> Optional[int]:
+    """Samples in one epoch = one pass over every source's captions (or images); None if any is not counted."""
+    counts = [s.count(unit) for s in sources]
+    return None if any(c is None for c in counts) else sum(counts)
+
+
+def parse_sources(sources, sample_unit: str = "caption") -> list[Source]:
+    """Sources from a spec string, a list of specs, or dicts {shards, weight="auto", name}; checks shards exist.
+
+    weight "auto" (or None, or absent) = the source's caption count (image count for sample_unit="image") from
+    its counts.json files; a single source needs no count. An explicit number is used as given.
+    """
+    if sample_unit not in SAMPLE_UNITS:
+        raise ValueError(f"sample_unit must be one of {SAMPLE_UNITS}, got {sample_unit!r}")
     if isinstance(sources, (str, os.PathLike, dict)):
         sources = [sources]
+    items = [{"shards": str(item)} if isinstance(item, (str, os.PathLike)) else item for item in sources]
+    single = len(items) == 1
     parsed = []
-    for i, item in enumerate(sources):
-        if isinstance(item, (str, os.PathLike)):
-            item = {"shards": str(item)}
+    for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise TypeError(f"source {i}: expected a shard spec string or a dict {{shards, weight, name}}, got {type(item).__name__}")
         unknown = set(item) - {"shards", "weight", "name"}
@@ -98,10 +202,23 @@ def parse_sources(sources) -> list[Source]:
         if "shards" not in item:
             raise ValueError(f"source {i}: missing 'shards' (a brace pattern such as /data/cc3m/{{00000..00331}}.tar)")
         name = str(item.get("name") or f"source{i}")
-        weight = float(item.get("weight", 1.0))
+        urls = tuple(expand_shard_spec(item["shards"], name=f"source '{name}'"))
+        weight = item.get("weight", "auto")
+        auto = weight is None or weight == "auto"
+        try:
+            images, captions = shard_counts(urls, name=f"source '{name}'")
+        except MissingCountsError:
+            if auto and not single:
+                raise
+            images = captions = None
+        if auto:
+            weight = 1.0 if single else float(captions if sample_unit == "caption" else images)
+        elif isinstance(weight, str):
+            raise ValueError(f"source '{name}': weight must be a number or 'auto', got {weight!r}")
+        weight = float(weight)
         if not weight > 0:
-            raise ValueError(f"source '{name}': weight must be > 0, got {weight}")
-        parsed.append(Source(name=name, shards=tuple(expand_shard_spec(item["shards"], name=f"source '{name}'")), weight=weight))
+            raise ValueError(f"source '{name}': weight must be > 0, got {weight} (an empty source has no samples)")
+        parsed.append(Source(name=name, shards=urls, weight=weight, images=images, captions=captions))
     if not parsed:
         raise ValueError("no training sources given")
     if len({s.name for s in parsed}) != len(parsed):

@@ -11,7 +11,7 @@ caption, one content flag per whitespace word, so saliency hit-rate and the moda
 
 Layout (img2dataset's): DIR/{train,val}/NNNNN.tar holding {key}.jpg, {key}.txt (first caption) and {key}.json
 ({"key", "caption": [...], "content_words": [[bool, ...], ...], "objects": [...], "background", "scene"}),
-DIR/manifest.json (counts, seed, shard lists) and DIR/tokenizer (byte-level BPE, RoBERTa specials, HF format).
+DIR/{train,val}/counts.json (images and captions per shard, epic.data.shards), DIR/manifest.json (counts, seed, shard lists) and DIR/tokenizer (byte-level BPE, RoBERTa specials, HF format).
 Everything is a pure function of the seed: same seed, identical bytes.
 
 Augmentation note: colour, count and position are labels here, so the train transform must not change colours
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, ImageDraw
+
+from .shards import write_shard_counts
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -245,16 +247,20 @@ def write_split(out: Path, split: str, count: int, image_size: int, seed: int, s
 
     split_dir = out / split
     split_dir.mkdir(parents=True, exist_ok=True)
-    shards, captions = [], []
+    shards, captions, counts = [], [], {}
     for shard in range(math.ceil(count / samples_per_shard)):
         path = split_dir / f"{shard:05d}.tar"
+        before = len(captions)
+        indices = range(shard * samples_per_shard, min(count, (shard + 1) * samples_per_shard))
         with wds.TarWriter(str(path), encoder=False, mtime=FIXED_MTIME) as writer:
-            for index in range(shard * samples_per_shard, min(count, (shard + 1) * samples_per_shard)):
+            for index in indices:
                 key = sample_key(shard, index - shard * samples_per_shard, samples_per_shard)
                 sample = make_sample(seed, split, index, image_size, key)
                 captions.extend(sample.pop("captions"))
                 writer.write(sample)
         shards.append(str(path.relative_to(out)))
+        counts[path.name] = {"images": len(indices), "captions": len(captions) - before}
+    write_shard_counts(split_dir, counts)
     return shards, captions
 
 

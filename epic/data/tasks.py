@@ -201,12 +201,45 @@ def answers_from_training_file(annotation: str, min_count: int = 1, max_answers:
                                         max_answers)
 
 
-class TaskDataset(Dataset):
-    """Map-style; an index is (epoch, example) so that augmentation is seeded per epoch and example."""
+NEGATIVE_TEXT_SLOT = 7  # seed slot of the negative-caption draw (image slots are 0 and 1)
 
-    def __init__(self, data: TaskData, image_size: int, training: bool, randaugment: bool, seed: int):
+
+def draw_negative_captions(examples: Sequence[dict], index: int, count: int, rng: random.Random) -> list[int]:
+    """`count` distinct caption examples of *other* images, uniformly (METER's draw_false_text: random captions of
+    the training set; METER does not exclude the image's own captions or repeats, we do)."""
+    own = examples[index]["image_id"]
+    chosen: list[int] = []
+    seen = set()
+    while len(chosen) < count:
+        candidate = rng.randrange(len(examples))
+        if candidate not in seen and examples[candidate]["image_id"] != own:
+            seen.add(candidate)
+            chosen.append(candidate)
+    return chosen
+
+
+class TaskDataset(Dataset):
+    """Map-style; an index is (epoch, example) so that augmentation is seeded per epoch and example.
+
+    Retrieval training with `num_negative_texts` > 0: every item also carries that many captions of other images,
+    drawn from the whole training set with a seed of (seed, epoch, example), so a resumed run sees the same ones.
+    """
+
+    def __init__(self, data: TaskData, image_size: int, training: bool, randaugment: bool, seed: int,
+                 num_negative_texts: int = 0):
         self.data, self.training, self.seed = data, training, seed
         self.transform = train_transform(image_size, randaugment) if training else eval_transform(image_size)
+        self.num_negative_texts = num_negative_texts
+        if num_negative_texts:
+            if data.task != "retrieval" or not training:
+                raise ValueError("negative captions are drawn only for retrieval training")
+            per_image: dict[int, int] = {}
+            for example in data.examples:
+                per_image[example["image_id"]] = per_image.get(example["image_id"], 0) + 1
+            fewest = len(data.examples) - max(per_image.values())
+            if fewest < num_negative_texts:
+                raise ValueError(f"finetune.num_negatives={num_negative_texts} but an image has only {fewest} captions "
+                                 f"of other images in the training file; lower finetune.num_negatives")
 
     def __len__(self) -> int:
         return len(self.data.examples)
@@ -229,6 +262,11 @@ class TaskDataset(Dataset):
         for field in ("label", "target", "image_id"):
             if field in example:
                 item[field] = example[field]
+        if self.num_negative_texts:
+            rng = random.Random(_seed(self.seed, epoch, index, NEGATIVE_TEXT_SLOT))
+            chosen = draw_negative_captions(self.data.examples, index, self.num_negative_texts, rng)
+            item["negative_texts"] = [self.data.examples[i]["text"] for i in chosen]
+            item["negative_examples"] = chosen
         return item
 
 
@@ -248,6 +286,13 @@ def make_collate(tokenizer, max_text_len: int):
             batch["target_scores"] = torch.stack([it["target"] for it in items]).float()
         if "image_id" in items[0]:
             batch["image_ids"] = torch.tensor([it["image_id"] for it in items], dtype=torch.long)
+        if "negative_texts" in items[0]:  # retrieval: [B, n, L] captions of other images
+            count = len(items[0]["negative_texts"])
+            negatives = tokenizer([t for it in items for t in it["negative_texts"]], max_length=max_text_len,
+                                  truncation=True, padding="max_length", return_tensors="pt")
+            batch["negative_input_ids"] = negatives["input_ids"].long().view(len(items), count, -1)
+            batch["negative_attention_mask"] = negatives["attention_mask"].long().view(len(items), count, -1)
+            batch["negative_examples"] = torch.tensor([it["negative_examples"] for it in items], dtype=torch.long)
         return batch
     return collate
 
@@ -308,8 +353,10 @@ class TaskTrainLoader:
 
 def build_task_train_loader(data: TaskData, tokenizer, *, image_size: int, max_text_len: int, batch_size: int,
                             seed: int, rank: int, world_size: int, randaugment: bool = True,
-                            num_workers: int = 0) -> TaskTrainLoader:
-    dataset = TaskDataset(data, image_size, training=True, randaugment=randaugment, seed=seed)
+                            num_workers: int = 0, num_negative_texts: int = 0) -> TaskTrainLoader:
+    """`num_negative_texts` > 0 (retrieval): each row also brings that many random captions of other images."""
+    dataset = TaskDataset(data, image_size, training=True, randaugment=randaugment, seed=seed,
+                          num_negative_texts=num_negative_texts)
     return TaskTrainLoader(dataset, make_collate(tokenizer, max_text_len), batch_size=batch_size, seed=seed,
                            rank=rank, world_size=world_size, num_workers=num_workers)
 

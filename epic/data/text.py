@@ -116,11 +116,25 @@ def mask_tokens_for_mlm(
         raise ValueError(f"mlm_probability must be in [0, 1], got {probability}")
     uniform = torch.rand(input_ids.shape, generator=generator)
     selected = (uniform < probability) & ~special_tokens_mask
+    return corrupt_selected_for_mlm(input_ids, selected, mask_token_id, replacement_ids, generator)
+
+
+def corrupt_selected_for_mlm(input_ids: torch.Tensor, selected: torch.Tensor, mask_token_id: int,
+                             replacement_ids: torch.Tensor, generator: torch.Generator
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's corruption of already selected positions: 80% -> <mask>, 10% -> a random non-special id, 10% kept.
+
+    Returns (mlm_input_ids, mlm_labels) as mask_tokens_for_mlm. Random numbers are drawn on the generator's
+    device (CPU for the data loader) and moved to ``input_ids``'s device.
+    """
+    device = input_ids.device
+    draw_device = generator.device if generator is not None else torch.device("cpu")
     labels = torch.where(selected, input_ids, torch.full_like(input_ids, MLM_IGNORE_INDEX))
-    action = torch.rand(input_ids.shape, generator=generator)
+    action = torch.rand(input_ids.shape, generator=generator, device=draw_device).to(device)
     to_mask = selected & (action < 0.8)
     to_random = selected & (action >= 0.8) & (action < 0.9)
-    random_ids = replacement_ids[torch.randint(len(replacement_ids), input_ids.shape, generator=generator)]
+    random_index = torch.randint(len(replacement_ids), input_ids.shape, generator=generator, device=draw_device)
+    random_ids = replacement_ids.to(device)[random_index.to(device)]
     masked = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
     masked = torch.where(to_random, random_ids, masked)
     return masked, labels

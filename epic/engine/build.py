@@ -11,15 +11,18 @@ from typing import Optional
 import torch
 
 from epic.config import Config, ConfigError
+from epic.data.shards import epoch_length
 
 _ENV_VAR = re.compile(r"\$\{([^}]+)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
 @dataclass
 class DataPaths:
-    sources: list[tuple[str, list[str], float]]  # (name, shard files, weight)
+    sources: list[tuple[str, list[str], float]]  # (name, shard files, weight; "auto" weights resolved)
     val_shards: Optional[list[str]]
     tokenizer: str
+    sample_unit: str = "caption"
+    epoch_samples: Optional[int] = None  # one pass over all captions (images); None when a counts.json is missing
 
 
 def expand_env(text: str, what: str) -> str:
@@ -54,7 +57,7 @@ def resolve_data_paths(cfg: Config) -> DataPaths:
             raise ConfigError(f"data.root={root} does not exist. Generate the shapes world with "
                               f"`python tools/make_synthetic_shards.py --out {root} --train 2000 --val 200`.")
         if not sources:
-            sources = [("shapes", str(root / "train" / "*.tar"), 1.0)]
+            sources = [("shapes", str(root / "train" / "*.tar"), "auto")]
         val = val or str(root / "val" / "*.tar")
         tokenizer = tokenizer or str(root / "tokenizer")
     if not sources:
@@ -65,9 +68,22 @@ def resolve_data_paths(cfg: Config) -> DataPaths:
     tokenizer = expand_env(tokenizer, "data.tokenizer")
     if not os.path.exists(tokenizer):
         raise ConfigError(f"data.tokenizer={tokenizer} does not exist")
-    resolved = [(name, expand_shards(spec, f"data source '{name}'"), weight) for name, spec, weight in sources]
+    resolved = resolve_source_weights(
+        [(name, expand_shards(spec, f"data source '{name}'"), weight) for name, spec, weight in sources],
+        data.sample_unit)
     val_files = expand_shards(val, "data.val_shards") if val else None
-    return DataPaths(resolved, val_files, tokenizer)
+    return DataPaths([(s.name, list(s.shards), s.weight) for s in resolved], val_files, tokenizer, data.sample_unit,
+                     epoch_length(resolved, data.sample_unit))
+
+
+def resolve_source_weights(sources, sample_unit: str):
+    """epic.data Sources with "auto" weights replaced by caption (image) counts; ConfigError when counts lack."""
+    from epic.data.shards import MissingCountsError, parse_sources
+
+    try:
+        return parse_sources([{"name": n, "shards": files, "weight": w} for n, files, w in sources], sample_unit)
+    except (MissingCountsError, ValueError) as err:
+        raise ConfigError(f"data.sources: {err}") from err
 
 
 def resolve_model_config(model_cfg, tokenizer):
@@ -128,21 +144,25 @@ def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_
                               batch_size=cfg.data.micro_batch_size, num_workers=cfg.data.num_workers,
                               seed=cfg.run.seed, rank=rank, world_size=world_size,
                               mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment, state=state,
-                              streams=cfg.data.streams or None)
+                              sample_unit=cfg.data.sample_unit, streams=cfg.data.streams or None)
 
 
 class VanillaObjective:
-    """METER's objectives: ITM + MLM with the image encoded once per step."""
+    """METER's objectives: ITM + MLM with the image encoded once per step; ``cmlm`` (a SaliencyCMLM): †CMLM."""
 
-    def __init__(self) -> None:
-        from epic.objectives.vanilla import vanilla_losses
+    def __init__(self, cmlm=None) -> None:
+        from epic.objectives.vanilla import cmlm_losses, vanilla_losses
 
+        self.cmlm = cmlm
         self._losses = vanilla_losses
+        self._cmlm_losses = cmlm_losses
 
     def extra_engines(self) -> dict:
         return {}
 
     def losses(self, model, batch: dict, rng: torch.Generator, step: int) -> dict:
+        if self.cmlm is not None:
+            return self._cmlm_losses(model, batch, rng, self.cmlm)
         return self._losses(model, batch, rng, share_image_embeds=True)
 
     def log_values(self, step: int) -> dict:
@@ -154,7 +174,13 @@ class VanillaObjective:
     def flops_per_sample(self, cfg: Config) -> float:
         from epic.objectives.vanilla import step_flops_per_sample
 
-        return step_flops_per_sample(cfg.model, share_image_embeds=True, text_len=cfg.data.max_text_len)
+        flops = step_flops_per_sample(cfg.model, share_image_embeds=True, text_len=cfg.data.max_text_len)
+        if self.cmlm is not None:
+            from epic.objectives.epic_flops import teacher_flops_per_sample
+
+            with torch.random.fork_rng(devices=[]):
+                flops += teacher_flops_per_sample(self.cmlm.teacher.config, cfg.data.max_text_len)
+        return flops
 
     def state_dict(self) -> dict:
         return {}
@@ -163,8 +189,24 @@ class VanillaObjective:
         pass
 
 
+def load_saliency_teacher(cfg: Config, tokenizer, device):
+    """The frozen teacher of epic.teacher (EPIC's saliency masking, †CMLM), checked against the data's sizes."""
+    from epic.models.teacher import check_teacher_fits, load_teacher
+
+    teacher = load_teacher(expand_env(cfg.epic.teacher, "epic.teacher"), device, cfg.epic.teacher_dtype)
+    check_teacher_fits(teacher, tokenizer, cfg.data.image_size, cfg.data.max_text_len)
+    return teacher
+
+
 def build_objective(cfg: Config, engine, tokenizer, ds_config: dict, batch_math, paths: DataPaths, device):
     if not cfg.epic.enabled:
+        if cfg.data.mlm_masking == "saliency":  # †CMLM (App. J): METER with saliency-masked MLM
+            from epic.data.text import replacement_token_ids
+            from epic.objectives.vanilla import SaliencyCMLM
+
+            teacher = load_saliency_teacher(cfg, tokenizer, torch.device(device))
+            return VanillaObjective(SaliencyCMLM(teacher, cfg.data.mlm_probability, tokenizer.mask_token_id,
+                                                 replacement_token_ids(tokenizer)))
         return VanillaObjective()
     from epic.objectives.consistency import EpicObjective
 
@@ -197,8 +239,12 @@ def check_run_inputs(trainer) -> None:
             check_streams(cfg.data.streams, trainer.world_size, cfg.data.num_workers)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-    if cfg.epic.enabled and cfg.epic.teacher is not None:
+    if (cfg.epic.enabled or cfg.data.mlm_masking == "saliency") and cfg.epic.teacher is not None:
         teacher = expand_env(cfg.epic.teacher, "epic.teacher")
         if not os.path.exists(teacher):
             raise ConfigError(f"epic.teacher={teacher} does not exist (a run dir, checkpoint dir, export dir or "
                               f"official METER .ckpt)")
+    if cfg.epic.enabled and cfg.epic.generator_mode == "pretrained_fixed":
+        from epic.models.generator import check_fitted_generator
+
+        check_fitted_generator(expand_env(cfg.epic.generator.pretrained, "epic.generator.pretrained"))

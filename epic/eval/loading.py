@@ -63,7 +63,9 @@ def run_dir_of(source: WeightSource) -> Optional[Path]:
 
 
 def read_config_dict(source: WeightSource) -> Optional[dict]:
-    """The resolved config the weights were trained with (None for an official checkpoint: it has none we read)."""
+    """The resolved config the weights were trained with; for an official METER checkpoint only its `model`
+    section, from the tensor shapes and its Lightning hyper_parameters (plus a METER config beside it, FILE.json,
+    as for a teacher)."""
     if source.kind == "deepspeed":
         from epic.engine.checkpoint import read_trainer_state
 
@@ -74,7 +76,13 @@ def read_config_dict(source: WeightSource) -> Optional[dict]:
     if source.kind == "export":
         with open(source.path / EXPORT_CONFIG) as f:
             return yaml.safe_load(f)
-    return None
+    import dataclasses
+
+    from epic.models.meter import official_meter_config
+
+    beside = source.path.with_suffix(".json")
+    cfg = official_meter_config(str(source.path), str(beside) if beside.is_file() else None)
+    return {"model": {**dataclasses.asdict(cfg), "vit_pretrained": None, "text_pretrained": None}}
 
 
 def read_step(source: WeightSource) -> int:

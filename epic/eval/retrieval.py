@@ -17,9 +17,10 @@ their contrastive embeddings the same way, where it is a trained one). A model m
 `retrieval_embeddings(image_embeds, text_embeds, text_mask) -> (image_vectors, text_vectors)`. With
 k_test >= the number of candidates the shortlist is everything and the result equals the exhaustive one.
 
-Pair score. The default is log p(match) = log_softmax(ITM logits)[:, 1]: the same ranking as METER's softmax
-probability, but without the ties that saturated probabilities produce in half precision. A task model may define
-`pair_score(cls_feats)` (the fine-tuned retrieval model's rank head does).
+Pair score. The default (a pretrained model, zero-shot) is the raw ITM match logit itm_score(cls_feats)[:, 1], as
+METER ranks: its retrieval model's rank_output is initialised from that row of the ITM head (weight and bias), so
+before fine-tuning it scores exactly this. (log p(match) = -softplus(l0 - l1) would rank by l1 - l0 instead: another
+ranking.) A task model may define `pair_score(cls_feats)`: the fine-tuned retrieval model scores with rank_output.
 
 Metrics (in percent, as papers report them). With S the [images x texts] score matrix and gt(t) the image of text t:
     TR rank of image i = #{wrong texts t : S[i, t] >= max over i's own texts of S[i, t']}
@@ -207,8 +208,10 @@ def _image_hw(model) -> tuple[int, int]:
 # Scoring
 # ----------------------------------------------------------------------------------------------------------------
 def default_pair_score(model, cls_feats: torch.Tensor) -> torch.Tensor:
-    """log p(match | image, text) from the ITM head (fp32)."""
-    return model.itm_score(cls_feats).float().log_softmax(dim=-1)[:, 1]
+    """The raw ITM "match" logit itm_score(cls_feats)[:, 1] (fp32): what METER ranks a pretrained model by, since
+    its rank_output is initialised from that row (weight and bias) before any fine-tuning. Not log p(match): the
+    log-softmax subtracts a per-pair log-sum-exp and so reorders pairs."""
+    return model.itm_score(cls_feats)[:, 1].float()
 
 
 @torch.no_grad()

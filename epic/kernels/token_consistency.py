@@ -6,8 +6,11 @@
 Labels are 1 for consistent tokens (outside T) and 0 for inconsistent ones (inside T); only tokens where ``mask``
 is true count. The Triton forward reads ``hidden`` once per token block and, in the same launch, writes the
 gradient pieces: dL/dz_i (unscaled), grad_hidden_i = dL/dz_i * beta and per-block partial sums of dL/dz_i * h_i
-and dL/dz_i. The backward only multiplies them by grad_output (and 1/count for "mean"): no second pass over
-``hidden``. The stored pieces are unscaled so that fp16/bf16 gradients keep the loss scale's headroom.
+and dL/dz_i. The backward only multiplies them by grad_output (and 1/count for "mean" / "pair_sum"): no second
+pass over ``hidden``. The stored pieces are unscaled so that fp16/bf16 gradients keep the loss scale's headroom.
+
+Reductions: "mean" averages over all counted tokens of the batch ("token_mean"); "pair_sum" is Eq. 2 as written,
+the sum over a pair's tokens, averaged over the pairs (rows with at least one counted token); "sum"; "none".
 """
 import torch
 import torch.nn.functional as F
@@ -16,7 +19,7 @@ from .dispatch import tl, triton, use_triton
 
 __all__ = ["token_consistency_loss", "token_consistency_loss_reference", "TokenConsistencyLossFunction"]
 
-_REDUCTIONS = ("mean", "sum", "none")
+_REDUCTIONS = ("mean", "pair_sum", "sum", "none")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,10 +105,11 @@ def _token_consistency_forward_triton(hidden2d, weight, bias, labels, mask, fuse
 
 class TokenConsistencyLossFunction(torch.autograd.Function):
     """Autograd wrapper of the fused kernel. Inputs are already flattened: hidden2d [N, d] (unit column stride),
-    weight [d], bias [1], labels fp32 [N], mask uint8 [N]. Returns (loss, logits fp32 [N] non-differentiable)."""
+    weight [d], bias [1], labels fp32 [N], mask uint8 [N]; ``row_length`` n (pair_sum: rows of n tokens).
+    Returns (loss, logits fp32 [N] non-differentiable)."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, labels, mask, reduction):
+    def forward(ctx, hidden2d, weight, bias, labels, mask, reduction, row_length):
         needs_grad = any(ctx.needs_input_grad[:3])
         fuse_grads = needs_grad and reduction != "none"
         logits, loss_per_token, dlogit, grad_hidden, grad_weight, grad_bias = _token_consistency_forward_triton(
@@ -115,11 +119,9 @@ class TokenConsistencyLossFunction(torch.autograd.Function):
             ctx.save_for_backward(dlogit, hidden2d, weight)
         else:
             loss = loss_per_token.sum()
-            if reduction == "mean":
-                count = mask.sum(dtype=torch.float32).clamp(min=1.0)
+            count = reduction_count(mask.view(-1, row_length) != 0, reduction)
+            if count is not None:
                 loss = loss / count
-            else:
-                count = None
             ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, count)
         ctx.reduction = reduction
         ctx.dtypes = (hidden2d.dtype, weight.dtype, bias.dtype)
@@ -136,7 +138,7 @@ class TokenConsistencyLossFunction(torch.autograd.Function):
             grad_hidden = (scaled[:, None] * weight.float()[None, :]).to(hidden_dtype)
             grad_weight = (scaled[None, :] @ hidden2d.float()).reshape(-1).to(weight_dtype)
             grad_bias = scaled.sum().reshape(1).to(bias_dtype)
-            return grad_hidden, grad_weight, grad_bias, None, None, None
+            return grad_hidden, grad_weight, grad_bias, None, None, None, None
         if getattr(ctx, "grad_buffer_used", False):
             raise RuntimeError("backward ran twice through token_consistency_loss; its fused gradient buffer is "
                                "scaled in place. Recompute the loss instead of retain_graph=True.")
@@ -146,7 +148,17 @@ class TokenConsistencyLossFunction(torch.autograd.Function):
         grad_hidden = grad_hidden.mul_(scale) if ctx.needs_input_grad[0] else None  # fp32 scale, in place
         grad_weight = (grad_weight * scale).to(weight_dtype) if ctx.needs_input_grad[1] else None
         grad_bias = (grad_bias * scale).reshape(1).to(bias_dtype) if ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def reduction_count(mask2d: torch.Tensor, reduction: str):
+    """The divisor of a reduction over a [B, n] mask: counted tokens ("mean"), pairs with a counted token
+    ("pair_sum"), or None ("sum", "none"). fp32, at least 1 (no counted token: loss 0, with a graph)."""
+    if reduction == "mean":
+        return mask2d.sum(dtype=torch.float32).clamp(min=1.0)
+    if reduction == "pair_sum":
+        return mask2d.any(dim=1).sum(dtype=torch.float32).clamp(min=1.0)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,8 +174,8 @@ def token_consistency_loss_reference(hidden, weight, bias, labels, mask, reducti
         loss = per_token
     elif reduction == "sum":
         loss = per_token.sum()
-    else:
-        loss = per_token.sum() / mask.sum().clamp(min=1)
+    else:  # "mean": / counted tokens; "pair_sum": / pairs (Eq. 2 per pair, averaged over pairs)
+        loss = per_token.sum() / reduction_count(mask, reduction)
     return loss, logits.detach()
 
 
@@ -178,8 +190,9 @@ def token_consistency_loss(hidden, weight, bias, labels, mask, reduction="mean")
         weight: [d], the head beta. bias: 0-d or [1] tensor b.
         labels: [B, n] float/bool/int, 1 = consistent (i not in T), 0 = inconsistent (i in T); soft labels allowed.
         mask: [B, n] bool, the tokens that count (real text tokens).
-        reduction: "mean" (over counted tokens; 0 with a graph when none counts), "sum", or "none" ([B, n] fp32,
-            zeros outside ``mask``).
+        reduction: "mean" (over counted tokens; 0 with a graph when none counts), "pair_sum" (Eq. 2 literally:
+            summed over each row's counted tokens, averaged over the rows that have one), "sum", or "none"
+            ([B, n] fp32, zeros outside ``mask``).
     Returns:
         (loss fp32, logits fp32 [B, n] detached, z_i = beta^T h_i + b for every token, for metrics).
     Math is fp32 whatever the input dtype; gradients come back in the inputs' dtypes.
@@ -193,7 +206,7 @@ def token_consistency_loss(hidden, weight, bias, labels, mask, reduction="mean")
         hidden2d = hidden2d.contiguous()
     loss, logits = TokenConsistencyLossFunction.apply(
         hidden2d, weight.contiguous(), bias.reshape(1), labels.reshape(-1).float().contiguous(),
-        mask.reshape(-1).contiguous().view(torch.uint8), reduction)
+        mask.reshape(-1).contiguous().view(torch.uint8), reduction, length)
     if reduction == "none":
         loss = loss.view(batch, length)
     return loss, logits.view(batch, length)

@@ -4,8 +4,9 @@ Each task model *is* a METER (subclass) plus its head, so state-dict keys stay M
 `to_official_state_dict` is the layout of METER's own fine-tuned checkpoints (`vqa_classifier.*`, ...), and the
 parameter-group rules (x5 for `cross_modal*`, head multiplier for `*_classifier`) apply unchanged.
 
-  retrieval  `rank_output` Linear(2H -> 1), initialised from the ITM head's "match" row (METER does the same);
-             trained with a softmax over one positive and `num_negatives` negative captions per image.
+  retrieval  `rank_output` Linear(2H -> 1), initialised from the ITM head's "match" row (weight and bias, as METER);
+             trained with a softmax over one positive and `num_negatives` negative captions per image (METER: 15
+             random captions of the training set), optionally plus the ITM term (finetune.itm_weight).
   vqa        `vqa_classifier` 2H -> 2H -> LayerNorm -> GELU -> num_answers; BCE on VQA soft scores x num_answers.
   nlvr2      two fusion passes (second image with token type 2, a third token-type row copied from the image
              row), `nlvr2_classifier` on the concatenated cls_feats: 4H -> 2H -> LayerNorm -> GELU -> 2.
@@ -220,10 +221,28 @@ def choose_negative_texts(similarity: torch.Tensor, same_image: torch.Tensor, nu
         similarity.device)
 
 
+def rank_loss(scores: torch.Tensor) -> torch.Tensor:
+    """METER's IR/TR loss (objectives.compute_irtr): cross-entropy over each image's [positive, negatives] rank
+    scores [B, 1 + n], the positive at index 0 (fp32)."""
+    target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    return F.cross_entropy(scores.float(), target)
+
+
+def rank_scores(model: METERForRetrieval, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                input_ids: torch.Tensor, attention_mask: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """[B, 1 + n] rank_output scores of image b with the captions texts[b] (rows of the text arrays); the towers'
+    outputs are indexed, only the fusion runs per (image, caption) pair."""
+    images = torch.arange(texts.shape[0], device=texts.device).view(-1, 1).expand_as(texts).flatten()
+    rows = texts.flatten()
+    out = model.infer(input_ids[rows], attention_mask[rows], image_embeds=image_embeds[images],
+                      text_embeds=text_embeds[rows])
+    return model.pair_score(out["cls_feats"]).view(texts.shape)
+
+
 def retrieval_rank_loss(model: METERForRetrieval, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                         attention_mask: torch.Tensor, image_ids: torch.Tensor, num_negatives: int, hard: bool,
                         generator: Optional[torch.Generator] = None, negatives: Optional[torch.Tensor] = None) -> dict:
-    """METER's IR/TR fine-tuning loss: per image, softmax over [positive, negatives] rank scores, target 0.
+    """The rank loss with negatives from the micro-batch (finetune.negatives=hard | in_batch).
 
     Row b of the batch is (image b, its caption b); the negatives of image b are other rows' captions
     (`negatives` [B, n] when given, else chosen by `choose_negative_texts`). Each image and each caption goes
@@ -236,12 +255,75 @@ def retrieval_rank_loss(model: METERForRetrieval, pixel_values: torch.Tensor, in
                                    generator)
     batch = input_ids.shape[0]
     texts = torch.cat([torch.arange(batch, device=input_ids.device).view(-1, 1), negatives], dim=1)  # [B, 1+n]
-    images = torch.arange(batch, device=input_ids.device).view(-1, 1).expand_as(texts)
-    out = model.infer(input_ids[texts.flatten()], attention_mask[texts.flatten()],
-                      image_embeds=image_embeds[images.flatten()], text_embeds=text_embeds[texts.flatten()])
-    scores = model.pair_score(out["cls_feats"]).view(batch, -1)
-    target = torch.zeros(batch, dtype=torch.long, device=scores.device)
-    return {"loss": F.cross_entropy(scores, target), "rank_acc": (scores.argmax(dim=1) == 0).float().mean()}
+    scores = rank_scores(model, image_embeds, text_embeds, input_ids, attention_mask, texts)
+    return {"loss": rank_loss(scores), "rank_acc": (scores.argmax(dim=1) == 0).float().mean(),
+            "image_embeds": image_embeds, "text_embeds": text_embeds, "input_ids": input_ids,
+            "attention_mask": attention_mask}
+
+
+def retrieval_rank_loss_with_texts(model: METERForRetrieval, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                                   attention_mask: torch.Tensor, negative_input_ids: torch.Tensor,
+                                   negative_attention_mask: torch.Tensor) -> dict:
+    """METER's recipe (finetune.negatives=random): per image its caption and the n captions the loader drew from
+    the training set ([B, n, L]). Every caption goes through the text tower (as in METER), each image once."""
+    batch, count = negative_input_ids.shape[:2]
+    ids = torch.cat([input_ids.unsqueeze(1), negative_input_ids], dim=1).flatten(0, 1)  # [B(1+n), L]
+    mask = torch.cat([attention_mask.unsqueeze(1), negative_attention_mask], dim=1).flatten(0, 1)
+    image_embeds = model.encode_image(pixel_values)
+    text_embeds = model.encode_text(ids, mask)
+    texts = torch.arange(batch * (count + 1), device=ids.device).view(batch, count + 1)
+    scores = rank_scores(model, image_embeds, text_embeds, ids, mask, texts)
+    return {"loss": rank_loss(scores), "rank_acc": (scores.argmax(dim=1) == 0).float().mean(),
+            "image_embeds": image_embeds, "text_embeds": text_embeds[texts[:, 0]], "input_ids": ids[texts[:, 0]],
+            "attention_mask": mask[texts[:, 0]]}
+
+
+def mismatched_images(image_ids: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple:
+    """METER's ITM pairs (objectives.compute_itm): B // 2 captions keep their image, at random positions; the
+    others get a uniformly drawn image of another row with a different image (METER: a random dataset image).
+    Returns (labels [B] 1 = matched, image_index [B])."""
+    batch = image_ids.shape[0]
+    other = image_ids.view(-1, 1) != image_ids.view(1, -1)
+    if not bool(other.any(dim=1).all()):
+        raise ValueError("the ITM term needs an image of another example in every micro-batch: raise "
+                         "data.micro_batch_size or set finetune.itm_weight=0")
+    labels = torch.cat([torch.ones(batch // 2, dtype=torch.long), torch.zeros(batch - batch // 2, dtype=torch.long)])
+    labels = labels[torch.randperm(batch, generator=generator, device="cpu")].to(image_ids.device)
+    drawn = torch.multinomial(other.float().cpu(), 1, generator=generator).view(-1).to(image_ids.device)
+    return labels, torch.where(labels == 1, torch.arange(batch, device=image_ids.device), drawn)
+
+
+def retrieval_itm_loss(model: METER, image_embeds: torch.Tensor, text_embeds: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor, image_ids: torch.Tensor,
+                       generator: Optional[torch.Generator] = None) -> dict:
+    """The ITM term of METER's irtr config (loss_names itm > 0), through the frozen ITM head, on (caption b,
+    image b or a mismatched one), reusing the towers' outputs."""
+    labels, image_index = mismatched_images(image_ids, generator)
+    out = model.infer(input_ids, attention_mask, image_embeds=image_embeds[image_index], text_embeds=text_embeds)
+    logits = model.itm_score(out["cls_feats"]).float()
+    return {"loss": F.cross_entropy(logits, labels), "itm_acc": (logits.argmax(dim=1) == labels).float().mean()}
+
+
+def retrieval_losses(model: METERForRetrieval, batch: dict, *, negatives: str, num_negatives: int,
+                     itm_weight: float, generator: Optional[torch.Generator] = None) -> dict:
+    """Fine-tuning loss for IR/TR: L_rank + itm_weight * L_ITM (see finetune.negatives / finetune.itm_weight)."""
+    if negatives == "random":
+        if "negative_input_ids" not in batch:
+            raise KeyError("finetune.negatives=random needs batches with negative_input_ids (build the loader with "
+                           "num_negative_texts=finetune.num_negatives)")
+        rank = retrieval_rank_loss_with_texts(model, batch["pixel_values"], batch["input_ids"],
+                                              batch["attention_mask"], batch["negative_input_ids"],
+                                              batch["negative_attention_mask"])
+    else:
+        rank = retrieval_rank_loss(model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                   batch["image_ids"], num_negatives, negatives == "hard", generator)
+    out = {"loss": rank["loss"], "loss_irtr": rank["loss"].detach(), "rank_acc": rank["rank_acc"].detach()}
+    if itm_weight > 0:
+        itm = retrieval_itm_loss(model, rank["image_embeds"], rank["text_embeds"], rank["input_ids"],
+                                 rank["attention_mask"], batch["image_ids"], generator)
+        out.update(loss=rank["loss"] + itm_weight * itm["loss"], loss_itm=itm["loss"].detach(),
+                   itm_acc=itm["itm_acc"].detach())
+    return out
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ replaced by the VLM's image [CLS] feature (gradient stopped) through a trainable
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,10 @@ from epic.config import ConfigError, config_from_dict
 from .text import prepared_attention_mask, text_hf_config
 
 GENERATOR_FAMILIES = {"roberta": (RobertaConfig, RobertaForMaskedLM), "bert": (BertConfig, BertForMaskedLM)}
+# tools/fit_generator.py writes this file beside the HF weights: it tells a generator fitted on the captions
+# ("LM (trained)") from an untouched base LM ("LM (fixed)"), and records what it was fitted on.
+FITTED_MARKER = "epic_generator.json"
+FITTED_FORMAT = "epic-fitted-generator/1"
 
 
 class EpicGenerator(nn.Module):
@@ -158,6 +163,30 @@ def load_pretrained_generator(path: str, model_cfg, image_width: Optional[int]) 
     elif image_width is not None and generator.image_projection is None:
         generator.image_projection = new_image_projection(image_width, generator.lm.config.hidden_size)
     return generator
+
+
+def check_fitted_generator(path: str) -> dict:
+    """``epic.generator_mode=pretrained_fixed`` ("LM (trained)", Table 5) needs a generator fitted on the captions:
+    an HF folder written by tools/fit_generator.py (its FITTED_MARKER is returned), or an EPIC run / checkpoint
+    dir whose generator engine was trained during pretraining. An untouched base LM is a ConfigError: with it the
+    run would silently be "LM (fixed)"."""
+    folder = Path(path)
+    if (folder / "config.json").is_file():
+        marker = folder / FITTED_MARKER
+        if not marker.is_file():
+            raise ConfigError(
+                f"epic.generator_mode=pretrained_fixed (\"LM (trained)\") but epic.generator.pretrained={path} is an "
+                f"untouched language model (no {FITTED_MARKER}): that is \"LM (fixed)\" (epic.generator_mode=fixed). "
+                f"Fit it on the pretraining captions first: python tools/fit_generator.py --config <this config> "
+                f"--out DIR --steps N, then epic.generator.pretrained=DIR")
+        try:
+            info = json.loads(marker.read_text())
+        except ValueError as err:
+            raise ConfigError(f"{marker} is not valid JSON ({err}); rerun tools/fit_generator.py") from err
+        if info.get("format") != FITTED_FORMAT:
+            raise ConfigError(f"{marker}: format {info.get('format')!r}, expected {FITTED_FORMAT!r}")
+        return info
+    return {"run": str(folder)}  # an EPIC run dir: load_pretrained_generator checks it has a generator engine
 
 
 def check_generator_matches(generator: EpicGenerator, model_cfg) -> None:

@@ -334,7 +334,9 @@ def from_official_state_dict(official: Dict[str, torch.Tensor], model: METER,
                        len(downstream), downstream)
     used = {k: v for k, v in official.items()
             if not _unused_official_key(k, vit_layers) and not k.startswith(OFFICIAL_DOWNSTREAM_HEADS)}
-    expected = set(to_official_state_dict(model))
+    # a task model's own downstream heads (rank_output, ...) are new: they keep their init (or, for rank_output,
+    # take the ITM head's match row in load_pretrained_weights), as the official file's heads are skipped above
+    expected = {k for k in to_official_state_dict(model) if not k.startswith(OFFICIAL_DOWNSTREAM_HEADS)}
     unexpected = sorted(set(used) - expected)
     missing = sorted(expected - set(used))
     missing_heads = [k for k in missing if k.startswith(("mlm_score.", "itm_score."))]
@@ -353,22 +355,165 @@ def from_official_state_dict(official: Dict[str, torch.Tensor], model: METER,
     return ours
 
 
+# METER's own config (zdou0830/METER meter/config.py, also saved by Lightning as ckpt["hyper_parameters"]["config"]
+# and in hparams.yaml) -> METERConfig. Keys with the same name and meaning pass through (hidden_size, num_heads,
+# mlp_ratio, max_text_len, vocab_size, image_size, patch_size).
+OFFICIAL_CONFIG_RENAMES = {"num_top_layer": "num_fusion_layers", "drop_rate": "dropout",
+                           "input_text_embed_size": "text_hidden_size", "input_image_embed_size": "vit_width"}
+# Read but mapped by rule: `tokenizer` (roberta-* / bert-*: the text tower type), `vit` (a CLIP name 'ViT-B/16':
+# its patch size; Swin is not supported), `loss_names` (which pretraining heads the checkpoint has).
+OFFICIAL_CONFIG_RULES = ("tokenizer", "vit", "loss_names")
+# METER keys that do not change the network: training, data, logging and environment settings; `num_layers` sizes
+# a BertConfig whose layer count METER never uses (the fusion depth is num_top_layer); `vqav2_label_size` and
+# `resolution_before` concern downstream heads / Swin, which the importer does not build.
+OFFICIAL_CONFIG_IGNORED = frozenset({
+    "exp_name", "seed", "datasets", "batch_size", "train_transform_keys", "val_transform_keys", "draw_false_image",
+    "image_only", "resolution_before", "vqav2_label_size", "whole_word_masking", "mlm_prob", "draw_false_text",
+    "num_layers", "optim_type", "learning_rate", "weight_decay", "decay_power", "max_epoch", "max_steps",
+    "warmup_steps", "end_lr", "lr_mult_head", "lr_mult_cross_modal", "get_recall_metric", "resume_from",
+    "fast_dev_run", "val_check_interval", "test_only", "data_root", "log_dir", "per_gpu_batchsize", "num_gpus",
+    "num_nodes", "load_path", "num_workers", "precision"})
+CLIP_PATCH_SIZES = {"ViT-B/32": 32, "ViT-B/16": 16, "ViT-L/14": 14, "ViT-L/14@336px": 14}
+
+
+def read_official_checkpoint(path: str) -> tuple[Dict[str, torch.Tensor], Optional[dict]]:
+    """(state dict, METER config dict or None) of an official METER file: a Lightning ``.ckpt`` keeps the config
+    under ``hyper_parameters["config"]`` (``save_hyperparameters()``); a plain state-dict file has none."""
+    if not os.path.isfile(path) or path.endswith(".safetensors"):
+        return read_state_dict(path), None
+    from .vision import is_torchscript_archive
+
+    if is_torchscript_archive(path):
+        return read_state_dict(path), None
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        hparams = obj.get("hyper_parameters")
+        if isinstance(hparams, dict) and isinstance(hparams.get("config"), dict):
+            hparams = hparams["config"]
+        return obj["state_dict"], dict(hparams) if isinstance(hparams, dict) else None
+    return read_state_dict(path), None
+
+
+def read_meter_config_file(path: str) -> dict:
+    """A METER config as JSON, or YAML (Lightning's hparams.yaml: ``config: {...}``; read with safe_load)."""
+    import yaml
+
+    with open(path) as f:
+        text = f.read()
+    try:
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"--meter-config {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                         f"{' '.join(str(err).split())}") from None
+    if isinstance(values, dict) and set(values) == {"config"} and isinstance(values["config"], dict):
+        values = values["config"]
+    if not isinstance(values, dict):
+        raise ValueError(f"--meter-config {path} must hold a mapping of config keys, got {type(values).__name__}")
+    return values
+
+
+def overrides_from_official_config(values: Optional[dict], source: str = "meter config",
+                                   strict: bool = True) -> tuple[dict, dict]:
+    """METER's config keys (and/or METERConfig fields) -> (METERConfig overrides, report).
+
+    report = {"used": {key: field}, "ignored": [training-only keys], "heads": {"mlm": bool, "itm": bool} or None}.
+    A key that is neither a METER key nor a METERConfig field is an error when ``strict`` (a user's file: a typo
+    would otherwise be dropped) and ignored with a warning otherwise (a checkpoint's own hyper_parameters, which a
+    later METER version may extend).
+    """
+    known = {f.name for f in dataclasses.fields(METERConfig)}
+    overrides: dict = {}
+    used: dict = {}
+    ignored: list = []
+    heads = None
+
+    def put(field: str, value, key: str) -> None:
+        if field in overrides and overrides[field] != value:
+            raise ValueError(f"{source}: '{key}' sets {field}={value!r} but another key set {field}="
+                             f"{overrides[field]!r}; give one of them")
+        overrides[field] = value
+        used[key] = field
+
+    for key, value in (values or {}).items():
+        if key in known:
+            put(key, value, key)
+        elif key in OFFICIAL_CONFIG_RENAMES:
+            put(OFFICIAL_CONFIG_RENAMES[key], value, key)
+        elif key == "tokenizer":
+            name = str(value).lower()
+            if "roberta" not in name and "bert" not in name:
+                raise ValueError(f"{source}: tokenizer={value!r}: only RoBERTa and BERT text towers are supported")
+            put("text_model_type", "roberta" if "roberta" in name else "bert", key)
+        elif key == "vit":
+            if "swin" in str(value).lower():
+                raise ValueError(f"{source}: vit={value!r}: METER's Swin image towers are not supported "
+                                 f"(CLIP ViT only)")
+            if value in CLIP_PATCH_SIZES:
+                put("patch_size", CLIP_PATCH_SIZES[value], key)
+            else:  # a local CLIP file path (METER's build_model accepts one): its sizes come from the tensors
+                ignored.append(key)
+        elif key == "loss_names":
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: loss_names must be a mapping (METER's _loss_names), got {value!r}")
+            heads = {"mlm": float(value.get("mlm", 0)) > 0, "itm": float(value.get("itm", 0)) > 0}
+            used[key] = "pretraining heads"
+        elif key in OFFICIAL_CONFIG_IGNORED:
+            ignored.append(key)
+        elif not strict:
+            logger.warning("%s: unknown METER config key %r ignored", source, key)
+            ignored.append(key)
+        else:
+            raise ValueError(f"{source}: unknown key {key!r}: neither a METER config key (meter/config.py) nor a "
+                             f"METERConfig field; METERConfig fields: {sorted(known)}")
+    if "text_model_type" in overrides and "text_layer_norm_eps" not in overrides:
+        overrides["text_layer_norm_eps"] = TEXT_LAYER_NORM_EPS[overrides["text_model_type"]]
+    return overrides, {"used": used, "ignored": sorted(ignored), "heads": heads}
+
+
+def _resolve_official(path_or_state_dict, meter_config: Optional[dict | str] = None):
+    """(state dict, METERConfig, heads the config says are absent, reports) of an official METER checkpoint."""
+    if isinstance(meter_config, str):
+        meter_config = read_meter_config_file(meter_config)
+    hparams = None
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        state_dict, hparams = read_official_checkpoint(str(path_or_state_dict))
+    else:
+        state_dict = dict(path_or_state_dict)
+    overrides, reports, heads_absent = {}, {}, False
+    for source, values in (("checkpoint hyper_parameters", hparams), ("meter_config", meter_config)):
+        if values:
+            found, report = overrides_from_official_config(values, source, strict=source == "meter_config")
+            overrides.update(found)
+            reports[source] = report
+            logger.info("%s: used %s; ignored (training-only) %s", source,
+                        ", ".join(f"{k}->{v}" for k, v in report["used"].items()) or "nothing",
+                        ", ".join(report["ignored"]) or "nothing")
+            if report["heads"] is not None and not all(report["heads"].values()):
+                heads_absent = True  # METER builds mlm_score / itm_score only for losses > 0
+    return state_dict, meter_config_from_official(state_dict, overrides), heads_absent, reports
+
+
+def official_meter_config(path: str, meter_config: Optional[dict | str] = None) -> METERConfig:
+    """The METERConfig of an official checkpoint (tensor shapes, its hyper_parameters, ``meter_config``), e.g. the
+    architecture of a fine-tuning run started from it."""
+    return _resolve_official(path, meter_config)[1]
+
+
 def load_official_meter(path_or_state_dict, meter_config: Optional[dict | str] = None,
                         allow_missing_heads: bool = False) -> METER:
     """Build our METER from an official METER checkpoint (PyTorch-Lightning ``.ckpt``: ``["state_dict"]``).
 
-    ``meter_config``: a dict or a JSON file of METERConfig fields overriding what cannot be read from shapes
-    (``num_heads``, ``vit_heads``, ``text_heads``, ``max_text_len``, ``dropout``, ...). Load only trusted files:
-    Lightning checkpoints are pickles.
+    Sizes come from the tensor shapes. What shapes cannot tell (head counts, max_text_len, dropout, the text tower
+    type, a new image_size) comes from, in increasing priority: the checkpoint's own Lightning
+    ``hyper_parameters["config"]``, then ``meter_config`` — a dict, or a JSON / YAML file (Lightning's hparams.yaml
+    works), holding METER's own config keys (``hidden_size num_top_layer num_heads mlp_ratio
+    input_text_embed_size input_image_embed_size vit tokenizer max_text_len patch_size image_size drop_rate``...;
+    training-only keys are ignored) and/or METERConfig fields. Which keys were used and which ignored is logged and
+    kept in ``model.official_config_report``. ``loss_names`` with ``mlm``/``itm`` at 0 allows the checkpoint to
+    lack those heads. Load only trusted files: Lightning checkpoints are pickles.
     """
-    if isinstance(meter_config, str):
-        with open(meter_config) as f:
-            meter_config = json.load(f)
-    if isinstance(path_or_state_dict, str):
-        state_dict = read_state_dict(path_or_state_dict)
-    else:
-        state_dict = dict(path_or_state_dict)
-    cfg = meter_config_from_official(state_dict, meter_config)
+    state_dict, cfg, heads_absent, reports = _resolve_official(path_or_state_dict, meter_config)
+    allow_missing_heads = allow_missing_heads or heads_absent
     model = METER(cfg)
     missing_heads_ok = model.load_state_dict(
         from_official_state_dict(state_dict, model, allow_missing_heads), strict=not allow_missing_heads)
@@ -376,4 +521,5 @@ def load_official_meter(path_or_state_dict, meter_config: Optional[dict | str] =
         stray = [k for k in missing_heads_ok.missing_keys if not k.startswith(("mlm_score.", "itm_score."))]
         if stray or missing_heads_ok.unexpected_keys:
             raise ValueError(f"unexpected load result: missing {stray}, unexpected {missing_heads_ok.unexpected_keys}")
+    model.official_config_report = reports
     return model

@@ -36,8 +36,8 @@ from epic.models.meter import init_meter_weights
 from .corruption import (consistency_labels, excluded_token_ids, inconsistent_positions, mask_tokens,
                          random_replacements, replace_at, sample_replacements)
 from .itm import compute_itm
-from .mlm import IGNORE_INDEX, compute_mlm
-from .saliency import real_text_tokens, saliency_masking, uniform_masking
+from .mlm import compute_mlm
+from .saliency import real_text_tokens, saliency_masking, saliency_mlm_inputs, uniform_masking
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +64,21 @@ def add_consistency_head(model: nn.Module) -> nn.Module:
     return model
 
 
-def consistency_loss(text_feats: torch.Tensor, head: nn.Linear, inconsistent: torch.Tensor, real: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 1-2: (mean over real tokens of BCE(sigmoid(beta^T h_i + b), 1 - [i in T]), logits z_i [B, L])."""
-    return token_consistency_loss(text_feats, head.weight.view(-1), head.bias, consistency_labels(inconsistent), real)
+ITC_REDUCTIONS = {"token_mean": "mean", "pair_sum": "pair_sum"}  # epic.itc_reduction -> the kernel's reduction
+
+
+def consistency_loss(text_feats: torch.Tensor, head: nn.Linear, inconsistent: torch.Tensor, real: torch.Tensor,
+                     reduction: str = "token_mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 1-2: (L_ITC, logits z_i [B, L]); per-token BCE(sigmoid(beta^T h_i + b), 1 - [i in T]) over real tokens.
+
+    ``reduction`` (epic.itc_reduction): "token_mean" = mean over the micro-batch's real tokens (ELECTRA's
+    convention; the default, see EpicConfig.itc_reduction); "pair_sum" = Eq. 2 as written, the sum over each
+    pair's tokens, averaged over the pairs.
+    """
+    if reduction not in ITC_REDUCTIONS:
+        raise ValueError(f"itc reduction {reduction!r}; use one of {sorted(ITC_REDUCTIONS)}")
+    return token_consistency_loss(text_feats, head.weight.view(-1), head.bias, consistency_labels(inconsistent), real,
+                                  reduction=ITC_REDUCTIONS[reduction])
 
 
 def epic_vlm_loss(loss_itm: torch.Tensor, loss_mlm: torch.Tensor, loss_itc: torch.Tensor, lambda_itc: float
@@ -78,7 +89,7 @@ def epic_vlm_loss(loss_itm: torch.Tensor, loss_mlm: torch.Tensor, loss_itc: torc
 
 def epic_vlm_passes(model, batch: dict, image_embeds: torch.Tensor, corrupted_ids: torch.Tensor,
                     inconsistent: torch.Tensor, real: torch.Tensor, rng: torch.Generator, lambda_itc: float,
-                    mlm_batch: Optional[dict] = None) -> dict:
+                    mlm_batch: Optional[dict] = None, itc_reduction: str = "token_mean") -> dict:
     """The VLM's MLM, ITM and ITC passes on one set of image features; ``loss`` is Eq. 9 without L_GEN.
 
     ``mlm_batch`` (†CMLM) replaces the batch's MLM inputs/labels; ITC reads w_bar = ``corrupted_ids``.
@@ -86,7 +97,8 @@ def epic_vlm_passes(model, batch: dict, image_embeds: torch.Tensor, corrupted_id
     mlm = compute_mlm(model, mlm_batch if mlm_batch is not None else batch, image_embeds)
     itm = compute_itm(model, batch, image_embeds, rng)
     fused = model.infer(input_ids=corrupted_ids, attention_mask=batch["attention_mask"], image_embeds=image_embeds)
-    loss_itc, itc_logits = consistency_loss(fused["text_feats"], getattr(model, HEAD_NAME), inconsistent, real)
+    loss_itc, itc_logits = consistency_loss(fused["text_feats"], getattr(model, HEAD_NAME), inconsistent, real,
+                                            itc_reduction)
     return {"loss": epic_vlm_loss(itm["loss_itm"], mlm["loss_mlm"], loss_itc, lambda_itc),
             "loss_itm": itm["loss_itm"], "loss_mlm": mlm["loss_mlm"], "loss_itc": loss_itc,
             "itm_acc": itm["itm_acc"], "mlm_acc": mlm["mlm_acc"], "itc_logits": itc_logits}
@@ -126,6 +138,21 @@ def frozen_engine_ds_config(batch_math) -> dict:
             "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
 
 
+def sas_refresh_due(step: int, every_steps: int, every_epochs: int, samples_per_step: int,
+                    epoch_samples: Optional[int]) -> bool:
+    """VLM(SAS), App. G: refresh at the start of optimizer step ``step`` (``step`` steps done)?
+
+    By steps (every_steps > 0): when step is a multiple of it. By epochs: when the samples of the steps done,
+    step * samples_per_step, crossed the end of a k-th epoch during the last step.
+    """
+    if step <= 0:
+        return False
+    if every_steps > 0:
+        return step % every_steps == 0
+    period = every_epochs * epoch_samples
+    return (step * samples_per_step) // period > ((step - 1) * samples_per_step) // period
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -145,15 +172,19 @@ class EpicObjective:
             raise SetupError("the VLM has no ITC head beta (model.itc_score): epic.engine.build.build_model must call "
                              "epic.objectives.consistency.add_consistency_head(model) before the optimizer is built")
         self.mask_token_id = tokenizer.mask_token_id
+        self._replacement_ids = None  # BERT's random-replacement ids (†CMLM), made on first use
         vocab_size = cfg.model.vocab_size
         self.exclude_ids = excluded_token_ids(tokenizer, vocab_size)
         excluded = set(self.exclude_ids)
         self.allowed_ids = torch.tensor([i for i in range(vocab_size) if i not in excluded], device=self.device)
         self.teacher = self._build_teacher() if self.epic.masking == "saliency" else None
+        self.samples_per_step = batch_math.global_batch_size
+        self.epoch_samples = self._sas_epoch_samples(paths)
         self.generator: Optional[nn.Module] = None  # the module that corrupts (None: random tokens)
         self.gen_engine = None  # the generator's DeepSpeed engine (trained, or checkpoint-only for VLM(SAS))
         self._build_generator(ds_config, batch_math)
         self.measurements = EpicMeasurements()
+        self.sas_refreshes: list[int] = []  # steps at which VLM(SAS) was refreshed (this process)
         self._last_step_seen: Optional[int] = None
         self._step = 0  # the optimizer steps done when the current micro-batch started
         self._last_image_bucket = 0
@@ -161,13 +192,22 @@ class EpicObjective:
 
     # -- construction ------------------------------------------------------------------------------------------
     def _build_teacher(self):
-        from epic.engine.build import expand_env
-        from epic.models.teacher import check_teacher_fits, load_teacher
+        from epic.engine.build import load_saliency_teacher
 
-        source = expand_env(self.epic.teacher, "epic.teacher")
-        teacher = load_teacher(source, self.device, self.epic.teacher_dtype)
-        check_teacher_fits(teacher, self.tokenizer, self.cfg.data.image_size, self.cfg.data.max_text_len)
-        return teacher
+        return load_saliency_teacher(self.cfg, self.tokenizer, self.device)
+
+    def _sas_epoch_samples(self, paths) -> Optional[int]:
+        """Samples per epoch for VLM(SAS)'s per-epoch refresh; None when it refreshes by steps or is off."""
+        if self.epic.generator_mode != "vlm_sas" or self.epic.sas_refresh_every > 0:
+            return None
+        epoch = getattr(paths, "epoch_samples", None)
+        if not epoch:
+            from epic.engine.setup import SetupError
+
+            raise SetupError("epic.generator_mode=vlm_sas refreshes the auxiliary VLM every epic.sas_refresh_epochs "
+                             "epochs, but the epoch length is unknown: the shards lack counts.json (write it with "
+                             "`python tools/count_shards.py DIR`), or refresh by steps with epic.sas_refresh_every=N")
+        return int(epoch)
 
     def _frozen_dtype(self) -> torch.dtype:
         from epic.models.teacher import resolve_teacher_dtype
@@ -187,6 +227,10 @@ class EpicObjective:
         gen_cfg = epic.generator
         if gen_cfg.pretrained:
             gen_cfg = dataclasses.replace(gen_cfg, pretrained=expand_env(gen_cfg.pretrained, "epic.generator.pretrained"))
+        if mode == "pretrained_fixed":
+            from epic.models.generator import check_fitted_generator
+
+            self.generator_info = check_fitted_generator(gen_cfg.pretrained)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.run.seed + 1)  # the same initial generator on every rank, without touching
             if mode == "vlm_sas":                     # the trainer's random streams
@@ -243,9 +287,9 @@ class EpicObjective:
         positions, alpha = self._masking(query_keys, real, self.epic.mask_ratio, rng)
         corrupted, loss_gen = self._corrupt(batch, positions, image_embeds, rng)
         inconsistent = inconsistent_positions(batch["input_ids"], corrupted, positions)  # Eq. 6
-        mlm_batch = self._cmlm_batch(batch, query_keys, real, rng) if self.epic.cmlm_saliency else None
+        mlm_batch = self._cmlm_batch(batch, query_keys, rng) if self.cfg.data.mlm_masking == "saliency" else None
         vlm = epic_vlm_passes(model, batch, image_embeds, corrupted, inconsistent, real, rng, self.epic.lambda_itc,
-                              mlm_batch)
+                              mlm_batch, self.epic.itc_reduction)
         itc_logits = vlm.pop("itc_logits")
         self.measurements.add(step_counts(real, positions, inconsistent, itc_logits, alpha, batch.get("content_mask")))
         out = {k: (v if k == "loss" else v.detach()) for k, v in vlm.items()}
@@ -307,15 +351,20 @@ class EpicObjective:
     def _maybe_refresh_sas(self, step: int) -> None:
         if self.epic.generator_mode != "vlm_sas" or self.generator is None:
             return
-        if step > 0 and step % self.epic.sas_refresh_every == 0:
+        if sas_refresh_due(step, self.epic.sas_refresh_every, self.epic.sas_refresh_epochs, self.samples_per_step,
+                           self.epoch_samples):
             self.generator.load_state_dict(self._vlm_weights_for(self.generator))
+            self.sas_refreshes.append(step)
 
-    def _cmlm_batch(self, batch: dict, query_keys, real: torch.Tensor, rng) -> dict:
-        """†CMLM (App. J): the MLM objective masks data.mlm_probability of the tokens drawn from alpha, not uniformly."""
-        positions, _ = self._masking(query_keys, real, self.cfg.data.mlm_probability, rng)
-        input_ids = batch["input_ids"]
-        labels = torch.where(positions, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-        return {**batch, "mlm_input_ids": mask_tokens(input_ids, positions, self.mask_token_id), "mlm_labels": labels}
+    def _cmlm_batch(self, batch: dict, query_keys, rng) -> dict:
+        """†CMLM inside EPIC (App. J, last sentences): the MLM's positions drawn from alpha, as in vanilla †CMLM."""
+        from epic.data.text import replacement_token_ids
+
+        if self._replacement_ids is None:
+            self._replacement_ids = replacement_token_ids(self.tokenizer).to(self.device)
+        ids, labels, _, _ = saliency_mlm_inputs(batch, query_keys[0], query_keys[1], self.cfg.data.mlm_probability,
+                                                self.mask_token_id, self._replacement_ids, rng)
+        return {**batch, "mlm_input_ids": ids, "mlm_labels": labels}
 
     def flops_per_sample(self, cfg) -> float:
         """Training FLOPs per sample of the whole EPIC step (teacher + generator + VLM), counted on meta."""

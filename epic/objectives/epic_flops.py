@@ -109,6 +109,23 @@ def generator_flops(cfg, batch: dict) -> int:
     return flops + _vocabulary_flops(states, embedding, bias, targets, True)  # backward through the encoder too
 
 
+def teacher_flops(teacher_cfg, batch: dict) -> int:
+    """The frozen teacher's forward up to the penultimate fusion layer (Eq. 8's inputs), for the whole batch."""
+    teacher = _meta_meter(teacher_cfg)
+
+    def saliency():
+        with torch.no_grad():
+            teacher.infer(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
+                          return_saliency_qk=True, stop_before_last_layer=True)
+
+    return _count(saliency)
+
+
+def teacher_flops_per_sample(teacher_cfg, text_len: int, batch_size: int = 2) -> float:
+    """Per sample, at full-length captions (†CMLM adds this to METER's step)."""
+    return teacher_flops(teacher_cfg, meta_epic_batch(teacher_cfg, batch_size, text_len, 0.15)) / batch_size
+
+
 def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_len: Optional[int] = None
                                ) -> dict[str, float]:
     """{"teacher", "generator", "vlm", "total"}: training FLOPs per sample of one EPIC step at ``cfg``'s sizes.
@@ -122,14 +139,7 @@ def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_
     real = ~batch["special_tokens_mask"]
     flops = {"teacher": 0, "generator": generator_flops(cfg, batch)}
     if cfg.epic.masking == "saliency":
-        teacher = _meta_meter(teacher_cfg or cfg.model)
-
-        def saliency():
-            with torch.no_grad():
-                teacher.infer(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
-                              return_saliency_qk=True, stop_before_last_layer=True)
-
-        flops["teacher"] = _count(saliency)
+        flops["teacher"] = teacher_flops(teacher_cfg or cfg.model, batch)
     model = add_consistency_head(_meta_meter(cfg.model))
 
     def vlm_step():

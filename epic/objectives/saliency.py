@@ -3,6 +3,10 @@
     alpha = softmax( (1/h) sum_k q_k^V (K_k^W)^T )  over the sentence's real tokens          (Eq. 8)
     M     = m positions sampled without replacement from Categorical(alpha),  m = ceil(mask_ratio * len)
 
+†CMLM (App. J) uses the same masking for METER's MLM: ``saliency_mlm_inputs`` draws ceil(mlm_probability * len)
+positions from alpha and corrupts them as BERT does (80% <mask>, 10% random, 10% kept), so the only difference from
+vanilla CMLM is *which* tokens are masked.
+
 Both are one call of ``epic.kernels.saliency_mask`` (Gumbel-top-k, exact counts); uniform masking is the same
 op with all scores equal, so alpha is uniform over the real tokens. "Real" tokens exclude <s>, </s> and padding.
 """
@@ -12,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from epic.data.text import corrupt_selected_for_mlm
 from epic.kernels import saliency_mask
 
 
@@ -39,3 +44,15 @@ def uniform_masking(real: torch.Tensor, mask_ratio: float, generator: Optional[t
     mask, alpha = saliency_mask(zeros_query, zeros_keys, real, mask_ratio, generator=generator)
     return mask.clone(), alpha.clone()
 
+
+
+def saliency_mlm_inputs(batch: dict, query: torch.Tensor, keys: torch.Tensor, probability: float, mask_token_id: int,
+                        replacement_ids: torch.Tensor, generator: Optional[torch.Generator]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """†CMLM (App. J): (mlm_input_ids, mlm_labels, M, alpha) with M drawn from the teacher's alpha (Eq. 8).
+
+    m = ceil(probability * len) positions per caption (METER's 15% budget), then BERT's 80/10/10 corruption.
+    """
+    positions, alpha = saliency_masking(query, keys, real_text_tokens(batch), probability, generator)
+    ids, labels = corrupt_selected_for_mlm(batch["input_ids"], positions, mask_token_id, replacement_ids, generator)
+    return ids, labels, positions, alpha
