@@ -150,7 +150,6 @@ def test_a_truncated_shard_reached_after_the_first_batch_is_counted(shapes_world
     import tarfile
 
     from epic.data import build_train_loader
-    from epic.data.synthetic import shard_spec
 
     good, second = sorted((Path(shapes_world) / "train").glob("*.tar"))[:2]
     data = second.read_bytes()
@@ -158,7 +157,7 @@ def test_a_truncated_shard_reached_after_the_first_batch_is_counted(shapes_world
         image = [m for m in tar.getmembers() if m.name.endswith(".jpg")][6]
     cut = tmp_path / "cut.tar"
     cut.write_bytes(data[: image.offset_data + image.size // 2])  # 6 whole samples, then a torn image
-    loader = build_train_loader([str(good), str(cut)], Path(shapes_world) / "tokenizer", image_size=16,
+    loader = build_train_loader({"shards": [str(good), str(cut)], "weight": 1.0}, Path(shapes_world) / "tokenizer", image_size=16,
                                 max_text_len=16, batch_size=4, num_workers=0, seed=3, rank=0, world_size=1)
     it = iter(loader)
     for _ in range(8):  # 32 draws from two open shards: the 6-sample one runs out after the first batch
