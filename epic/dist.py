@@ -382,7 +382,8 @@ def _own_store(timeout_s: float = 10.0):
 
 def start_heartbeat() -> None:
     """A daemon thread that bumps this rank's alive counter every second, whatever the main thread is doing (a dead
-    process stops bumping it; a hung one does not), plus the step it starts (`heartbeat`)."""
+    process stops bumping it; a hung one does not), plus the step it starts (`heartbeat`). Stopped (and joined) at
+    exit, before the process group is destroyed: a store client left in a thread at shutdown aborts the process."""
     import threading
 
     global _heartbeat_store
@@ -394,20 +395,31 @@ def start_heartbeat() -> None:
         return
     try:
         _heartbeat_store = _own_store()
+        thread_store = _own_store()
     except (RuntimeError, OSError, ValueError):
+        _heartbeat_store = None
         return
     rank = tdist.get_rank()
-    store = _own_store()
+    stop = threading.Event()
 
     def beat():
-        while True:
+        while not stop.is_set():
             try:
-                store.add(_ALIVE.format(rank), 1)
+                thread_store.add(_ALIVE.format(rank), 1)
             except (RuntimeError, OSError):
                 return  # the store host is gone
-            time.sleep(_ALIVE_EVERY_S)
+            stop.wait(_ALIVE_EVERY_S)
 
-    threading.Thread(target=beat, name="epic-heartbeat", daemon=True).start()
+    thread = threading.Thread(target=beat, name="epic-heartbeat", daemon=True)
+    thread.start()
+
+    def stop_heartbeat():
+        global _heartbeat_store
+        stop.set()
+        thread.join(timeout=5)
+        _heartbeat_store = None
+
+    atexit.register(stop_heartbeat)  # atexit runs last-in first-out: before destroy_distributed
 
 
 def heartbeat(step: int) -> None:

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         result = trainer.train(preemption)
     except CheckpointError as err:  # e.g. the disk filled up during a save
         print(f"error (rank {info.rank}): {one_line(err)}", file=sys.stderr, flush=True)
-        return 1
+        _exit_now(1)
     except Exception as err:
         if not is_collective_failure(err):
             raise
@@ -127,7 +127,18 @@ def main(argv=None) -> int:
         print(json.dumps({"final_step": result.step, "start_step": result.start_step, "checkpoint": result.checkpoint,
                           "preempted": result.preempted, "stopped_nonfinite": result.stopped_nonfinite,
                           "last_loss": result.losses[-1] if result.losses else None}), flush=True)
-    return 1 if result.stopped_nonfinite else 0
+    if result.stopped_nonfinite:
+        _exit_now(1)
+    return 0
+
+
+def _exit_now(code: int) -> None:
+    """Leave a distributed run that stopped on an error without the interpreter's teardown of the process group
+    and store threads (which can abort with "terminate called without an active exception", turning exit 1 into
+    a SIGABRT for the launcher). Everything worth keeping is on disk already."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _collective_failure(err: BaseException, info, timeout_s: float, peer_report) -> None:
