@@ -23,8 +23,8 @@ from epic.engine import checkpoint as ckpt
 from epic.engine.logger import (MetricAverager, RunLogger, SampleRecorder, StepTimer, guess_peak_tflops,
                                 log_console)
 from epic.engine.nonfinite import NonfiniteGuard
-from epic.engine.setup import (BatchMath, SetupError, build_optimizer, derive_batch_math, engine_dtype, initialize_engine,
-                               load_ds_config, loss_scale_of, resolve_ds_config)
+from epic.engine.setup import (BatchMath, SetupError, build_optimizer, derive_batch_math, engine_dtype,
+                               initialize_engine, load_ds_config, loss_scale_of, resolve_ds_config)
 from epic.engine.schedule import build_lr_scheduler
 from epic.engine.build import build_model, build_objective, build_train_data, resolve_data_paths
 
