@@ -19,17 +19,56 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
-
-from epic.models.configuration_meter import METERConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix (the message says what and how)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The `model:` section: one dataclass per model family, chosen by `model.family`
+# ----------------------------------------------------------------------------------------------------------------
+DEFAULT_FAMILY = "meter"
+# family -> a function returning its config dataclass. Filled by epic.models.registry (imported with the `epic`
+# package), so this module stays a leaf: it never imports a model family.
+_MODEL_CONFIGS: dict[str, Callable[[], type]] = {}
+
+
+def register_model_config(family: str, config_class: Callable[[], type]) -> None:
+    """Make ``model.family: <family>`` validate the ``model:`` section against ``config_class()``'s fields."""
+    _MODEL_CONFIGS[family] = config_class
+
+
+def model_config_class(family: str, where: str = "model.family") -> type:
+    if family not in _MODEL_CONFIGS:
+        close = difflib.get_close_matches(str(family), list(_MODEL_CONFIGS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"'{where}' is {family!r}, not a registered model family.{hint} Registered: "
+                          f"{', '.join(sorted(_MODEL_CONFIGS)) or 'none'} (epic/models/registry.py)")
+    return _MODEL_CONFIGS[family]()
+
+
+class ModelSection:
+    """Annotation of ``Config.model``: the dataclass of the family that ``model.family`` names (default METER)."""
+
+
+def default_model_config():
+    return model_config_class(DEFAULT_FAMILY)()
+
+
+def build_model_section(value: Any, where: str):
+    if not isinstance(value, dict):
+        raise ConfigError(f"'{where}' must be a section (mapping), got {value!r}")
+    family = value.get("family", DEFAULT_FAMILY)
+    cls = model_config_class(family, where + ".family")
+    if "family" not in {f.name for f in dataclasses.fields(cls)}:
+        value = {k: v for k, v in value.items() if k != "family"}
+    return build_dataclass(cls, value, where + ".")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,7 +137,8 @@ class TrainConfig:
     schedule: str = "linear"  # "linear" (METER: warm-up then linear decay to 0) | "tri_stage" (EPIC App. F)
     warmup_ratio: float = 0.1
     hold_ratio: float = 0.8  # tri_stage only
-    final_lr_scale: float = 0.01  # tri_stage only: exponential decay down to lr * final_lr_scale
+    final_lr_scale: float = 0.01  # tri_stage: exponential decay down to lr * final_lr_scale; cosine: its floor
+    warmup_start_scale: float = 0.0  # cosine only: the warm-up starts at lr * warmup_start_scale (ALBEF: 0.1)
     grad_clip: float = 1.0  # 0 disables clipping
     log_every: int = 50
     save_every: int = 2000
@@ -161,7 +201,7 @@ class EpicConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: METERConfig = field(default_factory=METERConfig)
+    model: ModelSection = field(default_factory=default_model_config)  # the family's config (model.family)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     epic: EpicConfig = field(default_factory=EpicConfig)
@@ -277,6 +317,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     args = typing.get_args(annotation)
     if annotation is Any:
         return value
+    if annotation is ModelSection:
+        return build_model_section(value, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -367,7 +409,7 @@ def dump_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 _CHOICES = {
-    "train.schedule": ("linear", "tri_stage"),
+    "train.schedule": ("linear", "tri_stage", "cosine"),
     "data.sample_unit": ("caption", "image"),
     "data.mlm_masking": ("random", "saliency"),
     "epic.masking": ("saliency", "uniform"),
@@ -383,6 +425,8 @@ def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
     for dotted, choices in _CHOICES.items():
         section, key = dotted.split(".")
+        if not hasattr(getattr(cfg, section), key):  # a key of another model family
+            continue
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise ConfigError(f"'{dotted}' must be one of {choices}, got {value!r}")

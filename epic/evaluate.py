@@ -37,9 +37,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def load_for_evaluation(ckpt: str, task: str, overrides: list[str] = ()) -> tuple[torch.nn.Module, TaskConfig, object]:
     """(model in eval mode, resolved TaskConfig, WeightSource) for `task` from any checkpoint kind."""
-    from epic.eval.loading import locate, read_config_dict, read_weights, tokenizer_path
-    from epic.models.downstream import build_task_model, load_pretrained_weights
-    from epic.models.meter import METER, load_official_meter
+    from epic.models.downstream import load_pretrained_weights
+    from epic.models.loading import load_official_file, locate, read_config_dict, read_weights, tokenizer_path
+    from epic.models.registry import build_model, build_task_model
 
     parsed = [parse_override(text) for text in overrides]  # a bad override is reported before any file is read
     source = locate(ckpt)
@@ -55,7 +55,7 @@ def load_for_evaluation(ckpt: str, task: str, overrides: list[str] = ()) -> tupl
         raise ConfigError(f"{source.describe()} is a pretraining checkpoint: it has no {task} head. Fine-tune it "
                           f"first: python epic/finetune.py --task {task} --init {ckpt} ...")
     if source.kind == "official":
-        model = load_official_meter(str(source.path), allow_missing_heads=False)
+        model = load_official_file(source.path, data.get("model", {}).get("family"), allow_missing_heads=False)
         data["model"] = dataclasses.asdict(model.config)
         data.setdefault("data", {}).update(image_size=model.config.image_size)
     else:
@@ -72,7 +72,7 @@ def load_for_evaluation(ckpt: str, task: str, overrides: list[str] = ()) -> tupl
         if trained_task:
             model = build_task_model(trained_task, cfg.model, cfg.finetune.num_answers)
         else:
-            model = METER(cfg.model)
+            model = build_model(cfg.model)
         report = load_pretrained_weights(model, read_weights(source))
         if report["new_heads"] and trained_task:
             raise ConfigError(f"{source.describe()} lacks the weights of {report['new_heads']}")
@@ -104,7 +104,7 @@ def build_loader(cfg: TaskConfig, task: str, tokenizer, data: Optional[str], ima
 
 
 def default_tb_dir(source) -> Optional[Path]:
-    from epic.eval.loading import run_dir_of
+    from epic.models.loading import run_dir_of
 
     if source.kind == "deepspeed":
         run = run_dir_of(source)
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from epic.data import load_tokenizer
     from epic.dist import init_distributed
-    from epic.eval.loading import read_step
+    from epic.models.loading import read_step
     from epic.finetune import evaluate_task
 
     try:

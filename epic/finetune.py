@@ -22,7 +22,6 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.pa
     sys.path.pop(0)  # running as a script: do not let epic/*.py shadow top-level modules
 
 import argparse
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -36,6 +35,8 @@ from epic.finetune_config import FINETUNE_TASKS, TaskConfig, build_dataclass, va
 
 # model fields a checkpoint fixes (shapes); the rest (image_size, dropout, max_text_len) may be changed
 LOCAL_PATH_FIELDS = ("vit_pretrained", "text_pretrained")
+# model fields of the pretraining run that a task model does not take over: EPIC's consistency head beta
+PRETRAINING_ONLY_FIELDS = ("consistency_head",)
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -54,8 +55,8 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
     When run.dir already holds a checkpoint of this fine-tuning run, its saved config provides them instead (a
     resumed run does not need --init again).
     """
-    from epic.engine.build import expand_env
-    from epic.eval.loading import locate, read_config_dict, tokenizer_path
+    from epic.paths import expand_env
+    from epic.models.loading import locate, read_config_dict, tokenizer_path
 
     data = _raw_config(config, overrides)
     ft = data.setdefault("finetune", {})
@@ -76,7 +77,8 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
         tokenizer = tokenizer_path(source, source_config)
         if tokenizer and not data.get("data", {}).get("tokenizer"):
             data.setdefault("data", {})["tokenizer"] = tokenizer
-    model = {k: v for k, v in source_config.get("model", {}).items() if k not in LOCAL_PATH_FIELDS}
+    model = {k: v for k, v in source_config.get("model", {}).items()
+             if k not in LOCAL_PATH_FIELDS + PRETRAINING_ONLY_FIELDS and not k.endswith("_pretrained")}
     data["model"] = {**model, **data.get("model", {})}
     if not data.setdefault("data", {}).get("tokenizer"):
         data["data"]["tokenizer"] = source_config.get("data", {}).get("tokenizer")
@@ -85,7 +87,9 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
     data["data"]["sources"] = []
     data.pop("epic", None)  # fine-tuning trains no generator and reads no teacher
     cfg = build_dataclass(TaskConfig, data)
-    cfg.model = dataclasses.replace(cfg.model, vit_pretrained=None, text_pretrained=None)
+    from epic.models.loading import without_local_weights
+
+    cfg.model = without_local_weights(cfg.model)  # the weights come from --init
     fill_task_paths(cfg)
     validate_finetune(cfg)
     if cfg.data.tokenizer is None:
@@ -111,7 +115,7 @@ def _saved_run_config(data: dict) -> Optional[dict]:
 def fill_task_paths(cfg: TaskConfig) -> None:
     """`finetune.shapes` -> the shapes-world task files; VQA: the answer list and num_answers."""
     from epic.data.tasks import answers_from_training_file, shapes_task_paths
-    from epic.engine.build import expand_env
+    from epic.paths import expand_env
 
     ft = cfg.finetune
     for key in ("init", "shapes", "train_json", "val_json", "test_json", "images", "answer_list"):
@@ -155,30 +159,28 @@ def task_answers(cfg: TaskConfig) -> list[str]:
 # ------------------------------------------------------------------------------------------------ model
 def build_finetune_model(cfg: TaskConfig, load_init: bool = True):
     """The task model, with the init checkpoint's weights loaded (unless resuming, when DeepSpeed loads them)."""
-    from epic.engine.build import expand_env
-    from epic.eval.loading import locate, read_weights
-    from epic.models.downstream import build_task_model, load_pretrained_weights
+    from epic.paths import expand_env
+    from epic.models.loading import locate, read_weights
+    from epic.models.downstream import load_pretrained_weights
+    from epic.models.loading import load_official_file
+    from epic.models.registry import build_task_model
 
     model = build_task_model(cfg.finetune.task, cfg.model, cfg.finetune.num_answers)
     if load_init:
         source = locate(expand_env(cfg.finetune.init, "finetune.init"))
-        weights = read_weights(source)
-        if source.kind == "official":
-            from epic.models.meter import from_official_state_dict
-
-            weights = from_official_state_dict(weights, model, allow_missing_heads=True)
+        if source.kind == "official":  # the family's converter gives our key layout
+            weights = load_official_file(source.path, cfg.model.family, allow_missing_heads=True).state_dict()
+        else:
+            weights = read_weights(source)
         load_pretrained_weights(model, weights)
     return model
 
 
 # ------------------------------------------------------------------------------------------------ objective
-def _objective_base():
-    from epic.engine.build import VanillaObjective
-
-    return VanillaObjective
+from epic.objectives.vanilla import VanillaObjective  # noqa: E402
 
 
-class TaskObjective(_objective_base()):
+class TaskObjective(VanillaObjective):
     """The trainer's objective protocol (docs/CONTRACTS.md) for one downstream task; the protocol's other methods
     (extra engines, images, state) keep the vanilla objective's defaults."""
 

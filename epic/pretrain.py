@@ -59,10 +59,9 @@ def check_only(args) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         info = dist_info_from_env(os.environ)
-        from epic.engine.build import check_run_inputs
-        from epic.engine.trainer import Trainer
+        from epic.wiring import PretrainTrainer, check_run_inputs
 
-        trainer = Trainer(cfg, args.ds_config, info, resume=args.resume)
+        trainer = PretrainTrainer(cfg, args.ds_config, info, resume=args.resume)
         check_run_inputs(trainer)
     except user_errors() as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
@@ -89,7 +88,7 @@ def main(argv=None) -> int:
     from epic.dist import (collective_timeout_s, init_distributed, is_collective_failure, peer_report,
                            start_heartbeat)
     from epic.engine.preemption import PreemptionHandler
-    from epic.engine.trainer import Trainer
+    from epic.wiring import PretrainTrainer
 
     # Installed before any heavy work: a SIGUSR1/SIGTERM during start-up is kept and honoured after the first step
     preemption = PreemptionHandler()
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
 
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        trainer = Trainer(cfg, args.ds_config, info, resume=args.resume)
+        trainer = PretrainTrainer(cfg, args.ds_config, info, resume=args.resume)
         trainer.setup()
     except user_errors() as err:
         print(f"error: {one_line(err)}", file=sys.stderr)

@@ -19,7 +19,7 @@
 #   EPIC_MAX_REQUEUES  stop requeueing after this many restarts [50].
 #   EPIC_MASTER_PORT rendezvous port [20000 + job id mod 20000].
 #   EPIC_SMOKE_CPU   1: the same script as a CPU smoke test: tiny shapes-world config (shapes_tiny or
-#                    epic_shapes_tiny), ds_configs/cpu_zero2.json, gloo, no GPUs; EPIC_SMOKE_OVERRIDES adds
+#                    epic_shapes_tiny; {xvlm,albef}_shapes_tiny / epic_{xvlm,albef}_shapes_tiny for those scripts), ds_configs/cpu_zero2.json, gloo, no GPUs; EPIC_SMOKE_OVERRIDES adds
 #                    key=value overrides. Resize the job on the sbatch command line, e.g.
 #                    sbatch --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --gpus-per-node=0 slurm/meter_16m.sh
 #   EPIC_TRAINER     the training script [epic/pretrain.py; epic/finetune.py when EPIC_FINETUNE_TASK is set].
@@ -117,7 +117,8 @@ elif [ -n "$FINETUNE_TASK" ]; then
 elif [ "${EPIC_SMOKE_CPU:-0}" = 1 ]; then
   need_dir EPIC_DATA "a shapes-world folder from tools/make_synthetic_shards.py"
   [ -d "$EPIC_DATA/train" ] || die "EPIC_DATA=$EPIC_DATA has no train/ folder: generate it with python tools/make_synthetic_shards.py --out $EPIC_DATA"
-  if [ "$EPIC_RUN" = 1 ]; then CONFIG=epic_shapes_tiny; else CONFIG=shapes_tiny; fi
+  SMOKE_FAMILY=""; case "$CONFIG" in *xvlm_*) SMOKE_FAMILY=xvlm_ ;; *albef_*) SMOKE_FAMILY=albef_ ;; esac  # the family's tiny config
+  if [ "$EPIC_RUN" = 1 ]; then CONFIG=epic_${SMOKE_FAMILY}shapes_tiny; else CONFIG=${SMOKE_FAMILY}shapes_tiny; fi
   RUN_NAME="${EPIC_RUN_NAME:-${EPIC_RUN_CONFIG}_smoke}"
   DS_CONFIG="${EPIC_DS_CONFIG:-ds_configs/cpu_zero2.json}"
   read -r -a SMOKE_OVERRIDES <<< "${EPIC_SMOKE_OVERRIDES:-}"

@@ -57,7 +57,7 @@ def test_local_yaml_extends_packaged(tmp_path):
     (["train.lr=fast"], "'train.lr' must be a number"),
     (["train.max_steps=1.5"], "'train.max_steps' must be an integer"),
     (["train.deterministic=maybe"], "'train.deterministic' must be true or false"),
-    (["train.schedule=cosine"], "'train.schedule' must be one of"),
+    (["train.schedule=cosinus"], "'train.schedule' must be one of"),
     (["train.global_batch_size=0"], "'train.global_batch_size' must be > 0"),
     (["train.lr"], "not of the form"),
     (["data.sources=[{shards: '', weight: 1}]"], "data.sources[0].shards"),

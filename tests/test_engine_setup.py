@@ -47,10 +47,14 @@ class _Toy(nn.Module):
         self.itm_score = nn.Linear(4, 2)
         self.token_type_embeddings = nn.Embedding(2, 4)
 
+    def param_groups_spec(self):  # the model owns its groups; METER's name rules
+        from epic.models.meter import param_groups_spec
+
+        return param_groups_spec(name for name, _ in self.named_parameters())
+
 
 def test_param_groups_follow_meter():
-    groups = build_param_groups(_Toy().named_parameters(), lr=1e-5, weight_decay=0.01, lr_mult_fusion=5,
-                                lr_mult_head=5)
+    groups = build_param_groups(_Toy(), lr=1e-5, weight_decay=0.01, lr_mults={"fusion": 5, "head": 5})
     by_name = {name: g for g in groups for name in g["names"]}
     assert by_name["text_transformer.weight"]["lr"] == 1e-5
     assert by_name["text_transformer.weight"]["weight_decay"] == 0.01
@@ -80,3 +84,44 @@ def test_tri_stage_schedule_shape():
     assert fn(950) == pytest.approx(math.exp(math.log(0.01) * 0.5))
     assert fn(1000) == pytest.approx(0.01)
     assert all(fn(s) > fn(s + 1) for s in range(900, 999))
+
+
+def test_param_groups_come_from_the_model_and_must_cover_it():
+    class Spec(nn.Module):
+        def __init__(self, spec):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.LayerNorm(3)
+            self.spec = spec
+
+        def param_groups_spec(self):
+            return self.spec
+
+    every = {"backbone": {"decay": ["a.weight"], "no_decay": ["a.bias"]}, "head": {"decay": [],
+                                                                                   "no_decay": ["b.weight", "b.bias"]}}
+    groups = build_param_groups(Spec(every), lr=1.0, weight_decay=0.1, lr_mults={"head": 3.0})
+    assert [(g["names"], g["lr"], g["weight_decay"]) for g in groups] == [
+        (["a.weight"], 1.0, 0.1), (["a.bias"], 1.0, 0.0), (["b.weight", "b.bias"], 3.0, 0.0)]
+    with pytest.raises(SetupError, match="does not place trainable 'b.bias'"):
+        build_param_groups(Spec({"backbone": {"decay": ["a.weight", "a.bias", "b.weight"]}}), 1.0, 0.1)
+    with pytest.raises(SetupError, match="names group 'towers'"):
+        build_param_groups(Spec({"towers": {"decay": ["a.weight"]}}), 1.0, 0.1)
+    plain = build_param_groups(nn.Sequential(nn.Linear(2, 2)), lr=1.0, weight_decay=0.1)  # no spec: ndim rule
+    assert [g["names"] for g in plain] == [["0.weight"], ["0.bias"]]
+
+
+def test_every_engine_gets_the_same_fp16_on_cpu_rule():
+    from epic.engine.setup import EngineSpec, engine_ds_config, optimizer_spec
+    from epic.config import load_config
+
+    batch = derive_batch_math(16, 4, 2)
+    vlm = resolve_ds_config({"zero_optimization": {"stage": 2}}, batch, 1.0, on_cpu=True)
+    train = load_config("shapes_tiny").train
+    generator = EngineSpec(nn.Linear(2, 2), optimizer_spec(train), ds_config="ds_configs/generator_fp16.json")
+    with pytest.raises(SetupError, match="fp16 is not supported by DeepSpeed on CPU"):
+        engine_ds_config(generator, vlm, batch, 1.0, on_cpu=True)
+    with pytest.raises(SetupError, match="fp16 is not supported by DeepSpeed on CPU"):
+        resolve_ds_config({"fp16": {"enabled": True}}, batch, 1.0, on_cpu=True)
+    assert engine_ds_config(generator, vlm, batch, 1.0, on_cpu=False)["fp16"]["enabled"]
+    frozen = engine_ds_config(EngineSpec(nn.Linear(2, 2), None), vlm, batch, 1.0, on_cpu=True)
+    assert frozen["zero_optimization"]["stage"] == 0 and frozen["gradient_accumulation_steps"] == 2
+

@@ -400,7 +400,7 @@ def test_generator_from_a_hf_folder_must_match_the_vlm(tmp_path):
 
 
 def test_generator_deepspeed_config(tmp_path):
-    from epic.engine.setup import derive_batch_math, load_ds_config, resolve_ds_config
+    from epic.engine.setup import SetupError, derive_batch_math, load_ds_config, resolve_ds_config
     from epic.objectives.consistency import generator_ds_config
 
     batch_math = derive_batch_math(16, 4, 2)
@@ -408,7 +408,8 @@ def test_generator_deepspeed_config(tmp_path):
     cfg = load_config("epic_shapes_tiny", ["epic.teacher=/t"])
     assert generator_ds_config(cfg, vlm, batch_math, on_cpu=True) == vlm  # default: the VLM's resolved JSON
     cfg = load_config("epic_shapes_tiny", ["epic.teacher=/t", "epic.generator.ds_config=ds_configs/generator_fp16.json"])
-    assert generator_ds_config(cfg, vlm, batch_math, on_cpu=True) == vlm  # no fp16 on CPU: the VLM's precision
+    with pytest.raises(SetupError, match="fp16 is not supported by DeepSpeed on CPU"):  # the VLM's rule, for all
+        generator_ds_config(cfg, vlm, batch_math, on_cpu=True)
     on_gpu = generator_ds_config(cfg, vlm, batch_math, on_cpu=False)
     assert on_gpu["fp16"]["enabled"] and on_gpu["gradient_accumulation_steps"] == 2  # same boundaries as the VLM
     assert on_gpu["train_micro_batch_size_per_gpu"] == 4 and on_gpu["gradient_clipping"] == cfg.train.grad_clip

@@ -60,7 +60,7 @@ def test_shared_mode_runs_the_vision_tower_once():
     calls = []
     model.vit_model.register_forward_hook(lambda *args: calls.append(1))
     original = model.encode_image
-    model.encode_image = lambda pixels: (calls.append("encode"), original(pixels))[1]
+    model.encode_image = lambda pixels, **kw: (calls.append("encode"), original(pixels, **kw))[1]
     vanilla_losses(model, make_batch(), torch.Generator().manual_seed(0), share_image_embeds=True)
     assert calls.count("encode") == 1
     calls.clear()

@@ -74,7 +74,9 @@ def count(cfg, batch_size: int) -> dict:
     from epic.objectives.vanilla import step_flops_per_sample
 
     text_len = cfg.data.max_text_len
-    epic = epic_step_flops_per_sample(cfg, batch_size=batch_size)
+    from epic.objectives.consistency import epic_vlm_passes
+
+    epic = epic_step_flops_per_sample(cfg, batch_size=batch_size, vlm_passes=epic_vlm_passes)
     flops = {f"epic {k}": v for k, v in epic.items()}
     flops["naive epic"] = epic["total"] + naive_extra_flops(cfg, batch_size)
     flops["vanilla shared"] = step_flops_per_sample(cfg.model, True, text_len, batch_size)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert an official METER checkpoint (PyTorch-Lightning .ckpt) into our format.
+"""Convert an official METER checkpoint (PyTorch-Lightning .ckpt) into our format: ``tools/convert_official.py
+--family meter`` under METER's own flag names.
 
     python tools/convert_meter_ckpt.py --src meter_clip16_288_roberta_pretrain.ckpt --out DIR [--meter-config FILE]
 
@@ -15,13 +16,12 @@ ignored; the keys used and ignored are printed. Writes DIR/model.safetensors and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from epic.models.meter import load_official_meter  # noqa: E402
+import convert_official  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,20 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if not Path(args.src).is_file():
-        raise SystemExit(f"--src {args.src} is not a file")
-    try:
-        model = load_official_meter(args.src, args.meter_config, allow_missing_heads=args.allow_missing_heads)
-    except (ValueError, OSError) as err:
-        raise SystemExit(f"error: {' '.join(str(err).split())}") from None
-    for source, report in model.official_config_report.items():
-        print(f"{source}: used {', '.join(f'{k}->{v}' for k, v in report['used'].items()) or 'nothing'}; "
-              f"ignored (training-only) {', '.join(report['ignored']) or 'nothing'}")
-    model.save_pretrained(args.out)
-    sizes = {k: v for k, v in dataclasses.asdict(model.config).items() if v is not None}
-    print(f"wrote {args.out}/model.safetensors and config.json "
-          f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
-    print(" ".join(f"{k}={v}" for k, v in sizes.items()))
+    forwarded = ["--family", "meter", "--src", args.src, "--out", args.out]
+    if args.meter_config:
+        forwarded += ["--config", args.meter_config]
+    if args.allow_missing_heads:
+        forwarded += ["--option", "allow_missing_heads=true"]
+    convert_official.main(forwarded)
 
 
 if __name__ == "__main__":

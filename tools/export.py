@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from epic.eval.loading import (GENERATOR_ENGINE, WeightSource, has_engine, locate, read_config_dict,  # noqa: E402
+from epic.models.loading import (GENERATOR_ENGINE, WeightSource, has_engine, locate, read_config_dict,  # noqa: E402
                                read_deepspeed_weights, read_step, tokenizer_path)
 
 

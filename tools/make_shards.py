@@ -15,6 +15,15 @@ original image bytes; ext jpg/png/webp as detected), {key}.txt (first caption) a
 shard: the training loader's source weights `auto` and its epoch length come from it);
 DIR/report.json (missing and broken images, entries without captions, counts); DIR/plan.json (the inputs).
 
+Region data for X-VLM (--regions): the annotation files are in X-VLM's region layout (its coco_objs, vg_objs and
+vg_regions files: {"image", "caption" (optional), "elems": [{"caption": str or [str], "bb": [x, y, w, h],
+"attributes": optional}]}), or COCO instances files (instances_train2017.json: images / annotations / categories;
+each object becomes a region captioned with its category name) given with --coco-instances. Entries naming the
+same image are merged; each sample's .json then also holds "regions": [{"caption", "attributes", "bbox"}] (boxes
+in pixels of the stored image; boxes that are empty or leave the image are dropped and counted in the report).
+Samples with regions but no whole-image caption carry "caption": [] and no .txt: the caption loader skips them,
+the region loader (epic.data.regions) reads them.
+
 Resumable: a shard is written to a temporary name and renamed when complete; a rerun keeps completed shards and
 writes only the others (a rerun with different inputs into the same DIR is refused). Shards that img2dataset
 wrote itself (`img2dataset --output_format webdataset`) need no conversion: point the training config at them.
@@ -64,11 +73,79 @@ def load_annotations(paths) -> tuple[list[dict], list[str]]:
     return samples, [image for image, captions in merged.items() if not captions]
 
 
+def _box(value, where: str) -> list:
+    if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value)):
+        raise SystemExit(f"error: {where}: box must be [x, y, w, h] numbers, got {str(value)[:80]}")
+    return [float(v) for v in value]
+
+
+def load_region_annotations(paths, coco_instances=()) -> list[dict]:
+    """Merged region samples [{"image", "caption": [str], "regions": [{"caption", "attributes", "bbox"}]}] from
+    X-VLM region-layout files and COCO instances files, in first-appearance order."""
+    merged: dict[str, dict] = {}
+
+    def bucket(image: str) -> dict:
+        return merged.setdefault(image, {"image": image, "caption": [], "regions": []})
+
+    for path in paths:
+        try:
+            entries = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exn:
+            raise SystemExit(f"error: cannot read annotation file {path}: {exn}")
+        if not isinstance(entries, list):
+            raise SystemExit(f"error: {path} must hold a JSON list of {{\"image\", \"elems\"}} entries (X-VLM layout)")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or "image" not in entry or not isinstance(entry.get("elems", []), list):
+                raise SystemExit(f"error: {path} entry {i} lacks 'image' or has a non-list 'elems'")
+            sample = bucket(str(entry["image"]))
+            captions = entry.get("caption", [])
+            for c in [captions] if isinstance(captions, str) else captions:
+                if isinstance(c, str) and c.strip() and c.strip() not in sample["caption"]:
+                    sample["caption"].append(c.strip())
+            for j, elem in enumerate(entry.get("elems", [])):
+                if not isinstance(elem, dict) or "caption" not in elem or "bb" not in elem:
+                    raise SystemExit(f"error: {path} entry {i} elem {j} lacks 'caption' or 'bb'")
+                region = {"caption": elem["caption"], "bbox": _box(elem["bb"], f"{path} entry {i} elem {j}")}
+                if "attributes" in elem:
+                    region["attributes"] = elem["attributes"]
+                sample["regions"].append(region)
+    for path in coco_instances:
+        try:
+            coco = json.loads(Path(path).read_text())
+            files = {im["id"]: im["file_name"] for im in coco["images"]}
+            names = {c["id"]: c["name"] for c in coco["categories"]}
+            annotations = coco["annotations"]
+        except (OSError, ValueError, KeyError, TypeError) as exn:
+            raise SystemExit(f"error: {path} is not a COCO instances file (images / annotations / categories): {exn}")
+        for ann in annotations:
+            if ann.get("iscrowd", 0) or ann.get("image_id") not in files:
+                continue  # crowd regions have no single object to name
+            bucket(files[ann["image_id"]])["regions"].append(
+                {"caption": names[ann["category_id"]], "bbox": _box(ann["bbox"], f"{path} annotation {ann.get('id')}")})
+    return [s for s in merged.values() if s["regions"] or s["caption"]]
+
+
+def clean_regions(regions: list, width: int, height: int) -> tuple[list, int]:
+    """Regions whose box is non-empty and inside the image (1 px slack, then clipped); and how many were dropped."""
+    kept = []
+    for region in regions:
+        x, y, w, h = region["bbox"]
+        if w <= 0 or h <= 0 or x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
+            continue
+        x0, y0 = max(0.0, x), max(0.0, y)
+        kept.append(dict(region, bbox=[x0, y0, min(width, x + w) - x0, min(height, y + h) - y0]))
+    return kept, len(regions) - len(kept)
+
+
 def make_plan(args, samples: list[dict]) -> dict:
     digest = hashlib.sha256(json.dumps(samples, sort_keys=True).encode()).hexdigest()
-    return {"annotations": [str(Path(p).resolve()) for p in args.annotations], "image_root": str(Path(args.image_root).resolve()),
+    plan = {"annotations": [str(Path(p).resolve()) for p in args.annotations], "image_root": str(Path(args.image_root).resolve()),
             "shard_size": args.shard_size, "shuffle_seed": None if args.no_shuffle else args.seed,
             "samples": len(samples), "samples_sha256": digest}
+    if getattr(args, "regions", False):
+        plan["regions"] = True
+        plan["coco_instances"] = [str(Path(p).resolve()) for p in args.coco_instances]
+    return plan
 
 
 # --------------------------------------------------------------------------------------------------- writing
@@ -105,7 +182,8 @@ def write_shard(task: dict) -> dict:
 
     out, shard, samples = Path(task["out"]), task["shard"], task["samples"]
     image_root, verify, shard_size = Path(task["image_root"]), task["verify"], task["shard_size"]
-    stats = {"shard": f"{shard:05d}.tar", "count": 0, "captions": 0, "missing": [], "broken": []}
+    stats = {"shard": f"{shard:05d}.tar", "count": 0, "captions": 0, "missing": [], "broken": [], "regions": 0,
+             "regions_dropped": 0}
     tmp = out / f"{shard:05d}.tar.tmp{os.getpid()}"
     with wds.TarWriter(str(tmp), encoder=False, mtime=FIXED_MTIME) as writer:
         for index, sample in enumerate(samples):
@@ -116,8 +194,19 @@ def write_shard(task: dict) -> dict:
                 continue
             key = sample_key(shard, index, shard_size)
             meta = {"key": key, "caption": sample["caption"], "image": sample["image"]}
-            writer.write({"__key__": key, ext: data, "txt": sample["caption"][0].encode("utf-8"),
-                          "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+            if "regions" in sample:
+                from PIL import Image
+
+                with Image.open(io.BytesIO(data)) as image:
+                    meta["regions"], dropped = clean_regions(sample["regions"], *image.size)
+                stats["regions"] += len(meta["regions"])
+                stats["regions_dropped"] += dropped
+                if not meta["regions"] and not sample["caption"]:
+                    continue
+            member = {"__key__": key, ext: data, "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
+            if sample["caption"]:
+                member["txt"] = sample["caption"][0].encode("utf-8")
+            writer.write(member)
             stats["count"] += 1
             stats["captions"] += len(sample["caption"])
     stats_path = out / f"{shard:05d}_stats.json"
@@ -133,7 +222,11 @@ def shard_done(out: Path, shard: int) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--annotations", nargs="+", required=True, help="annotation JSON file(s)")
+    parser.add_argument("--annotations", nargs="*", default=[], help="annotation JSON file(s)")
+    parser.add_argument("--regions", action="store_true",
+                        help="annotations are X-VLM region files (image, caption, elems: [{caption, bb, attributes}])")
+    parser.add_argument("--coco-instances", nargs="*", default=[],
+                        help="COCO instances JSON file(s): objects become regions (implies --regions)")
     parser.add_argument("--image-root", required=True, help="folder the 'image' paths are relative to")
     parser.add_argument("--out", required=True, help="output folder for the shards")
     parser.add_argument("--shard-size", type=int, default=10000, help="samples (images) per shard")
@@ -144,13 +237,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.shard_size < 1:
         parser.error("--shard-size must be >= 1")
+    args.regions = args.regions or bool(args.coco_instances)
+    if not args.annotations and not args.coco_instances:
+        parser.error("give --annotations (and/or --coco-instances with --regions)")
     if not Path(args.image_root).is_dir():
         print(f"error: --image-root {args.image_root} is not a folder", file=sys.stderr)
         return 2
 
     from tqdm import tqdm
 
-    samples, without_caption = load_annotations(args.annotations)
+    if args.regions:
+        samples, without_caption = load_region_annotations(args.annotations, args.coco_instances), []
+    else:
+        samples, without_caption = load_annotations(args.annotations)
     if not args.no_shuffle:
         random.Random(args.seed).shuffle(samples)
     out = Path(args.out)
@@ -199,6 +298,9 @@ def main(argv=None) -> int:
         "broken": [b for st in all_stats for b in st["broken"]],
         "without_caption": without_caption,
     }
+    if args.regions:
+        report["regions"] = sum(st.get("regions", 0) for st in all_stats)
+        report["regions_dropped"] = sum(st.get("regions_dropped", 0) for st in all_stats)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in report.items()} | {"report": str(out / "report.json")}))
     return 0

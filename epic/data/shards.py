@@ -269,6 +269,7 @@ class DecodedSample:
     image: Image.Image
     captions: list  # list[str], never empty
     content_words: list  # per caption: list[bool] (one flag per whitespace word) or None
+    regions: Optional[list] = None  # .json "regions" (X-VLM data): [{caption, attributes, bbox: [x, y, w, h]}]
 
 
 def _text(data: bytes) -> str:
@@ -338,7 +339,18 @@ def decode_sample(raw: dict) -> Union[DecodedSample, str]:
     image = read_image(raw)
     if isinstance(image, str):
         return image
-    return DecodedSample(key=str(raw.get("__key__")), image=image, captions=text[0], content_words=text[1])
+    return DecodedSample(key=str(raw.get("__key__")), image=image, captions=text[0], content_words=text[1],
+                         regions=read_regions(raw))
+
+
+def read_regions(raw: dict) -> Optional[list]:
+    """The .json "regions" list (boxes and region captions, X-VLM's region data) or None; checked by the region
+    loader (epic.data.regions.validate_regions), which knows the image size."""
+    if "json" not in raw:
+        return None
+    meta = json.loads(_text(raw["json"]))  # read_captions has parsed it without error already
+    regions = meta.get("regions") if isinstance(meta, dict) else None
+    return regions if isinstance(regions, list) else None
 
 
 def count_skips(counter: Optional[Counter]) -> dict:

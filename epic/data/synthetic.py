@@ -10,9 +10,16 @@ position, relation, count, background: only the image tells them); template word
 caption, one content flag per whitespace word, so saliency hit-rate and the modality-bias gap can be measured.
 
 Layout (img2dataset's): DIR/{train,val}/NNNNN.tar holding {key}.jpg, {key}.txt (first caption) and {key}.json
-({"key", "caption": [...], "content_words": [[bool, ...], ...], "objects": [...], "background", "scene"}),
+({"key", "caption": [...], "content_words": [[bool, ...], ...], "objects": [...], "background", "scene",
+"regions": [...]}),
 DIR/{train,val}/counts.json (images and captions per shard, epic.data.shards), DIR/manifest.json (counts, seed, shard lists) and DIR/tokenizer (byte-level BPE, RoBERTa specials, HF format).
 Everything is a pure function of the seed: same seed, identical bytes.
+
+Regions (X-VLM's region data): "regions" holds one entry per object, {"caption": "the small red circle" (count
+scenes add the quadrant: "... at the top left"), "content_words": flags, "attributes": {"size", "colour", "shape"
+[, "position"]}, "bbox": [x, y, w, h]} with the box in pixels of the stored image: the smallest integer box that
+holds every pixel the object is drawn on. They are derived from the scene, drawing no random numbers, so images
+and captions are the same as without them.
 
 Augmentation note: colour, count and position are labels here, so the train transform must not change colours
 (RandAugment without colour ops, paper App. F) and must not flip; objects stay inside the central 80% of the
@@ -221,6 +228,39 @@ def make_captions(scene: dict, rng: random.Random) -> tuple[list[str], list[list
     return [c for c, _ in filled], [f for _, f in filled]
 
 
+# ------------------------------------------------------------------------------------------------------ regions
+def object_pixel_box(obj: dict, image_size: int) -> list[int]:
+    """[x, y, w, h] (integers, pixels) holding every pixel ``render_scene`` draws for ``obj``: PIL fills pixel
+    column i only if the shape reaches into [i - 1, i + 1), so floor(min) .. floor(max) + 1 covers it, within one
+    pixel of tight on each side."""
+    cx, cy, r = obj["x"] * image_size, obj["y"] * image_size, obj["radius"] * image_size
+    points = [(cx - r, cy - r), (cx + r, cy + r)] if obj["shape"] == "circle" else _shape_points(obj["shape"], cx, cy, r)
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, y0 = max(0, math.floor(min(xs))), max(0, math.floor(min(ys)))
+    x1, y1 = min(image_size, math.floor(max(xs)) + 1), min(image_size, math.floor(max(ys)) + 1)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def quadrant(obj: dict) -> str:
+    """'top left' / 'top right' / 'bottom left' / 'bottom right' of the object's centre."""
+    return f"{'top' if obj['y'] < 0.5 else 'bottom'} {'left' if obj['x'] < 0.5 else 'right'}"
+
+
+def make_regions(scene: dict, image_size: int) -> list[dict]:
+    """One region per object: its caption (unique within the image), content flags, attributes and pixel box."""
+    regions = []
+    for obj in scene["objects"]:
+        words = [("the", False), (obj["size"], True), (obj["colour"], True), (obj["shape"], True)]
+        attributes = {"size": obj["size"], "colour": obj["colour"], "shape": obj["shape"]}
+        if scene["scene"] == "count":  # identical objects: the quadrant tells them apart
+            vertical, horizontal = quadrant(obj).split()
+            words += [("at", False), ("the", False), (vertical, True), (horizontal, True)]
+            attributes["position"] = quadrant(obj)
+        regions.append({"caption": " ".join(w for w, _ in words), "content_words": [f for _, f in words],
+                        "attributes": attributes, "bbox": object_pixel_box(obj, image_size)})
+    return regions
+
+
 # ------------------------------------------------------------------------------------------------------ writing
 def sample_key(shard: int, index: int, samples_per_shard: int) -> str:
     """img2dataset's key: shard number then index within the shard, zero-padded."""
@@ -231,7 +271,7 @@ def make_sample(seed: int, split: str, index: int, image_size: int, key: str) ->
     rng = random.Random(f"shapes-world/{seed}/{split}/{index}")
     scene = sample_scene(rng)
     captions, flags = make_captions(scene, rng)
-    meta = {"key": key, "caption": captions, "content_words": flags, **scene}
+    meta = {"key": key, "caption": captions, "content_words": flags, **scene, "regions": make_regions(scene, image_size)}
     return {
         "__key__": key,
         "jpg": encode_jpeg(render_scene(scene, image_size)),

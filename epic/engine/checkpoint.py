@@ -25,13 +25,11 @@ are converted once with DeepSpeed's `ds_to_universal` (into `<engine>_universal/
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import io
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -41,18 +39,11 @@ import torch
 import torch.distributed as dist
 
 from epic import faults
+# reading checkpoints needs no engine: these live in a leaf (epic.ckpt_files) that models/ can use too
+from epic.ckpt_files import (COMPLETE, STEP_DIR, CheckpointError, complete_checkpoints, find_checkpoint,  # noqa: F401
+                             read_module_state_dict, read_trainer_state, tag_for_step)
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
-COMPLETE = "COMPLETE"
 UNIVERSAL_SUFFIX = "_universal"
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def tag_for_step(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def _barrier() -> None:
@@ -227,16 +218,6 @@ def _save_failure_message(error: Optional[BaseException], tag_dir: Path, root: P
             f"{keep}")
 
 
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            match = STEP_DIR.match(child.name)
-            if match and (child / COMPLETE).is_file():
-                found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
 def prune_checkpoints(root: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` complete checkpoints; drop older ones and incomplete leftovers below them."""
     complete = complete_checkpoints(root)
@@ -255,26 +236,6 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Find and load
 # ---------------------------------------------------------------------------------------------------------------
-def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
-    """A run dir, its `checkpoints/` dir or one `step_*` dir -> the newest COMPLETE checkpoint dir (or None)."""
-    path = Path(path)
-    if (path / COMPLETE).is_file():
-        return path
-    if STEP_DIR.match(path.name) and path.is_dir():
-        raise CheckpointError(f"{path} is an incomplete checkpoint (no {COMPLETE} marker: the save was "
-                              f"interrupted). Pick an earlier one under {path.parent}.")
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    # The newest COMPLETE one: `latest` is written after COMPLETE, so a job killed in between leaves `latest` one
-    # behind a checkpoint that is whole.
-    complete = complete_checkpoints(root)
-    return complete[-1][1] if complete else None
-
-
-def read_trainer_state(ckpt_dir: Path) -> dict:
-    with open(Path(ckpt_dir) / "trainer_state.json") as f:
-        return json.load(f)
-
-
 def verify_checkpoint(ckpt_dir: Path) -> Optional[str]:
     """Why a complete checkpoint cannot load (a missing / truncated file, unreadable trainer state), or None.
 
@@ -425,30 +386,13 @@ def _load_universal(engine, universal_dir: Path, name: str):
 # ---------------------------------------------------------------------------------------------------------------
 # Weights only (evaluation, teacher, fine-tuning): world-size independent under ZeRO-2
 # ---------------------------------------------------------------------------------------------------------------
-def read_module_state_dict(ckpt_dir: str | os.PathLike, engine_name: str = "vlm") -> dict:
-    """The full module state dict of one engine from a ZeRO-1/2 checkpoint (rank 0 wrote the whole module)."""
-    path = Path(ckpt_dir) / engine_name / "mp_rank_00_model_states.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: is {ckpt_dir} a checkpoint written by epic/pretrain.py "
-                              f"(with a '{engine_name}' engine)?")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return state["module"]
-
-
 def load_model_from_checkpoint(path: str | os.PathLike, engine_name: str = "vlm"):
-    """A run dir / checkpoint dir -> (METER in eval mode, the run's resolved Config, checkpoint dir)."""
-    from epic.config import config_from_dict
-    from epic.models.meter import METER
+    """A run dir / checkpoint dir -> (model in eval mode, the run's resolved Config, checkpoint dir).
 
-    ckpt_dir = find_checkpoint(path)
-    if ckpt_dir is None:
-        raise CheckpointError(f"no complete checkpoint under {path}")
-    cfg = config_from_dict(read_trainer_state(ckpt_dir)["config"])
-    # the checkpoint holds every weight: do not read the original pretrained files again
-    model = METER.from_config(dataclasses.replace(cfg.model, vit_pretrained=None, text_pretrained=None))
-    missing, unexpected = model.load_state_dict(read_module_state_dict(ckpt_dir, engine_name), strict=False)
-    extra_heads = [k for k in unexpected if k.split(".")[0] not in dict(model.named_children())]
-    if missing or len(extra_heads) != len(unexpected):
-        raise CheckpointError(f"{ckpt_dir}: weights do not match the saved config (missing {missing[:8]}, "
-                              f"unexpected {[k for k in unexpected if k not in extra_heads][:8]})")
-    return model.eval(), cfg, ckpt_dir
+    Kept for old callers; it is ``epic.models.loading.load_model`` (the one weight loader)."""
+    from epic.models.loading import load_model
+
+    loaded = load_model(path, engine=engine_name)
+    if loaded.source.kind != "deepspeed":
+        raise CheckpointError(f"{path} is not a run dir or checkpoint dir of epic/pretrain.py")
+    return loaded.model.eval(), loaded.run_config(), loaded.source.path

@@ -23,10 +23,8 @@ from epic.engine import checkpoint as ckpt
 from epic.engine.logger import (MetricAverager, RunLogger, SampleRecorder, StepTimer, guess_peak_tflops,
                                 log_console)
 from epic.engine.nonfinite import NonfiniteGuard
-from epic.engine.setup import (BatchMath, SetupError, build_optimizer, derive_batch_math, engine_dtype,
-                               initialize_engine, load_ds_config, loss_scale_of, resolve_ds_config)
-from epic.engine.schedule import build_lr_scheduler
-from epic.engine.build import build_model, build_objective, build_train_data, resolve_data_paths
+from epic.engine.setup import (BatchMath, EngineSpec, SetupError, create_engine, derive_batch_math, engine_dtype,
+                               load_ds_config, loss_scale_of, optimizer_spec, resolve_ds_config)
 
 
 # The loss each engine is trained on, as named in the objective's output (a non-finite one skips that engine's step)
@@ -121,6 +119,9 @@ def resume_candidates(run_dir: str, resume: str) -> list[Path]:
 
 
 class Trainer:
+    """The loop; what it trains comes from its construction hooks (``epic.wiring.PretrainTrainer`` for pretraining,
+    epic/finetune.py for the downstream tasks), so the engine names no model family and no objective."""
+
     def __init__(self, cfg: Config, ds_config_path: str, dist_info, resume: str = "auto") -> None:
         self.cfg = cfg
         self.rank, self.world_size = dist_info.rank, dist_info.world_size
@@ -133,20 +134,25 @@ class Trainer:
         self.resume_candidates = resume_candidates(cfg.run.dir, resume)
         self.resume_from = self.resume_candidates[0] if self.resume_candidates else None
 
-    # -- construction hooks (epic/finetune.py overrides them for the downstream tasks) ----------------------
+    # -- construction hooks (epic.wiring.PretrainTrainer; epic/finetune.py for the downstream tasks) ------------
     def resolve_paths(self):
-        return resolve_data_paths(self.cfg)
+        """Data paths (called in __init__)."""
+        raise NotImplementedError
 
     def build_model(self):
         """(model, tokenizer); called after the seed is set, before the optimizer exists."""
-        return build_model(self.cfg, self.paths)
+        raise NotImplementedError
 
     def build_objective(self):
-        return build_objective(self.cfg, self.engine, self.tokenizer, self.ds_config, self.batch, self.paths,
-                               self.device)
+        """The objective (protocol: docs/CONTRACTS.md), with the engines of its extra modules attached."""
+        raise NotImplementedError
 
     def build_loader(self, data_state):
-        return build_train_data(self.cfg, self.paths, self.tokenizer, self.rank, self.world_size, data_state)
+        raise NotImplementedError
+
+    def evaluate_during_training(self) -> dict:
+        """Metrics every ``train.eval_every`` steps (all ranks take part); {} for none."""
+        return {}
 
     def merge_data_states(self, states: list) -> dict:
         """The data positions of every rank of a run with another world size -> one state for build_loader."""
@@ -158,11 +164,8 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.model, self.tokenizer = self.build_model()
-        optimizer = build_optimizer(self.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas,
-                                    cfg.train.eps, cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
-        scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio,
-                                       cfg.train.hold_ratio, cfg.train.final_lr_scale)
-        self.engine = initialize_engine(self.model, optimizer, scheduler, self.ds_config)
+        self.engine = create_engine(EngineSpec(self.model, optimizer_spec(cfg.train)), self.ds_config, self.batch,
+                                    cfg.train.grad_clip, on_cpu=self.device.type == "cpu")
         self.dtype = engine_dtype(self.ds_config)
         self.objective = self.build_objective()
         self.engines = {"vlm": self.engine, **self.objective.extra_engines()}
@@ -263,6 +266,13 @@ class Trainer:
         torch.manual_seed(micro_batch_seed(self.cfg.run.seed, _DROPOUT_RNG, j))
         return torch.Generator(device="cpu").manual_seed(micro_batch_seed(self.cfg.run.seed, _OBJECTIVE_RNG, j))
 
+    def _after_optimizer_step(self, skipped_at_start: int) -> None:
+        """A model with per-step state besides its weights (ALBEF's momentum encoders and distillation ramp) updates
+        it after an optimizer step that was taken; a step DeepSpeed skipped on overflow changed no weight."""
+        hook = getattr(self.engine.module, "after_optimizer_step", None)
+        if hook is not None and self.engine.skipped_steps == skipped_at_start:
+            hook()
+
     def train(self, preemption=None) -> TrainResult:
         """Train to `train.max_steps` (or `stop_at_step`). `preemption`: a PreemptionHandler installed early."""
         cfg = self.cfg
@@ -283,6 +293,7 @@ class Trainer:
             while self.step < stop_at:
                 heartbeat(self.step + 1)  # read only when a collective fails, to name the rank that stopped
                 step_losses = []
+                skipped_at_start = self.engine.skipped_steps
                 for micro in range(self.batch.grad_accum_steps):
                     timer.start()
                     batch = next(data_iter)
@@ -292,6 +303,7 @@ class Trainer:
                     timer.stop("data")
                     step_losses.append(self._micro_step(batch, timer, averager, micro))
                     window_samples += self.batch.micro_batch_size * self.world_size
+                self._after_optimizer_step(skipped_at_start)
                 self.step += 1
                 bad = self.guard.end_step(self.step)
                 result.losses.append(_mean_across_ranks(sum(step_losses) / len(step_losses), self.device))
@@ -375,10 +387,7 @@ class Trainer:
         self.logger.console(self.step, values)
 
     def _evaluate(self) -> None:
-        from epic.engine.build import evaluate_retrieval_during_training
-
-        metrics = evaluate_retrieval_during_training(self.cfg, self.paths, self.engine.module, self.tokenizer,
-                                                     self.rank, self.world_size, self.device, self.dtype)
+        metrics = self.evaluate_during_training()
         if metrics:
             self.logger.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items()})
             log_console(f"eval step {self.step}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()),

@@ -1,10 +1,10 @@
 """SNLI-VE: does the image entail, contradict or say nothing about the hypothesis? Accuracy in percent."""
 from __future__ import annotations
 
-from epic.models.downstream import SNLI_LABELS
-
 from .common import score_over_loader, single_image_forward
 from .nlvr2 import correct_count
+
+SNLI_LABELS = ("contradiction", "neutral", "entailment")  # class index = position
 
 
 def parse_label(value) -> int:

@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_meter import METERConfig
+from epic.eval.snli_ve import SNLI_LABELS  # noqa: E402  (the metric owns the label order)
+
 from .meter import METER, init_meter_weights
 
 log = logging.getLogger(__name__)
 
 TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve")
-SNLI_LABELS = ("contradiction", "neutral", "entailment")  # class index = position
 # Heads/engines of pretraining runs that a task model drops on load (EPIC's ITC head, and whatever a generator
 # engine might put in the VLM's state dict).
 PRETRAINING_ONLY_PREFIXES = ("itc_score.", "generator.")

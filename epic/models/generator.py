@@ -55,6 +55,12 @@ class EpicGenerator(nn.Module):
             return self.lm.lm_head.decoder.weight, self.lm.lm_head.bias
         return self.lm.cls.predictions.decoder.weight, self.lm.cls.predictions.bias
 
+    def param_groups_spec(self) -> dict:
+        """One lr group; weight decay on matrices, none on biases and LayerNorm weights (every 1-D parameter)."""
+        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        return {"backbone": {"decay": [n for n, p in trainable if p.ndim >= 2],
+                             "no_decay": [n for n, p in trainable if p.ndim < 2]}}
+
     def head_transform(self, states: torch.Tensor) -> torch.Tensor:
         """The LM head before the vocabulary projection (dense -> GELU -> LayerNorm), as HF computes it."""
         if self.family == "roberta":
@@ -147,7 +153,7 @@ def load_pretrained_generator(path: str, model_cfg, image_width: Optional[int]) 
     if (path / "config.json").is_file():  # a HF folder
         _, model_class = GENERATOR_FAMILIES[model_cfg.text_model_type]
         return EpicGenerator(model_class.from_pretrained(str(path)), image_width)
-    from epic.engine.checkpoint import find_checkpoint, read_module_state_dict, read_trainer_state
+    from epic.ckpt_files import find_checkpoint, read_module_state_dict, read_trainer_state
 
     step_dir = find_checkpoint(path) if path.is_dir() else None
     if step_dir is None or not (step_dir / "generator").is_dir():

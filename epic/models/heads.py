@@ -53,3 +53,12 @@ class MLMHead(nn.Module):
 
     def forward(self, text_feats: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform(text_feats)) + self.bias
+
+
+def new_consistency_head(hidden_size: int, std: float) -> nn.Linear:
+    """EPIC's head beta (Eq. 1): D_i = sigmoid(beta^T h_i + b) on every fused text state; N(0, std) weight, zero
+    bias (METER's / BERT's init). Families create it when their config has ``consistency_head: true``."""
+    head = nn.Linear(hidden_size, 1)
+    head.weight.data.normal_(mean=0.0, std=std)
+    head.bias.data.zero_()
+    return head

@@ -13,6 +13,17 @@ as timm and HF transformers keep them) and joins by subclassing :class:`VLPModel
 * ``image_embeds``            the unimodal image encoding (``encode_image``'s output), reusable by later passes.
 
 Families add their own keys (ALBEF / X-VLM: ``text_embeds``, ``image_feat``, ``text_feat``).
+
+What the rest of the system reads of ``model.config`` (the family's config dataclass, the ``model:`` section of a
+run config): ``family``, ``hidden_size`` (width of ``text_feats``), ``vocab_size``, ``pad_token_id``,
+``image_size``, ``max_text_len``, ``initializer_range`` and ``consistency_head`` (bool); fields named
+``*_pretrained`` are local tower-weight paths, cleared when weights come from a checkpoint. The EPIC generator
+(``epic.models.generator``) also reads the text tower's ``text_model_type`` / ``text_hidden_size`` /
+``text_layers`` / ``text_heads`` / ``text_intermediate_size`` (its default sizes) and ``vit_width``
+(``generator_mode=conditioned``).
+
+``itm_score`` and ``mlm_score`` may be submodules (METER keeps its official state-dict names ``itm_score.fc``,
+``mlm_score.decoder``): a read-only property returning the head module satisfies the interface.
 """
 from __future__ import annotations
 
@@ -51,8 +62,12 @@ class VLPModel(nn.Module, abc.ABC):
 
     # -- forward -------------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The unimodal image encoding; run once per micro-batch and passed to ``infer(image_embeds=...)``."""
+    def encode_image(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The unimodal image encoding; run once per micro-batch and passed to ``infer(image_embeds=...)``.
+
+        ``generator``: the objective's random stream, for families whose training-time encoding is random (ViLT
+        samples at most ``max_image_len`` patches); it must not be drawn from in eval mode or by deterministic
+        families (METER ignores it), so resuming stays exact."""
 
     @abc.abstractmethod
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
@@ -78,8 +93,10 @@ class VLPModel(nn.Module, abc.ABC):
         ``mlm_score(x) == mlm_transform(x) @ weight.T + bias`` (the streaming vocabulary kernel reads them)."""
 
     def consistency_head(self) -> Optional[nn.Linear]:
-        """EPIC's beta (Eq. 1), Linear(H, 1), when the model config has ``consistency_head: true``; else None."""
-        return getattr(self, CONSISTENCY_HEAD, None)
+        """EPIC's beta (Eq. 1), Linear(H, 1) as submodule ``itc_score``, when the model config has
+        ``consistency_head: true``; else None. Created last in ``__init__`` (``epic.models.heads.
+        new_consistency_head``), so that every other weight draws the same random numbers with or without it."""
+        return self._modules.get(CONSISTENCY_HEAD)
 
     # -- EPIC saliency (Eq. 8) -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -92,7 +109,9 @@ class VLPModel(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def saliency_teacher(self) -> "VLPModel":
-        """A frozen copy pruned to what ``saliency_qk`` runs (no heads, no layers after the saliency layer)."""
+        """A frozen copy (``requires_grad`` False, eval mode; the model itself is untouched) pruned to what
+        ``saliency_qk`` runs (no heads, no layers after the saliency layer), whose ``saliency_qk`` gives the same
+        query and keys. EPIC's teacher (``epic.models.teacher.SaliencyTeacher``) wraps it."""
 
     # -- optimizer -----------------------------------------------------------------------------------------
     @abc.abstractmethod

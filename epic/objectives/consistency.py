@@ -15,11 +15,8 @@ skips or alters the other's step. Ablations (Tables 4-6, 8; App. G, J) are switc
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-import os
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -27,21 +24,24 @@ import torch.distributed as dist
 from torch import nn
 
 from epic import faults
+from epic.engine.setup import EngineSpec, SetupError, frozen_engine_ds_config, optimizer_spec  # noqa: F401
 from epic.eval.epic_metrics import EpicMeasurements, render_saliency_figure, step_counts
 from epic.kernels import token_consistency_loss
-
 from epic.models.generator import select_positions
-from epic.models.meter import init_meter_weights
+from epic.models.heads import new_consistency_head
+from epic.models.interface import CONSISTENCY_HEAD
+from epic.paths import expand_env
 
 from .corruption import (consistency_labels, excluded_token_ids, inconsistent_positions, mask_tokens,
                          random_replacements, replace_at, sample_replacements)
-from .itm import compute_itm
-from .mlm import compute_mlm
+from .recipes import base_losses
 from .saliency import real_text_tokens, saliency_masking, saliency_mlm_inputs, uniform_masking
 
 logger = logging.getLogger(__name__)
 
-HEAD_NAME = "itc_score"
+HEAD_NAME = CONSISTENCY_HEAD  # the old name
+#: what the EPIC step needs of the model's config (the wiring applies it before the model is built)
+MODEL_CONFIG_REQUIREMENTS = {"consistency_head": True}
 TRAINED_GENERATOR_MODES = ("finetune", "conditioned")
 EPIC_BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "special_tokens_mask", "mlm_input_ids",
                    "mlm_labels")
@@ -51,25 +51,23 @@ EPIC_BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "special_token
 # The ITC head beta and Eq. 1-2
 # ----------------------------------------------------------------------------------------------------------------
 def add_consistency_head(model: nn.Module) -> nn.Module:
-    """Give the VLM EPIC's head beta (Eq. 1) as ``model.itc_score`` = Linear(hidden, 1), METER's init (N(0,
-    ``initializer_range``), zero bias).
-
-    Must run before the VLM's optimizer is built (the head is trained with the VLM). Idempotent.
-    """
-    if getattr(model, HEAD_NAME, None) is None:
+    """Old way of giving a built model EPIC's head beta; build it with ``consistency_head: true`` in its config
+    instead (epic.wiring does so for EPIC runs). Idempotent, same init and draws as the config switch."""
+    if model.consistency_head() is None:
         reference = next(model.parameters())
-        head = nn.Linear(model.config.hidden_size, 1, device=reference.device, dtype=reference.dtype)
-        init_meter_weights(head, std=model.config.initializer_range)
-        model.add_module(HEAD_NAME, head)
+        head = new_consistency_head(model.config.hidden_size, model.config.initializer_range)
+        model.add_module(CONSISTENCY_HEAD, head.to(device=reference.device, dtype=reference.dtype))
+        model.config = dataclasses.replace(model.config, consistency_head=True)
     return model
 
 
 ITC_REDUCTIONS = {"token_mean": "mean", "pair_sum": "pair_sum"}  # epic.itc_reduction -> the kernel's reduction
 
 
-def consistency_loss(text_feats: torch.Tensor, head: nn.Linear, inconsistent: torch.Tensor, real: torch.Tensor,
-                     reduction: str = "token_mean") -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 1-2: (L_ITC, logits z_i [B, L]); per-token BCE(sigmoid(beta^T h_i + b), 1 - [i in T]) over real tokens.
+def itc_loss(text_feats: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], inconsistent: torch.Tensor,
+             real: torch.Tensor, reduction: str = "token_mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 1-2 over tensors: (L_ITC, logits z_i [B, L]); per-token BCE(sigmoid(beta^T h_i + b), 1 - [i in T]) over
+    real tokens; ``weight`` [H] and ``bias`` [1] are beta's.
 
     ``reduction`` (epic.itc_reduction): "token_mean" = mean over the micro-batch's real tokens (ELECTRA's
     convention; the default, see EpicConfig.itc_reduction); "pair_sum" = Eq. 2 as written, the sum over each
@@ -77,65 +75,48 @@ def consistency_loss(text_feats: torch.Tensor, head: nn.Linear, inconsistent: to
     """
     if reduction not in ITC_REDUCTIONS:
         raise ValueError(f"itc reduction {reduction!r}; use one of {sorted(ITC_REDUCTIONS)}")
-    return token_consistency_loss(text_feats, head.weight.view(-1), head.bias, consistency_labels(inconsistent), real,
+    return token_consistency_loss(text_feats, weight, bias, consistency_labels(inconsistent), real,
                                   reduction=ITC_REDUCTIONS[reduction])
 
 
-def epic_vlm_loss(loss_itm: torch.Tensor, loss_mlm: torch.Tensor, loss_itc: torch.Tensor, lambda_itc: float
-                  ) -> torch.Tensor:
-    """Eq. 9 without L_GEN (which trains only the generator, in its own engine)."""
-    return loss_itm + loss_mlm + lambda_itc * loss_itc
+def consistency_loss(text_feats: torch.Tensor, head: nn.Linear, inconsistent: torch.Tensor, real: torch.Tensor,
+                     reduction: str = "token_mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """``itc_loss`` with beta given as its Linear(H, 1)."""
+    return itc_loss(text_feats, head.weight.view(-1), head.bias, inconsistent, real, reduction)
+
+
+def epic_vlm_loss(loss_base: torch.Tensor, loss_itc: torch.Tensor, lambda_itc: float) -> torch.Tensor:
+    """Eq. 9 without L_GEN (which trains only the generator, in its own engine): the family's base losses
+    (METER: L_ITM + L_MLM) + lambda * L_ITC."""
+    return loss_base + lambda_itc * loss_itc
 
 
 def epic_vlm_passes(model, batch: dict, image_embeds: torch.Tensor, corrupted_ids: torch.Tensor,
                     inconsistent: torch.Tensor, real: torch.Tensor, rng: torch.Generator, lambda_itc: float,
                     mlm_batch: Optional[dict] = None, itc_reduction: str = "token_mean") -> dict:
-    """The VLM's MLM, ITM and ITC passes on one set of image features; ``loss`` is Eq. 9 without L_GEN.
+    """The family's base losses (its recipe) and ITC on one set of image features; ``loss`` is Eq. 9 without L_GEN.
 
     ``mlm_batch`` (†CMLM) replaces the batch's MLM inputs/labels; ITC reads w_bar = ``corrupted_ids``.
     """
-    mlm = compute_mlm(model, mlm_batch if mlm_batch is not None else batch, image_embeds)
-    itm = compute_itm(model, batch, image_embeds, rng)
+    base = base_losses(model, batch, image_embeds, rng, mlm_batch=mlm_batch)
     fused = model.infer(input_ids=corrupted_ids, attention_mask=batch["attention_mask"], image_embeds=image_embeds)
-    loss_itc, itc_logits = consistency_loss(fused["text_feats"], getattr(model, HEAD_NAME), inconsistent, real,
+    loss_itc, itc_logits = consistency_loss(fused["text_feats"], model.consistency_head(), inconsistent, real,
                                             itc_reduction)
-    return {"loss": epic_vlm_loss(itm["loss_itm"], mlm["loss_mlm"], loss_itc, lambda_itc),
-            "loss_itm": itm["loss_itm"], "loss_mlm": mlm["loss_mlm"], "loss_itc": loss_itc,
-            "itm_acc": itm["itm_acc"], "mlm_acc": mlm["mlm_acc"], "itc_logits": itc_logits}
+    out = {k: v for k, v in base.items() if k != "loss"}
+    out.update(loss=epic_vlm_loss(base["loss"], loss_itc, lambda_itc), loss_itc=loss_itc, itc_logits=itc_logits)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Generator engine set-up
+# The generator's engine: declared here (EngineSpec), made by the engine factory (epic.engine.setup.create_engine)
 # ----------------------------------------------------------------------------------------------------------------
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
 def generator_ds_config(cfg, vlm_ds_config: dict, batch_math, on_cpu: bool) -> dict:
-    """``epic.generator.ds_config`` resolved like the VLM's, or a copy of the VLM's resolved config.
+    """The generator engine's resolved DeepSpeed config: ``epic.generator.ds_config`` under the same rules as the
+    VLM's (an fp16 JSON on CPU is an error), or the VLM's when unset."""
+    from epic.engine.setup import engine_ds_config
 
-    On CPU, where DeepSpeed has no fp16, an fp16 generator JSON gives way to the VLM's precision (with a warning).
-    """
-    from epic.engine.setup import load_ds_config, resolve_ds_config
-
-    path = cfg.epic.generator.ds_config
-    if path is None:
-        return copy.deepcopy(vlm_ds_config)
-    if not os.path.isabs(path) and not os.path.exists(path) and (REPO_ROOT / path).exists():
-        path = str(REPO_ROOT / path)
-    ds = load_ds_config(path)
-    if on_cpu and ds.get("fp16", {}).get("enabled"):
-        logger.warning("epic.generator.ds_config=%s enables fp16, which DeepSpeed cannot run on CPU: the generator "
-                       "uses the VLM's DeepSpeed config (its precision) instead", path)
-        return copy.deepcopy(vlm_ds_config)
-    return resolve_ds_config(ds, batch_math, cfg.train.grad_clip, on_cpu=on_cpu)
-
-
-def frozen_engine_ds_config(batch_math) -> dict:
-    """DeepSpeed config of an engine that is only checkpointed, never stepped (the VLM(SAS) generator)."""
-    return {"train_batch_size": batch_math.global_batch_size,
-            "train_micro_batch_size_per_gpu": batch_math.micro_batch_size,
-            "gradient_accumulation_steps": batch_math.grad_accum_steps,
-            "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+    spec = EngineSpec(module=None, optimizer=optimizer_spec(cfg.train), ds_config=cfg.epic.generator.ds_config)
+    return engine_ds_config(spec, vlm_ds_config, batch_math, cfg.train.grad_clip, on_cpu)
 
 
 def sas_refresh_due(step: int, every_steps: int, every_epochs: int, samples_per_step: int,
@@ -158,19 +139,21 @@ def _rank() -> int:
 
 
 class EpicObjective:
-    """The EPIC step for the trainer (see epic/engine/build.py ``build_objective`` for the contract)."""
+    """The EPIC step for the trainer (see epic/wiring.py ``build_objective`` for the contract)."""
 
-    def __init__(self, cfg, engine, tokenizer, ds_config: dict, batch_math, paths, device) -> None:
+    def __init__(self, cfg, engine, tokenizer, ds_config: Optional[dict] = None, batch_math=None, paths=None,
+                 device="cpu") -> None:
+        """The generator's engine is declared by ``extra_modules()`` and handed in by ``attach_engines`` (epic.wiring
+        does both through the engine factory). Old callers that pass ``ds_config`` and ``batch_math`` get it made
+        here, by the same factory."""
         self.cfg, self.epic = cfg, cfg.epic
         self.engine, self.tokenizer, self.paths = engine, tokenizer, paths
         self.device = torch.device(device)
         self.rank = _rank()
         model = engine.module
-        if getattr(model, HEAD_NAME, None) is None:
-            from epic.engine.setup import SetupError
-
-            raise SetupError("the VLM has no ITC head beta (model.itc_score): epic.engine.build.build_model must call "
-                             "epic.objectives.consistency.add_consistency_head(model) before the optimizer is built")
+        if model.consistency_head() is None:
+            raise SetupError("the VLM has no consistency head beta: build it with model.consistency_head=true "
+                             "(epic.wiring.build_model does so when epic.enabled) before the optimizer exists")
         self.mask_token_id = tokenizer.mask_token_id
         self._replacement_ids = None  # BERT's random-replacement ids (†CMLM), made on first use
         vocab_size = cfg.model.vocab_size
@@ -182,7 +165,13 @@ class EpicObjective:
         self.epoch_samples = self._sas_epoch_samples(paths)
         self.generator: Optional[nn.Module] = None  # the module that corrupts (None: random tokens)
         self.gen_engine = None  # the generator's DeepSpeed engine (trained, or checkpoint-only for VLM(SAS))
-        self._build_generator(ds_config, batch_math)
+        self._build_generator()
+        if ds_config is not None and batch_math is not None:
+            from epic.engine.setup import create_engine
+
+            self.attach_engines({name: create_engine(spec, ds_config, batch_math, cfg.train.grad_clip,
+                                                     self.device.type == "cpu")
+                                 for name, spec in self.extra_modules().items()})
         self.measurements = EpicMeasurements()
         self.sas_refreshes: list[int] = []  # steps at which VLM(SAS) was refreshed (this process)
         self._last_step_seen: Optional[int] = None
@@ -192,7 +181,7 @@ class EpicObjective:
 
     # -- construction ------------------------------------------------------------------------------------------
     def _build_teacher(self):
-        from epic.engine.build import load_saliency_teacher
+        from epic.models.teacher import load_saliency_teacher
 
         return load_saliency_teacher(self.cfg, self.tokenizer, self.device)
 
@@ -214,13 +203,10 @@ class EpicObjective:
 
         return resolve_teacher_dtype(self.epic.teacher_dtype, self.device)
 
-    def _build_generator(self, ds_config: dict, batch_math) -> None:
-        from epic.engine.build import expand_env
-        from epic.engine.schedule import build_lr_scheduler
-        from epic.engine.setup import initialize_engine
-        from epic.models.generator import build_generator, freeze, generator_param_groups
+    def _build_generator(self) -> None:
+        from epic.models.generator import build_generator, freeze
 
-        epic, train = self.epic, self.cfg.train
+        epic = self.epic
         if epic.corruption == "random":
             return
         mode = epic.generator_mode
@@ -237,27 +223,34 @@ class EpicObjective:
                 self.generator = self._new_sas_vlm()
             else:
                 self.generator = build_generator(gen_cfg, self.cfg.model, conditioned=mode == "conditioned")
-        if mode in TRAINED_GENERATOR_MODES:
-            optimizer = torch.optim.AdamW(generator_param_groups(self.generator, gen_cfg.lr, gen_cfg.weight_decay),
-                                          lr=gen_cfg.lr, betas=tuple(train.betas), eps=train.eps)
-            scheduler = build_lr_scheduler(optimizer, train.schedule, train.max_steps, train.warmup_ratio,
-                                           train.hold_ratio, train.final_lr_scale)
-            ds = generator_ds_config(self.cfg, ds_config, batch_math, on_cpu=self.device.type == "cpu")
-            self.gen_engine = initialize_engine(self.generator, optimizer, scheduler, ds)
+        if mode not in TRAINED_GENERATOR_MODES:  # VLM(SAS): frozen, but checkpointed as an engine (its weights
+            freeze(self.generator, self._frozen_dtype(), self.device)  # change at each refresh); fixed ones are
+            # rebuilt identically from seed or files, nothing to checkpoint
+
+    def extra_modules(self) -> dict:
+        """The modules that need their own DeepSpeed engine: {"generator": EngineSpec} (own AdamW, schedule, loss
+        scaler and DeepSpeed JSON ``epic.generator.ds_config``), or a never-stepped one for VLM(SAS)."""
+        mode, gen_cfg = self.epic.generator_mode, self.epic.generator
+        if self.generator is None or mode not in TRAINED_GENERATOR_MODES + ("vlm_sas",):
+            return {}
+        if mode == "vlm_sas":
+            return {"generator": EngineSpec(self.generator, optimizer=None)}
+        spec = optimizer_spec(self.cfg.train, lr=gen_cfg.lr, weight_decay=gen_cfg.weight_decay, lr_mults={})
+        return {"generator": EngineSpec(self.generator, optimizer=spec, ds_config=gen_cfg.ds_config)}
+
+    def attach_engines(self, engines: dict) -> None:
+        """Receive the engines of ``extra_modules()`` (made by the engine factory)."""
+        if "generator" in engines:
+            self.gen_engine = engines["generator"]
             self.generator = self.gen_engine.module
-        elif mode == "vlm_sas":  # frozen, but its weights change at each refresh: checkpointed as an engine
-            freeze(self.generator, self._frozen_dtype(), self.device)
-            self.gen_engine = initialize_engine(self.generator, None, None, frozen_engine_ds_config(batch_math))
-            self.generator = self.gen_engine.module
-        else:  # fixed / pretrained_fixed: rebuilt identically from seed or files, nothing to checkpoint
-            freeze(self.generator, self._frozen_dtype(), self.device)
 
     def _new_sas_vlm(self) -> nn.Module:
-        """VLM(SAS) (App. G): a frozen METER, first a copy of the freshly initialised VLM, refreshed every k steps."""
-        from epic.models.meter import METER
+        """VLM(SAS) (App. G): a frozen VLM of the same family, first a copy of the freshly initialised VLM
+        (without beta), refreshed every k steps."""
+        from epic.models.loading import without_local_weights
 
-        model_cfg = dataclasses.replace(self.cfg.model, vit_pretrained=None, text_pretrained=None)
-        sas = METER.from_config(model_cfg)
+        vlm = self.engine.module
+        sas = type(vlm).from_config(without_local_weights(dataclasses.replace(vlm.config, consistency_head=False)))
         sas.load_state_dict(self._vlm_weights_for(sas))
         return sas
 
@@ -282,7 +275,8 @@ class EpicObjective:
             with torch.random.fork_rng(devices=[]):  # reading val images must not move the training RNG
                 self._figure_batch = self._pick_figure_batch(batch)
         real = real_text_tokens(batch)
-        image_embeds = model.encode_image(batch["pixel_values"])  # once per micro-batch, shared by all VLM passes
+        image_embeds = model.encode_image(batch["pixel_values"], generator=rng)  # once per micro-batch, shared by
+        # all VLM passes (the objective's stream: a family with random patch sampling draws from it, METER does not)
         query_keys = self._teacher_query_keys(batch)
         positions, alpha = self._masking(query_keys, real, self.epic.mask_ratio, rng)
         corrupted, loss_gen = self._corrupt(batch, positions, image_embeds, rng)
@@ -344,9 +338,9 @@ class EpicObjective:
             dtype = next(sas.parameters()).dtype
             fused = sas.infer(input_ids=masked_ids, attention_mask=batch["attention_mask"],
                               pixel_values=batch["pixel_values"].to(dtype))
-            states = sas.mlm_score.transform(select_positions(fused["text_feats"], positions))
-            return sample_replacements(states, sas.mlm_score.decoder.weight, sas.mlm_score.bias, targets,
-                                       self.exclude_ids, rng)
+            states = sas.mlm_transform(select_positions(fused["text_feats"], positions))
+            embedding, bias = sas.mlm_output_embedding()
+            return sample_replacements(states, embedding, bias, targets, self.exclude_ids, rng)
 
     def _maybe_refresh_sas(self, step: int) -> None:
         if self.epic.generator_mode != "vlm_sas" or self.generator is None:
@@ -372,7 +366,7 @@ class EpicObjective:
 
         teacher_cfg = self.teacher.config if self.teacher is not None else None
         with torch.random.fork_rng(devices=[]):  # called after a resume restored the RNG: leave it untouched
-            return epic_step_flops_per_sample(cfg, teacher_cfg)["total"]
+            return epic_step_flops_per_sample(cfg, teacher_cfg, vlm_passes=epic_vlm_passes)["total"]
 
     # -- logging -----------------------------------------------------------------------------------------------
     def log_values(self, step: int) -> dict:
@@ -428,7 +422,7 @@ class EpicObjective:
                 corrupted = self._figure_corruption(batch, positions, model, rng)
                 fused = model.infer(input_ids=corrupted, attention_mask=batch["attention_mask"],
                                     pixel_values=batch["pixel_values"])
-                head = getattr(model, HEAD_NAME)
+                head = model.consistency_head()
                 logits = fused["text_feats"].float() @ head.weight.float().view(-1) + head.bias.float()
             finally:
                 model.train(was_training)

@@ -30,11 +30,16 @@ def _count(fn) -> int:
     return counter.get_total_flops()
 
 
-def _meta_meter(model_cfg):
-    from epic.models.meter import METER
+def meta_model(model_cfg, **changes):
+    """The family's model at ``model_cfg``'s sizes on the meta device (no memory), through the registry."""
+    from epic.models.loading import without_local_weights
+    from epic.models.registry import build_model
 
     with META:
-        return METER(dataclasses.replace(model_cfg, vit_pretrained=None, text_pretrained=None))
+        return build_model(without_local_weights(dataclasses.replace(model_cfg, **changes)))
+
+
+_meta_meter = meta_model  # the old name
 
 
 def meta_epic_batch(model_cfg, batch_size: int, text_len: int, mask_ratio: float) -> dict:
@@ -68,22 +73,23 @@ def generator_flops(cfg, batch: dict) -> int:
     flat, ids = batch["masked_flat"], batch["input_ids"]
     targets = torch.zeros(flat.shape[0], dtype=torch.long, device=META)
     if epic.generator_mode == "vlm_sas":
-        sas = _meta_meter(cfg.model)
+        sas = _meta_meter(cfg.model, consistency_head=False)
 
         def forward_only():
             with torch.no_grad():
                 feats = sas.infer(input_ids=ids, attention_mask=batch["attention_mask"],
                                   pixel_values=batch["pixel_values"])["text_feats"]
-                return sas.mlm_score.transform(feats.flatten(0, 1).index_select(0, flat))
+                return sas.mlm_transform(feats.flatten(0, 1).index_select(0, flat))
 
         flops = _count(forward_only)
         with torch.no_grad():
             states = torch.empty(flat.shape[0], cfg.model.hidden_size, device=META)
-            return flops + _vocabulary_flops(states, sas.mlm_score.decoder.weight, sas.mlm_score.bias, targets, False)
+            embedding, bias = sas.mlm_output_embedding()
+            return flops + _vocabulary_flops(states, embedding, bias, targets, False)
     config_class, model_class = GENERATOR_FAMILIES[cfg.model.text_model_type]
     hf_config = generator_hf_config(epic.generator, cfg.model)
     if epic.generator.pretrained:
-        from epic.engine.build import expand_env
+        from epic.paths import expand_env
 
         try:  # the pretrained generator's own sizes (config.json only)
             hf_config = config_class.from_pretrained(expand_env(epic.generator.pretrained, "epic.generator.pretrained"))
@@ -110,37 +116,38 @@ def generator_flops(cfg, batch: dict) -> int:
 
 
 def teacher_flops(teacher_cfg, batch: dict) -> int:
-    """The frozen teacher's forward up to the penultimate fusion layer (Eq. 8's inputs), for the whole batch."""
+    """The frozen teacher's forward up to its saliency layer (Eq. 8's inputs, ``saliency_qk``), for the batch."""
     teacher = _meta_meter(teacher_cfg)
 
     def saliency():
         with torch.no_grad():
-            teacher.infer(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
-                          return_saliency_qk=True, stop_before_last_layer=True)
+            teacher.saliency_qk(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"])
 
     return _count(saliency)
 
 
 def teacher_flops_per_sample(teacher_cfg, text_len: int, batch_size: int = 2) -> float:
-    """Per sample, at full-length captions (†CMLM adds this to METER's step)."""
+    """Per sample, at full-length captions (†CMLM adds this to the vanilla step)."""
     return teacher_flops(teacher_cfg, meta_epic_batch(teacher_cfg, batch_size, text_len, 0.15)) / batch_size
 
 
-def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_len: Optional[int] = None
-                               ) -> dict[str, float]:
+def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_len: Optional[int] = None,
+                               vlm_passes=None) -> dict[str, float]:
     """{"teacher", "generator", "vlm", "total"}: training FLOPs per sample of one EPIC step at ``cfg``'s sizes.
 
-    ``teacher_cfg``: the teacher's METERConfig (default: the VLM's).
+    ``teacher_cfg``: the teacher's model config (default: the VLM's). ``vlm_passes``: the VLM's part of the step
+    (``epic.objectives.consistency.epic_vlm_passes``; handed in, so that this counter imports no objective).
     """
-    from .consistency import add_consistency_head, epic_vlm_passes
-
+    if vlm_passes is None:
+        raise TypeError("epic_step_flops_per_sample needs vlm_passes=epic.objectives.consistency.epic_vlm_passes")
+    epic_vlm_passes = vlm_passes
     text_len = text_len or cfg.data.max_text_len
     batch = meta_epic_batch(cfg.model, batch_size, text_len, cfg.epic.mask_ratio)
     real = ~batch["special_tokens_mask"]
     flops = {"teacher": 0, "generator": generator_flops(cfg, batch)}
     if cfg.epic.masking == "saliency":
         flops["teacher"] = teacher_flops(teacher_cfg or cfg.model, batch)
-    model = add_consistency_head(_meta_meter(cfg.model))
+    model = _meta_meter(cfg.model, consistency_head=True)
 
     def vlm_step():
         image_embeds = model.encode_image(batch["pixel_values"])

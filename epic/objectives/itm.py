@@ -39,14 +39,20 @@ def draw_itm_pairs(batch_size: int, generator: torch.Generator, device: torch.de
     return ITMPairs(labels=labels.to(device), image_index=image_index.to(device))
 
 
-def itm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, paired_image_embeds: torch.Tensor,
-             labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Fusion on (caption, paired image) → ITM head → cross-entropy; logits and loss in fp32."""
-    out = model.infer(input_ids=input_ids, attention_mask=attention_mask, image_embeds=paired_image_embeds)
-    logits = model.itm_score(out["cls_feats"]).float()
+def itm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """ITM over tensors: cross-entropy of the [B, 2] matched / not-matched logits (class 1 = matched) in fp32,
+    and the accuracy (detached)."""
+    logits = logits.float()
     loss = F.cross_entropy(logits, labels)
     accuracy = (logits.argmax(dim=-1) == labels).float().mean()
     return {"loss_itm": loss, "itm_acc": accuracy.detach()}
+
+
+def itm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, paired_image_embeds: torch.Tensor,
+             labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Fusion on (caption, paired image) → ITM head → ``itm_cross_entropy``."""
+    out = model.infer(input_ids=input_ids, attention_mask=attention_mask, image_embeds=paired_image_embeds)
+    return itm_cross_entropy(model.itm_score(out["cls_feats"]), labels)
 
 
 def compute_itm(model, batch: dict, image_embeds: torch.Tensor, generator: torch.Generator) -> Dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""METER's pretraining step (ITM + MLM) with every image encoded once and shared by both objectives.
+"""Vanilla pretraining (the family's base losses, METER: ITM + MLM) with every image encoded once and shared.
 
 ``SaliencyCMLM`` is the "†CMLM" variant of App. J (Table 8): the same step, with the MLM positions drawn from a
 frozen teacher's saliency (Eq. 8) instead of uniformly; no generator, no ITC.
@@ -10,41 +10,75 @@ uses accumulate into the one shared activation, the same parameter gradients at 
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict, Optional
 
 import torch
 
 from .itm import draw_itm_pairs, itm_loss
 from .mlm import compute_mlm
-
-BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")
-
-
-def check_batch(batch: dict) -> None:
-    missing = [key for key in BATCH_KEYS if key not in batch]
-    if missing:
-        raise KeyError(f"the batch lacks {missing} (has {sorted(batch)}); the MLM collator of epic.data yields them")
+from .recipes import BATCH_KEYS, base_losses, check_batch  # noqa: F401
 
 
 def vanilla_losses(model, batch: dict, generator: torch.Generator, share_image_embeds: bool = True
                    ) -> Dict[str, torch.Tensor]:
-    """``loss`` = L_ITM + L_MLM (METER sums its losses unweighted), plus each term and accuracy, detached."""
+    """``loss`` = the family's base losses (METER: L_ITM + L_MLM, unweighted), plus each term and accuracy, detached.
+
+    ``share_image_embeds=False`` is METER's official way (the vision tower runs for each pass), for benchmarks.
+    """
     check_batch(batch)
     pixel_values = batch["pixel_values"]
-    pairs = draw_itm_pairs(pixel_values.shape[0], generator, pixel_values.device)
     if share_image_embeds:
-        image_embeds = model.encode_image(pixel_values)
-        mlm = compute_mlm(model, batch, image_embeds)
-        itm = itm_loss(model, batch["input_ids"], batch["attention_mask"], image_embeds[pairs.image_index],
-                       pairs.labels)
-    else:  # the official way: the vision tower runs for each pass
+        out = base_losses(model, batch, model.encode_image(pixel_values, generator=generator), generator)
+    else:
+        pairs = draw_itm_pairs(pixel_values.shape[0], generator, pixel_values.device)
         mlm = compute_mlm(model, batch, model.encode_image(pixel_values))
         itm = itm_loss(model, batch["input_ids"], batch["attention_mask"],
                        model.encode_image(pixel_values[pairs.image_index]), pairs.labels)
-    loss = mlm["loss_mlm"] + itm["loss_itm"]
-    return {"loss": loss, "loss_mlm": mlm["loss_mlm"].detach(), "loss_itm": itm["loss_itm"].detach(),
-            "mlm_acc": mlm["mlm_acc"], "itm_acc": itm["itm_acc"]}
+        out = {"loss": mlm["loss_mlm"] + itm["loss_itm"], **mlm, **itm}
+    return {k: (v if k == "loss" else v.detach()) for k, v in out.items()}
+
+
+class VanillaObjective:
+    """The trainer's objective protocol (docs/CONTRACTS.md) for vanilla pretraining (the family's base losses with
+    the image encoded once per step; ``cmlm``, a SaliencyCMLM: †CMLM); fine-tuning subclasses it."""
+
+    def __init__(self, cmlm=None) -> None:
+        self.cmlm = cmlm
+
+    def extra_modules(self) -> dict:
+        return {}  # no engine besides the VLM's
+
+    def attach_engines(self, engines: dict) -> None:
+        pass
+
+    def extra_engines(self) -> dict:
+        return {}
+
+    def losses(self, model, batch: dict, rng: torch.Generator, step: int) -> dict:
+        if self.cmlm is not None:
+            return cmlm_losses(model, batch, rng, self.cmlm)
+        return vanilla_losses(model, batch, rng, share_image_embeds=True)
+
+    def log_values(self, step: int) -> dict:
+        return {}
+
+    def images(self, step: int) -> dict:
+        return {}
+
+    def flops_per_sample(self, cfg) -> float:
+        flops = step_flops_per_sample(cfg.model, share_image_embeds=True, text_len=cfg.data.max_text_len)
+        if self.cmlm is not None:
+            from .epic_flops import teacher_flops_per_sample
+
+            with torch.random.fork_rng(devices=[]):
+                flops += teacher_flops_per_sample(self.cmlm.teacher.config, cfg.data.max_text_len)
+        return flops
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class SaliencyCMLM:
@@ -82,19 +116,18 @@ def cmlm_losses(model, batch: dict, generator: torch.Generator, cmlm: SaliencyCM
 
 def step_flops_per_sample(cfg, share_image_embeds: bool = True, text_len: Optional[int] = None,
                           batch_size: int = 2) -> float:
-    """Training FLOPs (forward + backward) per sample of ``vanilla_losses`` for a METERConfig's sizes.
+    """Training FLOPs (forward + backward) per sample of ``vanilla_losses`` for a model config's sizes.
 
     Counted by FlopCounterMode on the meta device: exact for these shapes, no memory, a few seconds for METER-B.
     Captions are taken at full length (``text_len``, default ``cfg.max_text_len``). For TFLOP/s and MFU logging.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from epic.models.meter import METER
-
     length = text_len or cfg.max_text_len
     meta = torch.device("meta")
-    with meta:
-        model = METER(dataclasses.replace(cfg, vit_pretrained=None, text_pretrained=None))
+    from .epic_flops import meta_model
+
+    model = meta_model(cfg)
     ids = torch.zeros(batch_size, length, dtype=torch.long, device=meta)
     batch = {"pixel_values": torch.empty(batch_size, 3, cfg.image_size, cfg.image_size, device=meta),
              "input_ids": ids, "attention_mask": torch.ones_like(ids), "mlm_input_ids": ids, "mlm_labels": ids}

@@ -1,19 +1,21 @@
-"""Config -> the objects of a run: data paths, tokenizer, model, objective, data loaders."""
+"""The run wiring: config -> data paths, tokenizer, model (through the family registry), objective, its extra
+engines (through the engine factory) and data loaders. The one module that knows all the others; the entry points
+use it, nothing below imports it.
+"""
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from epic.config import Config, ConfigError
 from epic.data.shards import epoch_length
-
-_ENV_VAR = re.compile(r"\$\{([^}]+)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+from epic.engine.trainer import Trainer
+from epic.models.teacher import load_saliency_teacher
+from epic.objectives.vanilla import VanillaObjective  # noqa: F401  (the objective protocol's reference)
+from epic.paths import expand_env
 
 
 @dataclass
@@ -23,18 +25,6 @@ class DataPaths:
     tokenizer: str
     sample_unit: str = "caption"
     epoch_samples: Optional[int] = None  # one pass over all captions (images); None when a counts.json is missing
-
-
-def expand_env(text: str, what: str) -> str:
-    """`${EPIC_DATA}/cc3m` -> `/data/cc3m`; an unset variable is an error naming it."""
-    def substitute(match):
-        name = match.group(1) or match.group(2)
-        if name not in os.environ:
-            raise ConfigError(f"{what}: environment variable ${name} is not set (used in '{text}'). "
-                              f"Export it, e.g. `export {name}=/path/...`, or give the path directly.")
-        return os.environ[name]
-
-    return _ENV_VAR.sub(substitute, text)
 
 
 def expand_shards(spec: str, what: str) -> list[str]:
@@ -98,7 +88,8 @@ def resolve_model_config(model_cfg, tokenizer):
 
 
 def expand_model_paths(model_cfg):
-    for name in ("vit_pretrained", "text_pretrained"):
+    """The family's local pretrained-weight paths (config fields named ``*_pretrained``), expanded and checked."""
+    for name in [f.name for f in dataclasses.fields(model_cfg) if f.name.endswith("_pretrained")]:
         value = getattr(model_cfg, name)
         if value is not None:
             path = expand_env(value, f"model.{name}")
@@ -119,21 +110,33 @@ def load_run_tokenizer(path: str):
         raise ConfigError(f"data.tokenizer={path}: {err}") from err
 
 
+def objective_model_requirements(cfg: Config) -> dict:
+    """Model-config values the run's objective needs (EPIC: the consistency head beta, Eq. 1, trained with the VLM,
+    so it exists before the optimizer is built)."""
+    if not cfg.epic.enabled:
+        return {}
+    from epic.objectives.consistency import MODEL_CONFIG_REQUIREMENTS
+
+    return dict(MODEL_CONFIG_REQUIREMENTS)
+
+
 def build_model(cfg: Config, paths: DataPaths):
-    from epic.models.meter import METER
+    """(model, tokenizer): the ``model.family``'s model (epic.models.registry) at the resolved sizes."""
+    from epic.models.registry import build_model as build_family_model
 
     tokenizer = load_run_tokenizer(paths.tokenizer)
     model_cfg = expand_model_paths(resolve_model_config(cfg.model, tokenizer))
     if model_cfg.max_text_len < cfg.data.max_text_len:
         raise ConfigError(f"data.max_text_len={cfg.data.max_text_len} exceeds model.max_text_len="
                           f"{model_cfg.max_text_len}")
+    required = objective_model_requirements(cfg)
+    unknown = sorted(set(required) - {f.name for f in dataclasses.fields(model_cfg)})
+    if unknown:
+        raise ConfigError(f"model.family={model_cfg.family}: its config has no {unknown}, which this objective "
+                          f"needs (see docs/CONTRACTS.md, 'How a family joins')")
+    model_cfg = dataclasses.replace(model_cfg, **required)
     cfg.model = model_cfg  # the resolved sizes are saved with the checkpoint
-    model = METER.from_config(model_cfg)
-    if cfg.epic.enabled:  # EPIC's head beta (Eq. 1) is trained with the VLM: add it before the optimizer exists
-        from epic.objectives.consistency import add_consistency_head
-
-        add_consistency_head(model)
-    return model, tokenizer
+    return build_family_model(model_cfg), tokenizer
 
 
 def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_size: int, state=None):
@@ -147,70 +150,29 @@ def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_
                               sample_unit=cfg.data.sample_unit, streams=cfg.data.streams or None)
 
 
-class VanillaObjective:
-    """METER's objectives: ITM + MLM with the image encoded once per step; ``cmlm`` (a SaliencyCMLM): †CMLM."""
-
-    def __init__(self, cmlm=None) -> None:
-        from epic.objectives.vanilla import cmlm_losses, vanilla_losses
-
-        self.cmlm = cmlm
-        self._losses = vanilla_losses
-        self._cmlm_losses = cmlm_losses
-
-    def extra_engines(self) -> dict:
-        return {}
-
-    def losses(self, model, batch: dict, rng: torch.Generator, step: int) -> dict:
-        if self.cmlm is not None:
-            return self._cmlm_losses(model, batch, rng, self.cmlm)
-        return self._losses(model, batch, rng, share_image_embeds=True)
-
-    def log_values(self, step: int) -> dict:
-        return {}
-
-    def images(self, step: int) -> dict:
-        return {}
-
-    def flops_per_sample(self, cfg: Config) -> float:
-        from epic.objectives.vanilla import step_flops_per_sample
-
-        flops = step_flops_per_sample(cfg.model, share_image_embeds=True, text_len=cfg.data.max_text_len)
-        if self.cmlm is not None:
-            from epic.objectives.epic_flops import teacher_flops_per_sample
-
-            with torch.random.fork_rng(devices=[]):
-                flops += teacher_flops_per_sample(self.cmlm.teacher.config, cfg.data.max_text_len)
-        return flops
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def load_saliency_teacher(cfg: Config, tokenizer, device):
-    """The frozen teacher of epic.teacher (EPIC's saliency masking, †CMLM), checked against the data's sizes."""
-    from epic.models.teacher import check_teacher_fits, load_teacher
-
-    teacher = load_teacher(expand_env(cfg.epic.teacher, "epic.teacher"), device, cfg.epic.teacher_dtype)
-    check_teacher_fits(teacher, tokenizer, cfg.data.image_size, cfg.data.max_text_len)
-    return teacher
-
-
 def build_objective(cfg: Config, engine, tokenizer, ds_config: dict, batch_math, paths: DataPaths, device):
-    if not cfg.epic.enabled:
-        if cfg.data.mlm_masking == "saliency":  # †CMLM (App. J): METER with saliency-masked MLM
-            from epic.data.text import replacement_token_ids
-            from epic.objectives.vanilla import SaliencyCMLM
+    """The run's objective, with the engines of the extra modules it declares made by the engine factory."""
+    import torch
 
-            teacher = load_saliency_teacher(cfg, tokenizer, torch.device(device))
-            return VanillaObjective(SaliencyCMLM(teacher, cfg.data.mlm_probability, tokenizer.mask_token_id,
-                                                 replacement_token_ids(tokenizer)))
-        return VanillaObjective()
-    from epic.objectives.consistency import EpicObjective
+    from epic.engine.setup import create_engine
 
-    return EpicObjective(cfg, engine, tokenizer, ds_config, batch_math, paths, device)
+    if not cfg.epic.enabled and cfg.data.mlm_masking == "saliency":  # †CMLM (App. J): saliency-masked MLM
+        from epic.data.text import replacement_token_ids
+        from epic.objectives.vanilla import SaliencyCMLM
+
+        teacher = load_saliency_teacher(cfg, tokenizer, torch.device(device))
+        objective = VanillaObjective(SaliencyCMLM(teacher, cfg.data.mlm_probability, tokenizer.mask_token_id,
+                                                  replacement_token_ids(tokenizer)))
+    elif not cfg.epic.enabled:
+        objective = VanillaObjective()
+    else:
+        from epic.objectives.consistency import EpicObjective
+
+        objective = EpicObjective(cfg, engine, tokenizer, batch_math=batch_math, paths=paths, device=device)
+    on_cpu = str(device).startswith("cpu")
+    objective.attach_engines({name: create_engine(spec, ds_config, batch_math, cfg.train.grad_clip, on_cpu)
+                              for name, spec in objective.extra_modules().items()})
+    return objective
 
 
 def evaluate_retrieval_during_training(cfg: Config, paths: DataPaths, model, tokenizer, rank: int,
@@ -248,3 +210,24 @@ def check_run_inputs(trainer) -> None:
         from epic.models.generator import check_fitted_generator
 
         check_fitted_generator(expand_env(cfg.epic.generator.pretrained, "epic.generator.pretrained"))
+
+
+class PretrainTrainer(Trainer):
+    """The pretraining run: the engine's loop with this wiring's model, objective, data and evaluation."""
+
+    def resolve_paths(self):
+        return resolve_data_paths(self.cfg)
+
+    def build_model(self):
+        return build_model(self.cfg, self.paths)
+
+    def build_objective(self):
+        return build_objective(self.cfg, self.engine, self.tokenizer, self.ds_config, self.batch, self.paths,
+                               self.device)
+
+    def build_loader(self, data_state):
+        return build_train_data(self.cfg, self.paths, self.tokenizer, self.rank, self.world_size, data_state)
+
+    def evaluate_during_training(self) -> dict:
+        return evaluate_retrieval_during_training(self.cfg, self.paths, self.engine.module, self.tokenizer,
+                                                  self.rank, self.world_size, self.device, self.dtype)

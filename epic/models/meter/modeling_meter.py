@@ -6,6 +6,7 @@ names under ``vit_model.visual``), which ``to_official_state_dict`` / ``load_off
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -17,12 +18,13 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from .configuration_meter import METERConfig
-from .fusion import BertCrossLayer, additive_attention_mask
-from .heads import ITMHead, MLMHead, Pooler
-from .text import build_text_tower, encode_text_tokens
-from .vision import (build_vision_tower, clip_to_timm_state_dict, encode_image_tokens, load_clip_weights,
+from ..fusion import BertCrossLayer, additive_attention_mask
+from ..heads import ITMHead, MLMHead, Pooler, new_consistency_head
+from ..interface import CONSISTENCY_HEAD, VLPModel
+from ..text import build_text_tower, encode_text_tokens
+from ..vision import (build_vision_tower, clip_to_timm_state_dict, encode_image_tokens, load_clip_weights,
                      read_state_dict, timm_to_clip_state_dict)
+from .configuration_meter import METERConfig
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,15 @@ def init_meter_weights(module: nn.Module, std: float = 0.02) -> None:
         module.bias.data.zero_()
 
 
-class METER(nn.Module):
+class METER(VLPModel):
+    """METER behind the family interface (``epic.models.interface.VLPModel``).
+
+    Saliency (EPIC Eq. 8): the penultimate fusion layer's image-stream cross-attention, the image [CLS] token's
+    query against every text token's key.
+    """
+
+    family = "meter"
+
     def __init__(self, cfg: METERConfig):
         super().__init__()
         self.config = cfg
@@ -65,14 +75,34 @@ class METER(nn.Module):
         for name, module in self.named_children():
             if name not in ("vit_model", "text_transformer"):
                 module.apply(partial(init_meter_weights, std=cfg.initializer_range))
+        if cfg.consistency_head:  # last, so that every other weight draws the same random numbers with or without it
+            self.add_module(CONSISTENCY_HEAD, new_consistency_head(cfg.hidden_size, cfg.initializer_range))
 
     @classmethod
     def from_config(cls, cfg: METERConfig) -> "METER":
         return cls(cfg)
 
+    # The heads keep METER's state-dict names (``itm_score.fc``, ``mlm_score.decoder``); the interface calls them.
+    @property
+    def itm_score(self) -> ITMHead:
+        """[B, 2H] cls_feats -> [B, 2] matched / not matched logits."""
+        return self._modules["itm_score"]
+
+    @property
+    def mlm_score(self) -> MLMHead:
+        """[B, L, H] text_feats -> [B, L, V] vocabulary logits."""
+        return self._modules["mlm_score"]
+
+    def mlm_transform(self, text_feats: torch.Tensor) -> torch.Tensor:
+        return self.mlm_score.transform(text_feats)
+
+    def mlm_output_embedding(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.mlm_score.decoder.weight, self.mlm_score.bias
+
     # ----------------------------------------------------------------------------------------------- towers
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] → vision tower output [B, N_img, vit_width] (ln_post on every token)."""
+    def encode_image(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """[B, 3, S, S] → vision tower output [B, N_img, vit_width] (ln_post on every token); deterministic, so
+        ``generator`` is never drawn from."""
         size = self.config.image_size
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (size, size):
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected [B, 3, {size}, {size}] "
@@ -146,6 +176,32 @@ class METER(nn.Module):
         out.update(text_feats=text_states, image_feats=image_states, cls_feats=cls_feats)
         return out
 
+    # ----------------------------------------------------------------------------------------------- saliency
+    def saliency_qk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    pixel_values: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """EPIC Eq. 8's inputs: the image [CLS] query [B, heads, dh] and the text keys [B, heads, L, dh] of the
+        penultimate fusion layer's image-stream cross-attention (runs only the layers up to it)."""
+        out = self.infer(input_ids, attention_mask, pixel_values=pixel_values, image_embeds=image_embeds,
+                         return_saliency_qk=True, stop_before_last_layer=True)
+        return out["saliency_query"], out["saliency_keys"]
+
+    def saliency_teacher(self) -> "METER":
+        """A frozen copy without what ``saliency_qk`` never runs: the last fusion layer of both streams, the
+        penultimate text layer (its keys come from that layer's *input*), the poolers and the heads."""
+        layers = self.config.num_fusion_layers
+        if layers < 2:
+            raise ValueError(f"num_fusion_layers={layers}: EPIC's saliency needs a penultimate fusion layer")
+        teacher = copy.deepcopy(self)
+        teacher.cross_modal_text_layers = nn.ModuleList(
+            list(teacher.cross_modal_text_layers[:layers - 2]) + [nn.Identity()])
+        teacher.cross_modal_image_layers = nn.ModuleList(list(teacher.cross_modal_image_layers[:layers - 1]))
+        for name in ("cross_modal_text_pooler", "cross_modal_image_pooler", "mlm_score", "itm_score",
+                     CONSISTENCY_HEAD):
+            if name in teacher._modules:
+                teacher._modules[name] = None
+        return teacher.eval().requires_grad_(False)
+
     # ----------------------------------------------------------------------------------------------- optimizer
     def param_groups_spec(self) -> Dict[str, Dict[str, List[str]]]:
         """Names of the trainable parameters grouped for lr multipliers and weight decay (see ``param_groups_spec``)."""
@@ -165,10 +221,9 @@ class METER(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "METER":
-        """Inverse of ``save_pretrained`` (an EPIC VLM's ITC head, ``itc_score.*``, is re-created when saved)."""
+        """Inverse of ``save_pretrained`` (a consistency head in the weights but not in an older config.json is
+        re-created)."""
         from safetensors.torch import load_file
-
-        from epic.objectives.consistency import HEAD_NAME, add_consistency_head
 
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             if not os.path.isfile(os.path.join(directory, name)):
@@ -176,10 +231,9 @@ class METER(nn.Module):
                                         f"tools/convert_meter_ckpt.py")
         with open(os.path.join(directory, CONFIG_NAME)) as f:
             cfg = config_from_dict(json.load(f), source=os.path.join(directory, CONFIG_NAME))
-        model = cls(dataclasses.replace(cfg, vit_pretrained=None, text_pretrained=None))
         state = load_file(os.path.join(directory, WEIGHTS_NAME))
-        if any(key.startswith(HEAD_NAME + ".") for key in state):
-            add_consistency_head(model)
+        with_head = cfg.consistency_head or any(key.startswith(CONSISTENCY_HEAD + ".") for key in state)
+        model = cls(dataclasses.replace(cfg, vit_pretrained=None, text_pretrained=None, consistency_head=with_head))
         model.load_state_dict(state)
         return model
 
@@ -381,7 +435,7 @@ def read_official_checkpoint(path: str) -> tuple[Dict[str, torch.Tensor], Option
     under ``hyper_parameters["config"]`` (``save_hyperparameters()``); a plain state-dict file has none."""
     if not os.path.isfile(path) or path.endswith(".safetensors"):
         return read_state_dict(path), None
-    from .vision import is_torchscript_archive
+    from ..vision import is_torchscript_archive
 
     if is_torchscript_archive(path):
         return read_state_dict(path), None

@@ -7,6 +7,7 @@ from typing import Optional
 
 @dataclass
 class METERConfig:
+    family: str = "meter"  # `model.family` of the run config (epic.models.registry)
     # Vision tower: CLIP ViT (OpenAI layout, QuickGELU, pre-norm). METER keeps only the first 11 of CLIP's 12
     # blocks and applies ln_post to every token, so `vit_layers` counts the blocks actually built.
     image_size: int = 288
@@ -45,3 +46,7 @@ class METERConfig:
     # cross-attention's value -> output path passes ~3% of the other stream and image-text matching never
     # starts (tests/test_models.py::test_tiny_model_learns_image_text_matching).
     initializer_range: float = 0.02
+
+    # EPIC's consistency head beta (Eq. 1, ``itc_score``: Linear(hidden_size, 1)); the run wiring switches it on for
+    # EPIC runs (epic.enabled), a checkpoint that has it switches it on when loaded.
+    consistency_head: bool = False

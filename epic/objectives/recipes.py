@@ -1,0 +1,72 @@
+"""Each model family's recipe of base pretraining losses, in one place.
+
+A recipe is ``losses(model, batch, image_embeds, rng, mlm_batch=None) -> dict`` with ``loss`` (the sum it
+trains) and each term and accuracy. It reads the model only through ``epic.models.interface.VLPModel``
+(``infer``, ``itm_score``, ``mlm_score``, ...) and computes the losses over tensors (``itm.py``, ``mlm.py``).
+``image_embeds`` is ``model.encode_image(batch["pixel_values"])``, computed once per micro-batch by the caller and
+shared by every pass (vanilla pretraining, and EPIC, whose step adds lambda * L_ITC on the same features).
+``mlm_batch`` (EPIC's †CMLM) replaces the MLM inputs and labels.
+
+A family joins with one entry in ``RECIPES`` (an import path, so no recipe module is imported before it is used).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Dict, Optional
+
+import torch
+
+from .itm import draw_itm_pairs, itm_cross_entropy
+from .mlm import mlm_cross_entropy
+
+BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")
+
+
+def check_batch(batch: dict, keys=BATCH_KEYS) -> None:
+    missing = [key for key in keys if key not in batch]
+    if missing:
+        raise KeyError(f"the batch lacks {missing} (has {sorted(batch)}); the MLM collator of epic.data yields them")
+
+
+def itm_and_mlm_losses(model, batch: dict, image_embeds: torch.Tensor, rng: torch.Generator,
+                       mlm_batch: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+    """METER's (and ViLT's base) recipe: L_ITM + L_MLM, summed unweighted as METER does.
+
+    ITM pairs half the captions with another sample's image of the same micro-batch (its features indexed, not
+    re-encoded); MLM predicts ``mlm_labels`` from ``mlm_input_ids`` with the caption's own image.
+    """
+    pairs = draw_itm_pairs(image_embeds.shape[0], rng, image_embeds.device)
+    masked = mlm_batch if mlm_batch is not None else batch
+    if masked["mlm_labels"].shape != masked["mlm_input_ids"].shape:
+        raise ValueError(f"mlm_labels {tuple(masked['mlm_labels'].shape)} and mlm_input_ids "
+                         f"{tuple(masked['mlm_input_ids'].shape)} differ in shape; the collator must emit one label "
+                         f"per input position")
+    text_feats = model.infer(input_ids=masked["mlm_input_ids"], attention_mask=masked["attention_mask"],
+                             image_embeds=image_embeds)["text_feats"]
+    mlm = mlm_cross_entropy(model.mlm_score(text_feats), masked["mlm_labels"])
+    cls_feats = model.infer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            image_embeds=image_embeds[pairs.image_index])["cls_feats"]
+    itm = itm_cross_entropy(model.itm_score(cls_feats), pairs.labels)
+    return {"loss": mlm["loss_mlm"] + itm["loss_itm"], **mlm, **itm}
+
+
+#: family -> "module:function" of its recipe
+RECIPES: Dict[str, str] = {
+    "meter": "epic.objectives.recipes:itm_and_mlm_losses",
+    "albef": "epic.objectives.albef_losses:albef_recipe",
+    "xvlm": "epic.objectives.xvlm:caption_recipe",
+}
+
+
+def recipe_for(family: str):
+    if family not in RECIPES:
+        raise KeyError(f"no pretraining recipe for model family {family!r}; add one to epic/objectives/recipes.py "
+                       f"RECIPES (known: {', '.join(RECIPES)})")
+    module, _, name = RECIPES[family].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def base_losses(model, batch: dict, image_embeds: torch.Tensor, rng: torch.Generator,
+                mlm_batch: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+    """The base losses of ``model``'s family (``model.family``) on shared image features."""
+    return recipe_for(model.family)(model, batch, image_embeds, rng, mlm_batch=mlm_batch)

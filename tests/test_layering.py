@@ -1,0 +1,74 @@
+"""Imports point one way (DESIGN.md "Layout", the contract in .importlinter): entry points -> wiring -> objectives
+-> engine -> models -> data -> eval metrics | kernels -> leaves. A back-arrow, an import circle, one model family
+importing another, or a registry that imports every family fails here."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT_IMPORTS = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+
+
+def lint(cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(pythonpath))
+    return subprocess.run([LINT_IMPORTS, "--config", str(ROOT / ".importlinter"), "--no-cache"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_layer_contract_holds():
+    proc = lint(ROOT, ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "Contracts: 1 kept, 0 broken." in proc.stdout
+
+
+def test_a_back_arrow_breaks_the_contract(tmp_path):
+    """The contract is not vacuous: a model module that imports the EPIC objective (the arrow issue 11 removed) or
+    the engine importing the wiring is reported, naming the import."""
+    shutil.copytree(ROOT / "epic", tmp_path / "epic", ignore=shutil.ignore_patterns("__pycache__"))
+    heads = tmp_path / "epic" / "models" / "heads.py"
+    heads.write_text(heads.read_text() + "\n\ndef _back():\n    from epic.objectives.consistency import HEAD_NAME\n")
+    trainer = tmp_path / "epic" / "engine" / "trainer.py"
+    trainer.write_text(trainer.read_text() + "\n\ndef _back():\n    import epic.wiring\n")
+    proc = lint(tmp_path, tmp_path)
+    assert proc.returncode != 0
+    assert "epic.models.heads -> epic.objectives.consistency" in proc.stdout, proc.stdout[-3000:]
+    assert "epic.engine.trainer -> epic.wiring" in proc.stdout
+
+
+def _graph():
+    import grimp  # import-linter's own graph library (installed with it)
+
+    return grimp.build_graph("epic")
+
+
+def test_no_import_circles():
+    graph = _graph()
+    circles = set()
+    for module in graph.modules:
+        for imported in graph.find_modules_directly_imported_by(module):
+            back = graph.find_shortest_chain(importer=imported, imported=module)
+            if back:
+                circles.add((module,) + tuple(back))
+    assert not circles, "import circles (each: a module, then the chain back to it): " + "; ".join(
+        " -> ".join(c) for c in sorted(circles))
+
+
+def test_families_are_independent_and_registered_lazily():
+    from epic.models.registry import FAMILIES
+
+    graph = _graph()
+    packages = [f"epic.models.{name}" for name in FAMILIES if f"epic.models.{name}" in graph.modules]
+    assert "epic.models.meter" in packages
+    for a in packages:
+        for b in packages:
+            if a != b:
+                assert not graph.chain_exists(importer=a, imported=b, as_packages=True), f"{a} imports {b}"
+    code = ("import sys, epic.config, epic.models.registry; "
+            "print(sorted(m for m in sys.modules if m.startswith('epic.models.') and m.count('.') >= 2 "
+            "and m.split('.')[2] in epic.models.registry.FAMILIES)); print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["[]", "False"], proc.stdout  # no family, not even torch, until one is used
