@@ -106,6 +106,16 @@ def expand_model_paths(model_cfg):
     return model_cfg
 
 
+def load_run_tokenizer(path: str):
+    """The run's tokenizer, or a ConfigError naming data.tokenizer (a file, an empty or foreign folder)."""
+    from epic.data import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.tokenizer={path}: {err}") from err
+
+
 def objective_model_requirements(cfg: Config) -> dict:
     """Model-config values the run's objective needs (EPIC: the consistency head beta, Eq. 1, trained with the VLM,
     so it exists before the optimizer is built)."""
@@ -118,10 +128,9 @@ def objective_model_requirements(cfg: Config) -> dict:
 
 def build_model(cfg: Config, paths: DataPaths):
     """(model, tokenizer): the ``model.family``'s model (epic.models.registry) at the resolved sizes."""
-    from epic.data import load_tokenizer
     from epic.models.registry import build_model as build_family_model
 
-    tokenizer = load_tokenizer(paths.tokenizer)
+    tokenizer = load_run_tokenizer(paths.tokenizer)
     model_cfg = expand_model_paths(resolve_model_config(cfg.model, tokenizer))
     if model_cfg.max_text_len < cfg.data.max_text_len:
         raise ConfigError(f"data.max_text_len={cfg.data.max_text_len} exceeds model.max_text_len="
@@ -165,7 +174,8 @@ def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_
                                 num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=rank, world_size=world_size,
                                 mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment,
                                 state=state, sample_unit=cfg.data.sample_unit,
-                                whole_word_masking=cfg.data.whole_word_masking, pin_memory=on_cuda,
+                                whole_word_masking=cfg.data.whole_word_masking, streams=cfg.data.streams or None,
+                                pin_memory=on_cuda,
                                 prefetch_factor=4 if on_cuda else 2)
     if cfg.epic.enabled and cfg.epic.saliency_cache:
         from epic.data.saliency_cache import SaliencyCacheLoader
@@ -229,10 +239,15 @@ def evaluate_retrieval_during_training(cfg: Config, paths: DataPaths, model, tok
 def check_run_inputs(trainer) -> None:
     """--check-only: everything a run needs, without building engines. Raises ConfigError on a problem."""
     cfg = trainer.cfg
-    from epic.data import load_tokenizer
-
-    tokenizer = load_tokenizer(trainer.paths.tokenizer)
+    tokenizer = load_run_tokenizer(trainer.paths.tokenizer)
     expand_model_paths(resolve_model_config(cfg.model, tokenizer))
+    if cfg.data.streams:
+        from epic.data.loader import check_streams
+
+        try:
+            check_streams(cfg.data.streams, trainer.world_size, cfg.data.num_workers)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if (cfg.epic.enabled or cfg.data.mlm_masking == "saliency") and cfg.epic.teacher is not None:
         teacher = expand_env(cfg.epic.teacher, "epic.teacher")
         if not os.path.exists(teacher):

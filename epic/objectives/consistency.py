@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from epic import faults
 from epic.engine.setup import EngineSpec, SetupError, frozen_engine_ds_config, optimizer_spec  # noqa: F401
 from epic.eval.epic_metrics import EpicMeasurements, render_saliency_figure, step_counts
 from epic.kernels import token_consistency_loss
@@ -176,6 +177,7 @@ class EpicObjective:
         self.sas_refreshes: list[int] = []  # steps at which VLM(SAS) was refreshed (this process)
         self.saliency_cache_misses = 0  # (sample, caption) rows without a cached alpha; their micro-batch ran the teacher
         self._last_step_seen: Optional[int] = None
+        self._step = 0  # the optimizer steps done when the current micro-batch started
         self._last_image_bucket = 0
         self._figure_batch: Optional[dict] = None
 
@@ -267,6 +269,7 @@ class EpicObjective:
         if missing:
             raise KeyError(f"the EPIC step needs batch keys {missing} (has {sorted(batch)}); epic.data loaders "
                            f"yield them")
+        self._step = step
         if step != self._last_step_seen:  # first micro-batch of an optimizer step
             self._last_step_seen = step
             self._maybe_refresh_sas(step)
@@ -329,6 +332,7 @@ class EpicObjective:
             states = self.gen_engine(masked_ids, batch["attention_mask"], flat, image_cls)
             embedding, bias = self.generator.output_embedding()
             samples, loss_gen = sample_replacements(states, embedding, bias, targets, self.exclude_ids, rng)
+            loss_gen = faults.poison("generator", self._step + 1, loss_gen)  # EPIC_FAULT drills only
             self.gen_engine.backward(loss_gen)  # L_GEN (Eq. 7) trains only the generator
             self.gen_engine.step()
             loss_gen = loss_gen.detach()
