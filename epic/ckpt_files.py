@@ -45,11 +45,8 @@ def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
         raise CheckpointError(f"{path} is an incomplete checkpoint (no {COMPLETE} marker: the save was "
                               f"interrupted). Pick an earlier one under {path.parent}.")
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    latest = root / "latest"
-    if latest.is_file():
-        candidate = root / latest.read_text().strip()
-        if (candidate / COMPLETE).is_file():
-            return candidate
+    # The newest COMPLETE one: `latest` is written after COMPLETE, so a job killed in between leaves `latest` one
+    # behind a checkpoint that is whole.
     complete = complete_checkpoints(root)
     return complete[-1][1] if complete else None
 

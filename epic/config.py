@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -78,6 +79,10 @@ class RunConfig:
     dir: str = "runs/default"  # checkpoints, TensorBoard logs and the resolved config live here
     name: str = "epic"
     seed: int = 0
+    # a collective that does not complete within this many seconds (a dead or stalled rank) ends every rank with
+    # a message naming the rank, so that the scheduler can requeue (gloo: the process-group timeout; NCCL: also
+    # TORCH_NCCL_ASYNC_ERROR_HANDLING). Env EPIC_COLLECTIVE_TIMEOUT_S overrides it.
+    collective_timeout_s: float = 900.0
 
 
 @dataclass
@@ -104,10 +109,17 @@ class DataConfig:
     num_workers: int = 4
     mlm_probability: float = 0.15
     randaugment: bool = True
+    # number of data streams, fixed for the run (saved with its checkpoints): global micro-batch j comes from
+    # stream j % streams, whatever the number of ranks. 0: world size x max(1, num_workers) of the first launch.
+    # Resuming on M ranks needs streams % (M x max(1, num_workers)) == 0: pick a number with many divisors.
+    streams: int = 0
     # Which tokens METER's MLM masks (mlm_probability of each caption's tokens): "random" (BERT/METER: each token
     # with probability p) | "saliency" ("†CMLM", App. J, Table 8: ceil(p * len) positions drawn from the frozen
     # teacher's saliency alpha, Eq. 8, teacher = epic.teacher; same 80/10/10 corruption). Works with or without EPIC.
     mlm_masking: str = "random"
+    # ViLT's MLM selects whole words (of the tokenizer's pre-tokenizer: WordPiece '##' pieces and BPE pieces of one
+    # word go together; epic/data/wwm.py) instead of independent tokens; with mlm_masking=random only.
+    whole_word_masking: bool = False
     # What a training sample is. "caption" (METER / ALBEF): an (image, caption) pair; auto weights are caption
     # counts and an epoch is one pass over all captions. "image": an image with one caption drawn per visit;
     # auto weights are image counts.
@@ -137,6 +149,12 @@ class TrainConfig:
     eval_every: int = 0  # 0: no periodic evaluation
     deterministic: bool = False  # CPU exact-resume mode: deterministic algorithms, fixed thread count
     peak_tflops: float = 0.0  # per device, for MFU; 0 = guess from the device name (none on CPU)
+    # GPU fast path (each switch computes the same losses and gradients as the plain path)
+    activation_checkpointing: bool = False  # recompute each ViT block / text layer / fusion layer in backward
+    compile: bool = False  # torch.compile the towers and each fusion layer (a part that fails runs eagerly)
+    optimizer_impl: str = "auto"  # AdamW kernel: auto (fused on CUDA, foreach elsewhere) | fused | foreach | for_loop
+    max_nonfinite_steps: int = 25  # this many optimizer steps in a row with a non-finite loss: save and stop (0: never)
+    record_samples: bool = False  # write each micro-batch's sample keys to run.dir/samples/rank_R.jsonl (audits)
 
 
 @dataclass
@@ -183,6 +201,7 @@ class EpicConfig:
     sas_refresh_every: int = 0
     cmlm_saliency: bool = False  # replaced by data.mlm_masking=saliency (kept so that older saved configs load)
     log_saliency_every: int = 0  # every N steps, a Fig. 4-style image of the saliency of a fixed val batch
+    saliency_cache: Optional[str] = None  # dir of tools/precompute_saliency.py: alpha read from it, teacher skipped
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
 
@@ -405,6 +424,7 @@ _CHOICES = {
     "epic.corruption": ("generator", "random"),
     "epic.generator_mode": ("finetune", "fixed", "pretrained_fixed", "conditioned", "vlm_sas"),
     "epic.teacher_dtype": ("auto", "fp16", "bf16", "fp32"),
+    "train.optimizer_impl": ("auto", "fused", "foreach", "for_loop"),
     "epic.itc_reduction": ("token_mean", "pair_sum"),
     "model.text_model_type": ("roberta", "bert"),
 }
@@ -433,6 +453,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("'train.warmup_ratio' (+ 'train.hold_ratio' for tri_stage) must lie in [0, 1]")
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"'train.betas' must have two values, got {cfg.train.betas}")
+    validate_ranges(cfg)
     for i, src in enumerate(cfg.data.sources):
         if not src.shards:
             raise ConfigError(f"'data.sources[{i}].shards' is empty: give a shard spec like /data/cc3m/{{00000..00331}}.tar")
@@ -447,6 +468,9 @@ def validate(cfg: Config) -> None:
     if cfg.epic.cmlm_saliency:
         raise ConfigError("'epic.cmlm_saliency' is replaced by data.mlm_masking=saliency (†CMLM, with or without "
                           "EPIC; the teacher is epic.teacher)")
+    if cfg.data.whole_word_masking and cfg.data.mlm_masking == "saliency":
+        raise ConfigError("data.whole_word_masking and data.mlm_masking=saliency (†CMLM) both choose the MLM "
+                          "positions: set one of them")
     if cfg.data.mlm_masking == "saliency":
         if cfg.epic.teacher is None:
             raise ConfigError("data.mlm_masking=saliency (†CMLM) draws the MLM positions from a teacher's saliency: "
@@ -455,6 +479,86 @@ def validate(cfg: Config) -> None:
             raise ConfigError("data.mlm_masking=saliency (†CMLM) inside EPIC reuses its saliency: it needs "
                               "epic.masking=saliency")
     validate_epic(cfg.epic)
+
+
+def _walk(node, where: str = ""):
+    """(dotted key, value) of every leaf of a config section, lists included."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            yield from _walk(getattr(node, f.name), f"{where}{f.name}" if not where else f"{where}.{f.name}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _walk(item, f"{where}[{i}]")
+    else:
+        yield where, node
+
+
+def _check_range(key: str, value, low=None, high=None, low_open=False, high_open=False) -> None:
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        bounds = f"in {lo}, {hi}" if low is not None and high is not None else (
+            f"{'>' if low_open else '>='} {low:g}" if low is not None else f"{'<' if high_open else '<='} {high:g}")
+        raise ConfigError(f"'{key}' must be {bounds}, got {value}")
+
+
+# (low, high, low_open, high_open) per key; sizes and counts elsewhere in validate()
+_RANGES = {
+    "run.seed": (0, None, False, False), "run.collective_timeout_s": (0, None, True, False),
+    "data.eval_batch_size": (1, None, False, False), "data.num_workers": (0, None, False, False),
+    "data.streams": (0, None, False, False), "data.mlm_probability": (0, 1, False, False),
+    "data.max_text_len": (3, None, False, False),
+    "train.stop_at_step": (0, None, False, False), "train.lr": (0, None, False, False),
+    "train.lr_mult_fusion": (0, None, False, False), "train.lr_mult_head": (0, None, False, False),
+    "train.weight_decay": (0, None, False, False), "train.eps": (0, None, True, False),
+    "train.hold_ratio": (0, 1, False, False), "train.final_lr_scale": (0, 1, True, False),
+    "train.grad_clip": (0, None, False, False), "train.eval_every": (0, None, False, False),
+    "train.peak_tflops": (0, None, False, False), "train.max_nonfinite_steps": (0, None, False, False),
+    "eval.k_test": (0, None, False, False), "eval.max_images": (0, None, False, False),
+    "eval.batch_size": (1, None, False, False),
+    "epic.generator.lr": (0, None, False, False), "epic.generator.weight_decay": (0, None, False, False),
+    "model.vocab_size": (0, None, False, False), "model.dropout": (0, 1, False, True),
+    "model.text_layer_norm_eps": (0, None, True, False), "model.layer_norm_eps": (0, None, True, False),
+    "model.initializer_range": (0, None, True, False),
+}
+_MODEL_SIZES = ("image_size", "patch_size", "vit_width", "vit_layers", "vit_heads", "text_hidden_size", "text_layers",
+                "text_heads", "text_intermediate_size", "text_max_position_embeddings", "text_type_vocab_size",
+                "max_text_len", "hidden_size", "num_heads", "num_fusion_layers", "mlp_ratio", "num_token_types")
+
+
+def validate_ranges(cfg) -> None:
+    """Numbers that are finite, sizes > 0, ratios in [0, 1], strings without NUL (a path with one cannot exist)."""
+    for key, value in _walk(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"'{key}' must be a finite number, got {value}")
+        if isinstance(value, str) and "\x00" in value:
+            raise ConfigError(f"'{key}' contains a NUL character")
+    for key, (low, high, low_open, high_open) in _RANGES.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, (int, float)) and not isinstance(node, bool):
+            _check_range(key, node, low, high, low_open, high_open)
+    for i, beta in enumerate(cfg.train.betas):
+        _check_range(f"train.betas[{i}]", beta, 0, 1, False, True)
+    model = getattr(cfg, "model", None)
+    if model is not None:
+        for name in _MODEL_SIZES:
+            if getattr(model, name, 1) < 1:
+                raise ConfigError(f"'model.{name}' must be > 0, got {getattr(model, name)}")
+        for width, heads in (("vit_width", "vit_heads"), ("text_hidden_size", "text_heads"),
+                             ("hidden_size", "num_heads")):
+            if getattr(model, width) % getattr(model, heads):
+                raise ConfigError(f"'model.{width}'={getattr(model, width)} is not divisible by "
+                                  f"'model.{heads}'={getattr(model, heads)}")
+        if model.image_size % model.patch_size:
+            raise ConfigError(f"'model.image_size'={model.image_size} is not a multiple of "
+                              f"'model.patch_size'={model.patch_size}")
+        if cfg.data.max_text_len > model.max_text_len:
+            raise ConfigError(f"'data.max_text_len'={cfg.data.max_text_len} exceeds "
+                              f"'model.max_text_len'={model.max_text_len}")
 
 
 def validate_epic(epic: EpicConfig) -> None:
@@ -468,6 +572,9 @@ def validate_epic(epic: EpicConfig) -> None:
                           f"{epic.sas_refresh_epochs}")
     if epic.log_saliency_every < 0:
         raise ConfigError(f"'epic.log_saliency_every' must be >= 0 (0 = no figure), got {epic.log_saliency_every}")
+    if epic.saliency_cache is not None and epic.masking != "saliency":
+        raise ConfigError("'epic.saliency_cache' holds the teacher's saliency for epic.masking=saliency; with "
+                          f"epic.masking={epic.masking} it would be unused: unset it")
     if epic.corruption == "random" and epic.generator_mode != "finetune":
         raise ConfigError(f"'epic.generator_mode={epic.generator_mode}' has no effect with epic.corruption=random "
                           f"(uniform vocabulary tokens, no generator); use epic.corruption=generator")

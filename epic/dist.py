@@ -23,6 +23,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -329,6 +330,8 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: Optional[fl
             torch.set_num_threads(threads)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":  # a timed-out NCCL collective aborts the process instead of hanging it (torch's default)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     if not torch.distributed.is_initialized():
         import deepspeed
         from datetime import timedelta
@@ -341,3 +344,140 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: Optional[fl
         atexit.register(destroy_distributed)
     _INITIALISED = info
     return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dead or stalled ranks: a timeout on every collective, a heartbeat per step, and a report naming the rank
+# ---------------------------------------------------------------------------------------------------------------
+TIMEOUT_ENV = "EPIC_COLLECTIVE_TIMEOUT_S"
+_HEARTBEAT = "epic/heartbeat/{}"
+
+
+def collective_timeout_s(configured: float, env: Mapping[str, str] = os.environ) -> float:
+    """run.collective_timeout_s, or EPIC_COLLECTIVE_TIMEOUT_S when set (the env wins: set per job by a launcher)."""
+    value = env.get(TIMEOUT_ENV)
+    if value is None:
+        return float(configured)
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise DistEnvError(f"{TIMEOUT_ENV}='{value}' is not a number of seconds") from None
+    if not seconds > 0:
+        raise DistEnvError(f"{TIMEOUT_ENV}={value} must be > 0 seconds")
+    return seconds
+
+
+_ALIVE = "epic/alive/{}"
+_FAILED = "epic/failed/{}"
+_ALIVE_EVERY_S = 1.0
+_heartbeat_store = None
+
+
+def _own_store(timeout_s: float = 10.0):
+    """A client connection of our own to the rendezvous store (MASTER_ADDR:MASTER_PORT, hosted by rank 0), so that
+    the heartbeat thread never shares a socket with the main thread."""
+    import torch.distributed as tdist
+    from datetime import timedelta
+
+    return tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def start_heartbeat() -> None:
+    """A daemon thread that bumps this rank's alive counter every second, whatever the main thread is doing (a dead
+    process stops bumping it; a hung one does not), plus the step it starts (`heartbeat`). Stopped (and joined) at
+    exit, before the process group is destroyed: a store client left in a thread at shutdown aborts the process."""
+    import threading
+
+    global _heartbeat_store
+    import torch.distributed as tdist
+
+    if _heartbeat_store is not None or not (tdist.is_available() and tdist.is_initialized()):
+        return
+    if tdist.get_world_size() == 1 or "MASTER_ADDR" not in os.environ:
+        return
+    try:
+        _heartbeat_store = _own_store()
+        thread_store = _own_store()
+    except (RuntimeError, OSError, ValueError):
+        _heartbeat_store = None
+        return
+    rank = tdist.get_rank()
+    stop = threading.Event()
+
+    def beat():
+        while not stop.is_set():
+            try:
+                thread_store.add(_ALIVE.format(rank), 1)
+            except (RuntimeError, OSError):
+                return  # the store host is gone
+            stop.wait(_ALIVE_EVERY_S)
+
+    thread = threading.Thread(target=beat, name="epic-heartbeat", daemon=True)
+    thread.start()
+
+    def stop_heartbeat():
+        global _heartbeat_store
+        stop.set()
+        thread.join(timeout=5)
+        _heartbeat_store = None
+
+    atexit.register(stop_heartbeat)  # atexit runs last-in first-out: before destroy_distributed
+
+
+def heartbeat(step: int) -> None:
+    """This rank starts optimizer step `step` (one small write to the rendezvous store; read only after a failure)."""
+    if _heartbeat_store is not None:
+        import torch.distributed as tdist
+
+        try:
+            _heartbeat_store.set(_HEARTBEAT.format(tdist.get_rank()), str(step))
+        except (RuntimeError, OSError):
+            pass  # the store host is gone: the next collective fails and says so
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    import torch.distributed as tdist
+
+    kinds = tuple(getattr(tdist, name) for name in ("DistError", "DistBackendError", "DistNetworkError")
+                  if hasattr(tdist, name))
+    text = str(error).lower()
+    return isinstance(error, kinds) or any(word in text for word in (
+        "gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe", "socket timeout"))
+
+
+def peer_report(rank: int, world_size: int, wait_s: float = 4.0) -> str:
+    """After a failed collective: which ranks died (alive counter stopped) or hang (alive, but not failing like
+    us), from the rendezvous store. Takes `wait_s` seconds (to watch the counters move)."""
+    if _heartbeat_store is None:
+        return "no heartbeat (start_heartbeat was not called)"
+    others = [r for r in range(world_size) if r != rank]
+    try:
+        store = _own_store(timeout_s=wait_s + 5)
+        store.set(_FAILED.format(rank), "1")
+
+        def counters():
+            return {r: store.add(_ALIVE.format(r), 0) for r in others}
+
+        before = counters()
+        time.sleep(wait_s)
+        after = counters()
+        failed = {r for r in others if store.check([_FAILED.format(r)])}
+        steps = {r: int(store.get(_HEARTBEAT.format(r))) if store.check([_HEARTBEAT.format(r)]) else 0
+                 for r in range(world_size)}
+    except (RuntimeError, OSError, ValueError):
+        host = "this rank" if rank == 0 else "rank 0"
+        return (f"the rendezvous store on {host} is unreachable: rank 0 has most likely died (or its node lost "
+                f"the network)")
+    dead = [r for r in others if after[r] == before[r]]
+    hung = [r for r in others if r not in dead and r not in failed]
+
+    def named(ranks, what):
+        where = ", ".join(f"{r} (last started step {steps[r]})" for r in ranks)
+        return f"rank{'s' if len(ranks) > 1 else ''} {where} {what}"
+
+    parts = ([named(dead, "died (its heartbeat stopped)")] if dead else []) + (
+        [named(hung, "hangs (alive, but not in this collective)")] if hung else [])
+    if not parts:
+        return f"every rank is alive and failing alike (steps {steps}): a network problem?"
+    return "; ".join(parts)

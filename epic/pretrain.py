@@ -5,7 +5,11 @@
     python epic/pretrain.py --ds_config ds_configs/cpu_zero2.json --config shapes_tiny data.root=DIR run.dir=RUN
 
 A run started on a `run.dir` that holds a checkpoint resumes from it (`--resume none` refuses, `--resume PATH`
-picks one). `--check-only` validates config, DeepSpeed JSON, world size, shards and teacher, then exits.
+picks one), on any number of ranks that divides `data.streams`. `--check-only` validates config, DeepSpeed JSON,
+world size, shards and teacher, then exits.
+
+Exit codes: 0 done (or preempted with a checkpoint), 1 the run stopped (non-finite losses, a failed save), 2 bad
+config / inputs (one line on stderr), 3 a collective failed (a rank died or hung; relaunch to resume).
 """
 from __future__ import annotations
 
@@ -31,49 +35,120 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def one_line(error: BaseException) -> str:
+    from epic.config import one_line as config_one_line
+
+    return config_one_line(error)
+
+
+def user_errors() -> tuple:
+    from epic.config import ConfigError
+    from epic.dist import DistEnvError
+    from epic.engine.checkpoint import CheckpointError
+    from epic.engine.setup import SetupError
+
+    return ConfigError, SetupError, CheckpointError, DistEnvError
+
+
+def check_only(args) -> int:
+    """--check-only: config, DeepSpeed JSON, batch arithmetic, data, teacher, resume point; no process group, no
+    engines, nothing written. 0 and a JSON line when all is well, else 2 and one line on stderr."""
+    from epic.config import load_config
+    from epic.dist import dist_info_from_env
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        info = dist_info_from_env(os.environ)
+        from epic.wiring import PretrainTrainer, check_run_inputs
+
+        trainer = PretrainTrainer(cfg, args.ds_config, info, resume=args.resume)
+        check_run_inputs(trainer)
+    except user_errors() as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    if info.rank == 0:
+        print(json.dumps({"check": "ok", "world_size": info.world_size,
+                          "grad_accum_steps": trainer.batch.grad_accum_steps,
+                          "resume_from": str(trainer.resume_from) if trainer.resume_from else None}))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from epic.config import ConfigError, load_config, one_line
+    if args.check_only:
+        return check_only(args)
+    from epic.config import ConfigError, load_config
+    from epic.engine.checkpoint import CheckpointError
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"config error: {one_line(err)}", file=sys.stderr)
         return 2
-    from epic.engine.checkpoint import CheckpointError
-    from epic.engine.setup import SetupError
-    from epic.dist import init_distributed
+    from epic.dist import (collective_timeout_s, init_distributed, is_collective_failure, peer_report,
+                           start_heartbeat)
     from epic.engine.preemption import PreemptionHandler
     from epic.wiring import PretrainTrainer
 
     # Installed before any heavy work: a SIGUSR1/SIGTERM during start-up is kept and honoured after the first step
-    preemption = None if args.check_only else PreemptionHandler()
-    info = init_distributed()
+    preemption = PreemptionHandler()
+    try:
+        timeout_s = collective_timeout_s(cfg.run.collective_timeout_s)
+        info = init_distributed(timeout_minutes=timeout_s / 60)
+        start_heartbeat()  # so that a failed collective can say which rank died or hangs
+    except user_errors() as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
     if cfg.train.deterministic:
         import torch
 
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         trainer = PretrainTrainer(cfg, args.ds_config, info, resume=args.resume)
-        if args.check_only:
-            from epic.wiring import check_run_inputs
-
-            check_run_inputs(trainer)
-            if info.rank == 0:
-                print(json.dumps({"check": "ok", "world_size": info.world_size,
-                                  "grad_accum_steps": trainer.batch.grad_accum_steps,
-                                  "resume_from": str(trainer.resume_from) if trainer.resume_from else None}))
-            return 0
         trainer.setup()
-    except (ConfigError, SetupError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except user_errors() as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    result = trainer.train(preemption)
+    except Exception as err:
+        if not is_collective_failure(err):
+            raise
+        _collective_failure(err, info, timeout_s, peer_report)
+    try:
+        result = trainer.train(preemption)
+    except CheckpointError as err:  # e.g. the disk filled up during a save
+        print(f"error (rank {info.rank}): {one_line(err)}", file=sys.stderr, flush=True)
+        _exit_now(1)
+    except Exception as err:
+        if not is_collective_failure(err):
+            raise
+        _collective_failure(err, info, timeout_s, peer_report)
     if info.rank == 0:
-        print(json.dumps({"final_step": result.step, "checkpoint": result.checkpoint,
-                          "preempted": result.preempted,
+        print(json.dumps({"final_step": result.step, "start_step": result.start_step, "checkpoint": result.checkpoint,
+                          "preempted": result.preempted, "stopped_nonfinite": result.stopped_nonfinite,
                           "last_loss": result.losses[-1] if result.losses else None}), flush=True)
+    if result.stopped_nonfinite:
+        _exit_now(1)
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """Leave a distributed run that stopped on an error without the interpreter's teardown of the process group
+    and store threads (which can abort with "terminate called without an active exception", turning exit 1 into
+    a SIGABRT for the launcher). Everything worth keeping is on disk already."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _collective_failure(err: BaseException, info, timeout_s: float, peer_report) -> None:
+    """A rank died or hung: say which, and exit now (a broken process group cannot be shut down cleanly)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    print(f"collective failure on rank {info.rank} of {info.world_size}: "
+          f"{peer_report(info.rank, info.world_size)} (run.collective_timeout_s={timeout_s:g}; "
+          f"{type(err).__name__}: {first[:300]}). Relaunch the job: it resumes from the newest checkpoint.",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(3)
 
 
 if __name__ == "__main__":

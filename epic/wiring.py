@@ -10,12 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import logging
+
+import torch
+
 from epic.config import Config, ConfigError
 from epic.data.shards import epoch_length
 from epic.engine.trainer import Trainer
 from epic.models.teacher import load_saliency_teacher
 from epic.objectives.vanilla import VanillaObjective  # noqa: F401  (the objective protocol's reference)
 from epic.paths import expand_env
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,6 +106,16 @@ def expand_model_paths(model_cfg):
     return model_cfg
 
 
+def load_run_tokenizer(path: str):
+    """The run's tokenizer, or a ConfigError naming data.tokenizer (a file, an empty or foreign folder)."""
+    from epic.data import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.tokenizer={path}: {err}") from err
+
+
 def objective_model_requirements(cfg: Config) -> dict:
     """Model-config values the run's objective needs (EPIC: the consistency head beta, Eq. 1, trained with the VLM,
     so it exists before the optimizer is built)."""
@@ -112,10 +128,9 @@ def objective_model_requirements(cfg: Config) -> dict:
 
 def build_model(cfg: Config, paths: DataPaths):
     """(model, tokenizer): the ``model.family``'s model (epic.models.registry) at the resolved sizes."""
-    from epic.data import load_tokenizer
     from epic.models.registry import build_model as build_family_model
 
-    tokenizer = load_tokenizer(paths.tokenizer)
+    tokenizer = load_run_tokenizer(paths.tokenizer)
     model_cfg = expand_model_paths(resolve_model_config(cfg.model, tokenizer))
     if model_cfg.max_text_len < cfg.data.max_text_len:
         raise ConfigError(f"data.max_text_len={cfg.data.max_text_len} exceeds model.max_text_len="
@@ -127,18 +142,59 @@ def build_model(cfg: Config, paths: DataPaths):
                           f"needs (see docs/CONTRACTS.md, 'How a family joins')")
     model_cfg = dataclasses.replace(model_cfg, **required)
     cfg.model = model_cfg  # the resolved sizes are saved with the checkpoint
-    return build_family_model(model_cfg), tokenizer
+    model = build_family_model(model_cfg)
+    apply_fast_path(model, cfg.train)
+    return model, tokenizer
+
+
+def apply_fast_path(model, train_cfg) -> None:
+    """``train.activation_checkpointing`` and ``train.compile`` on a freshly built model (before its optimizer)."""
+    from epic.models.fast_path import compile_parts, set_activation_checkpointing
+
+    if train_cfg.activation_checkpointing:
+        parts = set_activation_checkpointing(model)
+        logger.info("train.activation_checkpointing: %s", ", ".join(parts))
+    if train_cfg.compile:
+        parts = model.compile_parts() if hasattr(model, "compile_parts") else {}
+        if not parts:
+            logger.warning("train.compile: %s names no parts to compile; it runs eagerly", type(model).__name__)
+        backend = os.environ.get("EPIC_COMPILE_BACKEND", "inductor")  # e.g. aot_eager: graph capture only (CPU)
+        model.compile_guards = compile_parts(parts, backend=backend)
+        logger.info("train.compile (%s): %d parts (%s) compile at their first call; one that fails runs eagerly, "
+                    "with a warning", backend, len(parts), ", ".join(parts))
 
 
 def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_size: int, state=None):
     from epic.data import build_train_loader
 
     sources = [{"name": name, "shards": files, "weight": weight} for name, files, weight in paths.sources]
-    return build_train_loader(sources, tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
-                              batch_size=cfg.data.micro_batch_size, num_workers=cfg.data.num_workers,
-                              seed=cfg.run.seed, rank=rank, world_size=world_size,
-                              mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment, state=state,
-                              sample_unit=cfg.data.sample_unit)
+    on_cuda = torch.cuda.is_available()  # pinned host memory makes the trainer's non_blocking copies asynchronous
+    loader = build_train_loader(sources, tokenizer, image_size=cfg.data.image_size,
+                                max_text_len=cfg.data.max_text_len, batch_size=cfg.data.micro_batch_size,
+                                num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=rank, world_size=world_size,
+                                mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment,
+                                state=state, sample_unit=cfg.data.sample_unit,
+                                whole_word_masking=cfg.data.whole_word_masking, streams=cfg.data.streams or None,
+                                pin_memory=on_cuda,
+                                prefetch_factor=4 if on_cuda else 2)
+    if cfg.epic.enabled and cfg.epic.saliency_cache:
+        from epic.data.saliency_cache import SaliencyCacheLoader
+
+        loader = SaliencyCacheLoader(loader, open_saliency_cache(cfg, tokenizer))
+    return loader
+
+
+def open_saliency_cache(cfg: Config, tokenizer):
+    """``epic.saliency_cache`` checked against the run's image size, text length and tokenizer."""
+    from epic.data.saliency_cache import SaliencyCache, SaliencyCacheError, check_manifest_fits
+
+    directory = expand_env(cfg.epic.saliency_cache, "epic.saliency_cache")
+    try:
+        cache = SaliencyCache(directory)
+        check_manifest_fits(cache.manifest, cfg.data.image_size, cfg.data.max_text_len, len(tokenizer))
+    except SaliencyCacheError as err:
+        raise ConfigError(str(err)) from err
+    return cache
 
 
 def build_objective(cfg: Config, engine, tokenizer, ds_config: dict, batch_math, paths: DataPaths, device):
@@ -183,15 +239,22 @@ def evaluate_retrieval_during_training(cfg: Config, paths: DataPaths, model, tok
 def check_run_inputs(trainer) -> None:
     """--check-only: everything a run needs, without building engines. Raises ConfigError on a problem."""
     cfg = trainer.cfg
-    from epic.data import load_tokenizer
-
-    tokenizer = load_tokenizer(trainer.paths.tokenizer)
+    tokenizer = load_run_tokenizer(trainer.paths.tokenizer)
     expand_model_paths(resolve_model_config(cfg.model, tokenizer))
+    if cfg.data.streams:
+        from epic.data.loader import check_streams
+
+        try:
+            check_streams(cfg.data.streams, trainer.world_size, cfg.data.num_workers)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if (cfg.epic.enabled or cfg.data.mlm_masking == "saliency") and cfg.epic.teacher is not None:
         teacher = expand_env(cfg.epic.teacher, "epic.teacher")
         if not os.path.exists(teacher):
             raise ConfigError(f"epic.teacher={teacher} does not exist (a run dir, checkpoint dir, export dir or "
                               f"official METER .ckpt)")
+    if cfg.epic.enabled and cfg.epic.saliency_cache:
+        open_saliency_cache(cfg, tokenizer)
     if cfg.epic.enabled and cfg.epic.generator_mode == "pretrained_fixed":
         from epic.models.generator import check_fitted_generator
 

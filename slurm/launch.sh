@@ -117,7 +117,7 @@ elif [ -n "$FINETUNE_TASK" ]; then
 elif [ "${EPIC_SMOKE_CPU:-0}" = 1 ]; then
   need_dir EPIC_DATA "a shapes-world folder from tools/make_synthetic_shards.py"
   [ -d "$EPIC_DATA/train" ] || die "EPIC_DATA=$EPIC_DATA has no train/ folder: generate it with python tools/make_synthetic_shards.py --out $EPIC_DATA"
-  SMOKE_FAMILY=""; case "$CONFIG" in *xvlm_*) SMOKE_FAMILY=xvlm_ ;; *albef_*) SMOKE_FAMILY=albef_ ;; esac  # the family's tiny config
+  SMOKE_FAMILY=""; case "$CONFIG" in *xvlm_*) SMOKE_FAMILY=xvlm_ ;; *albef_*) SMOKE_FAMILY=albef_ ;; *vilt_*) SMOKE_FAMILY=vilt_ ;; esac  # the family's tiny config
   if [ "$EPIC_RUN" = 1 ]; then CONFIG=epic_${SMOKE_FAMILY}shapes_tiny; else CONFIG=${SMOKE_FAMILY}shapes_tiny; fi
   RUN_NAME="${EPIC_RUN_NAME:-${EPIC_RUN_CONFIG}_smoke}"
   DS_CONFIG="${EPIC_DS_CONFIG:-ds_configs/cpu_zero2.json}"

@@ -21,7 +21,8 @@ from epic.data.text import mask_tokens_for_mlm
 from epic.data.transforms import CLIP_MEAN, CLIP_STD, COLOUR_OPS, RandAugmentNoColour, seeded_transform
 
 CONTRACT_KEYS = {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "special_tokens_mask",
-                 "content_mask", "keys", "caption_index"}
+                 "content_mask", "keys", "caption_index", "shards"}
+TRAIN_ONLY_KEYS = {"shards"}  # with caption_index, what the saliency cache looks alpha up by
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,8 +40,8 @@ def take(loader, n):
 def assert_same_batches(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert x["keys"] == y["keys"]
-        for name in CONTRACT_KEYS - {"keys"}:
+        assert x["keys"] == y["keys"] and x["shards"] == y["shards"]
+        for name in CONTRACT_KEYS - {"keys", "shards"}:
             assert torch.equal(x[name], y[name]), name
 
 
@@ -54,6 +55,7 @@ def test_batch_has_exactly_the_contract_keys_and_types(shapes_world):
     for name in ("special_tokens_mask", "content_mask"):
         assert batch[name].dtype == torch.bool
     assert batch["caption_index"].shape == (6,) and batch["caption_index"].dtype == torch.int64
+    assert len(batch["shards"]) == 6 and all(url.endswith(".tar") for url in batch["shards"])
     tokenizer = load_tokenizer(shapes_world / "tokenizer")
     ids, special = batch["input_ids"], batch["special_tokens_mask"]
     assert torch.equal(special, (ids == 0) | (ids == 1) | (ids == 2))
@@ -225,7 +227,7 @@ def test_eval_loader_visits_each_image_once_across_ranks(shapes_world):
         loader = build_eval_loader(shard_spec(shapes_world, "val"), shapes_world / "tokenizer", image_size=16,
                                    max_text_len=16, batch_size=24, rank=rank, world_size=2, num_workers=rank)
         for batch in loader:
-            assert set(batch) == CONTRACT_KEYS | {"image_index"}
+            assert set(batch) == (CONTRACT_KEYS - TRAIN_ONLY_KEYS) | {"image_index"}
             rows += len(batch["keys"])
             for index, key in zip(batch["image_index"].tolist(), batch["keys"]):
                 ranks_of_image.setdefault((index, key), set()).add(rank)

@@ -21,7 +21,7 @@ def gloo_rank():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    saved = {k: os.environ.get(k) for k in env}
+    saved_environ = dict(os.environ)  # tools run in this process (init_distributed) export more, e.g. LOCAL_WORLD_SIZE
     os.environ.update(env)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-identical runs to compare
@@ -29,11 +29,8 @@ def gloo_rank():
     yield
     dist.destroy_process_group()
     torch.set_num_threads(threads)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    os.environ.clear()  # a leaked LOCAL_WORLD_SIZE=1 would break every later 2-rank launch of this session
+    os.environ.update(saved_environ)
 
 
 @pytest.fixture(scope="module")

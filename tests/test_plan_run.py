@@ -56,3 +56,39 @@ def test_vlm_flops_are_what_the_trainer_logs(tiny_plan):
     expected = VanillaObjective().flops_per_sample(load_config("shapes_tiny", ["model.vocab_size=1000"]))
     assert tiny_plan["flops"]["per_sample_by_pass"]["vlm (ITM + MLM)"] == pytest.approx(expected, rel=1e-9)
     assert expected > 0
+
+
+TABLE = """GPU check: NVIDIA H200 | torch 2.11.0 | triton 3.6.0 | deepspeed 0.19.8 | 2026-12-02 10:00 UTC
+
+| phase | status | seconds | note |
+|---|---|---|---|
+| epic_bf16 | ok | 95 |  |
+
+Training runs (epic_meter_4m, random weights, 288 px, micro batch 32, 30 steps; figures of the last 10 steps)
+| run | samples/s | TFLOP/s | MFU | peak mem GiB | GFLOP/sample | loss |
+|---|---|---|---|---|---|---|
+| EPIC-METER, VLM bf16 + generator fp16 | 512.0 | 391.9 | 0.396 | 61.2 | 765.4 | 11.2 |
+| EPIC-METER, VLM fp16 + generator fp16 | - | - | - | - | - | - |
+"""
+
+
+def test_measured_mfu_comes_from_the_gpu_check_table(tmp_path):
+    """--measured reads the MFU of the VLM's precision from tools/gpu_check.sh's table, instead of --mfu."""
+    import torch
+
+    table = tmp_path / "gpu_check.txt"
+    table.write_text(TABLE)
+    mfu, source = plan_run.read_measured_mfu(str(table), torch.bfloat16)
+    assert mfu == 0.396 and "NVIDIA H200" in source
+    with pytest.raises(SystemExit, match="no measured MFU for the VLM in fp16"):
+        plan_run.read_measured_mfu(str(table), torch.float16)  # that run failed: no silent fallback
+    args = ["--config", "shapes_tiny", "--gpus", "2", "--micro-batch", "8", "model.vocab_size=1000"]
+    measured = plan_run.main(args + ["--measured", str(table)])
+    achieved = 2 * 312e12 * 0.396  # a100-80g peak x the measured MFU
+    assert measured["mfu"] == 0.396 and measured["time"]["step_s"] == pytest.approx(measured["flops"]["per_step"] / achieved)
+    assert measured["mfu_source"].startswith("measured on NVIDIA H200")
+    import json
+
+    (tmp_path / "gpu_check.json").write_text(json.dumps({"meta": {"device": "H200"},
+                                                         "runs": {"epic_bf16": {"mfu": 0.25}}}))
+    assert plan_run.read_measured_mfu(str(tmp_path / "gpu_check.json"), torch.bfloat16)[0] == 0.25

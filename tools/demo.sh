@@ -5,7 +5,8 @@
 #   2. pretrain a vanilla METER (ITM + MLM) with 2 ranks under DeepSpeed ZeRO-2  -> the teacher;
 #   3. pretrain EPIC-METER from that teacher (saliency masking, co-trained generator, ITC);
 #   4. retrieval on val for the untrained model, METER and EPIC-METER, and the EPIC measurements, as one table.
-# Environment: DEMO_OUT (default demo_out/), DEMO_STEPS (vanilla steps), DEMO_EPIC_STEPS, DEMO_RANKS (default 2).
+# Environment: DEMO_OUT (default demo_out/), DEMO_STEPS (vanilla steps), DEMO_EPIC_STEPS, DEMO_RANKS (default 2),
+#   DEMO_FAMILY (meter | vilt: ViLT -> EPIC-ViLT with vilt_shapes_tiny / epic_vilt_shapes_tiny; default meter).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
@@ -14,6 +15,14 @@ STEPS="${DEMO_STEPS:-1500}"
 EPIC_STEPS="${DEMO_EPIC_STEPS:-1500}"
 RANKS="${DEMO_RANKS:-2}"
 DATA="$OUT/shapes"
+FAMILY="${DEMO_FAMILY:-meter}"
+case "$FAMILY" in
+  meter) VANILLA_CONFIG=shapes_tiny; EPIC_CONFIG=epic_shapes_tiny; NAME=METER
+         VANILLA_RUN="$OUT/runs/meter"; EPIC_RUN="$OUT/runs/epic" ;;
+  vilt) VANILLA_CONFIG=vilt_shapes_tiny; EPIC_CONFIG=epic_vilt_shapes_tiny; NAME=ViLT
+        VANILLA_RUN="$OUT/runs/vilt"; EPIC_RUN="$OUT/runs/epic_vilt" ;;
+  *) echo "DEMO_FAMILY=$FAMILY: use meter or vilt" >&2; exit 2 ;;
+esac
 if [ -n "$(command -v nvidia-smi)" ] && nvidia-smi -L >/dev/null 2>&1; then
   DS_CONFIG=ds_configs/zero2_bf16.json; LAUNCH=(deepspeed --num_gpus 1)
 else
@@ -28,15 +37,15 @@ fi
 python tools/inspect_data.py --shards "$DATA/train/*.tar" --tokenizer "$DATA/tokenizer" --image-size 64 \
   --batch-size 16 --num-batches 2
 
-echo "== 2/4 vanilla METER (the teacher): $STEPS steps, ${LAUNCH[*]}, $DS_CONFIG"
-"${LAUNCH[@]}" epic/pretrain.py --ds_config "$DS_CONFIG" --config shapes_tiny \
-  data.root="$DATA" run.dir="$OUT/runs/meter" train.max_steps="$STEPS" train.save_every="$STEPS"
+echo "== 2/4 vanilla $NAME (the teacher): $STEPS steps, ${LAUNCH[*]}, $DS_CONFIG"
+"${LAUNCH[@]}" epic/pretrain.py --ds_config "$DS_CONFIG" --config "$VANILLA_CONFIG" \
+  data.root="$DATA" run.dir="$VANILLA_RUN" train.max_steps="$STEPS" train.save_every="$STEPS"
 
-echo "== 3/4 EPIC-METER from that teacher: $EPIC_STEPS steps"
-"${LAUNCH[@]}" epic/pretrain.py --ds_config "$DS_CONFIG" --config epic_shapes_tiny \
-  data.root="$DATA" run.dir="$OUT/runs/epic" epic.teacher="$OUT/runs/meter" \
+echo "== 3/4 EPIC-$NAME from that teacher: $EPIC_STEPS steps"
+"${LAUNCH[@]}" epic/pretrain.py --ds_config "$DS_CONFIG" --config "$EPIC_CONFIG" \
+  data.root="$DATA" run.dir="$EPIC_RUN" epic.teacher="$VANILLA_RUN" \
   train.max_steps="$EPIC_STEPS" train.save_every="$EPIC_STEPS"
 
 echo "== 4/4 retrieval on val + EPIC measurements"
-python tools/demo_report.py --data "$DATA" --meter "$OUT/runs/meter" --epic "$OUT/runs/epic"
+python tools/demo_report.py --data "$DATA" --vanilla "$VANILLA_RUN" --epic "$EPIC_RUN"
 echo "demo finished in $(( $(date +%s) - T0 )) s"

@@ -28,17 +28,18 @@ def retrieval_of(model, cfg, val_spec: str, tokenizer) -> dict:
 
 
 def untrained_like(cfg):
-    from epic.models.meter import METER
+    from epic.models.registry import build_model
 
     torch.manual_seed(cfg.run.seed)  # the trainer's initialisation
-    return METER.from_config(cfg.model)
+    return build_model(cfg.model)  # the run's model family (model.family)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="shapes world folder (val/ and tokenizer/)")
-    parser.add_argument("--meter", required=True, help="run dir of the vanilla METER")
-    parser.add_argument("--epic", default=None, help="run dir of EPIC-METER")
+    parser.add_argument("--meter", "--vanilla", dest="meter", required=True,
+                        help="run dir of the vanilla model (METER, or the family of DEMO_FAMILY)")
+    parser.add_argument("--epic", default=None, help="run dir of the EPIC model")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     from epic.data import load_tokenizer
@@ -48,12 +49,13 @@ def main(argv=None) -> int:
     val_spec = str(Path(args.data) / "val" / "*.tar")
     tokenizer = load_tokenizer(Path(args.data) / "tokenizer")
     meter, meter_cfg, _ = load_model_from_checkpoint(args.meter)
+    name = {"meter": "METER", "vilt": "ViLT"}.get(meter_cfg.model.family, meter_cfg.model.family)
     rows = {"untrained": retrieval_of(untrained_like(meter_cfg), meter_cfg, val_spec, tokenizer),
-            "METER": retrieval_of(meter, meter_cfg, val_spec, tokenizer)}
+            name: retrieval_of(meter, meter_cfg, val_spec, tokenizer)}
     report = {"retrieval": rows}
     if args.epic:
         epic, epic_cfg, _ = load_model_from_checkpoint(args.epic)
-        rows["EPIC-METER"] = retrieval_of(epic, epic_cfg, val_spec, tokenizer)
+        rows[f"EPIC-{name}"] = retrieval_of(epic, epic_cfg, val_spec, tokenizer)
         from epic.eval.epic_metrics import summarize_run
 
         report["epic_measurements"] = summarize_run(args.epic)

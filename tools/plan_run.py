@@ -2,6 +2,7 @@
 """Size a pretraining run before queueing it: FLOPs, wall-clock, per-GPU memory under ZeRO-2, data-loader rate.
 
     python tools/plan_run.py --config epic/configs/epic_meter_16m.yaml --gpus 32 --gpu a100-80g [--mfu 0.4]
+        [--measured gpu_check_out/gpu_check.txt]
         [--micro-batch 32] [--ds-config ds_configs/zero2_bf16.json] [--gpus-per-node 8] [--job-hours 48] [--json F]
 
 FLOPs per sample are counted with torch's FlopCounterMode on the meta device (shapes only: exact for the matmuls,
@@ -128,6 +129,40 @@ def count_params(model_cfg) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Measured MFU (the table of tools/gpu_check.sh)
+# ---------------------------------------------------------------------------------------------------------------
+def read_measured_mfu(path: str, dtype: torch.dtype) -> tuple[float, str]:
+    """(MFU, where it comes from) for the VLM precision ``dtype`` from tools/gpu_check.py's table (.txt) or JSON.
+
+    The row is the EPIC-METER run whose VLM engine had this precision ("VLM bf16" / "VLM fp16").
+    """
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "bf16")
+    text = Path(path).read_text()
+    device = text.splitlines()[0].split("|")[0].replace("GPU check:", "").strip() if text else "?"
+    if path.endswith(".json"):
+        data = json.loads(text)
+        device = data.get("meta", {}).get("device", "?")
+        value = data.get("runs", {}).get(f"epic_{precision}", {}).get("mfu")
+    else:
+        value, columns = None, None
+        for line in text.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+            if not cells:
+                columns = None
+                continue
+            if "MFU" in cells:
+                columns = cells
+            elif columns and f"VLM {precision}" in cells[0]:
+                shown = cells[columns.index("MFU")]
+                value = None if shown in ("-", "") else float(shown)
+                break
+    if value is None or not 0 < value <= 1:
+        raise SystemExit(f"--measured {path}: no measured MFU for the VLM in {precision} (the run's row is missing or "
+                         f"empty: see its phase line in the table); rerun tools/gpu_check.sh or pass --mfu")
+    return float(value), f"measured on {device} ({path}, EPIC-METER, VLM {precision})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Formulas
 # ---------------------------------------------------------------------------------------------------------------
 def zero2_state_bytes(params: int, world: int, weight_bytes: int = 2) -> dict:
@@ -228,6 +263,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gpus", type=int, required=True)
     parser.add_argument("--gpu", default="a100-80g", choices=sorted(GPUS))
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume")
+    parser.add_argument("--measured", default=None,
+                        help="take the MFU from tools/gpu_check.sh's table (gpu_check.txt or .json) instead of --mfu")
     parser.add_argument("--micro-batch", type=int, default=None, help="default: the config's data.micro_batch_size")
     parser.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "zero2_bf16.json"))
     parser.add_argument("--gpus-per-node", type=int, default=8)
@@ -250,8 +287,16 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config, args.overrides)
     ds = load_ds_config(args.ds_config)
     micro = args.micro_batch or cfg.data.micro_batch_size
-    out = plan(cfg, ds, args.gpus, GPUS[args.gpu], args.mfu, micro, args.gpus_per_node, args.job_hours)
+    mfu, mfu_source = args.mfu, "assumed (--mfu)"
+    if args.measured:
+        from epic.engine.setup import engine_dtype
+
+        dtype = engine_dtype(ds)
+        mfu, mfu_source = read_measured_mfu(args.measured, torch.bfloat16 if dtype == torch.float32 else dtype)
+    out = plan(cfg, ds, args.gpus, GPUS[args.gpu], mfu, micro, args.gpus_per_node, args.job_hours)
+    out["mfu_source"] = mfu_source
     print(report(cfg.run.name, args.gpu, out, cfg.train.max_steps))
+    print(f"MFU {mfu:.3f}: {mfu_source}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return out

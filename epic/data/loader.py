@@ -1,19 +1,22 @@
 """Training and evaluation loaders over webdataset shards.
 
-Training stream (exactly resumable)
------------------------------------
-Each rank runs W = max(1, num_workers) streams, one per DataLoader worker; stream i = rank * W + worker of
-T = world_size * W. A stream is a pure function of (seed, i, T) and of how many samples it has drawn:
+Training stream (exactly resumable, re-splittable across world sizes)
+--------------------------------------------------------------------
+The run has S data streams, a fixed property of the run (`streams`, saved with the position) that does not depend
+on the number of ranks. Global micro-batch j (counting the micro-batches of every rank, j = n * world_size + rank
+for a rank's n-th micro-batch) comes from stream j % S, so rank r owns the streams s with s % world_size == r
+(S / world_size of them, used round-robin; its DataLoader workers share them out, worker w taking local streams
+w, w + W, ...). A stream is a pure function of (seed, s, S) and of how many samples it has drawn:
   * shard visits: source s's shards are visited in seeded permutations, one per epoch of that source; the global
-    visit sequence perm_0 ++ perm_1 ++ ... is dealt round-robin to the T streams, so concurrent streams read
+    visit sequence perm_0 ++ perm_1 ++ ... is dealt round-robin to the S streams, so concurrent streams read
     different shards (no duplicate samples in a global batch while shards outnumber streams);
   * each stream keeps `shards_open` shards open per source and reads them sequentially;
   * raw draw n picks the source by weight (per sample, so weights are sample shares whatever the shard sizes),
     stratified: each block of SOURCE_BLOCK draws holds every source floor or ceil(block * share) times
-    (systematic sampling with an offset seeded by (seed, i, block)), in a seeded random order, so the shares are
+    (systematic sampling with an offset seeded by (seed, s, block)), in a seeded random order, so the shares are
     exact to ~1/SOURCE_BLOCK at any length, not only on average; an open shard is drawn uniformly from an RNG
-    seeded with (seed, i, n) (`draw`), which also seeds the image augmentation; batch b's MLM masking is seeded
-    with (seed, i, b).
+    seeded with (seed, s, n) (`draw`), which also seeds the image augmentation; batch b's MLM masking is seeded
+    with (seed, s, b).
   * the sample unit (data.sample_unit). "caption" (default, as METER and ALBEF index their data): a sample is an
     (image, caption) pair; source weights default to caption counts (counts.json beside the shards) and an epoch
     is one pass over all captions. A shard is read image by image (so a batch never holds one image twice), and
@@ -23,12 +26,13 @@ T = world_size * W. A stream is a pure function of (seed, i, T) and of how many 
     uniformly per visit (seeded by the draw); weights default to image counts. Both are pure functions of
     (seed, stream, position): nothing is added to the position. Each batch carries `caption_index` [B].
 Batching happens inside the worker and the DataLoader collates nothing (batch_size=None), so its round-robin
-order is fixed: global batch t comes from stream t % W. Every batch carries its stream's position after it
-(JSON-able: samples drawn, batches made, per source the next visit and (visit, offset) of each open shard) and
-the skip counts since the previous batch; the TrainLoader keeps the position of the last batch *yielded* per
-stream, so prefetched batches are never counted. Resuming restarts each stream at its saved position (reopening
-the open shards and skipping `offset` samples in each) and rotates worker ids so that the first batch comes
-from stream t % W.
+order is fixed. Every batch carries its stream's position after it (JSON-able: samples drawn, batches made, per
+source the next visit and (visit, offset) of each open shard) and the skip counts since the previous batch; the
+TrainLoader keeps the position of the last batch *yielded* per stream, so prefetched batches are never counted.
+The saved position names each stream by its global index, so the positions of all ranks together
+(`merge_train_states`) can be dealt to another number of ranks (elastic resume): no sample is skipped or repeated
+as long as S is a multiple of world_size x workers. Resuming restarts each stream at its saved position
+(reopening the open shards and skipping `offset` samples in each).
 
 Evaluation
 ----------
@@ -55,8 +59,9 @@ from .shards import (Source, count_skips, decode_sample, epoch_length, expand_sh
                      parse_sources)
 from .text import load_tokenizer, mask_tokens_for_mlm, replacement_token_ids, tokenize_captions
 from .transforms import TRAIN_CROP_SCALE, eval_transform, seeded_transform, train_transform
+from .wwm import whole_word_mask
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: positions keyed by global stream index, `streams` fixed per run
 # Purposes folded into seeds so the RNG streams of different decisions never coincide.
 _SHARD_ORDER, _DRAW, _MLM, _EVAL_MLM, _CAPTION_ORDER, _SOURCE_BLOCK = 1, 2, 3, 4, 5, 6
 SOURCE_BLOCK = 1024  # draws per stratified block of source choices
@@ -69,13 +74,20 @@ def _seed(*keys: int) -> int:
 
 
 def collate_rows(keys, pixels, captions, content_words, tokenizer, max_text_len, mlm_probability, replacement_ids,
-                 generator, caption_indices) -> dict:
+                 generator, caption_indices, whole_word_masking: bool = False) -> dict:
     """Rows -> the batch dict of docs/CONTRACTS.md (pixel_values, text fields, MLM fields, content_mask, keys,
-    caption_index: which of the sample's captions each row holds)."""
+    caption_index: which of the sample's captions each row holds). ``whole_word_masking`` (ViLT's MLM) selects
+    whole words of the tokenizer's pre-tokenizer (data/wwm.py)."""
     batch = {"pixel_values": torch.stack(pixels).float()}
-    batch.update(tokenize_captions(tokenizer, captions, content_words, max_text_len))
-    batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens_for_mlm(
-        batch["input_ids"], batch["special_tokens_mask"], tokenizer.mask_token_id, replacement_ids, mlm_probability, generator)
+    batch.update(tokenize_captions(tokenizer, captions, content_words, max_text_len, with_word_ids=whole_word_masking))
+    if whole_word_masking:
+        batch["mlm_input_ids"], batch["mlm_labels"] = whole_word_mask(
+            batch["input_ids"], batch.pop("word_ids"), tokenizer.mask_token_id, replacement_ids, mlm_probability,
+            generator)
+    else:
+        batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens_for_mlm(
+            batch["input_ids"], batch["special_tokens_mask"], tokenizer.mask_token_id, replacement_ids, mlm_probability,
+            generator)
     batch["keys"] = list(keys)
     batch["caption_index"] = torch.tensor(list(caption_indices), dtype=torch.long)
     return batch
@@ -187,42 +199,62 @@ class SampleStream:
             f"(skips so far: {dict(self.skips)}); its shards are empty or unreadable")
 
     def pop_skips(self) -> Counter:
-        skips, self.skips = self.skips, Counter()
+        # copy and clear in place: the open shards' readers hold this very Counter and add to it when they end
+        # (a truncated tar is counted when its reader reaches the cut, possibly several batches later)
+        skips = Counter(self.skips)
+        self.skips.clear()
         return skips
+
+
+def round_robin(iterators):
+    """a0, b0, c0, a1, b1, ... from infinite iterators."""
+    while True:
+        for it in iterators:
+            yield next(it)
 
 
 class TrainStream(IterableDataset):
     """Batches of the training stream, built inside each DataLoader worker (see the module docstring)."""
 
     def __init__(self, sources, tokenizer, *, image_size, max_text_len, batch_size, seed, rank, world_size,
-                 streams_per_rank, positions, first_stream, shards_open, mlm_probability, randaugment, crop_scale,
-                 max_consecutive_skips, sample_unit="caption"):
+                 streams, positions, first_stream, shards_open, mlm_probability, randaugment, crop_scale,
+                 max_consecutive_skips, sample_unit="caption", whole_word_masking=False):
         super().__init__()
         self.sample_unit = sample_unit
         self.sources, self.tokenizer = sources, tokenizer
         self.image_size, self.max_text_len, self.batch_size = image_size, max_text_len, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.streams_per_rank, self.positions, self.first_stream = streams_per_rank, positions, first_stream
+        self.seed, self.rank, self.world_size, self.streams = seed, rank, world_size, streams
+        self.streams_per_rank = streams // world_size
+        self.positions, self.first_stream = positions, first_stream
         self.shards_open, self.mlm_probability = shards_open, mlm_probability
         self.randaugment, self.crop_scale, self.max_consecutive_skips = randaugment, crop_scale, max_consecutive_skips
+        self.whole_word_masking = whole_word_masking
+
+    def stream_index(self, local: int) -> int:
+        """Global index of this rank's local stream `local`: the streams s with s % world_size == rank."""
+        return self.rank + local * self.world_size
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if workers != self.streams_per_rank:
-            raise RuntimeError(f"TrainStream expects {self.streams_per_rank} workers, got {workers}")
-        local = (worker + self.first_stream) % self.streams_per_rank
-        position = copy.deepcopy(self.positions[local]) or initial_position(len(self.sources), self.shards_open)
-        return self._batches(local, position)
+        if self.streams_per_rank % workers:
+            raise RuntimeError(f"{self.streams_per_rank} streams per rank cannot be shared by {workers} workers")
+        # The DataLoader hands out worker w's k-th batch as batch w + k * workers (from first_stream on).
+        mine = [(self.first_stream + worker + k * workers) % self.streams_per_rank
+                for k in range(self.streams_per_rank // workers)]
+        return round_robin([self._batches(local, copy.deepcopy(self.positions[local])
+                                          or initial_position(len(self.sources), self.shards_open))
+                            for local in mine])
 
     def _batches(self, local: int, position: dict):
-        stream_index = self.rank * self.streams_per_rank + local
-        stream = SampleStream(self.sources, self.seed, stream_index, self.world_size * self.streams_per_rank, position)
+        stream_index = self.stream_index(local)
+        stream = SampleStream(self.sources, self.seed, stream_index, self.streams, position)
         transform = train_transform(self.image_size, self.randaugment, self.crop_scale)
         replacement_ids = replacement_token_ids(self.tokenizer)
         skipped_in_a_row = 0
         while True:
             keys, pixels, captions, flags, chosen, skips = [], [], [], [], [], Counter()
+            shard_urls = []  # which shard each row came from: with caption_index, the saliency cache's key
             while len(keys) < self.batch_size:
                 raw, sample_seed, source, shard_pass = stream.next_raw()
                 sample = decode_sample(raw)
@@ -242,13 +274,26 @@ class TrainStream(IterableDataset):
                 pixels.append(seeded_transform(transform, sample.image, sample_seed))
                 captions.append(sample.captions[choice])
                 flags.append(sample.content_words[choice])
+                shard_urls.append(str(raw.get("__url__", "")))
             generator = torch.Generator().manual_seed(_seed(self.seed, _MLM, stream_index, position["batches"]))
             batch = collate_rows(keys, pixels, captions, flags, self.tokenizer, self.max_text_len,
-                                 self.mlm_probability, replacement_ids, generator, chosen)
+                                 self.mlm_probability, replacement_ids, generator, chosen, self.whole_word_masking)
+            batch["shards"] = shard_urls
             position["batches"] += 1
             skips.update(stream.pop_skips())
             batch["_stream"] = {"stream": local, "position": copy.deepcopy(position), "skips": dict(skips)}
             yield batch
+
+
+def check_streams(streams: int, world_size: int, num_workers: int) -> None:
+    """S streams must deal evenly to the ranks, and each rank's share evenly to its DataLoader workers."""
+    per_step = world_size * max(1, num_workers)
+    if streams < 1 or streams % per_step:
+        raise ValueError(
+            f"data.streams={streams} is not a multiple of world size ({world_size}) x data loader workers "
+            f"({max(1, num_workers)}, 0 counts as 1) = {per_step}. The number of streams is fixed for a run (it is "
+            f"saved with the checkpoint); resume on a number of ranks that divides it, or set data.num_workers so "
+            f"that it divides data.streams / world size.")
 
 
 class TrainLoader:
@@ -256,15 +301,19 @@ class TrainLoader:
 
     def __init__(self, sources: Sequence[Source], tokenizer, *, image_size, max_text_len, batch_size, num_workers,
                  seed, rank, world_size, mlm_probability, randaugment, crop_scale, shards_open, pin_memory,
-                 prefetch_factor, max_consecutive_skips, multiprocessing_context=None, sample_unit="caption"):
+                 prefetch_factor, max_consecutive_skips, multiprocessing_context=None, streams=None,
+                 sample_unit="caption", whole_word_masking=False):
+        streams = streams or world_size * max(1, num_workers)
+        check_streams(streams, world_size, num_workers)
         self.sources, self.tokenizer = list(sources), tokenizer
-        self.num_workers, self.streams_per_rank = num_workers, max(1, num_workers)
+        self.num_workers, self.streams, self.streams_per_rank = num_workers, streams, streams // world_size
+        self.rank, self.world_size = rank, world_size
         self.pin_memory, self.prefetch_factor, self.multiprocessing_context = pin_memory, prefetch_factor, multiprocessing_context
         self._stream_args = dict(image_size=image_size, max_text_len=max_text_len, batch_size=batch_size, seed=seed,
-                                 rank=rank, world_size=world_size, streams_per_rank=self.streams_per_rank,
+                                 rank=rank, world_size=world_size, streams=streams,
                                  shards_open=shards_open, mlm_probability=mlm_probability, randaugment=randaugment,
                                  crop_scale=tuple(crop_scale), max_consecutive_skips=max_consecutive_skips,
-                                 sample_unit=sample_unit)
+                                 sample_unit=sample_unit, whole_word_masking=whole_word_masking)
         self._positions: list = [None] * self.streams_per_rank
         self._batches = 0
         self._skips: Counter = Counter()
@@ -291,14 +340,18 @@ class TrainLoader:
     def batches_consumed(self) -> int:
         return self._batches
 
+    def global_micro_batch(self, local: int) -> int:
+        """Global index j of this rank's local micro-batch `local` (global micro-batch j comes from stream j % S)."""
+        return local * self.world_size + self.rank
+
     def skip_counts(self) -> dict:
         """Samples and shards skipped so far (this rank), by reason; includes those before a resume."""
         return count_skips(self._skips)
 
     def _identity(self) -> dict:
+        """The settings a saved position is only valid with (the world size is not one of them)."""
         a = self._stream_args
-        return {"seed": a["seed"], "rank": a["rank"], "world_size": a["world_size"],
-                "streams_per_rank": self.streams_per_rank, "batch_size": a["batch_size"],
+        return {"seed": a["seed"], "streams": self.streams, "batch_size": a["batch_size"],
                 "shards_open": a["shards_open"], "sample_unit": a["sample_unit"],
                 "source_draw": f"stratified-{SOURCE_BLOCK}" if len(self.sources) > 1 else "single",
                 "sources": [[s.name, len(s.shards), s.weight] for s in self.sources]}
@@ -310,29 +363,63 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         """Position after the last batch yielded (JSON-able; store it per rank, e.g. in DeepSpeed client_state)."""
-        return {"version": STATE_VERSION, **self._identity(), "batches": self._batches,
-                "positions": copy.deepcopy(self._positions), "skips": dict(self._skips)}
+        positions = {str(self.rank + local * self.world_size): copy.deepcopy(p)
+                     for local, p in enumerate(self._positions) if p is not None}
+        return {"version": STATE_VERSION, **self._identity(), "rank": self.rank, "world_size": self.world_size,
+                "batches": self._batches, "positions": positions, "skips": dict(self._skips)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position; the loader must be built with the same seed, rank, world size, workers,
-        batch size and sources (else the stream would differ and the error says which setting changed)."""
+        """Continue from a saved position: this rank's own state_dict(), or merge_train_states() of all ranks of
+        a run with another world size. The loader must be built with the same seed, number of streams, batch
+        size and sources (else the stream would differ and the error says which setting changed)."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state has version {state.get('version')!r}, expected {STATE_VERSION}")
-        # tuples -> lists, as saved. States written before per-caption sampling drew per image, and drew the
-        # source iid per sample (a single source: no draw), so only single-source ones resume (as sample_unit=image).
-        legacy = {"sample_unit": "image", "source_draw": "iid" if len(state.get("sources") or []) > 1 else "single"}
-        saved = json.loads(json.dumps({k: state.get(k, legacy.get(k)) for k in self._identity()}))
+            raise ValueError(f"data loader state has version {state.get('version')!r}, expected {STATE_VERSION} "
+                             f"(written by an older epic: resume it with that version, or start a fresh stream)")
+        saved = json.loads(json.dumps({k: state.get(k) for k in self._identity()}))  # tuples -> lists, as saved
         changed = [f"{k}: saved {saved[k]!r}, now {v!r}" for k, v in self._identity().items() if saved[k] != v]
         if changed:
             raise ValueError(
                 "cannot resume the data stream exactly, the loader settings changed (" + "; ".join(changed) + "). "
-                "num_workers counts as 1 when 0. Rebuild the loader with the saved settings, or start a fresh stream "
+                "Rebuild the loader with the saved settings, or start a fresh stream "
                 "(state=None, ideally with a new seed so samples already seen are not replayed first).")
-        if len(state["positions"]) != self.streams_per_rank:
-            raise ValueError(f"data loader state has {len(state['positions'])} stream positions, expected {self.streams_per_rank}")
-        self._positions = copy.deepcopy(state["positions"])
-        self._batches = int(state["batches"])
-        self._skips = Counter(state.get("skips", {}))
+        if "global_batches" in state:  # merged: the micro-batches of the whole run, dealt to the new ranks
+            total = int(state["global_batches"])
+            if total % self.world_size:
+                raise ValueError(f"the run stopped after {total} global micro-batches, which {self.world_size} "
+                                 f"ranks cannot share out evenly")
+            batches = total // self.world_size
+        elif state.get("world_size") == self.world_size and state.get("rank") == self.rank:
+            batches = int(state["batches"])
+        else:
+            raise ValueError(f"this is rank {state.get('rank')}'s data state of a world_size={state.get('world_size')} "
+                             f"run; this loader is rank {self.rank} of world_size={self.world_size}. To resume on "
+                             f"another number of ranks pass merge_train_states(<the states of all ranks>)")
+        positions = state["positions"]
+        self._positions = [copy.deepcopy(positions.get(str(self.rank + local * self.world_size)))
+                           for local in range(self.streams_per_rank)]
+        self._batches = batches
+        self._skips = Counter(state.get("skips", {})) if state.get("rank", 0) == self.rank else Counter()
+
+
+def merge_train_states(states: Sequence[dict]) -> dict:
+    """The TrainLoader.state_dict() of every rank of one run -> one world-size independent position.
+
+    Positions of all streams together; skip counts summed (the new rank 0 carries them); `global_batches`: the
+    micro-batches the whole run consumed (each rank consumed the same number)."""
+    states = list(states)
+    if not states or any(not isinstance(s, dict) or "streams" not in s for s in states):
+        raise ValueError("these data states cannot be re-split across ranks (not epic.data TrainLoader states "
+                         "of version 2)")
+    batches = {int(s["batches"]) for s in states}
+    if len(batches) != 1:
+        raise ValueError(f"the ranks consumed different numbers of micro-batches ({sorted(batches)}): not a "
+                         f"state saved at an optimizer step")
+    merged = {k: v for k, v in states[0].items() if k not in ("positions", "skips", "rank", "world_size", "batches")}
+    merged["positions"] = {k: v for s in states for k, v in s["positions"].items()}
+    merged["skips"] = dict(sum((Counter(s.get("skips", {})) for s in states), Counter()))
+    merged["global_batches"] = batches.pop() * len(states)
+    merged["rank"], merged["world_size"] = 0, None
+    return merged
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -425,7 +512,8 @@ def build_train_loader(sources, tokenizer, *, image_size: int, max_text_len: int
                        seed: int, rank: int, world_size: int, mlm_probability: float = 0.15, randaugment: bool = True,
                        state: Optional[dict] = None, crop_scale=TRAIN_CROP_SCALE, shards_open: int = 2,
                        pin_memory: bool = False, prefetch_factor: int = 2, max_consecutive_skips: int = 100_000,
-                       multiprocessing_context=None, sample_unit: str = "caption") -> TrainLoader:
+                       multiprocessing_context=None, sample_unit: str = "caption", streams: Optional[int] = None,
+                       whole_word_masking: bool = False) -> TrainLoader:
     """The infinite, exactly resumable training loader of one rank.
 
     sources: a shard spec, or a list of specs / dicts {shards, weight="auto", name} (auto: the caption count, or
@@ -440,7 +528,7 @@ def build_train_loader(sources, tokenizer, *, image_size: int, max_text_len: int
                          mlm_probability=mlm_probability, randaugment=randaugment, crop_scale=crop_scale,
                          shards_open=shards_open, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                          max_consecutive_skips=max_consecutive_skips, multiprocessing_context=multiprocessing_context,
-                         sample_unit=sample_unit)
+                         sample_unit=sample_unit, whole_word_masking=whole_word_masking, streams=streams or (state or {}).get("streams"))
     if state is not None:
         loader.load_state_dict(state)
     return loader

@@ -72,8 +72,23 @@ def content_token_mask(caption: str, content_words: Sequence[bool], tokenizer, m
     return content_mask_from_offsets(encoded["offset_mapping"], [content_spans(caption, content_words)])[0]
 
 
-def tokenize_captions(tokenizer, captions: Sequence[str], content_words: Sequence[Optional[Sequence[bool]]], max_text_len: int) -> dict:
-    """Tokenise a batch of captions to exactly max_text_len tokens: ids, attention/special/content masks."""
+NOT_A_WORD = -1
+
+
+def word_ids_matrix(encoding, num_rows: int | None = None) -> torch.Tensor:
+    """[B, L] int64 word index of every token of a batch encoding (``NOT_A_WORD`` on special and pad tokens)."""
+    if not hasattr(encoding, "word_ids"):
+        raise TypeError("whole-word masking needs a fast tokenizer's BatchEncoding (it has word_ids()); load the "
+                        "tokenizer with use_fast=True")
+    rows = num_rows if num_rows is not None else len(encoding["input_ids"])
+    return torch.tensor([[NOT_A_WORD if w is None else w for w in encoding.word_ids(i)] for i in range(rows)],
+                        dtype=torch.long)
+
+
+def tokenize_captions(tokenizer, captions: Sequence[str], content_words: Sequence[Optional[Sequence[bool]]], max_text_len: int,
+                      with_word_ids: bool = False) -> dict:
+    """Tokenise a batch of captions to exactly max_text_len tokens: ids, attention/special/content masks (and, with
+    ``with_word_ids``, ``word_ids`` [B, L]: each token's word index, -1 on special and pad tokens; see data/wwm.py)."""
     encoded = tokenizer(
         list(captions),
         max_length=max_text_len,
@@ -85,7 +100,8 @@ def tokenize_captions(tokenizer, captions: Sequence[str], content_words: Sequenc
         return_tensors="pt",
     )
     spans = [content_spans(c, flags) for c, flags in zip(captions, content_words)]
-    return {
+    extra = {"word_ids": word_ids_matrix(encoded, len(captions))} if with_word_ids else {}
+    return {**extra, 
         "input_ids": encoded["input_ids"].long(),
         "attention_mask": encoded["attention_mask"].long(),
         "special_tokens_mask": encoded["special_tokens_mask"].bool(),

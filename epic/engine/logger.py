@@ -1,4 +1,8 @@
-"""Rank-0 logging: TensorBoard scalars/images under `run.dir/tb` and a console line with ETA."""
+"""Rank-0 logging: TensorBoard scalars/images under `run.dir/tb`, `run.dir/metrics.jsonl`, a console line with ETA.
+
+A run resumed from step k first drops what the interrupted run logged after k (those steps are computed again):
+rows of metrics.jsonl with step > k, and TensorBoard events from step k + 1 on (SummaryWriter's purge_step), so
+that every step has exactly one value."""
 from __future__ import annotations
 
 import json
@@ -25,16 +29,24 @@ def guess_peak_tflops() -> float:
 
 
 class StepTimer:
-    """Wall time per phase (data wait / forward / backward / step), synchronising CUDA at phase ends."""
+    """Wall time per phase (data wait / forward / backward / step), synchronising CUDA at phase ends.
+
+    Only while ``active``: the trainer turns it on for the optimizer step before each log line, so the other
+    steps run without these host synchronisations (the shares are then those of that step).
+    """
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
         self._start: Optional[float] = None
+        self.active = True
 
     def start(self) -> None:
-        self._start = time.perf_counter()
+        if self.active:
+            self._start = time.perf_counter()
 
     def stop(self, phase: str) -> None:
+        if not self.active or self._start is None:
+            return
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         now = time.perf_counter()
@@ -70,8 +82,32 @@ class MetricAverager:
         return out
 
 
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep the rows of a JSON-lines log with "step" <= last_step (and drop a torn last line); rows dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            dropped += 1  # written half when the job was killed
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > last_step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped
+
+
 class RunLogger:
-    def __init__(self, run_dir: str, enabled: bool, max_steps: int) -> None:
+    def __init__(self, run_dir: str, enabled: bool, max_steps: int, resume_step: Optional[int] = None) -> None:
+        """resume_step: the step this run starts from; later rows of an earlier run are dropped first."""
         self.enabled = enabled
         self.max_steps = max_steps
         self.writer = None
@@ -80,8 +116,13 @@ class RunLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
-            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+            jsonl = Path(run_dir) / "metrics.jsonl"
+            purge = None
+            if resume_step is not None:
+                truncate_jsonl(jsonl, resume_step)
+                purge = resume_step + 1  # events at steps >= purge_step are dropped by TensorBoard's readers
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge)
+            self.jsonl = open(jsonl, "a")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -114,6 +155,39 @@ class RunLogger:
         if self.enabled:
             self.writer.close()
             self.jsonl.close()
+
+
+class SampleRecorder:
+    """`train.record_samples`: one row per micro-batch of this rank, {"step", "j" (global micro-batch), "keys"},
+    in run.dir/samples/rank_R.jsonl. Resuming from step k drops every rank file's rows after k first (rank 0;
+    the trainer holds a barrier before anyone appends), so the files always hold each global micro-batch once."""
+
+    def __init__(self, run_dir: str, rank: int, resume_step: int) -> None:
+        folder = Path(run_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            for path in sorted(folder.glob("rank_*.jsonl")):
+                truncate_jsonl(path, resume_step)
+        self.path = folder / f"rank_{rank:05d}.jsonl"
+        self._file = None
+
+    def add(self, step: int, global_micro_batch: int, keys) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a")
+        self._file.write(json.dumps({"step": step, "j": global_micro_batch, "keys": list(keys)}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def read_samples(run_dir: str) -> list[dict]:
+    """Every recorded micro-batch of a run (all rank files), ordered by global micro-batch index j."""
+    rows = []
+    for path in sorted((Path(run_dir) / "samples").glob("rank_*.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sorted(rows, key=lambda row: row["j"])
 
 
 def _fmt_seconds(seconds: float) -> str:

@@ -81,14 +81,29 @@ def build_param_groups(model: nn.Module, lr: float, weight_decay: float, lr_mult
     return [groups[k] for k in sorted(groups)]
 
 
+ADAMW_IMPLS = ("auto", "fused", "foreach", "for_loop")
+
+
+def adamw_kernel_options(impl: str = "auto", on_cuda: Optional[bool] = None) -> dict:
+    """torch.optim.AdamW's kernel choice for ``train.optimizer_impl``: auto = one fused kernel for all parameters
+    on CUDA (``fused=True``), the multi-tensor ``foreach`` path elsewhere; ``for_loop`` is the per-parameter one.
+    All compute the same update (tests/test_fast_path.py checks them against a hand-written AdamW step)."""
+    if impl not in ADAMW_IMPLS:
+        raise SetupError(f"train.optimizer_impl={impl!r}; use one of {', '.join(ADAMW_IMPLS)}")
+    if impl == "auto":
+        impl = "fused" if (torch.cuda.is_available() if on_cuda is None else on_cuda) else "foreach"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False, "fused": False}}[impl]
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
                     lr_mult_fusion: float = 1.0, lr_mult_head: float = 1.0,
-                    lr_mults: Optional[Mapping[str, float]] = None) -> torch.optim.AdamW:
+                    lr_mults: Optional[Mapping[str, float]] = None, impl: str = "auto") -> torch.optim.AdamW:
     mults = dict(lr_mults) if lr_mults is not None else {"fusion": lr_mult_fusion, "head": lr_mult_head}
     groups = build_param_groups(model, lr, weight_decay, mults)
     for group in groups:
         group.pop("names")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                             **adamw_kernel_options(impl))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,6 +124,7 @@ class OptimizerSpec:
     final_lr_scale: float = 0.01
     warmup_start_scale: float = 0.0
     lr_mults: Mapping[str, float] = field(default_factory=dict)  # lr group -> multiplier of ``lr``
+    impl: str = "auto"  # AdamW kernel (train.optimizer_impl): auto = fused on CUDA, see adamw_kernel_options
 
 
 def optimizer_spec(train, lr: Optional[float] = None, weight_decay: Optional[float] = None,
@@ -120,7 +136,8 @@ def optimizer_spec(train, lr: Optional[float] = None, weight_decay: Optional[flo
                          warmup_ratio=train.warmup_ratio, hold_ratio=train.hold_ratio,
                          final_lr_scale=train.final_lr_scale, warmup_start_scale=train.warmup_start_scale,
                          lr_mults=dict(lr_mults) if lr_mults is not None else
-                         {"fusion": train.lr_mult_fusion, "head": train.lr_mult_head})
+                         {"fusion": train.lr_mult_fusion, "head": train.lr_mult_head},
+                         impl=getattr(train, "optimizer_impl", "auto"))
 
 
 @dataclass
@@ -158,7 +175,8 @@ def create_engine(spec: EngineSpec, vlm_ds_config: dict, batch: BatchMath, grad_
     optimizer = scheduler = None
     if spec.optimizer is not None:
         opt = spec.optimizer
-        optimizer = build_optimizer(spec.module, opt.lr, opt.weight_decay, opt.betas, opt.eps, lr_mults=opt.lr_mults)
+        optimizer = build_optimizer(spec.module, opt.lr, opt.weight_decay, opt.betas, opt.eps, lr_mults=opt.lr_mults,
+                                    impl=opt.impl)
         scheduler = build_lr_scheduler(optimizer, opt.schedule, opt.max_steps, opt.warmup_ratio, opt.hold_ratio,
                                        opt.final_lr_scale, opt.warmup_start_scale)
     return initialize_engine(spec.module, optimizer, scheduler, ds)

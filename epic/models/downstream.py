@@ -169,6 +169,9 @@ def load_pretrained_weights(model: METER, state_dict: dict[str, torch.Tensor]) -
         state["token_type_embeddings.weight"] = torch.cat([token_types] + [token_types[1:2]] * extra)
     if "vit_model.pos_embed" in state:
         state["vit_model.pos_embed"] = _resize_position_embedding(state["vit_model.pos_embed"], model)
+    adapt = getattr(model, "adapt_loaded_state", None)  # a family's own rules (ViLT: its position-grid resampling)
+    if adapt is not None:
+        state = adapt(state)
     head_names = ("rank_output", "vqa_classifier", "nlvr2_classifier", "snli_classifier", "mlm_score", "itm_score")
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -187,7 +190,7 @@ def load_pretrained_weights(model: METER, state_dict: dict[str, torch.Tensor]) -
         raise ValueError(f"shape mismatch loading into {type(model).__name__}: {shape_errors[:5]} (a VQA head "
                          f"trained with another answer list? set finetune.answer_list to the one it used)")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    if isinstance(model, METERForRetrieval) and "rank_output" in new_heads and "itm_score" not in new_heads:
+    if hasattr(model, "init_rank_output_from_itm") and "rank_output" in new_heads and "itm_score" not in new_heads:
         model.init_rank_output_from_itm()
     report = {"new_heads": new_heads, "dropped": dropped + foreign_heads}
     log.info("loaded weights into %s: %s", type(model).__name__, report)
@@ -331,7 +334,11 @@ def retrieval_losses(model: METERForRetrieval, batch: dict, *, negatives: str, n
 def _negatives_for(model, image_embeds, text_embeds, attention_mask, image_ids, num_negatives, hard, generator):
     from epic.eval.retrieval import _mean_pool
 
-    image_vec = F.normalize(_mean_pool(model.cross_modal_image_transform(image_embeds), None), dim=-1)
-    text_vec = F.normalize(_mean_pool(model.cross_modal_text_transform(text_embeds), attention_mask), dim=-1)
+    custom = getattr(model, "retrieval_embeddings", None)  # families without METER's projections (ViLT)
+    if custom is not None:
+        image_vec, text_vec = (F.normalize(v.float(), dim=-1) for v in custom(image_embeds, text_embeds, attention_mask))
+    else:
+        image_vec = F.normalize(_mean_pool(model.cross_modal_image_transform(image_embeds), None), dim=-1)
+        text_vec = F.normalize(_mean_pool(model.cross_modal_text_transform(text_embeds), attention_mask), dim=-1)
     same_image = image_ids.view(-1, 1) == image_ids.view(1, -1)
     return choose_negative_texts(image_vec @ text_vec.T, same_image, num_negatives, hard, generator)

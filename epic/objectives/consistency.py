@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from epic import faults
 from epic.engine.setup import EngineSpec, SetupError, frozen_engine_ds_config, optimizer_spec  # noqa: F401
 from epic.eval.epic_metrics import EpicMeasurements, render_saliency_figure, step_counts
 from epic.kernels import token_consistency_loss
@@ -34,7 +35,8 @@ from epic.paths import expand_env
 from .corruption import (consistency_labels, excluded_token_ids, inconsistent_positions, mask_tokens,
                          random_replacements, replace_at, sample_replacements)
 from .recipes import base_losses
-from .saliency import real_text_tokens, saliency_masking, saliency_mlm_inputs, uniform_masking
+from .saliency import (cached_alpha_query_keys, real_text_tokens, saliency_masking, saliency_mlm_inputs,
+                       uniform_masking)
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +175,9 @@ class EpicObjective:
                                  for name, spec in self.extra_modules().items()})
         self.measurements = EpicMeasurements()
         self.sas_refreshes: list[int] = []  # steps at which VLM(SAS) was refreshed (this process)
+        self.saliency_cache_misses = 0  # (sample, caption) rows without a cached alpha; their micro-batch ran the teacher
         self._last_step_seen: Optional[int] = None
+        self._step = 0  # the optimizer steps done when the current micro-batch started
         self._last_image_bucket = 0
         self._figure_batch: Optional[dict] = None
 
@@ -265,6 +269,7 @@ class EpicObjective:
         if missing:
             raise KeyError(f"the EPIC step needs batch keys {missing} (has {sorted(batch)}); epic.data loaders "
                            f"yield them")
+        self._step = step
         if step != self._last_step_seen:  # first micro-batch of an optimizer step
             self._last_step_seen = step
             self._maybe_refresh_sas(step)
@@ -274,7 +279,7 @@ class EpicObjective:
         real = real_text_tokens(batch)
         image_embeds = model.encode_image(batch["pixel_values"], generator=rng)  # once per micro-batch, shared by
         # all VLM passes (the objective's stream: a family with random patch sampling draws from it, METER does not)
-        query_keys = self._teacher_query_keys(batch)
+        query_keys = self._saliency_query_keys(batch)
         positions, alpha = self._masking(query_keys, real, self.epic.mask_ratio, rng)
         corrupted, loss_gen = self._corrupt(batch, positions, image_embeds, rng)
         inconsistent = inconsistent_positions(batch["input_ids"], corrupted, positions)  # Eq. 6
@@ -287,6 +292,16 @@ class EpicObjective:
         if loss_gen is not None:
             out["loss_gen"] = loss_gen
         return out
+
+    def _saliency_query_keys(self, batch: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Eq. 8's inputs: from the saliency cache when every row of the micro-batch has its alpha there (the
+        teacher does not run), else from the teacher (a missing entry is counted, never an error)."""
+        if self.teacher is not None and self.epic.saliency_cache:
+            misses = batch.get("saliency_misses")  # a Python int set by the loader: no device sync to branch
+            if misses == 0 and "saliency_alpha" in batch:
+                return cached_alpha_query_keys(batch["saliency_alpha"])
+            self.saliency_cache_misses += int(misses) if misses is not None else len(batch["input_ids"])
+        return self._teacher_query_keys(batch)
 
     def _teacher_query_keys(self, batch: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         if self.teacher is None:
@@ -317,6 +332,7 @@ class EpicObjective:
             states = self.gen_engine(masked_ids, batch["attention_mask"], flat, image_cls)
             embedding, bias = self.generator.output_embedding()
             samples, loss_gen = sample_replacements(states, embedding, bias, targets, self.exclude_ids, rng)
+            loss_gen = faults.poison("generator", self._step + 1, loss_gen)  # EPIC_FAULT drills only
             self.gen_engine.backward(loss_gen)  # L_GEN (Eq. 7) trains only the generator
             self.gen_engine.step()
             loss_gen = loss_gen.detach()
@@ -362,11 +378,14 @@ class EpicObjective:
 
         teacher_cfg = self.teacher.config if self.teacher is not None else None
         with torch.random.fork_rng(devices=[]):  # called after a resume restored the RNG: leave it untouched
-            return epic_step_flops_per_sample(cfg, teacher_cfg, vlm_passes=epic_vlm_passes)["total"]
+            return epic_step_flops_per_sample(cfg, teacher_cfg, vlm_passes=epic_vlm_passes,
+                                              saliency_cache=bool(cfg.epic.saliency_cache))["total"]
 
     # -- logging -----------------------------------------------------------------------------------------------
     def log_values(self, step: int) -> dict:
         values = {f"epic/{k}": v for k, v in self.measurements.pop().items()}
+        if self.epic.saliency_cache:
+            values["epic/saliency_cache_misses"] = float(self.saliency_cache_misses)
         if self.gen_engine is not None and self.gen_engine.optimizer is not None:
             from epic.engine.setup import loss_scale_of
 
@@ -457,7 +476,8 @@ class EpicObjective:
 
     # -- resume ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"measurements": self.measurements.state_dict(), "last_image_bucket": self._last_image_bucket}
+        return {"measurements": self.measurements.state_dict(), "last_image_bucket": self._last_image_bucket,
+                "saliency_cache_misses": self.saliency_cache_misses}
 
     def load_state_dict(self, state: dict) -> None:
         if "measurements" in state:
@@ -465,6 +485,7 @@ class EpicObjective:
             if self.measurements.sums is not None:
                 self.measurements.sums = self.measurements.sums.to(self.device)
         self._last_image_bucket = int(state.get("last_image_bucket", 0))
+        self.saliency_cache_misses = int(state.get("saliency_cache_misses", 0))
 
 
 def _show(token: str) -> str:

@@ -4,7 +4,8 @@ Shapes only: exact for the matmuls and attention at these sizes, no memory, seco
 full length (``data.max_text_len``: the worst case METER pads to), so each sentence has ``max_text_len - 2`` real
 tokens and m = ceil(mask_ratio * that) masked positions.
 
-    teacher     the frozen teacher's forward up to the penultimate fusion layer (Eq. 8's inputs); no backward
+    teacher     the frozen teacher's forward up to the penultimate fusion layer (Eq. 8's inputs); no backward;
+                0 with the saliency cache (alpha precomputed by tools/precompute_saliency.py)
     generator   the generator's forward + backward on w^mask, and Eq. 4/5/7 over the vocabulary at the M positions
                 (the streaming kernel's backward recomputes the logits: one GEMM of 2*M*d*V more than eager);
                 forward only for a fixed generator or VLM(SAS) (a full METER forward); 0 for "ITC (rand.)"
@@ -132,11 +133,12 @@ def teacher_flops_per_sample(teacher_cfg, text_len: int, batch_size: int = 2) ->
 
 
 def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_len: Optional[int] = None,
-                               vlm_passes=None) -> dict[str, float]:
+                               vlm_passes=None, saliency_cache: bool = False) -> dict[str, float]:
     """{"teacher", "generator", "vlm", "total"}: training FLOPs per sample of one EPIC step at ``cfg``'s sizes.
 
     ``teacher_cfg``: the teacher's model config (default: the VLM's). ``vlm_passes``: the VLM's part of the step
     (``epic.objectives.consistency.epic_vlm_passes``; handed in, so that this counter imports no objective).
+    ``saliency_cache``: alpha comes from ``epic.saliency_cache`` (every entry found), so the teacher costs nothing.
     """
     if vlm_passes is None:
         raise TypeError("epic_step_flops_per_sample needs vlm_passes=epic.objectives.consistency.epic_vlm_passes")
@@ -145,7 +147,7 @@ def epic_step_flops_per_sample(cfg, teacher_cfg=None, batch_size: int = 2, text_
     batch = meta_epic_batch(cfg.model, batch_size, text_len, cfg.epic.mask_ratio)
     real = ~batch["special_tokens_mask"]
     flops = {"teacher": 0, "generator": generator_flops(cfg, batch)}
-    if cfg.epic.masking == "saliency":
+    if cfg.epic.masking == "saliency" and not saliency_cache:
         flops["teacher"] = teacher_flops(teacher_cfg or cfg.model, batch)
     model = _meta_meter(cfg.model, consistency_head=True)
 

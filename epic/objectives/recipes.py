@@ -18,6 +18,7 @@ import torch
 
 from .itm import draw_itm_pairs, itm_cross_entropy
 from .mlm import mlm_cross_entropy
+from .wpa import word_patch_alignment_loss
 
 BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")
 
@@ -50,9 +51,30 @@ def itm_and_mlm_losses(model, batch: dict, image_embeds: torch.Tensor, rng: torc
     return {"loss": mlm["loss_mlm"] + itm["loss_itm"], **mlm, **itm}
 
 
+def itm_wpa_and_mlm_losses(model, batch: dict, image_embeds: torch.Tensor, rng: torch.Generator,
+                           mlm_batch: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+    """ViLT's recipe (compute_mlm + compute_itm_wpa): L_MLM + L_ITM + 0.1 * L_WPA.
+
+    The ITM pass (half the captions with another sample's image) also gives the word and patch states for
+    word-patch alignment (IPOT optimal transport in fp32, epic.objectives.wpa), over matched and mismatched pairs.
+    """
+    pairs = draw_itm_pairs(image_embeds.shape[0], rng, image_embeds.device)
+    masked = mlm_batch if mlm_batch is not None else batch
+    text_feats = model.infer(input_ids=masked["mlm_input_ids"], attention_mask=masked["attention_mask"],
+                             image_embeds=image_embeds)["text_feats"]
+    mlm = mlm_cross_entropy(model.mlm_score(text_feats), masked["mlm_labels"])
+    out = model.infer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      image_embeds=image_embeds[pairs.image_index])
+    itm = itm_cross_entropy(model.itm_score(out["cls_feats"]), pairs.labels)
+    wpa = word_patch_alignment_loss(out["text_feats"], out["image_feats"], batch["attention_mask"],
+                                    out["image_masks"], pairs.labels)
+    return {"loss": mlm["loss_mlm"] + itm["loss_itm"] + wpa, **mlm, **itm, "loss_wpa": wpa.detach()}
+
+
 #: family -> "module:function" of its recipe
 RECIPES: Dict[str, str] = {
     "meter": "epic.objectives.recipes:itm_and_mlm_losses",
+    "vilt": "epic.objectives.recipes:itm_wpa_and_mlm_losses",
     "albef": "epic.objectives.albef_losses:albef_recipe",
     "xvlm": "epic.objectives.xvlm:caption_recipe",
 }

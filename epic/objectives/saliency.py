@@ -46,6 +46,19 @@ def uniform_masking(real: torch.Tensor, mask_ratio: float, generator: Optional[t
 
 
 
+def cached_alpha_query_keys(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha [B, L] (from the saliency cache) as a (query [B, 1, 1], keys [B, 1, L, 1]) pair for Eq. 8's op.
+
+    With one head, query 1 and keys log(alpha), the op's scores are log alpha, its softmax over the real tokens
+    gives alpha back (renormalised) and its Gumbel-top-k keys are log alpha + g: the masking draws from the cached
+    alpha with the same noise, from the same generator, as it would from the teacher's query and keys.
+    """
+    batch, length = alpha.shape
+    query = torch.ones(batch, 1, 1, device=alpha.device, dtype=torch.float32)
+    keys = torch.log(alpha.float().clamp_min(1e-30)).view(batch, 1, length, 1)  # padding: masked out by `real`
+    return query, keys
+
+
 def saliency_mlm_inputs(batch: dict, query: torch.Tensor, keys: torch.Tensor, probability: float, mask_token_id: int,
                         replacement_ids: torch.Tensor, generator: Optional[torch.Generator]
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,198 @@
+"""ViLT through the family framework: a 2-rank ZeRO-2 pretraining run (with ViLT's patch sampling, whole-word
+masking and WPA) resumes exactly; EPIC-ViLT runs and resumes exactly; every EPIC ablation switch runs a step on
+ViLT (one CPU DeepSpeed rank in this process)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = str(ROOT / "epic" / "pretrain.py")
+BATCH = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           PRETRAIN, *args]
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])  # the venv's ninja first
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), PATH=path)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def logged(run_dir, key):
+    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    return {row["step"]: row[key] for row in rows if key in row}
+
+
+def assert_resumed_exactly(full, resumed, keys):
+    from epic.engine.checkpoint import find_checkpoint, read_module_state_dict
+
+    for key in keys:
+        expected, again = logged(full, key), logged(resumed, key)
+        assert sorted(expected) == [1, 2, 3, 4] and sorted(again) == [3, 4], key
+        for step in again:
+            assert again[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), (key, step)
+    a, b = find_checkpoint(full), find_checkpoint(resumed)
+    assert a.name == b.name == "step_00000004"
+    for engine in [p.name for p in a.iterdir() if p.is_dir()]:
+        wa, wb = read_module_state_dict(a, engine), read_module_state_dict(b, engine)
+        assert wa.keys() == wb.keys()
+        for name in wa:
+            torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=f"{engine}: {name}")
+
+
+OVERRIDES = [f"data.micro_batch_size={BATCH}", "train.global_batch_size=16", "data.num_workers=0", "train.log_every=1",
+             "train.deterministic=true", "train.max_steps=4", "train.save_every=2", "train.keep_last=2"]
+
+
+def cli(config, *overrides):
+    return ["--ds_config", "ds_configs/cpu_zero2.json", "--config", config, *OVERRIDES, *overrides]
+
+
+def test_two_rank_zero2_vilt_run_resumes_exactly(shapes_world, tmp_path):
+    """vilt_shapes_tiny keeps 48 of 64 patches per image in training: the draws come from the checkpointed
+    objective generator, so the resumed run sees the same patches."""
+    from epic.config import load_config
+
+    cfg = load_config("vilt_shapes_tiny", [f"data.root={shapes_world}"])
+    assert cfg.model.max_image_len < (cfg.model.image_size // cfg.model.patch_size) ** 2
+    assert cfg.data.whole_word_masking
+    args = cli("vilt_shapes_tiny", f"data.root={shapes_world}")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    proc = run_two_ranks(args + [f"run.dir={full}"])
+    assert "world 2" in proc.stdout and "grad accum 2" in proc.stdout
+    run_two_ranks(args[:4] + ["--resume", str(full / "checkpoints" / "step_00000002")] + args[4:]
+                  + [f"run.dir={resumed}"])
+    assert_resumed_exactly(full, resumed, ("train/loss", "train/loss_itm", "train/loss_mlm"))
+    state = json.loads((full / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["config"]["model"]["family"] == "vilt"
+
+
+def test_two_rank_epic_vilt_run_resumes_exactly(shapes_world, tmp_path):
+    from epic.config import load_config
+    from epic.wiring import build_model, resolve_data_paths
+
+    teacher = tmp_path / "teacher"
+    base = load_config("vilt_shapes_tiny", [f"data.root={shapes_world}"])
+    torch.manual_seed(7)
+    model, _ = build_model(base, resolve_data_paths(base))  # an (untrained) vanilla ViLT export as the teacher
+    model.save_pretrained(str(teacher))
+    args = cli("epic_vilt_shapes_tiny", f"data.root={shapes_world}", f"epic.teacher={teacher}")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_two_ranks(args + [f"run.dir={full}"])
+    assert (full / "checkpoints" / "step_00000002" / "generator").is_dir()
+    run_two_ranks(args[:4] + ["--resume", str(full / "checkpoints" / "step_00000002")] + args[4:]
+                  + [f"run.dir={resumed}"])
+    assert_resumed_exactly(full, resumed, ("train/loss", "train/loss_gen", "train/loss_itc",
+                                           "epic/inconsistent_token_ratio"))
+
+
+# ------------------------------------------------------------------------------------ ablations, in process
+@pytest.fixture(scope="module")
+def gloo_rank():
+    import deepspeed
+    import torch.distributed as dist
+
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    dist.destroy_process_group()
+    torch.set_num_threads(threads)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def epic_vilt_config(world, teacher, *overrides):
+    from epic.config import load_config
+
+    return load_config("epic_vilt_shapes_tiny", [f"data.root={world}", f"epic.teacher={teacher}",
+                                                 f"data.micro_batch_size={BATCH}", f"train.global_batch_size={BATCH}",
+                                                 "train.max_steps=10", *overrides])
+
+
+@pytest.fixture(scope="module")
+def setup(shapes_world, tmp_path_factory, gloo_rank):
+    from epic.data import build_eval_loader
+    from epic.wiring import build_model, resolve_data_paths
+
+    tmp = tmp_path_factory.mktemp("vilt_epic")
+    cfg = epic_vilt_config(shapes_world, tmp / "teacher")
+    paths = resolve_data_paths(cfg)
+    torch.manual_seed(123)
+    teacher, tokenizer = build_model(cfg, paths)
+    teacher.save_pretrained(str(tmp / "teacher"))
+    loader = build_eval_loader(paths.val_shards, tokenizer, image_size=cfg.data.image_size,
+                               max_text_len=cfg.data.max_text_len, batch_size=BATCH, all_captions=False)
+    return {"world": shapes_world, "tmp": tmp, "paths": paths, "batch": next(iter(loader))}
+
+
+def build(setup, *overrides):
+    from epic.engine.schedule import build_lr_scheduler
+    from epic.engine.setup import (build_optimizer, derive_batch_math, initialize_engine, load_ds_config,
+                                   resolve_ds_config)
+    from epic.objectives.consistency import EpicObjective
+    from epic.wiring import build_model
+
+    cfg = epic_vilt_config(setup["world"], setup["tmp"] / "teacher", *overrides)
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg, setup["paths"])
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps,
+                                cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
+    scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio)
+    batch_math = derive_batch_math(BATCH, BATCH, 1)
+    ds = resolve_ds_config(load_ds_config(str(ROOT / "ds_configs/cpu_zero2.json")), batch_math, 1.0, on_cpu=True)
+    engine = initialize_engine(model, optimizer, scheduler, ds)
+    objective = EpicObjective(cfg, engine, tokenizer, ds, batch_math, setup["paths"], torch.device("cpu"))
+    return cfg, engine, objective
+
+
+ABLATIONS = {
+    "epic": [],
+    "itc_rand": ["epic.corruption=random", "epic.masking=uniform"],
+    "itc_lm": ["epic.masking=uniform"],
+    "lm_fixed": ["epic.generator_mode=fixed"],
+    "lm_cond": ["epic.generator_mode=conditioned"],
+    "vlm_sas": ["epic.generator_mode=vlm_sas", "epic.sas_refresh_every=1"],
+    "cmlm": ["data.mlm_masking=saliency", "data.whole_word_masking=false"],
+    "ratio_lambda": ["epic.mask_ratio=0.15", "epic.lambda_itc=1.0"],
+    "itc_pair_sum": ["epic.itc_reduction=pair_sum", "epic.lambda_itc=0.25"],
+}
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_every_ablation_switch_runs_a_step_on_vilt(setup, name):
+    cfg, engine, objective = build(setup, *ABLATIONS[name])
+    before = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    torch.manual_seed(1000)
+    out = objective.losses(engine.module, setup["batch"], torch.Generator().manual_seed(0), 0)
+    engine.backward(out["loss"])
+    engine.step()
+    assert all(torch.isfinite(v).all() for v in out.values()), out
+    assert "loss_wpa" in out  # ViLT's recipe under EPIC: MLM + ITM + WPA, then lambda * ITC
+    expected = out["loss_itm"] + out["loss_mlm"] + out["loss_wpa"] + cfg.epic.lambda_itc * out["loss_itc"]
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert ("loss_gen" in out) == (cfg.epic.corruption == "generator")
+    after = engine.module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
