@@ -23,7 +23,7 @@ def tiny_meter(tokenizer):
 
     cfg = METERConfig(image_size=32, patch_size=16, vit_width=32, vit_layers=1, vit_heads=2, text_hidden_size=32,
                       text_layers=1, text_heads=2, text_intermediate_size=64, hidden_size=32, num_heads=2,
-                      num_fusion_layers=1, mlp_ratio=2, dropout=0.0, max_text_len=24, vocab_size=len(tokenizer),
+                      num_fusion_layers=2, mlp_ratio=2, dropout=0.0, max_text_len=24, vocab_size=len(tokenizer),
                       pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     return METER.from_config(cfg), cfg
@@ -145,12 +145,12 @@ def test_gradcam_attention_is_the_fused_attention(shapes_world, tokenizer):
     args = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
     with torch.no_grad():
         reference = vlm.infer(**args)["cls_feats"]
-        with explicit_attention(vlm.cross_modal_text_layers[-1].crossattention.self, {}):
+        with explicit_attention(vlm.cross_modal_text_layers[0].crossattention.self, {}):
             explicit = vlm.infer(**args)["cls_feats"]
     torch.testing.assert_close(explicit, reference, atol=1e-5, rtol=1e-5)
     maps = gradcam_maps(vlm, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                         torch.tensor([1, 2, 1, 3]))
-    assert maps.shape == (4, 2, 2) and (maps >= 0).all()
+    assert maps.shape == (4, 2, 2) and (maps >= 0).all() and (maps.flatten(1).sum(1) > 0).all()
 
 
 # ------------------------------------------------------------------------------------------------ smoke runs

@@ -4,8 +4,9 @@ number: the pointing game on the shapes world, where every object's box is known
 Model: the vanilla and the EPIC run of each seed (Table 4's pretraining runs). Probe: a pair scene (two objects,
 version 2 world) captioned "the <colour1> <shape1> is <relation> the <colour2> <shape2>"; the token is the colour
 word of one of the objects, as it is (consistent) or replaced by a colour that is not in the image (inconsistent).
-Grad-CAM (as ALBEF's visualisation): the text stream's last cross-attention A [heads, text, image] and the
+Grad-CAM (as ALBEF's visualisation): the text stream's penultimate cross-attention A [heads, text, image] and the
 gradient G of the image-text matching score (the ITM head's match logit, the same head for both models) w.r.t. A;
+(A: the penultimate fusion layer's; in the last one only [CLS] reaches the ITM head)
 the map of token t is mean over heads of relu(G ⊙ A)[t] over the image patches (the image [CLS] dropped).
 Scores per map: the share of its mass inside the named object's box and the pointing-game hit (its maximum inside
 the box). Boxes are the world's region boxes (`regions`: the smallest pixel box holding the drawn object).
@@ -90,8 +91,11 @@ def explicit_attention(attention_module, store: dict):
 
 def gradcam_maps(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  token_index: torch.Tensor) -> torch.Tensor:
-    """[B, grid, grid] Grad-CAM of token_index[b] in the text stream's last cross-attention, target = ITM match."""
-    layer = model.cross_modal_text_layers[-1].crossattention.self
+    """[B, grid, grid] Grad-CAM of token_index[b] in the text stream's penultimate cross-attention, target = ITM
+    match. Not the last layer: there only the [CLS] row reaches the pooled ITM features, so every other token's
+    gradient is zero (ALBEF's visualisation likewise reads a middle layer)."""
+    layers = model.cross_modal_text_layers
+    layer = layers[len(layers) - 2 if len(layers) > 1 else 0].crossattention.self
     store: dict = {}
     model.zero_grad(set_to_none=True)
     with explicit_attention(layer, store):
@@ -250,7 +254,7 @@ def report(study):
         pictures(study.out / "gradcam.png", done[0], done[0]["seed"])
     write_report(study.out, study.name, TITLE, table,
                  [f"{PROBES} pair-scene probes per seed (the token: one object's colour word); Grad-CAM of the ITM "
-                  "match score on the text stream's last cross-attention. Chance = the box's share of the patches. "
+                  "match score on the text stream's penultimate cross-attention. Chance = the box's share of the patches. "
                   "Pictures: gradcam.png (first seed: image with the box, then per model the consistent and the "
                   "inconsistent token).", f"Seeds with results: {len(done)} of {len(list(study.seeds))}."],
                  study.log)
