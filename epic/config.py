@@ -549,16 +549,20 @@ def validate_ranges(cfg) -> None:
             if getattr(model, name, 1) < 1:
                 raise ConfigError(f"'model.{name}' must be > 0, got {getattr(model, name)}")
         for width, heads in (("vit_width", "vit_heads"), ("text_hidden_size", "text_heads"),
-                             ("hidden_size", "num_heads")):
+                             ("hidden_size", "num_heads")):  # each family's config has its own subset of these
+            if not (hasattr(model, width) and hasattr(model, heads)):
+                continue
             if getattr(model, width) % getattr(model, heads):
                 raise ConfigError(f"'model.{width}'={getattr(model, width)} is not divisible by "
                                   f"'model.{heads}'={getattr(model, heads)}")
-        if model.image_size % model.patch_size:
-            raise ConfigError(f"'model.image_size'={model.image_size} is not a multiple of "
-                              f"'model.patch_size'={model.patch_size}")
-        if cfg.data.max_text_len > model.max_text_len:
+        image_size, patch_size = getattr(model, "image_size", None), getattr(model, "patch_size", None)
+        if image_size and patch_size and image_size % patch_size:
+            raise ConfigError(f"'model.image_size'={image_size} is not a multiple of "
+                              f"'model.patch_size'={patch_size}")
+        max_text_len = getattr(model, "max_text_len", None)
+        if max_text_len is not None and cfg.data.max_text_len > max_text_len:
             raise ConfigError(f"'data.max_text_len'={cfg.data.max_text_len} exceeds "
-                              f"'model.max_text_len'={model.max_text_len}")
+                              f"'model.max_text_len'={max_text_len}")
 
 
 def validate_epic(epic: EpicConfig) -> None:
