@@ -11,6 +11,7 @@ exactly, like the caption loader's.
 from __future__ import annotations
 
 import copy
+import json
 import random
 from collections import Counter
 from typing import Optional
@@ -24,6 +25,8 @@ from .loader import SampleStream
 from .regions import collate_region_batch, decode_region_sample, region_example
 from .shards import parse_sources
 from .transforms import CLIP_MEAN, CLIP_STD
+
+REGION_STATE_VERSION = 1
 
 _REGION_BATCH = 11  # seed purpose, distinct from the caption loader's
 
@@ -127,6 +130,33 @@ class RegionTrainLoader(TrainLoader):
             self._skips.update(meta["skips"])
             self._batches += 1
             yield batch
+
+    # Region streams are split per rank (same-world resume only; the caption loader's elastic re-split does not
+    # apply to them), so their state keeps this rank's list of stream positions.
+    def state_dict(self) -> dict:
+        return {"version": REGION_STATE_VERSION, **self._identity(), "batches": self._batches,
+                "positions": copy.deepcopy(self._positions), "skips": dict(self._skips)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != REGION_STATE_VERSION:
+            raise ValueError(f"region loader state has version {state.get('version')!r}, expected "
+                             f"{REGION_STATE_VERSION}")
+        changed = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in self._identity().items()
+                   if json_roundtrip(state.get(k)) != json_roundtrip(v)]
+        if changed:
+            raise ValueError("cannot resume the region stream exactly, the loader settings changed ("
+                             + "; ".join(changed) + "); region streams resume only on the same world size")
+        if len(state["positions"]) != self.streams_per_rank:
+            raise ValueError(f"region loader state has {len(state['positions'])} stream positions, expected "
+                             f"{self.streams_per_rank}")
+        self._positions = copy.deepcopy(state["positions"])
+        self._batches = int(state["batches"])
+        self._skips = Counter(state.get("skips", {}))
+
+
+def json_roundtrip(value):
+    """Tuples -> lists, as a saved (JSON) state holds them."""
+    return json.loads(json.dumps(value))
 
 
 def build_region_loader(sources, tokenizer, *, image_size: int, grid: int, max_text_len: int, batch_size: int,
