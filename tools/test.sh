@@ -4,4 +4,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 export TOKENIZERS_PARALLELISM=false
-exec python -m pytest -q -p no:cacheprovider -n "${EPIC_TEST_WORKERS:-2}" --durations=15 "${@:-tests}"
+exec python -m pytest -q -p no:cacheprovider -n "${EPIC_TEST_WORKERS:-0}" --durations=15 "${@:-tests}"
