@@ -83,6 +83,8 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
     if not data.setdefault("data", {}).get("tokenizer"):
         data["data"]["tokenizer"] = source_config.get("data", {}).get("tokenizer")
     data["data"].setdefault("image_size", data["model"].get("image_size", 288))
+    if data["model"].get("max_text_len"):  # the checkpoint's text length, unless the user sets one
+        data["data"].setdefault("max_text_len", data["model"]["max_text_len"])
     data["data"]["root"] = None  # pretraining data is not read here
     data["data"]["sources"] = []
     data.pop("epic", None)  # fine-tuning trains no generator and reads no teacher

@@ -19,3 +19,27 @@ def shapes_world(tmp_path_factory):
     from epic.data.synthetic import generate_shapes_world
 
     return generate_shapes_world(tmp_path_factory.mktemp("shapes_world"), **SHAPES_WORLD)
+
+
+@pytest.fixture(scope="module")
+def gloo_rank():
+    """One DeepSpeed rank in this process (gloo on localhost), torn down after the module.
+
+    Teardown goes through deepspeed.comm so DeepSpeed drops its cached groups too: after a bare
+    torch.distributed.destroy_process_group, the next module's engine would broadcast over a dead world group
+    ("Group ... is not registered")."""
+    import deepspeed
+    import deepspeed.comm
+
+    from launch import free_port
+
+    saved_environ = dict(os.environ)  # tools run in this process (init_distributed) export more, e.g. LOCAL_WORLD_SIZE
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-identical runs to compare
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    deepspeed.comm.destroy_process_group()
+    torch.set_num_threads(threads)
+    os.environ.clear()  # a leaked LOCAL_WORLD_SIZE=1 would break every later 2-rank launch of this session
+    os.environ.update(saved_environ)

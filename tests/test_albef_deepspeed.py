@@ -3,9 +3,9 @@ copies and queues stay fp32 buffers outside the optimizer and its partitions, ev
 (filled with both ranks' features), and a run saved at step k and resumed from the DeepSpeed checkpoint gives the
 same losses, queues, momentum weights and step count as the uninterrupted run, on each rank."""
 import os
-import socket
 
 import torch
+from launch import free_port
 
 from epic.models.albef import ALBEF, ALBEFConfig
 from epic.objectives.albef_losses import albef_losses
@@ -96,9 +96,7 @@ def _rank(rank, world, port, out_dir):
 def test_albef_two_rank_zero2_state_and_exact_resume(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.start_processes(_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     for r in (r0, r1):

@@ -2,35 +2,12 @@
 step, the teacher gets no gradient and never changes, an overflow in one engine leaves the other's step identical,
 the teacher and a fixed generator load from a checkpoint written by the trainer's save_checkpoint."""
 import os
-import socket
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 4
-
-
-@pytest.fixture(scope="module")
-def gloo_rank():
-    """One DeepSpeed rank in this process (gloo on localhost); torn down after the module."""
-    import deepspeed
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    saved_environ = dict(os.environ)  # tools run in this process (init_distributed) export more, e.g. LOCAL_WORLD_SIZE
-    os.environ.update(env)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-identical runs to compare
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    dist.destroy_process_group()
-    torch.set_num_threads(threads)
-    os.environ.clear()  # a leaked LOCAL_WORLD_SIZE=1 would break every later 2-rank launch of this session
-    os.environ.update(saved_environ)
 
 
 @pytest.fixture(scope="module")
@@ -361,14 +338,9 @@ def test_fit_generator_then_pretrained_fixed_loads_it_and_a_base_lm_is_refused(s
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     # in this process (its one gloo rank): the tool's init_distributed finds the process group already started;
-    # it exports the rendezvous variables, which must not leak into later tests' launches
-    saved_env = dict(os.environ)
-    try:
-        exit_code = tool.main(["--config", "shapes_tiny", "--out", str(out), "--steps", "30", "--batch-size", "16",
-                              "--log-every", "10", "--lr", "2e-3", f"data.root={setup['world']}"])
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
+    # the rendezvous variables it exports are undone by the gloo_rank fixture after this module
+    exit_code = tool.main(["--config", "shapes_tiny", "--out", str(out), "--steps", "30", "--batch-size", "16",
+                          "--log-every", "10", "--lr", "2e-3", f"data.root={setup['world']}"])
     assert exit_code == 0
     logs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"step"')]
     assert [entry["step"] for entry in logs] == [10, 20, 30]

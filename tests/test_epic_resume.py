@@ -2,41 +2,11 @@
 exactly: a second job resumed from the first job's mid-run checkpoint logs the same losses and ends with the same
 weights of the VLM *and* the generator engine as the first job, which was never interrupted."""
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-PRETRAIN = ROOT / "epic" / "pretrain.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_epic(args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(PRETRAIN), *args]
-    # The venv's bin first, as tools/test.sh has it: DeepSpeed JIT-loads its shm op with the `ninja` on PATH, and
-    # a different ninja (e.g. /usr/bin's) invalidates the shared build cache, rebuilding the op (~30 s) per rank.
-    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), PATH=path)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
-    return proc
-
-
-def logged(run_dir, key):
-    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-    return {row["step"]: row[key] for row in rows if key in row}
+from launch import logged, run_pretrain as run_epic
 
 
 def differences(run_a, run_b, step):

@@ -12,7 +12,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -146,7 +145,6 @@ def test_truncate_jsonl_keeps_steps_up_to_k_and_drops_a_torn_line(tmp_path):
 def test_a_truncated_shard_reached_after_the_first_batch_is_counted(shapes_world, tmp_path):
     """Regression (found by the drill): a shard reader adds its truncated_tar count when it reaches the cut; the
     stream used to hand out a fresh counter per batch, so a cut reached in a later batch was never counted."""
-    import io
     import tarfile
 
     from epic.data import build_train_loader

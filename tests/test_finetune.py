@@ -89,10 +89,7 @@ TINY_MODEL = dict(image_size=32, patch_size=16, vit_width=64, vit_layers=1, vit_
 
 def short_run(task, tasks_dir, tokenizer, steps, lr=1e-3):
     """Random-init tiny task model: val metric before and after `steps` AdamW steps of the task objective."""
-    import dataclasses
-
-    from epic.data.tasks import build_task_train_loader
-    from epic.finetune import TaskObjective, evaluate_split, fill_task_paths, load_split
+    from epic.finetune import fill_task_paths
     from epic.finetune_config import TaskConfig, build_dataclass
     from epic.models.configuration_meter import METERConfig
     from epic.models.downstream import build_task_model

@@ -10,18 +10,13 @@ is pinned too. To re-record after an *intended* change of METER's numerics:
 """
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import SHAPES_WORLD
+from launch import ROOT, run_pretrain
 
-ROOT = Path(__file__).resolve().parents[1]
 RECORDING = ROOT / "tests" / "data" / "meter_recorded_losses.json"
-PRETRAIN = ROOT / "epic" / "pretrain.py"
 STEPS = 20
 COMMON = ["data.micro_batch_size=4", "train.global_batch_size=8",
           "data.num_workers=0", "train.log_every=1", "train.deterministic=true", f"train.max_steps={STEPS}",
@@ -31,21 +26,6 @@ EPIC = ["--ds_config", "ds_configs/cpu_zero2.json", "--config", "epic_shapes_tin
 # Logged values that are pinned (timings, throughput and FLOP estimates are not numerics of the model).
 PINNED_PREFIXES = ("train/", "epic/")
 UNPINNED = ("train/grad_norm",)  # reported, and compared, but through train/loss it is pinned anyway
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(PRETRAIN), *args]
-    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), PATH=path)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
 
 
 def _pinned_logs(run_dir: Path) -> dict:
@@ -61,8 +41,9 @@ def _pinned_logs(run_dir: Path) -> dict:
 
 def record_runs(shapes_world: Path, tmp: Path) -> dict:
     vanilla_dir, epic_dir = tmp / "vanilla", tmp / "epic"
-    _run(VANILLA + COMMON + [f"data.root={shapes_world}", f"run.dir={vanilla_dir}"])
-    _run(EPIC + COMMON + [f"data.root={shapes_world}", f"run.dir={epic_dir}", f"epic.teacher={vanilla_dir}"])
+    run_pretrain(VANILLA + COMMON + [f"data.root={shapes_world}", f"run.dir={vanilla_dir}"], timeout=900)
+    run_pretrain(EPIC + COMMON + [f"data.root={shapes_world}", f"run.dir={epic_dir}", f"epic.teacher={vanilla_dir}"],
+                 timeout=900)
     return {"shapes_world": SHAPES_WORLD, "vanilla_args": VANILLA + COMMON, "epic_args": EPIC + COMMON,
             "vanilla": _pinned_logs(vanilla_dir), "epic": _pinned_logs(epic_dir)}
 

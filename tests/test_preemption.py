@@ -2,12 +2,12 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launch import free_port
 
 from epic.engine.preemption import PreemptionHandler
 
@@ -88,14 +88,8 @@ dist.destroy_process_group()
 """
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_gloo_ranks_stop_at_the_same_step():
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}

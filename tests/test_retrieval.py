@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from launch import free_port
 from epic.eval import retrieval
 
 
@@ -184,11 +185,8 @@ def _two_rank_worker(rank, port, queue):
 
 
 def test_two_ranks_split_rows_and_gather():
-    import socket
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_two_rank_worker, args=(r, port, queue)) for r in range(2)]

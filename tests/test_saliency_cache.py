@@ -1,7 +1,6 @@
 """The teacher-saliency cache: sidecar format, tools/precompute_saliency.py (resumable), the loader attaching alpha,
 masks identical to the teacher's for the same RNG state (un-augmented images), the fallback on a missing entry,
 and the FLOP count without the teacher."""
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_epic_engines import gloo_rank  # noqa: E402,F401  (one CPU DeepSpeed rank in this process)
 
 from epic.data.saliency_cache import (ALPHA_MIN, SaliencyCache, Sidecar, sidecar_relpath,  # noqa: E402
                                       write_sidecar)

@@ -2,7 +2,6 @@
 NLVR2 / SNLI-VE accuracy, task heads and weight loading, retrieval fine-tuning loss, task data and loaders."""
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,10 +240,11 @@ def test_shapes_tasks_are_deterministic_and_well_formed(tasks_root, tmp_path):
     assert {r["label"] for r in nlvr} == {"True", "False"}
     snli = json.loads((tasks_root / "snli_ve" / "train.json").read_text())
     assert {r["label"] for r in snli} == {"entailment", "neutral", "contradiction"}
-    answers = json.loads((tasks_root / "vqa" / "answers.json").read_text())
+    answers = set(json.loads((tasks_root / "vqa" / "answers.json").read_text()))
     for record in json.loads((tasks_root / "vqa" / "val.json").read_text()):
         assert record["question"].startswith(("what colour", "how many"))
         assert len(record["answer"]) == 10
+        assert set(record["answer"]) <= answers, record  # every annotator answer is in the answer list
 
 
 def test_images_from_folder_and_from_shards_are_identical(tasks_root):

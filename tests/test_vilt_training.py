@@ -4,39 +4,12 @@ ViLT (one CPU DeepSpeed rank in this process)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from launch import ROOT, logged, run_pretrain
 
-ROOT = Path(__file__).resolve().parents[1]
-PRETRAIN = str(ROOT / "epic" / "pretrain.py")
 BATCH = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_two_ranks(args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           PRETRAIN, *args]
-    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])  # the venv's ninja first
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), PATH=path)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
-    return proc
-
-
-def logged(run_dir, key):
-    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-    return {row["step"]: row[key] for row in rows if key in row}
 
 
 def assert_resumed_exactly(full, resumed, keys):
@@ -74,9 +47,9 @@ def test_two_rank_zero2_vilt_run_resumes_exactly(shapes_world, tmp_path):
     assert cfg.data.whole_word_masking
     args = cli("vilt_shapes_tiny", f"data.root={shapes_world}")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    proc = run_two_ranks(args + [f"run.dir={full}"])
+    proc = run_pretrain(args + [f"run.dir={full}"])
     assert "world 2" in proc.stdout and "grad accum 2" in proc.stdout
-    run_two_ranks(args[:4] + ["--resume", str(full / "checkpoints" / "step_00000002")] + args[4:]
+    run_pretrain(args[:4] + ["--resume", str(full / "checkpoints" / "step_00000002")] + args[4:]
                   + [f"run.dir={resumed}"])
     assert_resumed_exactly(full, resumed, ("train/loss", "train/loss_itm", "train/loss_mlm"))
     state = json.loads((full / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
@@ -94,36 +67,15 @@ def test_two_rank_epic_vilt_run_resumes_exactly(shapes_world, tmp_path):
     model.save_pretrained(str(teacher))
     args = cli("epic_vilt_shapes_tiny", f"data.root={shapes_world}", f"epic.teacher={teacher}")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run_two_ranks(args + [f"run.dir={full}"])
+    run_pretrain(args + [f"run.dir={full}"])
     assert (full / "checkpoints" / "step_00000002" / "generator").is_dir()
-    run_two_ranks(args[:4] + ["--resume", str(full / "checkpoints" / "step_00000002")] + args[4:]
+    run_pretrain(args[:4] + ["--resume", str(full / "checkpoints" / "step_00000002")] + args[4:]
                   + [f"run.dir={resumed}"])
     assert_resumed_exactly(full, resumed, ("train/loss", "train/loss_gen", "train/loss_itc",
                                            "epic/inconsistent_token_ratio"))
 
 
 # ------------------------------------------------------------------------------------ ablations, in process
-@pytest.fixture(scope="module")
-def gloo_rank():
-    import deepspeed
-    import torch.distributed as dist
-
-    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    dist.destroy_process_group()
-    torch.set_num_threads(threads)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def epic_vilt_config(world, teacher, *overrides):
     from epic.config import load_config
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from launch import free_port
 from epic.data.regions import box_patch_mask, normalise_box, region_example
 from epic.data.xvlm_masking import mask_batch, mask_caption, num_masks
 from epic.models.xvlm import XVLM, XVLMConfig, load_official_xvlm, to_official_state_dict
@@ -694,13 +695,9 @@ def test_epic_generator_builds_from_the_x_vlm_config():
 def test_contrastive_gathers_across_ranks_like_x_vlm(tmp_path):
     """2 gloo ranks: each computes the loss over the gathered batch (= the single-process loss over all rows); the
     gradient reaching each rank's features is its slice of that loss's gradient (X-VLM's AllGather backward)."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     from _xvlm_gather_worker import gather_worker  # small module: the ranks import no model code
 
     mp.spawn(gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)

@@ -5,9 +5,9 @@ loader's position) and resumed in fresh engines gives the same losses step by st
 kinds of step, and the same final weights as the uninterrupted run, on each rank."""
 import os
 import random
-import socket
 
 import torch
+from launch import free_port
 
 from epic.data.region_loader import build_region_loader
 from epic.data.synthetic import shard_spec
@@ -93,9 +93,7 @@ def _rank(rank, world, port, out_dir, shapes_world):
 def test_xvlm_two_rank_zero2_resumes_exactly_across_region_and_caption_steps(tmp_path, shapes_world):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.start_processes(_rank, args=(2, port, str(tmp_path), shapes_world), nprocs=2, join=True, start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     for r in (r0, r1):
