@@ -95,6 +95,22 @@ class SourceConfig:
 
 
 @dataclass
+class RegionDataConfig:
+    """Region batches (X-VLM's ``regions:`` section and train_file_regions): (box, region caption) rows of images
+    with boxes (tools/make_shards.py --regions / --coco-instances; the shapes world writes one region per object).
+    A share ``iter_perc`` of the optimizer steps trains on them (which steps is a function of the step, so resume is
+    exact); the model family must have region features and a box head (X-VLM)."""
+
+    sources: list[SourceConfig] = field(default_factory=list)  # empty with data.root: the shapes world's train shards
+    iter_perc: float = 0.0  # share of the optimizer steps on region batches (X-VLM: 0.5); 0: no region steps
+    micro_batch_size: int = 0  # (box, caption) rows per rank and micro-batch (X-VLM: 128); 0: data.micro_batch_size
+    max_images: int = 48  # the images those rows come from, each cropped around one of its regions (X-VLM: 48)
+    max_regions: int = 5  # rows per image at most (X-VLM: max_regions)
+    min_perc_in_image: float = 0.5  # a box that keeps less of its area inside the crop is dropped (X-VLM: 0.5)
+    hflip: bool = True  # random horizontal flips (X-VLM); false for captions that name left and right (shapes world)
+
+
+@dataclass
 class DataConfig:
     # `root` is a folder written by tools/make_synthetic_shards.py (train/, val/, tokenizer/). When set, it fills
     # `sources`, `val_shards` and `tokenizer` where those are left empty.
@@ -116,7 +132,11 @@ class DataConfig:
     # Which tokens METER's MLM masks (mlm_probability of each caption's tokens): "random" (BERT/METER: each token
     # with probability p) | "saliency" ("†CMLM", App. J, Table 8: ceil(p * len) positions drawn from the frozen
     # teacher's saliency alpha, Eq. 8, teacher = epic.teacher; same 80/10/10 corruption). Works with or without EPIC.
+    # | "xvlm" (X-VLM's masking, see mlm_max_masks).
     mlm_masking: str = "random"
+    # mlm_masking=xvlm (X-VLM's TextMaskingGenerator, epic/data/xvlm_masking.py): min(mlm_max_masks,
+    # round(mlm_probability * len)) positions per caption, whole words, skip-grams; also the region batches' masking.
+    mlm_max_masks: int = 8
     # ViLT's MLM selects whole words (of the tokenizer's pre-tokenizer: WordPiece '##' pieces and BPE pieces of one
     # word go together; epic/data/wwm.py) instead of independent tokens; with mlm_masking=random only.
     whole_word_masking: bool = False
@@ -124,6 +144,7 @@ class DataConfig:
     # counts and an epoch is one pass over all captions. "image": an image with one caption drawn per visit;
     # auto weights are image counts.
     sample_unit: str = "caption"
+    regions: RegionDataConfig = field(default_factory=RegionDataConfig)
 
 
 @dataclass
@@ -419,7 +440,7 @@ def dump_config(cfg: Config, path: str | os.PathLike) -> None:
 _CHOICES = {
     "train.schedule": ("linear", "tri_stage", "cosine"),
     "data.sample_unit": ("caption", "image"),
-    "data.mlm_masking": ("random", "saliency"),
+    "data.mlm_masking": ("random", "saliency", "xvlm"),
     "epic.masking": ("saliency", "uniform"),
     "epic.corruption": ("generator", "random"),
     "epic.generator_mode": ("finetune", "fixed", "pretrained_fixed", "conditioned", "vlm_sas"),
@@ -454,23 +475,24 @@ def validate(cfg: Config) -> None:
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"'train.betas' must have two values, got {cfg.train.betas}")
     validate_ranges(cfg)
-    for i, src in enumerate(cfg.data.sources):
-        if not src.shards:
-            raise ConfigError(f"'data.sources[{i}].shards' is empty: give a shard spec like /data/cc3m/{{00000..00331}}.tar")
-        if isinstance(src.weight, str) and src.weight != "auto":
-            raise ConfigError(f"'data.sources[{i}].weight' must be a number > 0 or 'auto' (its caption count), "
-                              f"got {src.weight!r}")
-        if not isinstance(src.weight, str) and src.weight <= 0:
-            raise ConfigError(f"'data.sources[{i}].weight' must be > 0, got {src.weight}")
+    for where, sources in (("data.sources", cfg.data.sources), ("data.regions.sources", cfg.data.regions.sources)):
+        for i, src in enumerate(sources):
+            if not src.shards:
+                raise ConfigError(f"'{where}[{i}].shards' is empty: give a shard spec like /data/cc3m/{{00000..00331}}.tar")
+            if isinstance(src.weight, str) and src.weight != "auto":
+                raise ConfigError(f"'{where}[{i}].weight' must be a number > 0 or 'auto' (its caption count), "
+                                  f"got {src.weight!r}")
+            if not isinstance(src.weight, str) and src.weight <= 0:
+                raise ConfigError(f"'{where}[{i}].weight' must be > 0, got {src.weight}")
     if cfg.epic.enabled and cfg.epic.teacher is None and cfg.epic.masking == "saliency":
         raise ConfigError("EPIC saliency masking needs a teacher: set epic.teacher=<run dir | checkpoint | "
                           "official METER .ckpt>, or epic.masking=uniform")
     if cfg.epic.cmlm_saliency:
         raise ConfigError("'epic.cmlm_saliency' is replaced by data.mlm_masking=saliency (†CMLM, with or without "
                           "EPIC; the teacher is epic.teacher)")
-    if cfg.data.whole_word_masking and cfg.data.mlm_masking == "saliency":
-        raise ConfigError("data.whole_word_masking and data.mlm_masking=saliency (†CMLM) both choose the MLM "
-                          "positions: set one of them")
+    if cfg.data.whole_word_masking and cfg.data.mlm_masking in ("saliency", "xvlm"):
+        raise ConfigError(f"data.whole_word_masking and data.mlm_masking={cfg.data.mlm_masking} both choose the MLM "
+                          f"positions (xvlm masks whole words already): set one of them")
     if cfg.data.mlm_masking == "saliency":
         if cfg.epic.teacher is None:
             raise ConfigError("data.mlm_masking=saliency (†CMLM) draws the MLM positions from a teacher's saliency: "
@@ -509,7 +531,10 @@ _RANGES = {
     "run.seed": (0, None, False, False), "run.collective_timeout_s": (0, None, True, False),
     "data.eval_batch_size": (1, None, False, False), "data.num_workers": (0, None, False, False),
     "data.streams": (0, None, False, False), "data.mlm_probability": (0, 1, False, False),
-    "data.max_text_len": (3, None, False, False),
+    "data.max_text_len": (3, None, False, False), "data.mlm_max_masks": (1, None, False, False),
+    "data.regions.iter_perc": (0, 1, False, False), "data.regions.micro_batch_size": (0, None, False, False),
+    "data.regions.max_images": (1, None, False, False), "data.regions.max_regions": (1, None, False, False),
+    "data.regions.min_perc_in_image": (0, 1, False, False),
     "train.stop_at_step": (0, None, False, False), "train.lr": (0, None, False, False),
     "train.lr_mult_fusion": (0, None, False, False), "train.lr_mult_head": (0, None, False, False),
     "train.weight_decay": (0, None, False, False), "train.eps": (0, None, True, False),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +31,7 @@ class DataPaths:
     tokenizer: str
     sample_unit: str = "caption"
     epoch_samples: Optional[int] = None  # one pass over all captions (images); None when a counts.json is missing
+    region_sources: list = field(default_factory=list)  # (name, shard files, weight) of data.regions (X-VLM)
 
 
 def expand_shards(spec: str, what: str) -> list[str]:
@@ -69,7 +70,25 @@ def resolve_data_paths(cfg: Config) -> DataPaths:
         data.sample_unit)
     val_files = expand_shards(val, "data.val_shards") if val else None
     return DataPaths([(s.name, list(s.shards), s.weight) for s in resolved], val_files, tokenizer, data.sample_unit,
-                     epoch_length(resolved, data.sample_unit))
+                     epoch_length(resolved, data.sample_unit), resolve_region_sources(cfg))
+
+
+def resolve_region_sources(cfg: Config) -> list:
+    """data.regions.sources (weights "auto" = image counts), or the shapes world's train shards (data.root), when
+    region steps are on (data.regions.iter_perc > 0)."""
+    regions = cfg.data.regions
+    if regions.iter_perc == 0:
+        return []
+    specs = [(s.name or f"regions{i}", s.shards, s.weight) for i, s in enumerate(regions.sources)]
+    if not specs and cfg.data.root is not None:
+        specs = [("shapes_regions", str(Path(expand_env(cfg.data.root, "data.root")) / "train" / "*.tar"), "auto")]
+    if not specs:
+        raise ConfigError(f"data.regions.iter_perc={regions.iter_perc} trains on region batches, but there are no "
+                          f"region shards: set data.regions.sources (tools/make_shards.py --regions) or data.root "
+                          f"(a shapes world), or data.regions.iter_perc=0")
+    resolved = resolve_source_weights(
+        [(name, expand_shards(spec, f"data.regions source '{name}'"), weight) for name, spec, weight in specs], "image")
+    return [(s.name, list(s.shards), s.weight) for s in resolved]
 
 
 def resolve_source_weights(sources, sample_unit: str):
@@ -175,6 +194,8 @@ def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_
                                 mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment,
                                 state=state, sample_unit=cfg.data.sample_unit,
                                 whole_word_masking=cfg.data.whole_word_masking, streams=cfg.data.streams or None,
+                                mlm_masking="xvlm" if cfg.data.mlm_masking == "xvlm" else "random",
+                                mlm_max_masks=cfg.data.mlm_max_masks,
                                 pin_memory=on_cuda,
                                 prefetch_factor=4 if on_cuda else 2)
     if cfg.epic.enabled and cfg.epic.saliency_cache:
@@ -197,8 +218,10 @@ def open_saliency_cache(cfg: Config, tokenizer):
     return cache
 
 
-def build_objective(cfg: Config, engine, tokenizer, ds_config: dict, batch_math, paths: DataPaths, device):
-    """The run's objective, with the engines of the extra modules it declares made by the engine factory."""
+def build_objective(cfg: Config, engine, tokenizer, ds_config: dict, batch_math, paths: DataPaths, device,
+                    rank: int = 0, world_size: int = 1):
+    """The run's objective, with the engines of the extra modules it declares made by the engine factory; with
+    data.regions.iter_perc > 0, wrapped in the region-step interleave (X-VLM) over the region loader."""
     import torch
 
     from epic.engine.setup import create_engine
@@ -219,7 +242,35 @@ def build_objective(cfg: Config, engine, tokenizer, ds_config: dict, batch_math,
     on_cpu = str(device).startswith("cpu")
     objective.attach_engines({name: create_engine(spec, ds_config, batch_math, cfg.train.grad_clip, on_cpu)
                               for name, spec in objective.extra_modules().items()})
+    if cfg.data.regions.iter_perc > 0:
+        objective = with_region_steps(cfg, objective, engine.module, tokenizer, paths, rank, world_size)
     return objective
+
+
+REGION_SEED_OFFSET = 7919  # the region stream's shard order differs from the caption stream's over the same shards
+
+
+def with_region_steps(cfg: Config, objective, model, tokenizer, paths: DataPaths, rank: int, world_size: int):
+    """X-VLM's region steps around ``objective`` (which keeps the caption steps: vanilla X-VLM, or EPIC, which then
+    applies to caption steps only), their batches from the per-rank region loader over data.regions."""
+    from epic.data.region_loader import build_region_loader
+    from epic.objectives.xvlm import XVLMObjective
+
+    regions = cfg.data.regions
+    lacking = [name for name in ("region_embeds", "bbox_score") if not hasattr(model, name)]
+    if lacking or not hasattr(model.config, "image_grid"):
+        raise ConfigError(f"data.regions.iter_perc={regions.iter_perc}: region steps need region features and a box "
+                          f"head (X-VLM); model.family={model.config.family} has none. Set data.regions.iter_perc=0")
+    sources = [{"name": name, "shards": files, "weight": weight} for name, files, weight in paths.region_sources]
+    loader = build_region_loader(sources, tokenizer, image_size=cfg.data.image_size, grid=model.config.image_grid,
+                                 max_text_len=cfg.data.max_text_len,
+                                 batch_size=regions.micro_batch_size or cfg.data.micro_batch_size,
+                                 max_images=regions.max_images, max_regions=regions.max_regions,
+                                 min_perc_in_image=regions.min_perc_in_image, hflip=regions.hflip,
+                                 mask_prob=cfg.data.mlm_probability, max_masks=cfg.data.mlm_max_masks,
+                                 num_workers=cfg.data.num_workers, seed=cfg.run.seed + REGION_SEED_OFFSET, rank=rank,
+                                 world_size=world_size)
+    return XVLMObjective(loader, regions.iter_perc, cfg.data.mlm_max_masks, caption_objective=objective)
 
 
 def evaluate_retrieval_during_training(cfg: Config, paths: DataPaths, model, tokenizer, rank: int,
@@ -272,7 +323,7 @@ class PretrainTrainer(Trainer):
 
     def build_objective(self):
         return build_objective(self.cfg, self.engine, self.tokenizer, self.ds_config, self.batch, self.paths,
-                               self.device)
+                               self.device, self.rank, self.world_size)
 
     def build_loader(self, data_state):
         return build_train_data(self.cfg, self.paths, self.tokenizer, self.rank, self.world_size, data_state)

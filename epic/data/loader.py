@@ -74,13 +74,22 @@ def _seed(*keys: int) -> int:
 
 
 def collate_rows(keys, pixels, captions, content_words, tokenizer, max_text_len, mlm_probability, replacement_ids,
-                 generator, caption_indices, whole_word_masking: bool = False) -> dict:
+                 generator, caption_indices, whole_word_masking: bool = False, mlm_masking: str = "random",
+                 mlm_max_masks: int = 8) -> dict:
     """Rows -> the batch dict of docs/CONTRACTS.md (pixel_values, text fields, MLM fields, content_mask, keys,
     caption_index: which of the sample's captions each row holds). ``whole_word_masking`` (ViLT's MLM) selects
-    whole words of the tokenizer's pre-tokenizer (data/wwm.py)."""
+    whole words of the tokenizer's pre-tokenizer (data/wwm.py); ``mlm_masking="xvlm"``: X-VLM's masking
+    (data/xvlm_masking.py: at most ``mlm_max_masks`` per caption, whole words, skip-grams)."""
+    if mlm_masking not in ("random", "xvlm"):
+        raise ValueError(f"mlm_masking must be 'random' or 'xvlm' (saliency masking happens in the objective), "
+                         f"got {mlm_masking!r}")
     batch = {"pixel_values": torch.stack(pixels).float()}
-    batch.update(tokenize_captions(tokenizer, captions, content_words, max_text_len, with_word_ids=whole_word_masking))
-    if whole_word_masking:
+    word_ids = whole_word_masking or mlm_masking == "xvlm"
+    batch.update(tokenize_captions(tokenizer, captions, content_words, max_text_len, with_word_ids=word_ids))
+    if mlm_masking == "xvlm":
+        batch["mlm_input_ids"], batch["mlm_labels"] = xvlm_mask_rows(batch, batch.pop("word_ids"), tokenizer,
+                                                                     mlm_probability, mlm_max_masks, generator)
+    elif whole_word_masking:
         batch["mlm_input_ids"], batch["mlm_labels"] = whole_word_mask(
             batch["input_ids"], batch.pop("word_ids"), tokenizer.mask_token_id, replacement_ids, mlm_probability,
             generator)
@@ -91,6 +100,18 @@ def collate_rows(keys, pixels, captions, content_words, tokenizer, max_text_len,
     batch["keys"] = list(keys)
     batch["caption_index"] = torch.tensor(list(caption_indices), dtype=torch.long)
     return batch
+
+
+def xvlm_mask_rows(batch: dict, word_ids: torch.Tensor, tokenizer, mlm_probability: float, max_masks: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """X-VLM's masking of a tokenised batch; words are the tokenizer's pre-tokenizer words (``word_ids``, as ViLT's
+    whole-word masking reads them), the draws come from ``generator``'s seed (one Python RNG per batch)."""
+    from .xvlm_masking import mask_batch
+
+    previous = torch.cat([torch.full_like(word_ids[:, :1], -2), word_ids[:, :-1]], dim=1)
+    word_start = (word_ids != previous) | (word_ids < 0)
+    return mask_batch(batch["input_ids"], batch["special_tokens_mask"], random.Random(generator.initial_seed()),
+                      tokenizer.mask_token_id, len(tokenizer), mlm_probability, max_masks, word_start=word_start)
 
 
 # -------------------------------------------------------------------------------------------- training stream
@@ -218,7 +239,8 @@ class TrainStream(IterableDataset):
 
     def __init__(self, sources, tokenizer, *, image_size, max_text_len, batch_size, seed, rank, world_size,
                  streams, positions, first_stream, shards_open, mlm_probability, randaugment, crop_scale,
-                 max_consecutive_skips, sample_unit="caption", whole_word_masking=False):
+                 max_consecutive_skips, sample_unit="caption", whole_word_masking=False, mlm_masking="random",
+                 mlm_max_masks=8):
         super().__init__()
         self.sample_unit = sample_unit
         self.sources, self.tokenizer = sources, tokenizer
@@ -229,6 +251,7 @@ class TrainStream(IterableDataset):
         self.shards_open, self.mlm_probability = shards_open, mlm_probability
         self.randaugment, self.crop_scale, self.max_consecutive_skips = randaugment, crop_scale, max_consecutive_skips
         self.whole_word_masking = whole_word_masking
+        self.mlm_masking, self.mlm_max_masks = mlm_masking, mlm_max_masks
 
     def stream_index(self, local: int) -> int:
         """Global index of this rank's local stream `local`: the streams s with s % world_size == rank."""
@@ -277,7 +300,8 @@ class TrainStream(IterableDataset):
                 shard_urls.append(str(raw.get("__url__", "")))
             generator = torch.Generator().manual_seed(_seed(self.seed, _MLM, stream_index, position["batches"]))
             batch = collate_rows(keys, pixels, captions, flags, self.tokenizer, self.max_text_len,
-                                 self.mlm_probability, replacement_ids, generator, chosen, self.whole_word_masking)
+                                 self.mlm_probability, replacement_ids, generator, chosen, self.whole_word_masking,
+                                 self.mlm_masking, self.mlm_max_masks)
             batch["shards"] = shard_urls
             position["batches"] += 1
             skips.update(stream.pop_skips())
@@ -302,7 +326,7 @@ class TrainLoader:
     def __init__(self, sources: Sequence[Source], tokenizer, *, image_size, max_text_len, batch_size, num_workers,
                  seed, rank, world_size, mlm_probability, randaugment, crop_scale, shards_open, pin_memory,
                  prefetch_factor, max_consecutive_skips, multiprocessing_context=None, streams=None,
-                 sample_unit="caption", whole_word_masking=False):
+                 sample_unit="caption", whole_word_masking=False, mlm_masking="random", mlm_max_masks=8):
         streams = streams or world_size * max(1, num_workers)
         check_streams(streams, world_size, num_workers)
         self.sources, self.tokenizer = list(sources), tokenizer
@@ -313,7 +337,8 @@ class TrainLoader:
                                  rank=rank, world_size=world_size, streams=streams,
                                  shards_open=shards_open, mlm_probability=mlm_probability, randaugment=randaugment,
                                  crop_scale=tuple(crop_scale), max_consecutive_skips=max_consecutive_skips,
-                                 sample_unit=sample_unit, whole_word_masking=whole_word_masking)
+                                 sample_unit=sample_unit, whole_word_masking=whole_word_masking,
+                                 mlm_masking=mlm_masking, mlm_max_masks=mlm_max_masks)
         self._positions: list = [None] * self.streams_per_rank
         self._batches = 0
         self._skips: Counter = Counter()
@@ -513,7 +538,8 @@ def build_train_loader(sources, tokenizer, *, image_size: int, max_text_len: int
                        state: Optional[dict] = None, crop_scale=TRAIN_CROP_SCALE, shards_open: int = 2,
                        pin_memory: bool = False, prefetch_factor: int = 2, max_consecutive_skips: int = 100_000,
                        multiprocessing_context=None, sample_unit: str = "caption", streams: Optional[int] = None,
-                       whole_word_masking: bool = False) -> TrainLoader:
+                       whole_word_masking: bool = False, mlm_masking: str = "random",
+                       mlm_max_masks: int = 8) -> TrainLoader:
     """The infinite, exactly resumable training loader of one rank.
 
     sources: a shard spec, or a list of specs / dicts {shards, weight="auto", name} (auto: the caption count, or
@@ -528,7 +554,8 @@ def build_train_loader(sources, tokenizer, *, image_size: int, max_text_len: int
                          mlm_probability=mlm_probability, randaugment=randaugment, crop_scale=crop_scale,
                          shards_open=shards_open, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                          max_consecutive_skips=max_consecutive_skips, multiprocessing_context=multiprocessing_context,
-                         sample_unit=sample_unit, whole_word_masking=whole_word_masking, streams=streams or (state or {}).get("streams"))
+                         sample_unit=sample_unit, whole_word_masking=whole_word_masking, mlm_masking=mlm_masking,
+                         mlm_max_masks=mlm_max_masks, streams=streams or (state or {}).get("streams"))
     if state is not None:
         loader.load_state_dict(state)
     return loader

@@ -254,6 +254,13 @@ class Trainer:
         averager.add({"loss": detached})
         return detached
 
+    def _next_batch(self, data_iter) -> dict:
+        """The loader's next batch, unless the objective draws this step's data itself (optional protocol hook
+        ``draw_batch(step) -> dict | None``, e.g. X-VLM's region steps): the loader then stays where it is."""
+        draw = getattr(self.objective, "draw_batch", None)
+        own = draw(self.step) if draw is not None else None
+        return next(data_iter) if own is None else own
+
     def global_micro_batch(self, micro: int) -> int:
         """Index j of this rank's micro-batch `micro` of the current step among all ranks' micro-batches."""
         return (self.step * self.batch.grad_accum_steps + micro) * self.world_size + self.rank
@@ -297,8 +304,8 @@ class Trainer:
                 skipped_at_start = self.engine.skipped_steps
                 for micro in range(self.batch.grad_accum_steps):
                     timer.start()
-                    batch = next(data_iter)
-                    if self.recorder is not None:
+                    batch = self._next_batch(data_iter)
+                    if self.recorder is not None and "keys" in batch:
                         self.recorder.add(self.step + 1, self.global_micro_batch(micro), batch["keys"])
                     batch = move_batch(batch, self.device, self.dtype)
                     timer.stop("data")

@@ -232,73 +232,104 @@ def step_flops_per_sample(model_config, text_len: int, iter_perc: float, max_mas
     model_config = dataclasses.replace(model_config, vision_pretrained=None, text_pretrained=None)
     with torch.device("meta"):
         model = model_cls.from_config(model_config)
-    caption = _pass_flops(model, batch_size, text_len, max_masks, region=False) / batch_size
-    region = _pass_flops(model, batch_size, text_len, max_masks, region=True) / batch_size
+    caption = _pass_flops(model, batch_size, text_len, max_masks, region=False) / batch_size if iter_perc < 1 else 0.0
+    region = _pass_flops(model, batch_size, text_len, max_masks, region=True) / batch_size if iter_perc > 0 else 0.0
     return (1 - iter_perc) * caption + iter_perc * region
 
 
 class XVLMObjective:
-    """X-VLM's recipe behind the trainer's objective protocol (docs/CONTRACTS.md): caption steps use the trainer's
-    batch; region steps (``is_region_step(step, iter_perc)``) draw from the region loader instead. The region
-    loader's position is part of ``state_dict``, per rank (each rank reads its own region stream: keep it with the
-    rank's own state, not in DeepSpeed's client_state, which holds rank 0's), so a resumed run reads the same region
-    batches. Hard
-    negatives are drawn with the trainer's generator ``rng``. (The caption batch the trainer fetched for a region
-    step is left unused; a trainer that asks ``uses_region_batch(step)`` first can skip fetching it.)"""
+    """X-VLM's recipe behind the trainer's objective protocol (docs/CONTRACTS.md): region steps
+    (``is_region_step(step, iter_perc)``) train on batches of the region loader, the other steps on the trainer's
+    caption batches.
 
-    def __init__(self, region_loader, iter_perc: float = 0.5, max_masks: int = 8):
+    ``caption_objective``: who trains the caption steps (the wiring passes the run's objective: vanilla X-VLM's, or
+    EPIC's, which then applies to caption steps only; its engines, logs and state pass through). None: X-VLM's caption
+    losses here (``caption_batch_losses``). The trainer asks ``draw_batch(step)`` before it fetches a caption batch:
+    on region steps it gets the region batch (and leaves its caption loader where it is); a caller that does not ask
+    may pass any batch on a region step, the region batch is then drawn in ``losses``.
+
+    The region loader's position is part of ``state_dict``, per rank (each rank reads its own region stream: the
+    trainer keeps it with the rank's own state, not in DeepSpeed's client_state, which holds rank 0's), so a resumed
+    run reads the same region batches. Hard negatives are drawn with the trainer's generator ``rng``."""
+
+    def __init__(self, region_loader, iter_perc: float = 0.5, max_masks: int = 8, caption_objective=None):
         if not 0.0 <= iter_perc <= 1.0:
             raise ValueError(f"iter_perc {iter_perc} must be in [0, 1]")
         self.region_loader, self.iter_perc, self.max_masks = region_loader, iter_perc, max_masks
+        self.caption_objective = caption_objective
         self._region_iter = None
-        self._last: Dict[str, float] = {}
 
     def uses_region_batch(self, step: int) -> bool:
         return self.region_loader is not None and is_region_step(step, self.iter_perc)
 
-    def extra_modules(self) -> dict:
-        return {}  # no engine besides the VLM's
-
-    def attach_engines(self, engines: dict) -> None:
-        pass
-
-    def extra_engines(self) -> dict:
-        return {}
-
-    def _next_region_batch(self, device) -> Dict[str, torch.Tensor]:
+    def draw_batch(self, step: int) -> Optional[dict]:
+        """The trainer's hook: this micro-batch's region batch on a region step, else None (the caption batch)."""
+        if not self.uses_region_batch(step):
+            return None
         if self._region_iter is None:
             self._region_iter = iter(self.region_loader)
-        batch = next(self._region_iter)
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return next(self._region_iter)
+
+    def extra_modules(self) -> dict:
+        return self.caption_objective.extra_modules() if self.caption_objective is not None else {}
+
+    def attach_engines(self, engines: dict) -> None:
+        if self.caption_objective is not None and engines:
+            self.caption_objective.attach_engines(engines)
+
+    def extra_engines(self) -> dict:
+        return self.caption_objective.extra_engines() if self.caption_objective is not None else {}
 
     def losses(self, model, batch: dict, rng: torch.Generator, step: int) -> dict:
         if self.uses_region_batch(step):
-            out = region_batch_losses(model, self._next_region_batch(batch["input_ids"].device), rng)
-            out["region_step"] = torch.ones(())
+            if "target_bbox" not in batch:  # a caller that did not ask draw_batch: draw the region batch here
+                region = self.draw_batch(step)
+                device, dtype = batch["input_ids"].device, batch["pixel_values"].dtype
+                batch = {k: (v.to(device, dtype if v.is_floating_point() else v.dtype)
+                             if isinstance(v, torch.Tensor) else v) for k, v in region.items()}
+            out = region_batch_losses(model, batch, rng)
+            out["region_step"] = out["loss"].new_ones(()).detach()
+            return out
+        if self.caption_objective is not None:
+            out = self.caption_objective.losses(model, batch, rng, step)
         else:
             out = caption_batch_losses(model, batch, rng)
-            out["region_step"] = torch.zeros(())
-        self._last = {k: float(v) for k, v in out.items() if k != "loss"}
+        out["region_step"] = out["loss"].new_zeros(()).detach()
         return out
 
     def log_values(self, step: int) -> dict:
-        return dict(self._last)
+        values = self.caption_objective.log_values(step) if self.caption_objective is not None else {}
+        if self.region_loader is not None:
+            values.update({f"data/region_skipped_{k}": float(v)  # this rank's
+                           for k, v in self.region_loader.skip_counts().items() if v})
+        return values
 
     def images(self, step: int) -> dict:
-        return {}
+        return self.caption_objective.images(step) if self.caption_objective is not None else {}
 
     def flops_per_sample(self, cfg) -> float:
-        return step_flops_per_sample(cfg.model, cfg.data.max_text_len, self.iter_perc if self.region_loader else 0.0,
-                                     self.max_masks)
+        iter_perc = self.iter_perc if self.region_loader is not None else 0.0
+        if self.caption_objective is None:
+            return step_flops_per_sample(cfg.model, cfg.data.max_text_len, iter_perc, self.max_masks)
+        caption = self.caption_objective.flops_per_sample(cfg)
+        if iter_perc == 0:
+            return caption
+        region = step_flops_per_sample(cfg.model, cfg.data.max_text_len, 1.0, self.max_masks)
+        return (1 - iter_perc) * caption + iter_perc * region
 
     def state_dict(self) -> dict:
-        return {"region_loader": self.region_loader.state_dict() if self.region_loader is not None else None}
+        state = {"region_loader": self.region_loader.state_dict() if self.region_loader is not None else None}
+        if self.caption_objective is not None:
+            state["caption"] = self.caption_objective.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("region_loader") if state else None
         if saved is not None and self.region_loader is not None:
             self.region_loader.load_state_dict(saved)
             self._region_iter = None
+        if self.caption_objective is not None and state and "caption" in state:
+            self.caption_objective.load_state_dict(state["caption"])
 
 
 def caption_recipe(model, batch: dict, image_embeds: torch.Tensor, rng: torch.Generator,
