@@ -1,5 +1,5 @@
 """The demo's closing table: retrieval on the val shards for the untrained model, vanilla METER and EPIC-METER, and
-the EPIC measurements of the EPIC run.
+the EPIC measurements of the EPIC run (X-VLM: also the box accuracy on the val regions).
 
     python tools/demo_report.py --data DEMO/shapes --meter RUNS/meter [--epic RUNS/epic] [--json FILE]
 
@@ -27,6 +27,16 @@ def retrieval_of(model, cfg, val_spec: str, tokenizer) -> dict:
         return evaluate_retrieval(model.eval(), loader, k_test=0, batch_size=cfg.eval.batch_size)
 
 
+def box_accuracy_of(model, cfg, data: str, tokenizer):
+    """(box accuracy, mean IoU) on the shapes world's val regions for a family with a box head (X-VLM), else None."""
+    if not hasattr(model, "predict_bbox"):
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from xvlm_shapes_box import box_accuracy, read_split  # beside this file
+
+    return box_accuracy(model, read_split(Path(data), "val"), tokenizer, cfg.data.max_text_len, cfg.data.image_size)
+
+
 def untrained_like(cfg):
     from epic.models.registry import build_model
 
@@ -49,13 +59,17 @@ def main(argv=None) -> int:
     val_spec = str(Path(args.data) / "val" / "*.tar")
     tokenizer = load_tokenizer(Path(args.data) / "tokenizer")
     meter, meter_cfg, _ = load_model_from_checkpoint(args.meter)
-    name = {"meter": "METER", "vilt": "ViLT"}.get(meter_cfg.model.family, meter_cfg.model.family)
-    rows = {"untrained": retrieval_of(untrained_like(meter_cfg), meter_cfg, val_spec, tokenizer),
+    name = {"meter": "METER", "vilt": "ViLT", "xvlm": "X-VLM"}.get(meter_cfg.model.family, meter_cfg.model.family)
+    untrained = untrained_like(meter_cfg)
+    rows = {"untrained": retrieval_of(untrained, meter_cfg, val_spec, tokenizer),
             name: retrieval_of(meter, meter_cfg, val_spec, tokenizer)}
     report = {"retrieval": rows}
+    boxes = {"untrained": box_accuracy_of(untrained, meter_cfg, args.data, tokenizer),
+             name: box_accuracy_of(meter, meter_cfg, args.data, tokenizer)}
     if args.epic:
         epic, epic_cfg, _ = load_model_from_checkpoint(args.epic)
         rows[f"EPIC-{name}"] = retrieval_of(epic, epic_cfg, val_spec, tokenizer)
+        boxes[f"EPIC-{name}"] = box_accuracy_of(epic, epic_cfg, args.data, tokenizer)
         from epic.eval.epic_metrics import summarize_run
 
         report["epic_measurements"] = summarize_run(args.epic)
@@ -64,6 +78,12 @@ def main(argv=None) -> int:
     print(f"{'model':12s}" + "".join(f"{m:>8s}" for m in METRICS))
     for name, metrics in rows.items():
         print(f"{name:12s}" + "".join(f"{metrics[m]:8.1f}" for m in METRICS))
+    boxes = {k: v for k, v in boxes.items() if v is not None}
+    if boxes:
+        report["box_accuracy"] = {k: {"accuracy": a, "mean_iou": iou} for k, (a, iou) in boxes.items()}
+        print("\nbox accuracy on the val regions (region caption -> box in the whole image: IoU > 0.5, %; mean IoU)")
+        for row, (accuracy, iou) in boxes.items():
+            print(f"{row:12s}{100 * accuracy:8.1f}{iou:8.3f}")
     if "epic_measurements" in report:
         print("\nEPIC measurements (last logged values of the EPIC run)")
         for key, value in report["epic_measurements"].items():
