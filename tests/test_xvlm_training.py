@@ -87,3 +87,27 @@ def test_two_rank_epic_xvlm_run_with_region_steps_resumes_exactly(shapes_world, 
     assert sorted(logged(full, "train/bbox_giou")) == [2, 4]
     assert_resumed_exactly(full, resumed, ("train/loss", "train/loss_gen", "train/loss_itc", "train/bbox_giou",
                                            "epic/inconsistent_token_ratio"))
+
+
+def test_an_x_vlm_export_loads_with_its_tied_decoder(shapes_world, tmp_path):
+    """save_pretrained stores the MLM decoder tied to the word embeddings once; the one loader (teachers, fine-tuning,
+    evaluation) accepts it as tied, not as missing, and still refuses a really missing tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from epic.config import load_config
+    from epic.models.loading import load_model
+    from epic.wiring import build_model, resolve_data_paths
+
+    cfg = load_config("xvlm_shapes_tiny", [f"data.root={shapes_world}"])
+    torch.manual_seed(3)
+    model, _ = build_model(cfg, resolve_data_paths(cfg))
+    model.save_pretrained(str(tmp_path / "export"))
+    stored = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert "text_encoder.cls.predictions.decoder.weight" not in stored  # stored once, under the embeddings' name
+    loaded = load_model(str(tmp_path / "export")).model
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    stored.pop("itm_head.0.weight")
+    save_file(stored, str(tmp_path / "export" / "model.safetensors"))
+    with pytest.raises(ValueError, match="itm_head.0.weight"):
+        load_model(str(tmp_path / "export"))

@@ -32,9 +32,11 @@ from epic.objectives.box import box_cxcywh_to_xyxy, paired_box_iou  # noqa: E402
 from epic.objectives.xvlm import caption_batch_losses, is_region_step, region_batch_losses  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "epic" / "configs" / "xvlm_shapes_tiny.yaml"
-#: region-step settings of the shapes world (not run-config keys yet; X-VLM-base: 0.5, 128 rows, 48 images, 5, 0.5)
-REGION_SETTINGS = {"region_iter_perc": 0.5, "region_micro_batch_size": 16, "max_images": 8, "max_regions": 4,
-                   "min_perc_in_image": 0.5}
+#: region-step settings of the shapes world: data.regions of xvlm_shapes_tiny.yaml (what epic/pretrain.py uses)
+_REGIONS = yaml.safe_load(CONFIG.read_text())["data"]["regions"]
+REGION_SETTINGS = {"region_iter_perc": _REGIONS["iter_perc"], "region_micro_batch_size": _REGIONS["micro_batch_size"],
+                   "max_images": _REGIONS["max_images"], "max_regions": _REGIONS["max_regions"],
+                   "min_perc_in_image": _REGIONS["min_perc_in_image"]}
 
 
 def read_split(root: Path, split: str) -> list:

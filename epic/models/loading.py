@@ -188,10 +188,18 @@ def model_from_weights(model_cfg, weights: dict, source: str):
         model_cfg = dataclasses.replace(model_cfg, consistency_head=True)
     model = build_model(model_cfg)
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
+    missing = [k for k in missing if not tied_to_any(model, k, weights)]  # e.g. an MLM decoder tied to the
+    if missing or unexpected:                                              # embeddings, stored once (safetensors)
         raise ValueError(f"{source}: weights do not match the saved config (missing {missing[:8]}, unexpected "
                          f"{unexpected[:8]})")
     return model
+
+
+def tied_to_any(model, name: str, loaded) -> bool:
+    """Whether ``model``'s tensor ``name`` is the same tensor (tied weights) as one of the ``loaded`` names."""
+    tensors = model.state_dict(keep_vars=True)
+    target = tensors[name]
+    return any(other in tensors and tensors[other] is target for other in loaded if other != name)
 
 
 def official_family_and_overrides(path: Path, family: Optional[str] = None) -> tuple[str, Optional[dict]]:
