@@ -111,3 +111,20 @@ def test_an_x_vlm_export_loads_with_its_tied_decoder(shapes_world, tmp_path):
     save_file(stored, str(tmp_path / "export" / "model.safetensors"))
     with pytest.raises(ValueError, match="itm_head.0.weight"):
         load_model(str(tmp_path / "export"))
+
+
+def test_region_steps_refuse_what_cannot_run(shapes_world):
+    from types import SimpleNamespace
+
+    from epic.config import ConfigError, load_config
+    from epic.wiring import resolve_data_paths, resolve_region_sources, with_region_steps
+
+    cfg = load_config("xvlm_shapes_tiny", [f"data.root={shapes_world}"])
+    paths = resolve_data_paths(cfg)
+    assert [name for name, _, _ in paths.region_sources] == ["shapes_regions"] and len(paths.region_sources[0][1]) == 4
+    assert resolve_region_sources(load_config("xvlm_shapes_tiny", ["data.regions.iter_perc=0"])) == []
+    with pytest.raises(ConfigError, match="no region shards"):
+        resolve_region_sources(load_config("xvlm_shapes_tiny"))  # neither data.root nor data.regions.sources
+    meter = SimpleNamespace(config=SimpleNamespace(family="meter"))
+    with pytest.raises(ConfigError, match="model.family=meter"):
+        with_region_steps(cfg, object(), meter, None, paths, 0, 1)
