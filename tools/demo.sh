@@ -6,6 +6,7 @@
 #   3. pretrain EPIC-METER from that teacher (saliency masking, co-trained generator, ITC);
 #   4. retrieval on val for the untrained model, METER and EPIC-METER, and the EPIC measurements, as one table.
 # Environment: DEMO_OUT (default demo_out/), DEMO_STEPS (vanilla steps), DEMO_EPIC_STEPS, DEMO_RANKS (default 2),
+#   DEMO_MASTER_PORT (default 29500; another one when a run on this machine holds it),
 #   DEMO_FAMILY (meter | vilt: ViLT -> EPIC-ViLT with vilt_shapes_tiny / epic_vilt_shapes_tiny | xvlm: X-VLM ->
 #   EPIC-X-VLM with xvlm_shapes_tiny / epic_xvlm_shapes_tiny, region steps on the shapes world's boxes; default meter).
 set -euo pipefail
@@ -29,7 +30,7 @@ esac
 if [ -n "$(command -v nvidia-smi)" ] && nvidia-smi -L >/dev/null 2>&1; then
   DS_CONFIG=ds_configs/zero2_bf16.json; LAUNCH=(deepspeed --num_gpus 1)
 else
-  DS_CONFIG=ds_configs/cpu_zero2.json; LAUNCH=(deepspeed --num_gpus "$RANKS")
+  DS_CONFIG=ds_configs/cpu_zero2.json; LAUNCH=(deepspeed --num_gpus "$RANKS" --master_port "${DEMO_MASTER_PORT:-29500}")
 fi
 T0=$(date +%s)
 
