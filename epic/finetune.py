@@ -193,7 +193,11 @@ class TaskObjective(VanillaObjective):
         from epic.eval.nlvr2 import correct_count
         from epic.eval.vqa import vqa_score_sum
         from epic.models.downstream import classification_loss, retrieval_losses, vqa_loss
+        from epic.objectives.recipes import task_recipe
 
+        own = task_recipe(getattr(self.cfg.model, "family", "meter"), self.task)  # e.g. ALBEF's ITA + ITM
+        if own is not None:
+            return own(model, batch, rng, self.task, self.cfg.finetune)
         if self.task == "retrieval":
             ft = self.cfg.finetune
             return retrieval_losses(model, batch, negatives=ft.negatives, num_negatives=ft.num_negatives,

@@ -377,6 +377,12 @@ class ALBEF(VLPModel):
         """L2-normalised projection of the text [CLS] into the contrastive space [B, embed_dim]."""
         return F.normalize(self.text_proj(text_embeds[:, 0, :]), dim=-1)
 
+    def retrieval_embeddings(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                             text_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """epic.eval.retrieval's first-stage score: the contrastive features (ALBEF's k_test shortlist by
+        image_feat @ text_feat.T, re-ranked by ITM); the [CLS] projections need no mask."""
+        return self.image_feat(image_embeds), self.text_feat(text_embeds)
+
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
               image_embeds: Optional[torch.Tensor] = None,
               text_embeds: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
