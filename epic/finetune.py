@@ -168,6 +168,10 @@ def build_finetune_model(cfg: TaskConfig, load_init: bool = True):
     from epic.models.registry import build_task_model
 
     model = build_task_model(cfg.finetune.task, cfg.model, cfg.finetune.num_answers)
+    if hasattr(model, "set_answer_list"):  # an answer decoder (ALBEF) ranks the answers' token sequences
+        from epic.data import load_tokenizer
+
+        model.set_answer_list(load_tokenizer(cfg.data.tokenizer), task_answers(cfg), k=cfg.eval.k_test)
     if load_init:
         source = locate(expand_env(cfg.finetune.init, "finetune.init"))
         if source.kind == "official":  # the family's converter gives our key layout

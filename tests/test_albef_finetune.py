@@ -1,7 +1,8 @@
 """ALBEF downstream (epic.models.albef.tasks_albef, epic.objectives.albef_tasks) through epic/finetune.py's objective
-and evaluator: NLVR2's two-image encoder against an independent forward from ALBEF's model_nlvr.py / xbert.py
-structure; the retrieval contrastive targets and hard-negative weights by hand; shapes-world short runs of
-retrieval, SNLI-VE and NLVR2 that beat the untrained model."""
+and evaluator: NLVR2's two-image encoder and VQA's answer decoder (and its answer ranking) against independent
+forwards from ALBEF's model_nlvr.py / model_vqa.py / xbert.py structure; the retrieval contrastive targets and
+hard-negative weights by hand; shapes-world short runs of retrieval, SNLI-VE, NLVR2 and VQA that beat the
+untrained model; the micro-batch check at config time."""
 from __future__ import annotations
 
 import sys
@@ -95,6 +96,105 @@ def test_classifiers_drop_the_pretraining_parts_and_load_strictly(pretrained):
         load_pretrained_weights(model, {**pretrained.state_dict(), "some_other_head.weight": torch.zeros(1)})
 
 
+# ------------------------------------------------------------------------------------------------ VQA structure
+class _Tokenizer:
+    """Stands in for the HF tokenizer: ``<s>``=1 ... ``</s>``=2, pad 0, longest padding."""
+
+    def __call__(self, texts, padding="longest", return_tensors="pt"):
+        rows = [[1] + [int(t) for t in text.split()] + [2] for text in texts]
+        length = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (length - len(r)) for r in rows])
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+def ref_decoder_logits(sd, answer_ids, answer_mask, question_states, question_mask):
+    """xbert BertLMHeadModel (is_decoder: causal x padding mask; every layer cross-attends to the question)."""
+    from test_albef import ln, ref_mlm_logits
+
+    e = "text_decoder.bert.embeddings."
+    length = answer_ids.shape[1]
+    x = (sd[e + "word_embeddings.weight"][answer_ids] + sd[e + "token_type_embeddings.weight"][0]
+         + sd[e + "position_embeddings.weight"][:length])
+    x = ln(sd, e + "LayerNorm", x, 1e-12)
+    causal = torch.tril(torch.ones(length, length))[None, None] * answer_mask[:, None, None, :].float()
+    mask = (1.0 - causal) * -10000.0
+    cross = (1.0 - question_mask[:, None, None, :].float()) * -10000.0
+    for i in range(LAYERS - FUSION):  # ref_bert_layer adds the cross-attention for layer index >= FUSION
+        x = ref_bert_layer(sd, f"text_decoder.bert.encoder.layer.{i}.", FUSION + i, x, mask, question_states, cross)
+    return ref_mlm_logits(sd, "text_decoder", x)
+
+
+def ref_rank_answer(sd, question_states, question_mask, answer_ids, answer_mask, k):
+    """model_vqa.ALBEF.rank_answer, one question at a time."""
+    out = []
+    for b in range(question_states.shape[0]):
+        q, qm = question_states[b:b + 1], question_mask[b:b + 1]
+        first = ref_decoder_logits(sd, answer_ids[:1, :1], torch.ones(1, 1, dtype=torch.long), q, qm)[0, 0]
+        prob_first = first.softmax(-1)[answer_ids[:, 1]]
+        top_probs, top_ids = prob_first.topk(k)
+        scores = torch.full((answer_ids.shape[0],), float("-inf"))
+        for p, a in zip(top_probs, top_ids):
+            logits = ref_decoder_logits(sd, answer_ids[a:a + 1], answer_mask[a:a + 1], q, qm)[0]
+            nll = 0.0
+            for t in range(1, int(answer_mask[a].sum())):  # labels = ids shifted, pad ignored
+                nll = nll - logits[t - 1].log_softmax(-1)[answer_ids[a, t]]
+            scores[a] = p.log() - nll
+        out.append(scores)
+    return torch.stack(out)
+
+
+def test_vqa_answer_decoder_and_ranking_match_albefs_structure(pretrained):
+    from epic.models.albef.tasks_albef import ALBEFForVQA
+    from epic.models.downstream import load_pretrained_weights
+    from epic.objectives.albef_tasks import answer_weights, vqa_losses
+
+    answers = ["5 7", "9", "5 11 13", "20", "7 7"]
+    model = ALBEFForVQA(pretrained.config, num_answers=len(answers))
+    load_pretrained_weights(model, pretrained.state_dict())
+    model.set_answer_list(_Tokenizer(), answers, k=3)
+    source = pretrained.state_dict()
+    decoder = model.text_decoder
+    for i, layer in enumerate(decoder.bert.encoder.layer):  # VQA.py: decoder layer i <- fusion layer FUSION + i
+        for name, value in layer.state_dict().items():
+            assert torch.equal(value, source[f"text_encoder.bert.encoder.layer.{FUSION + i}.{name}"]), (i, name)
+    assert torch.equal(decoder.cls.predictions.transform.dense.weight,
+                       source["text_encoder.cls.predictions.transform.dense.weight"])
+    assert decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
+    with torch.no_grad():  # "trained": the decoder no longer equals the encoder's fusion layers
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    sd["text_encoder.bert.embeddings.position_ids"] = torch.arange(40).view(1, -1)  # ALBEF's buffer
+    image, ids, mask = inputs(batch=3)
+    states = model.question_states(image, ids, mask)
+    ref_states = ref_bert(sd, "text_encoder", "multi_modal", mask, input_ids=ids,
+                          image=ref_vit(sd, "visual_encoder.", image))
+    assert rel_err(states, ref_states) < 1e-5
+    a_ids, a_mask = model.answer_input_ids, model.answer_attention_mask
+    assert a_ids.shape == (5, 5) and a_mask[1].tolist() == [1, 1, 1, 0, 0]
+    logits = decoder(a_ids[[0, 2, 1]], a_mask[[0, 2, 1]], states, mask)
+    assert rel_err(logits, ref_decoder_logits(sd, a_ids[[0, 2, 1]], a_mask[[0, 2, 1]], ref_states, mask)) < 1e-5
+    scores = model(image, ids, mask)
+    ref = ref_rank_answer(sd, ref_states, mask, a_ids, a_mask, k=3)
+    assert torch.equal(torch.isinf(scores), torch.isinf(ref)) and int(torch.isfinite(scores).sum()) == 9
+    assert torch.allclose(scores[torch.isfinite(scores)], ref[torch.isfinite(ref)], rtol=1e-4, atol=1e-5)
+    assert torch.equal(scores.argmax(1), ref.argmax(1))
+
+    targets = torch.tensor([[0.0, 1.0, 0.0, 0.3, 0.0], [0.0] * 5, [0.6, 0.0, 0.0, 0.0, 0.6]])
+    q, a, w = answer_weights(targets)
+    assert q.tolist() == [0, 0, 2, 2] and a.tolist() == [1, 3, 0, 4]
+    assert torch.allclose(w, torch.tensor([1 / 1.3, 0.3 / 1.3, 0.5, 0.5]))
+    loss = vqa_losses(model, {"pixel_values": image, "input_ids": ids, "attention_mask": mask,
+                              "target_scores": targets})["loss"]
+    by_hand = 0.0
+    for qi, ai, wi in zip(q, a, w):
+        seq = ref_decoder_logits(sd, a_ids[ai:ai + 1], a_mask[ai:ai + 1], ref_states[qi:qi + 1], mask[qi:qi + 1])[0]
+        nll = sum(-seq[t - 1].log_softmax(-1)[a_ids[ai, t]] for t in range(1, int(a_mask[ai].sum())))
+        by_hand = by_hand + wi * nll
+    assert torch.allclose(loss, by_hand / 3, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ retrieval losses
 def test_retrieval_contrastive_targets_and_negatives_by_hand():
     from epic.objectives.albef_tasks import other_image_weights, retrieval_contrastive_loss, same_image_targets
@@ -157,7 +257,12 @@ def albef_task_setup(task, tasks_dir, tokenizer, k_test=0):
                                  queue_size=64, alpha_ramp_steps=20)
     fill_task_paths(cfg)
     torch.manual_seed(0)
-    return cfg, build_task_model(task, cfg.model, cfg.finetune.num_answers)
+    model = build_task_model(task, cfg.model, cfg.finetune.num_answers)
+    if task == "vqa":  # what epic/finetune.py's build_finetune_model does (k = eval.k_test candidates)
+        from epic.finetune import task_answers
+
+        model.set_answer_list(tokenizer, task_answers(cfg), k=cfg.eval.k_test)
+    return cfg, model
 
 
 def train(cfg, model, tokenizer, steps, lr):
@@ -188,14 +293,15 @@ def train(cfg, model, tokenizer, steps, lr):
 # through both images; SNLI-VE and retrieval improve within a few hundred steps.
 @pytest.mark.parametrize("task, metric, margin, steps, lr", [("retrieval", "r_mean", 3.0, 300, 2e-3),
                                                              ("snli_ve", "accuracy", 10.0, 40, 1e-3),
-                                                             ("nlvr2", "accuracy", 5.0, 400, 5e-4)])
+                                                             ("nlvr2", "accuracy", 5.0, 400, 5e-4),
+                                                             ("vqa", "vqa_score", 10.0, 100, 2e-3)])
 def test_albef_short_finetuning_beats_the_untrained_model(task, metric, margin, steps, lr, request, shapes_world):
     from epic.data import load_tokenizer
     from epic.finetune import evaluate_split
 
     tasks_dir = request.getfixturevalue("nlvr2_tasks" if task == "nlvr2" else "tasks")
     tokenizer = load_tokenizer(shapes_world / "tokenizer")
-    cfg, model = albef_task_setup(task, tasks_dir, tokenizer, k_test=8 if task == "retrieval" else 0)
+    cfg, model = albef_task_setup(task, tasks_dir, tokenizer, k_test={"retrieval": 8, "vqa": 6}.get(task, 0))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

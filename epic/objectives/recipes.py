@@ -97,6 +97,7 @@ def base_losses(model, batch: dict, image_embeds: torch.Tensor, rng: torch.Gener
 #: task: ``losses(model, batch, rng, task, finetune_config) -> dict`` (``loss`` + scalars)
 TASK_RECIPES: Dict[tuple, str] = {
     ("albef", "retrieval"): "epic.objectives.albef_tasks:albef_task_recipe",
+    ("albef", "vqa"): "epic.objectives.albef_tasks:albef_task_recipe",
 }
 
 
