@@ -65,8 +65,6 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
     ft["task"] = task
     if init is not None:
         ft["init"] = init
-    if task == "nlvr2":
-        data.setdefault("model", {})["num_token_types"] = 3  # the second image's token type (METER)
     source_config = _saved_run_config(data)
     if source_config is None:
         if not ft.get("init"):
@@ -80,6 +78,8 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
     model = {k: v for k, v in source_config.get("model", {}).items()
              if k not in LOCAL_PATH_FIELDS + PRETRAINING_ONLY_FIELDS and not k.endswith("_pretrained")}
     data["model"] = {**model, **data.get("model", {})}
+    if task == "nlvr2" and _has_model_field(data["model"], "num_token_types"):
+        data["model"]["num_token_types"] = 3  # the second image's token type (METER, ViLT; ALBEF has none)
     if not data.setdefault("data", {}).get("tokenizer"):
         data["data"]["tokenizer"] = source_config.get("data", {}).get("tokenizer")
     data["data"].setdefault("image_size", data["model"].get("image_size", 288))
@@ -100,6 +100,14 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
         raise ConfigError(f"data.image_size={cfg.data.image_size} but model.image_size={cfg.model.image_size}: "
                           f"set both (the position embedding is resampled to model.image_size)")
     return cfg
+
+
+def _has_model_field(model: dict, name: str) -> bool:
+    import dataclasses
+
+    from epic.models.registry import config_class
+
+    return name in {f.name for f in dataclasses.fields(config_class(model.get("family", "meter")))}
 
 
 def _saved_run_config(data: dict) -> Optional[dict]:

@@ -54,6 +54,9 @@ def fill_tied_aliases(module, state_dict, prefix, *args) -> None:
     """load_state_dict pre-hook: a state dict saved without the tied aliases (safetensors refuses shared tensors;
     ``save_pretrained`` drops them) loads strictly, the aliases taken from their sources."""
     for alias, source in TIED_SOURCES.items():
+        encoder = module._modules.get(alias.split(".")[0])
+        if encoder is None or "cls" not in encoder._modules:  # a task model without that MLM head (VE, NLVR2)
+            continue
         if prefix + alias not in state_dict and prefix + source in state_dict:
             state_dict[prefix + alias] = state_dict[prefix + source]
 
