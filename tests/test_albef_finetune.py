@@ -23,7 +23,9 @@ def pretrained():
     from test_albef import OFFICIAL_CONFIG, OVERRIDES, synthetic_official_state_dict
     from epic.models.albef import load_official_albef
 
-    return load_official_albef({"model": synthetic_official_state_dict()}, OFFICIAL_CONFIG, overrides=OVERRIDES)
+    # allow_missing_heads: what finetune.py's --init of an official file passes to every converter
+    return load_official_albef({"model": synthetic_official_state_dict()}, OFFICIAL_CONFIG, overrides=OVERRIDES,
+                               allow_missing_heads=True)
 
 
 def ref_nlvr2(sd, image0, image1, input_ids, attention_mask):
