@@ -430,6 +430,21 @@ _CHOICES = {
 }
 
 
+def validate_micro_batch(cfg: Config) -> None:
+    """A model config may declare ``min_micro_batch_size`` (class attribute) with ``min_micro_batch_reason``: ALBEF's
+    hard-negative ITM draws each sample's negative from the *other* samples of its micro-batch. Fine-tuning tasks
+    other than retrieval do not draw negatives, so the check applies to pretraining and retrieval only."""
+    minimum = getattr(cfg.model, "min_micro_batch_size", 1)
+    task = getattr(getattr(cfg, "finetune", None), "task", "")
+    if task not in ("", "retrieval") or cfg.data.micro_batch_size >= minimum:
+        return
+    family = getattr(cfg.model, "family", "model")
+    reason = getattr(cfg.model, "min_micro_batch_reason", "")
+    raise ConfigError(f"'data.micro_batch_size' is {cfg.data.micro_batch_size} but {family} needs >= {minimum}"
+                      f"{': ' + reason if reason else ''}; raise data.micro_batch_size (train.global_batch_size "
+                      f"stays, fewer accumulation steps)")
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
     for dotted, choices in _CHOICES.items():
@@ -454,6 +469,7 @@ def validate(cfg: Config) -> None:
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"'train.betas' must have two values, got {cfg.train.betas}")
     validate_ranges(cfg)
+    validate_micro_batch(cfg)
     for i, src in enumerate(cfg.data.sources):
         if not src.shards:
             raise ConfigError(f"'data.sources[{i}].shards' is empty: give a shard spec like /data/cc3m/{{00000..00331}}.tar")

@@ -71,6 +71,11 @@ def load_for_evaluation(ckpt: str, task: str, overrides: list[str] = ()) -> tupl
     if source.kind != "official":
         if trained_task:
             model = build_task_model(trained_task, cfg.model, cfg.finetune.num_answers)
+            if hasattr(model, "set_answer_list"):  # an answer decoder (ALBEF) ranks the answers' token sequences
+                from epic.data import load_tokenizer
+                from epic.finetune import task_answers
+
+                model.set_answer_list(load_tokenizer(cfg.data.tokenizer), task_answers(cfg), k=cfg.eval.k_test)
         else:  # a pretraining checkpoint: EPIC's ITC head is pretraining-only (zero-shot scores use ITM)
             fields = {f.name for f in dataclasses.fields(cfg.model)}
             model_cfg = dataclasses.replace(cfg.model, consistency_head=False) if "consistency_head" in fields \

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     val_spec = str(Path(args.data) / "val" / "*.tar")
     tokenizer = load_tokenizer(Path(args.data) / "tokenizer")
     meter, meter_cfg, _ = load_model_from_checkpoint(args.meter)
-    name = {"meter": "METER", "vilt": "ViLT"}.get(meter_cfg.model.family, meter_cfg.model.family)
+    name = {"meter": "METER", "vilt": "ViLT", "albef": "ALBEF"}.get(meter_cfg.model.family, meter_cfg.model.family)
     rows = {"untrained": retrieval_of(untrained_like(meter_cfg), meter_cfg, val_spec, tokenizer),
             name: retrieval_of(meter, meter_cfg, val_spec, tokenizer)}
     report = {"retrieval": rows}
