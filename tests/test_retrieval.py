@@ -86,6 +86,11 @@ class CountingModel(nn.Module):
         txt = (self.cross_modal_text_transform(text_embeds) * m).sum(1) / m.sum(1)
         return {"cls_feats": torch.tanh(self.mix(txt, img))}
 
+    def retrieval_embeddings(self, image_embeds, text_embeds, attention_mask):  # the shortlist stage (as METER's)
+        m = attention_mask.unsqueeze(-1).float()
+        return (self.cross_modal_image_transform(image_embeds).mean(1),
+                (self.cross_modal_text_transform(text_embeds) * m).sum(1) / m.sum(1))
+
 
 def make_loader(num_images=6, caps_per_image=2, batch=4, length=5, seed=1, rank=0, world_size=1):
     """Eval batches like epic.data's eval loader: this rank's images (index % world_size == rank), all captions."""
