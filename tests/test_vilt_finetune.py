@@ -3,6 +3,7 @@ captions as ViLT's draw_false_text), VQA (classification) and NLVR2 (pair formul
 beats the untrained model."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -78,3 +79,71 @@ def test_vilt_task_models_train_through_the_finetune_objective(task, tasks, shap
         assert {"tr_r1", "ir_r1"} <= set(after) and not model._modules["itm_score"].fc.weight.requires_grad
     else:
         assert 0.0 <= after["accuracy"] <= 100.0
+
+
+def tiny_vilt_export(directory, tokenizer, normalization=None):
+    """A tiny ViLT as an export dir (save_pretrained), with a resolved run config beside it when `normalization`."""
+    import yaml
+
+    from epic.models.loading import EXPORT_CONFIG
+    from epic.models.vilt import ViLT, ViLTConfig
+
+    config = ViLTConfig(hidden_size=32, num_layers=2, num_heads=2, mlp_ratio=2, image_size=32, patch_size=8,
+                        vocab_size=len(tokenizer), max_text_len=40, pad_token_id=tokenizer.pad_token_id)
+    ViLT(config).save_pretrained(str(directory))
+    if normalization is not None:
+        (directory / EXPORT_CONFIG).write_text(yaml.safe_dump(
+            {"run": {"name": "pretrained"}, "model": dataclasses.asdict(config),
+             "data": {"normalization": normalization, "tokenizer": "unused"}}))
+    return directory
+
+
+def test_vilt_vqa_finetuning_config_is_vilts_recipe(tasks, shapes_world, tmp_path):
+    """finetune_vqa_vilt: ViLT's task_finetune_vqa_randaug (lr 1e-4, vqa_classifier x10, the rest x1, 384 px,
+    max text 40, batch 256, 10 epochs, warm-up 10% + linear decay, AdamW 0.9/0.98, wd 0.01, no clipping) with
+    ViLT's pixel statistics; and the engine's groups give the classifier 10x the lr."""
+    from epic.data import load_tokenizer
+    from epic.data.tasks import shapes_task_paths
+    from epic.engine.setup import build_param_groups, optimizer_spec
+    from epic.finetune import resolve_finetune_config
+    from epic.models.registry import build_task_model
+
+    tokenizer = load_tokenizer(shapes_world / "tokenizer")
+    init = tiny_vilt_export(tmp_path / "vilt", tokenizer)
+    paths = shapes_task_paths(tasks, "vqa")
+    cfg = resolve_finetune_config("finetune_vqa_vilt", [f"finetune.{k}={v}" for k, v in paths.items()]
+                                  + [f"data.tokenizer={shapes_world / 'tokenizer'}", f"run.dir={tmp_path / 'ft'}"],
+                                  "vqa", init=str(init))
+    assert cfg.model.family == "vilt" and cfg.model.image_size == cfg.data.image_size == 384
+    assert (cfg.train.lr, cfg.train.lr_mult_head, cfg.train.lr_mult_fusion) == (1e-4, 10.0, 1.0)
+    assert (cfg.train.global_batch_size, cfg.finetune.epochs, cfg.train.warmup_ratio) == (256, 10, 0.1)
+    assert (cfg.train.schedule, tuple(cfg.train.betas), cfg.train.weight_decay, cfg.train.grad_clip) == (
+        "linear", (0.9, 0.98), 0.01, 0.0)
+    assert cfg.data.max_text_len == 40 and cfg.data.randaugment and cfg.data.normalization == "inception"
+
+    model = build_task_model("vqa", dataclasses.replace(cfg.model, image_size=32),
+                             cfg.finetune.num_answers)
+    spec = optimizer_spec(cfg.train)
+    lr_of = {name: group["lr"] for group in build_param_groups(model, spec.lr, spec.weight_decay, spec.lr_mults)
+             for name in group["names"]}
+    head = [lr for n, lr in lr_of.items() if n.startswith("vqa_classifier.")]
+    rest = [lr for n, lr in lr_of.items() if not n.startswith("vqa_classifier.")]
+    assert head and rest and head == pytest.approx([1e-3] * len(head)) and rest == pytest.approx([1e-4] * len(rest))
+    assert not any(n.startswith(("itm_score.", "mlm_score.")) for n in lr_of)  # frozen: no optimizer state
+
+
+@pytest.mark.parametrize("saved, given, expected", [(None, None, "clip"), ("inception", None, "inception"),
+                                                    ("inception", "clip", "clip")])
+def test_finetuning_normalises_as_the_init_run_unless_told(saved, given, expected, tasks, shapes_world, tmp_path):
+    from epic.config import ConfigError
+    from epic.data import load_tokenizer
+    from epic.finetune import resolve_finetune_config
+
+    init = tiny_vilt_export(tmp_path / "vilt", load_tokenizer(shapes_world / "tokenizer"), saved)
+    overrides = [f"finetune.shapes={tasks}", f"data.tokenizer={shapes_world / 'tokenizer'}",
+                 f"run.dir={tmp_path / 'ft'}", "data.image_size=32", "model.image_size=32"]
+    overrides += [f"data.normalization={given}"] if given else []
+    cfg = resolve_finetune_config("finetune_shapes", overrides, "vqa", init=str(init))
+    assert cfg.data.normalization == expected
+    with pytest.raises(ConfigError, match="data.normalization"):
+        resolve_finetune_config("finetune_shapes", overrides + ["data.normalization=vilt"], "vqa", init=str(init))
