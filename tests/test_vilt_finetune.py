@@ -1,6 +1,6 @@
-"""ViLT downstream through epic/finetune.py's objective and evaluator: retrieval (rank_output, random negative
-captions as ViLT's draw_false_text), VQA (classification) and NLVR2 (pair formulation) train; a short VQA run
-beats the untrained model."""
+"""ViLT downstream through epic/finetune.py's objective and evaluator: short retrieval (rank_output, random negative
+captions as ViLT's draw_false_text), VQA (classification) and NLVR2 (pair formulation) runs beat the untrained
+model; ViLT's VQA fine-tuning config; fine-tuning normalises pixels as the --init run."""
 from __future__ import annotations
 
 import dataclasses
@@ -57,28 +57,44 @@ def train(cfg, model, tokenizer, steps, lr):
     return outs
 
 
-@pytest.mark.parametrize("task", ["retrieval", "nlvr2", "vqa"])
-def test_vilt_task_models_train_through_the_finetune_objective(task, tasks, shapes_world):
+@pytest.fixture(scope="module")
+def nlvr2_tasks(tmp_path_factory):
+    """NLVR2 gains only through grounding (its statements are balanced per template): larger sets, as METER's test."""
+    from epic.data.tasks import generate_shapes_tasks
+
+    return generate_shapes_tasks(tmp_path_factory.mktemp("vilt_nlvr2"), n_train=512, n_val=192, image_size=32,
+                                 write_shards=False)
+
+
+# Short runs from a random init beat the untrained model (as METER's in test_finetune.py). Measured over the
+# initialisation seeds 0 / 1 / 2 (notes h17): VQA +10 in 100 steps (the question type); retrieval (rank_output,
+# 7 random negative captions) r_mean 9.9 / 10.2 / 11.7 -> 20.6 / 20.9 / 21.8 after 200 steps at 1e-3, TR R@10
+# 17 / 15 / 21 -> 46 / 48 / 50 and IR R@10 21 / 20 / 21 -> 30 / 28 / 28 (chance about 20%); NLVR2 (pair
+# formulation; 192 val pairs, chance accuracy sd 3.6 points) 50.0 -> 63.0 / 60.9 / 63.5 after 1000 steps at 1e-3
+# (600 steps: 55-60; 2e-3 is unstable).
+@pytest.mark.parametrize("task, metric, margin, steps, lr", [("vqa", "vqa_score", 10.0, 100, 2e-3),
+                                                             ("retrieval", "r_mean", 5.0, 200, 1e-3),
+                                                             ("nlvr2", "accuracy", 6.0, 1000, 1e-3)])
+def test_vilt_short_finetuning_beats_the_untrained_model(task, metric, margin, steps, lr, request, shapes_world):
     from epic.data import load_tokenizer
     from epic.finetune import evaluate_split
 
     tokenizer = load_tokenizer(shapes_world / "tokenizer")
-    cfg, model = vilt_task_setup(task, tasks, tokenizer)
+    cfg, model = vilt_task_setup(task, request.getfixturevalue("nlvr2_tasks" if task == "nlvr2" else "tasks"),
+                                 tokenizer)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         before = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
-        outs = train(cfg, model, tokenizer, steps=100 if task == "vqa" else 3, lr=2e-3)
+        outs = train(cfg, model, tokenizer, steps=steps, lr=lr)
         after = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
     finally:
         torch.set_num_threads(threads)
     assert all(torch.isfinite(out["loss"]) for out in outs)
-    if task == "vqa":  # a short run beats the untrained model (as METER's in test_finetune.py)
-        assert after["vqa_score"] >= before["vqa_score"] + 10.0, (before, after)
-    elif task == "retrieval":
-        assert {"tr_r1", "ir_r1"} <= set(after) and not model._modules["itm_score"].fc.weight.requires_grad
-    else:
-        assert 0.0 <= after["accuracy"] <= 100.0
+    assert after[metric] >= before[metric] + margin, (before, after)
+    if task == "retrieval":  # ViLT freezes the ITM head for retrieval; rank_output (from its match row) learns
+        assert not model._modules["itm_score"].fc.weight.requires_grad
+        assert after["tr_r10"] > before["tr_r10"] and after["ir_r10"] > before["ir_r10"], (before, after)
 
 
 def tiny_vilt_export(directory, tokenizer, normalization=None):
