@@ -124,6 +124,10 @@ class DataConfig:
     # counts and an epoch is one pass over all captions. "image": an image with one caption drawn per visit;
     # auto weights are image counts.
     sample_unit: str = "caption"
+    # Per-channel mean/std the image pipeline normalises with, in training and evaluation (and fine-tuning, which
+    # takes it from the --init run unless given): "clip" (OpenAI CLIP's: METER, ALBEF, X-VLM) | "imagenet"
+    # (torchvision's) | "inception" (0.5 / 0.5: ViLT's pixelbert transform, what its ViT-B/32 weights expect).
+    normalization: str = "clip"
 
 
 @dataclass
@@ -419,6 +423,7 @@ def dump_config(cfg: Config, path: str | os.PathLike) -> None:
 _CHOICES = {
     "train.schedule": ("linear", "tri_stage", "cosine"),
     "data.sample_unit": ("caption", "image"),
+    "data.normalization": ("clip", "imagenet", "inception"),  # epic.data.transforms.NORMALIZATIONS
     "data.mlm_masking": ("random", "saliency"),
     "epic.masking": ("saliency", "uniform"),
     "epic.corruption": ("generator", "random"),

@@ -100,7 +100,8 @@ def build_loader(cfg: TaskConfig, task: str, tokenizer, data: Optional[str], ima
     images = images or cfg.finetune.images
     if task == "retrieval" and not data.endswith(".json"):
         return build_eval_loader(data, tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
-                                 batch_size=cfg.eval.batch_size, rank=rank, world_size=world_size)
+                                 batch_size=cfg.eval.batch_size, rank=rank, world_size=world_size,
+                                 normalization=cfg.data.normalization)
     if images is None:
         raise ConfigError(f"--images is required with a JSON annotation file ({data}): the image folder or shards")
     cfg.finetune.task = task
@@ -108,7 +109,7 @@ def build_loader(cfg: TaskConfig, task: str, tokenizer, data: Optional[str], ima
     task_data = load_task_data(task, data, images, answers, for_training=False)
     return build_task_eval_loader(task_data, tokenizer, image_size=cfg.data.image_size,
                                   max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size, rank=rank,
-                                  world_size=world_size)
+                                  world_size=world_size, normalization=cfg.data.normalization)
 
 
 def default_tb_dir(source) -> Optional[Path]:

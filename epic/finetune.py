@@ -83,6 +83,8 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
     if not data.setdefault("data", {}).get("tokenizer"):
         data["data"]["tokenizer"] = source_config.get("data", {}).get("tokenizer")
     data["data"].setdefault("image_size", data["model"].get("image_size", 288))
+    if source_config.get("data", {}).get("normalization"):  # the pixels the weights were trained on, unless given
+        data["data"].setdefault("normalization", source_config["data"]["normalization"])
     if data["model"].get("max_text_len"):  # the checkpoint's text length, unless the user sets one
         data["data"].setdefault("max_text_len", data["model"]["max_text_len"])
     data["data"]["root"] = None  # pretraining data is not read here
@@ -254,7 +256,7 @@ def evaluate_split(model, cfg: TaskConfig, tokenizer, split: str, rank: int, wor
     data = load_split(cfg, split, for_training=False)
     loader = build_task_eval_loader(data, tokenizer, image_size=cfg.data.image_size,
                                     max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size, rank=rank,
-                                    world_size=world_size)
+                                    world_size=world_size, normalization=cfg.data.normalization)
     return evaluate_task(model, cfg.finetune.task, loader, cfg)
 
 
@@ -306,7 +308,7 @@ def _trainer_class():
                 self.train_data, self.tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
                 batch_size=cfg.data.micro_batch_size, seed=cfg.run.seed, rank=self.rank,
                 world_size=self.world_size, randaugment=cfg.data.randaugment, num_workers=cfg.data.num_workers,
-                num_negative_texts=random_negative_texts(cfg))
+                num_negative_texts=random_negative_texts(cfg), normalization=cfg.data.normalization)
             if data_state is not None:
                 loader.load_state_dict(data_state)
             return loader

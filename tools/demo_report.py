@@ -22,7 +22,8 @@ def retrieval_of(model, cfg, val_spec: str, tokenizer) -> dict:
     from epic.eval.retrieval import evaluate_retrieval
 
     loader = build_eval_loader(val_spec, tokenizer, image_size=cfg.data.image_size,
-                               max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size)
+                               max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size,
+                               normalization=cfg.data.normalization)
     with torch.no_grad():
         return evaluate_retrieval(model.eval(), loader, k_test=0, batch_size=cfg.eval.batch_size)
 
