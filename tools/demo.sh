@@ -7,8 +7,9 @@
 #   4. retrieval on val for the untrained model, METER and EPIC-METER, and the EPIC measurements, as one table.
 # Environment: DEMO_OUT (default demo_out/), DEMO_STEPS (vanilla steps), DEMO_EPIC_STEPS, DEMO_RANKS (default 2),
 #   DEMO_MASTER_PORT (default 29500; another one when a run on this machine holds it),
-#   DEMO_FAMILY (meter | vilt: ViLT -> EPIC-ViLT with vilt_shapes_tiny / epic_vilt_shapes_tiny | xvlm: X-VLM ->
-#   EPIC-X-VLM with xvlm_shapes_tiny / epic_xvlm_shapes_tiny, region steps on the shapes world's boxes; default meter).
+#   DEMO_FAMILY (meter | vilt: ViLT -> EPIC-ViLT with vilt_shapes_tiny / epic_vilt_shapes_tiny | albef: ALBEF ->
+#   EPIC-ALBEF with albef_shapes_tiny / epic_albef_shapes_tiny | xvlm: X-VLM -> EPIC-X-VLM with xvlm_shapes_tiny /
+#   epic_xvlm_shapes_tiny, region steps on the shapes world's boxes; default meter).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
@@ -23,9 +24,11 @@ case "$FAMILY" in
          VANILLA_RUN="$OUT/runs/meter"; EPIC_RUN="$OUT/runs/epic" ;;
   vilt) VANILLA_CONFIG=vilt_shapes_tiny; EPIC_CONFIG=epic_vilt_shapes_tiny; NAME=ViLT
         VANILLA_RUN="$OUT/runs/vilt"; EPIC_RUN="$OUT/runs/epic_vilt" ;;
+  albef) VANILLA_CONFIG=albef_shapes_tiny; EPIC_CONFIG=epic_albef_shapes_tiny; NAME=ALBEF
+         VANILLA_RUN="$OUT/runs/albef"; EPIC_RUN="$OUT/runs/epic_albef" ;;
   xvlm) VANILLA_CONFIG=xvlm_shapes_tiny; EPIC_CONFIG=epic_xvlm_shapes_tiny; NAME=X-VLM
         VANILLA_RUN="$OUT/runs/xvlm"; EPIC_RUN="$OUT/runs/epic_xvlm" ;;
-  *) echo "DEMO_FAMILY=$FAMILY: use meter, vilt or xvlm" >&2; exit 2 ;;
+  *) echo "DEMO_FAMILY=$FAMILY: use meter, vilt, albef or xvlm" >&2; exit 2 ;;
 esac
 if [ -n "$(command -v nvidia-smi)" ] && nvidia-smi -L >/dev/null 2>&1; then
   DS_CONFIG=ds_configs/zero2_bf16.json; LAUNCH=(deepspeed --num_gpus 1)

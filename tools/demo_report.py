@@ -22,7 +22,8 @@ def retrieval_of(model, cfg, val_spec: str, tokenizer) -> dict:
     from epic.eval.retrieval import evaluate_retrieval
 
     loader = build_eval_loader(val_spec, tokenizer, image_size=cfg.data.image_size,
-                               max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size)
+                               max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size,
+                               normalization=cfg.data.normalization)
     with torch.no_grad():
         return evaluate_retrieval(model.eval(), loader, k_test=0, batch_size=cfg.eval.batch_size)
 
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
     val_spec = str(Path(args.data) / "val" / "*.tar")
     tokenizer = load_tokenizer(Path(args.data) / "tokenizer")
     meter, meter_cfg, _ = load_model_from_checkpoint(args.meter)
-    name = {"meter": "METER", "vilt": "ViLT", "xvlm": "X-VLM"}.get(meter_cfg.model.family, meter_cfg.model.family)
+    name = {"meter": "METER", "vilt": "ViLT", "albef": "ALBEF", "xvlm": "X-VLM"}.get(meter_cfg.model.family,
+                                                                                meter_cfg.model.family)
     untrained = untrained_like(meter_cfg)
     rows = {"untrained": retrieval_of(untrained, meter_cfg, val_spec, tokenizer),
             name: retrieval_of(meter, meter_cfg, val_spec, tokenizer)}
