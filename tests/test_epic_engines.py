@@ -267,7 +267,7 @@ def build_vanilla(setup, config, *overrides):
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps,
                                 cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
     scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio)
-    batch_math = derive_batch_math(BATCH * accum, BATCH, 1)
+    batch_math = derive_batch_math(BATCH, BATCH, 1)
     ds = resolve_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs/cpu_zero2.json")), batch_math, 1.0,
                            on_cpu=True)
     engine = initialize_engine(model, optimizer, scheduler, ds)

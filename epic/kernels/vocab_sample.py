@@ -421,5 +421,8 @@ def _check_inputs(hidden, embedding, bias, targets, temperature):
 
 def _check_targets(targets, vocab_size, ignore_index):
     ok = ((targets >= 0) & (targets < vocab_size)) | (targets == ignore_index)
-    # a device-side assert (no host sync on CUDA; on CPU it raises at once), the same op on every device
-    torch._assert_async(ok.all(), f"targets must be ids in [0, {vocab_size}) or ignore_index={ignore_index}")
+    message = f"targets must be ids in [0, {vocab_size}) or ignore_index={ignore_index}"
+    try:  # a device-side assert, the same op on every device: no host sync on CUDA, on CPU it raises at once
+        torch._assert_async(ok.all(), message)
+    except RuntimeError as err:  # CPU: name the bad ids (the error path may read the tensor)
+        raise ValueError(f"{message}; got {targets[~ok][:5].tolist()}.") from err
