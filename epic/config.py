@@ -124,6 +124,10 @@ class DataConfig:
     # counts and an epoch is one pass over all captions. "image": an image with one caption drawn per visit;
     # auto weights are image counts.
     sample_unit: str = "caption"
+    # Per-channel mean/std the image pipeline normalises with, in training and evaluation (and fine-tuning, which
+    # takes it from the --init run unless given): "clip" (OpenAI CLIP's: METER, ALBEF, X-VLM) | "imagenet"
+    # (torchvision's) | "inception" (0.5 / 0.5: ViLT's pixelbert transform, what its ViT-B/32 weights expect).
+    normalization: str = "clip"
 
 
 @dataclass
@@ -419,6 +423,7 @@ def dump_config(cfg: Config, path: str | os.PathLike) -> None:
 _CHOICES = {
     "train.schedule": ("linear", "tri_stage", "cosine"),
     "data.sample_unit": ("caption", "image"),
+    "data.normalization": ("clip", "imagenet", "inception"),  # epic.data.transforms.NORMALIZATIONS
     "data.mlm_masking": ("random", "saliency"),
     "epic.masking": ("saliency", "uniform"),
     "epic.corruption": ("generator", "random"),
@@ -428,6 +433,21 @@ _CHOICES = {
     "epic.itc_reduction": ("token_mean", "pair_sum"),
     "model.text_model_type": ("roberta", "bert"),
 }
+
+
+def validate_micro_batch(cfg: Config) -> None:
+    """A model config may declare ``min_micro_batch_size`` (class attribute) with ``min_micro_batch_reason``: ALBEF's
+    hard-negative ITM draws each sample's negative from the *other* samples of its micro-batch. Fine-tuning tasks
+    other than retrieval do not draw negatives, so the check applies to pretraining and retrieval only."""
+    minimum = getattr(cfg.model, "min_micro_batch_size", 1)
+    task = getattr(getattr(cfg, "finetune", None), "task", "")
+    if task not in ("", "retrieval") or cfg.data.micro_batch_size >= minimum:
+        return
+    family = getattr(cfg.model, "family", "model")
+    reason = getattr(cfg.model, "min_micro_batch_reason", "")
+    raise ConfigError(f"'data.micro_batch_size' is {cfg.data.micro_batch_size} but {family} needs >= {minimum}"
+                      f"{': ' + reason if reason else ''}; raise data.micro_batch_size (train.global_batch_size "
+                      f"stays, fewer accumulation steps)")
 
 
 def validate(cfg: Config) -> None:
@@ -454,6 +474,7 @@ def validate(cfg: Config) -> None:
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"'train.betas' must have two values, got {cfg.train.betas}")
     validate_ranges(cfg)
+    validate_micro_batch(cfg)
     for i, src in enumerate(cfg.data.sources):
         if not src.shards:
             raise ConfigError(f"'data.sources[{i}].shards' is empty: give a shard spec like /data/cc3m/{{00000..00331}}.tar")

@@ -71,6 +71,11 @@ def load_for_evaluation(ckpt: str, task: str, overrides: list[str] = ()) -> tupl
     if source.kind != "official":
         if trained_task:
             model = build_task_model(trained_task, cfg.model, cfg.finetune.num_answers)
+            if hasattr(model, "set_answer_list"):  # an answer decoder (ALBEF) ranks the answers' token sequences
+                from epic.data import load_tokenizer
+                from epic.finetune import task_answers
+
+                model.set_answer_list(load_tokenizer(cfg.data.tokenizer), task_answers(cfg), k=cfg.eval.k_test)
         else:  # a pretraining checkpoint: EPIC's ITC head is pretraining-only (zero-shot scores use ITM)
             fields = {f.name for f in dataclasses.fields(cfg.model)}
             model_cfg = dataclasses.replace(cfg.model, consistency_head=False) if "consistency_head" in fields \
@@ -95,7 +100,8 @@ def build_loader(cfg: TaskConfig, task: str, tokenizer, data: Optional[str], ima
     images = images or cfg.finetune.images
     if task == "retrieval" and not data.endswith(".json"):
         return build_eval_loader(data, tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
-                                 batch_size=cfg.eval.batch_size, rank=rank, world_size=world_size)
+                                 batch_size=cfg.eval.batch_size, rank=rank, world_size=world_size,
+                                 normalization=cfg.data.normalization)
     if images is None:
         raise ConfigError(f"--images is required with a JSON annotation file ({data}): the image folder or shards")
     cfg.finetune.task = task
@@ -103,7 +109,7 @@ def build_loader(cfg: TaskConfig, task: str, tokenizer, data: Optional[str], ima
     task_data = load_task_data(task, data, images, answers, for_training=False)
     return build_task_eval_loader(task_data, tokenizer, image_size=cfg.data.image_size,
                                   max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size, rank=rank,
-                                  world_size=world_size)
+                                  world_size=world_size, normalization=cfg.data.normalization)
 
 
 def default_tb_dir(source) -> Optional[Path]:

@@ -65,8 +65,6 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
     ft["task"] = task
     if init is not None:
         ft["init"] = init
-    if task == "nlvr2":
-        data.setdefault("model", {})["num_token_types"] = 3  # the second image's token type (METER)
     source_config = _saved_run_config(data)
     if source_config is None:
         if not ft.get("init"):
@@ -80,9 +78,13 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
     model = {k: v for k, v in source_config.get("model", {}).items()
              if k not in LOCAL_PATH_FIELDS + PRETRAINING_ONLY_FIELDS and not k.endswith("_pretrained")}
     data["model"] = {**model, **data.get("model", {})}
+    if task == "nlvr2" and _has_model_field(data["model"], "num_token_types"):
+        data["model"]["num_token_types"] = 3  # the second image's token type (METER, ViLT; ALBEF has none)
     if not data.setdefault("data", {}).get("tokenizer"):
         data["data"]["tokenizer"] = source_config.get("data", {}).get("tokenizer")
     data["data"].setdefault("image_size", data["model"].get("image_size", 288))
+    if source_config.get("data", {}).get("normalization"):  # the pixels the weights were trained on, unless given
+        data["data"].setdefault("normalization", source_config["data"]["normalization"])
     if data["model"].get("max_text_len"):  # the checkpoint's text length, unless the user sets one
         data["data"].setdefault("max_text_len", data["model"]["max_text_len"])
     data["data"]["root"] = None  # pretraining data is not read here
@@ -100,6 +102,14 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
         raise ConfigError(f"data.image_size={cfg.data.image_size} but model.image_size={cfg.model.image_size}: "
                           f"set both (the position embedding is resampled to model.image_size)")
     return cfg
+
+
+def _has_model_field(model: dict, name: str) -> bool:
+    import dataclasses
+
+    from epic.models.registry import config_class
+
+    return name in {f.name for f in dataclasses.fields(config_class(model.get("family", "meter")))}
 
 
 def _saved_run_config(data: dict) -> Optional[dict]:
@@ -168,6 +178,10 @@ def build_finetune_model(cfg: TaskConfig, load_init: bool = True):
     from epic.models.registry import build_task_model
 
     model = build_task_model(cfg.finetune.task, cfg.model, cfg.finetune.num_answers)
+    if hasattr(model, "set_answer_list"):  # an answer decoder (ALBEF) ranks the answers' token sequences
+        from epic.data import load_tokenizer
+
+        model.set_answer_list(load_tokenizer(cfg.data.tokenizer), task_answers(cfg), k=cfg.eval.k_test)
     if load_init:
         source = locate(expand_env(cfg.finetune.init, "finetune.init"))
         if source.kind == "official":  # the family's converter gives our key layout
@@ -193,7 +207,11 @@ class TaskObjective(VanillaObjective):
         from epic.eval.nlvr2 import correct_count
         from epic.eval.vqa import vqa_score_sum
         from epic.models.downstream import classification_loss, retrieval_losses, vqa_loss
+        from epic.objectives.recipes import task_recipe
 
+        own = task_recipe(getattr(self.cfg.model, "family", "meter"), self.task)  # e.g. ALBEF's ITA + ITM
+        if own is not None:
+            return own(model, batch, rng, self.task, self.cfg.finetune)
         if self.task == "retrieval":
             ft = self.cfg.finetune
             return retrieval_losses(model, batch, negatives=ft.negatives, num_negatives=ft.num_negatives,
@@ -238,7 +256,7 @@ def evaluate_split(model, cfg: TaskConfig, tokenizer, split: str, rank: int, wor
     data = load_split(cfg, split, for_training=False)
     loader = build_task_eval_loader(data, tokenizer, image_size=cfg.data.image_size,
                                     max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size, rank=rank,
-                                    world_size=world_size)
+                                    world_size=world_size, normalization=cfg.data.normalization)
     return evaluate_task(model, cfg.finetune.task, loader, cfg)
 
 
@@ -290,7 +308,7 @@ def _trainer_class():
                 self.train_data, self.tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
                 batch_size=cfg.data.micro_batch_size, seed=cfg.run.seed, rank=self.rank,
                 world_size=self.world_size, randaugment=cfg.data.randaugment, num_workers=cfg.data.num_workers,
-                num_negative_texts=random_negative_texts(cfg))
+                num_negative_texts=random_negative_texts(cfg), normalization=cfg.data.normalization)
             if data_state is not None:
                 loader.load_state_dict(data_state)
             return loader

@@ -175,6 +175,7 @@ def build_train_data(cfg: Config, paths: DataPaths, tokenizer, rank: int, world_
                                 mlm_probability=cfg.data.mlm_probability, randaugment=cfg.data.randaugment,
                                 state=state, sample_unit=cfg.data.sample_unit,
                                 whole_word_masking=cfg.data.whole_word_masking, streams=cfg.data.streams or None,
+                                normalization=cfg.data.normalization,
                                 pin_memory=on_cuda,
                                 prefetch_factor=4 if on_cuda else 2)
     if cfg.epic.enabled and cfg.epic.saliency_cache:
@@ -231,7 +232,7 @@ def evaluate_retrieval_during_training(cfg: Config, paths: DataPaths, model, tok
 
     loader = build_eval_loader(paths.val_shards, tokenizer, image_size=cfg.data.image_size,
                                max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size,
-                               rank=rank, world_size=world_size)
+                               rank=rank, world_size=world_size, normalization=cfg.data.normalization)
     return evaluate_retrieval(model, loader, k_test=cfg.eval.k_test, max_images=cfg.eval.max_images,
                               batch_size=cfg.eval.batch_size)
 

@@ -267,6 +267,59 @@ def test_train_pixels_are_clip_normalised_and_seeded(shapes_world):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_normalization_is_the_configured_mean_and_std(shapes_world, tmp_path):
+    """data.normalization: the same pixels, normalised with the named statistics, in the train and eval loaders
+    and the task loaders; ViLT's 'inception' maps [0, 1] to [-1, 1] (mean = std = 0.5)."""
+    from epic.config import ConfigError, load_config
+    from epic.data.tasks import (build_task_eval_loader, build_task_train_loader, generate_shapes_tasks, load_task_data,
+                                 shapes_task_paths)
+
+    def raw(pixels, name):
+        mean, std = {"clip": (CLIP_MEAN, CLIP_STD), "inception": ((0.5,) * 3, (0.5,) * 3),
+                     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}[name]
+        return pixels * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+
+    clip = take(train_loader(shapes_world, randaugment=False), 1)[0]["pixel_values"]
+    for name in ("inception", "imagenet"):
+        other = take(train_loader(shapes_world, randaugment=False, normalization=name), 1)[0]["pixel_values"]
+        torch.testing.assert_close(raw(other, name), raw(clip, "clip"), atol=1e-5, rtol=0)
+    assert float((clip - other).abs().max()) > 0.1
+    evals = [next(iter(build_eval_loader(shard_spec(shapes_world, "val"), shapes_world / "tokenizer", image_size=16,
+                                         max_text_len=16, batch_size=4, normalization=name)))["pixel_values"]
+             for name in ("clip", "inception")]
+    torch.testing.assert_close(raw(evals[1], "inception"), raw(evals[0], "clip"), atol=1e-5, rtol=0)
+    assert float(evals[1].min()) >= -1.0 - 1e-6 and float(evals[1].max()) <= 1.0 + 1e-6
+
+    tasks = generate_shapes_tasks(tmp_path / "tasks", n_train=8, n_val=4, image_size=16, write_shards=False)
+    paths = shapes_task_paths(tasks, "vqa")
+    data = load_task_data("vqa", paths["val_json"], paths["images"], json.loads(Path(paths["answer_list"]).read_text()),
+                          for_training=False)
+    tokenizer = load_tokenizer(shapes_world / "tokenizer")
+    task_pixels = [next(iter(build_task_eval_loader(data, tokenizer, image_size=16, max_text_len=16,
+                                                    batch_size=4, normalization=name)))["pixel_values"]
+                   for name in ("clip", "inception")]
+    torch.testing.assert_close(raw(task_pixels[1], "inception"), raw(task_pixels[0], "clip"), atol=1e-5, rtol=0)
+    train_pixels = [next(iter(build_task_train_loader(data, tokenizer, image_size=16,
+                                                      max_text_len=16, batch_size=4, seed=0, rank=0, world_size=1,
+                                                      randaugment=False, normalization=name)))["pixel_values"]
+                    for name in ("clip", "inception")]
+    torch.testing.assert_close(raw(train_pixels[1], "inception"), raw(train_pixels[0], "clip"), atol=1e-5, rtol=0)
+
+    with pytest.raises(ValueError, match="unknown image normalization 'pixelbert'.*data.normalization"):
+        train_loader(shapes_world, normalization="pixelbert")
+    with pytest.raises(ConfigError, match="'data.normalization' must be one of .*'inception'"):
+        load_config("vilt_shapes_tiny", ["data.normalization=pixelbert"])
+    assert load_config("vilt_shapes_tiny").data.normalization == "inception"
+    assert load_config("shapes_tiny").data.normalization == "clip"  # METER (and the default) stay CLIP's
+
+
+def test_config_normalization_choices_are_the_pipeline_table():
+    from epic.config import _CHOICES
+    from epic.data.transforms import NORMALIZATIONS
+
+    assert set(_CHOICES["data.normalization"]) == set(NORMALIZATIONS)
+
+
 # ----------------------------------------------------------------------------------------------- inspect_data
 def load_tool(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launch import free_port
 
 from epic import faults
 from epic.engine.logger import truncate_jsonl
@@ -87,12 +88,16 @@ STALL = r"""
 import os, sys, time
 import torch, torch.distributed as dist
 from epic.dist import heartbeat, init_distributed, is_collective_failure, peer_report, start_heartbeat
+ready = os.path.join(os.environ["STALL_DIR"], "ready")
+open(f"{ready}{os.environ['RANK']}", "w").close()  # both ranks imported: start the clock together (a loaded
+while not all(os.path.exists(f"{ready}{r}") for r in range(2)):  # machine imports at different speeds)
+    time.sleep(0.05)
 info = init_distributed(timeout_minutes=float(sys.argv[1]) / 60)
 start_heartbeat()
 heartbeat(1)
 dist.all_reduce(torch.ones(1))
 if info.rank == 1:
-    time.sleep(120)  # hangs (a dead NFS mount, a stuck kernel)
+    time.sleep(300)  # hangs (a dead NFS mount, a stuck kernel)
 heartbeat(2)
 start = time.time()
 try:
@@ -101,21 +106,22 @@ except Exception as err:
     print(f"{is_collective_failure(err)} {time.time() - start:.1f} {peer_report(info.rank, info.world_size)}", flush=True)
     os._exit(3)
 """
+STALL_TIMEOUT_S = 10
 
 
-def test_stalled_rank_ends_the_others_within_the_gloo_timeout():
-    port = str(29000 + os.getpid() % 2000)
+def test_stalled_rank_ends_the_others_within_the_gloo_timeout(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=port)
-    procs = [subprocess.Popen([sys.executable, "-c", STALL, "4"], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for r in range(2)]
+               MASTER_PORT=str(free_port()), STALL_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", STALL, str(STALL_TIMEOUT_S)],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for r in range(2)]
     try:
         out, err = procs[0].communicate(timeout=240)
     finally:
         procs[1].kill()
     assert procs[0].returncode == 3, err[-2000:]
     failure, waited, report = out.strip().splitlines()[-1].split(" ", 2)
-    assert failure == "True" and 3.0 <= float(waited) < 30, out
+    assert failure == "True" and 0.8 * STALL_TIMEOUT_S <= float(waited) < 6 * STALL_TIMEOUT_S, out
     assert report == "rank 1 (last started step 1) hangs (alive, but not in this collective)", report
 
 

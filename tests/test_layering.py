@@ -72,3 +72,52 @@ def test_families_are_independent_and_registered_lazily():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["[]", "False"], proc.stdout  # no family, not even torch, until one is used
+
+
+# ------------------------------------------------------------------------------------------- family-neutral code
+FAMILY_WORDS = ("meter", "vilt", "albef", "xvlm")
+# attribute names of one family's modules that family-neutral code must reach through the interface instead
+FAMILY_ATTRIBUTES = ("cross_modal_image_transform", "cross_modal_text_transform", "cross_modal_image_layers",
+                     "cross_modal_text_layers", "vit_model", "text_transformer", "rank_output", "transformer")
+
+
+def family_mentions(source: str) -> list[str]:
+    """Identifiers, attributes, imported modules and non-docstring strings of `source` that name a model family
+    or one family's module attributes (comments and docstrings may cite where a recipe comes from)."""
+    import ast
+    import re
+
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    words = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            words.append(node.id)
+        elif isinstance(node, ast.Attribute):
+            words.append(node.attr)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            words += [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            words.append(node.value)
+    family = re.compile(r"(?<![a-z])(" + "|".join(FAMILY_WORDS) + r")(?![a-z])", re.IGNORECASE)
+    return [w for w in words if family.search(w.replace("_", " ").replace(".", " ")) or w in FAMILY_ATTRIBUTES]
+
+
+def test_evaluation_and_engine_code_never_name_a_family():
+    """epic/eval and epic/engine speak to models through epic.models.interface only (issue 11): no family import,
+    no family name in code, no family's attribute names (retrieval's shortlist is the family's
+    retrieval_embeddings)."""
+    found = {str(path.relative_to(ROOT)): hits for folder in ("eval", "engine")
+             for path in sorted((ROOT / "epic" / folder).glob("*.py"))
+             if (hits := family_mentions(path.read_text()))}
+    assert not found, found
+
+
+def test_the_family_name_check_can_fail():
+    assert family_mentions("from epic.models.meter import METER\n") and family_mentions("x = m.vit_model(p)\n")
+    assert family_mentions("v = model.cross_modal_image_transform(e)\n")
+    assert family_mentions("if family == 'vilt':\n    pass\n")
+    assert not family_mentions('"""METER ranks by the ITM logit."""\nx = model.retrieval_embeddings(a, b, c)  # METER\n')

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ print(json.dumps({"unchanged": unchanged, "skipped": engine.skipped_steps, "lr_s
 @pytest.mark.parametrize("ds_config", ["ds_configs/cpu_zero2.json", "ds_configs/cpu_zero2_bf16.json"])
 def test_nonfinite_loss_skips_the_step(ds_config, tmp_path):
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(29000 + os.getpid() % 1000), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", SCRIPT, ds_config], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

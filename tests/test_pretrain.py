@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = str(ROOT / "epic" / "pretrain.py")
@@ -23,10 +24,10 @@ def run_pretrain(args, ranks=2, launcher="deepspeed", timeout=600):
         cmd = [sys.executable, PRETRAIN]
     elif launcher == "deepspeed":
         cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks),
-               "--master_port", str(29500 + os.getpid() % 1000), PRETRAIN]
+               "--master_port", str(free_port()), PRETRAIN]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(29500 + os.getpid() % 1000 + 1), PRETRAIN]
+               "--master_port", str(free_port()), PRETRAIN]
     proc = subprocess.run(cmd + args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     return proc
 

@@ -86,6 +86,11 @@ class CountingModel(nn.Module):
         txt = (self.cross_modal_text_transform(text_embeds) * m).sum(1) / m.sum(1)
         return {"cls_feats": torch.tanh(self.mix(txt, img))}
 
+    def retrieval_embeddings(self, image_embeds, text_embeds, attention_mask):  # the shortlist stage (as METER's)
+        m = attention_mask.unsqueeze(-1).float()
+        return (self.cross_modal_image_transform(image_embeds).mean(1),
+                (self.cross_modal_text_transform(text_embeds) * m).sum(1) / m.sum(1))
+
 
 def make_loader(num_images=6, caps_per_image=2, batch=4, length=5, seed=1, rank=0, world_size=1):
     """Eval batches like epic.data's eval loader: this rank's images (index % world_size == rank), all captions."""
@@ -217,3 +222,37 @@ def test_gaps_in_image_index_are_compacted():
     assert data.num_images == 6
     assert data.image_ids.tolist() == list(range(6))
     assert sorted(set(data.text_to_image.tolist())) == list(range(6))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The first stage is the family's (epic.models.interface.VLPModel.retrieval_embeddings)
+# ----------------------------------------------------------------------------------------------------------------
+def test_a_family_without_a_first_stage_refuses_k_test_but_scores_exhaustively():
+    from epic.models.interface import VLPModel
+
+    class NoFirstStage(CountingModel):
+        retrieval_embeddings = VLPModel.retrieval_embeddings
+
+    model = NoFirstStage()
+    assert retrieval.evaluate_retrieval(model, make_loader(), k_test=0)["num_texts"] == 12
+    with pytest.raises(NotImplementedError, match="NoFirstStage defines no retrieval first stage.*eval.k_test=0"):
+        retrieval.evaluate_retrieval(model, make_loader(), k_test=2)
+
+
+def test_meter_first_stage_is_the_pooled_cross_modal_projections():
+    """METER's shortlist vectors: mean over image tokens / over real text tokens of the cross_modal_* outputs."""
+    from epic.models.meter import METER, METERConfig
+
+    torch.manual_seed(0)
+    model = METER(METERConfig(image_size=32, patch_size=16, vit_width=32, vit_layers=1, vit_heads=2,
+                              text_hidden_size=32, text_layers=1, text_heads=2, text_intermediate_size=64,
+                              hidden_size=32, num_heads=2, num_fusion_layers=2, mlp_ratio=2, vocab_size=30,
+                              max_text_len=8, pad_token_id=1)).eval()
+    image_embeds, text_embeds = torch.randn(3, 5, 32), torch.randn(2, 8, 32)
+    mask = torch.tensor([[1] * 8, [1] * 3 + [0] * 5])
+    image_vec, text_vec = model.retrieval_embeddings(image_embeds, text_embeds, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(image_vec, model.cross_modal_image_transform(image_embeds).mean(1))
+        for row, length in enumerate((8, 3)):
+            expected = model.cross_modal_text_transform(text_embeds[row, :length]).mean(0)
+            torch.testing.assert_close(text_vec[row], expected)

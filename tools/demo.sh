@@ -6,7 +6,8 @@
 #   3. pretrain EPIC-METER from that teacher (saliency masking, co-trained generator, ITC);
 #   4. retrieval on val for the untrained model, METER and EPIC-METER, and the EPIC measurements, as one table.
 # Environment: DEMO_OUT (default demo_out/), DEMO_STEPS (vanilla steps), DEMO_EPIC_STEPS, DEMO_RANKS (default 2),
-#   DEMO_FAMILY (meter | vilt: ViLT -> EPIC-ViLT with vilt_shapes_tiny / epic_vilt_shapes_tiny; default meter).
+#   DEMO_FAMILY (meter | vilt: ViLT -> EPIC-ViLT with vilt_shapes_tiny / epic_vilt_shapes_tiny | albef: ALBEF ->
+#   EPIC-ALBEF with albef_shapes_tiny / epic_albef_shapes_tiny; default meter).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
@@ -21,7 +22,9 @@ case "$FAMILY" in
          VANILLA_RUN="$OUT/runs/meter"; EPIC_RUN="$OUT/runs/epic" ;;
   vilt) VANILLA_CONFIG=vilt_shapes_tiny; EPIC_CONFIG=epic_vilt_shapes_tiny; NAME=ViLT
         VANILLA_RUN="$OUT/runs/vilt"; EPIC_RUN="$OUT/runs/epic_vilt" ;;
-  *) echo "DEMO_FAMILY=$FAMILY: use meter or vilt" >&2; exit 2 ;;
+  albef) VANILLA_CONFIG=albef_shapes_tiny; EPIC_CONFIG=epic_albef_shapes_tiny; NAME=ALBEF
+         VANILLA_RUN="$OUT/runs/albef"; EPIC_RUN="$OUT/runs/epic_albef" ;;
+  *) echo "DEMO_FAMILY=$FAMILY: use meter, vilt or albef" >&2; exit 2 ;;
 esac
 if [ -n "$(command -v nvidia-smi)" ] && nvidia-smi -L >/dev/null 2>&1; then
   DS_CONFIG=ds_configs/zero2_bf16.json; LAUNCH=(deepspeed --num_gpus 1)

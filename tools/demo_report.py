@@ -22,7 +22,8 @@ def retrieval_of(model, cfg, val_spec: str, tokenizer) -> dict:
     from epic.eval.retrieval import evaluate_retrieval
 
     loader = build_eval_loader(val_spec, tokenizer, image_size=cfg.data.image_size,
-                               max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size)
+                               max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size,
+                               normalization=cfg.data.normalization)
     with torch.no_grad():
         return evaluate_retrieval(model.eval(), loader, k_test=0, batch_size=cfg.eval.batch_size)
 
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     val_spec = str(Path(args.data) / "val" / "*.tar")
     tokenizer = load_tokenizer(Path(args.data) / "tokenizer")
     meter, meter_cfg, _ = load_model_from_checkpoint(args.meter)
-    name = {"meter": "METER", "vilt": "ViLT"}.get(meter_cfg.model.family, meter_cfg.model.family)
+    name = {"meter": "METER", "vilt": "ViLT", "albef": "ALBEF"}.get(meter_cfg.model.family, meter_cfg.model.family)
     rows = {"untrained": retrieval_of(untrained_like(meter_cfg), meter_cfg, val_spec, tokenizer),
             name: retrieval_of(meter, meter_cfg, val_spec, tokenizer)}
     report = {"retrieval": rows}

@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .shards import (Source, count_skips, decode_sample, epoch_length, expand_shard_spec, iter_raw_samples,
                      parse_sources)
 from .text import load_tokenizer, mask_tokens_for_mlm, replacement_token_ids, tokenize_captions
-from .transforms import TRAIN_CROP_SCALE, eval_transform, seeded_transform, train_transform
+from .transforms import TRAIN_CROP_SCALE, eval_transform, normalize, seeded_transform, train_transform
 from .wwm import whole_word_mask
 
 STATE_VERSION = 2  # 2: positions keyed by global stream index, `streams` fixed per run
@@ -221,9 +221,9 @@ class TrainStream(IterableDataset):
 
     def __init__(self, sources, tokenizer, *, image_size, max_text_len, batch_size, seed, rank, world_size,
                  streams, positions, first_stream, shards_open, mlm_probability, randaugment, crop_scale,
-                 max_consecutive_skips, sample_unit="caption", whole_word_masking=False):
+                 max_consecutive_skips, sample_unit="caption", whole_word_masking=False, normalization="clip"):
         super().__init__()
-        self.sample_unit = sample_unit
+        self.sample_unit, self.normalization = sample_unit, normalization
         self.sources, self.tokenizer = sources, tokenizer
         self.image_size, self.max_text_len, self.batch_size = image_size, max_text_len, batch_size
         self.seed, self.rank, self.world_size, self.streams = seed, rank, world_size, streams
@@ -252,7 +252,7 @@ class TrainStream(IterableDataset):
     def _batches(self, local: int, position: dict):
         stream_index = self.stream_index(local)
         stream = SampleStream(self.sources, self.seed, stream_index, self.streams, position)
-        transform = train_transform(self.image_size, self.randaugment, self.crop_scale)
+        transform = train_transform(self.image_size, self.randaugment, self.crop_scale, self.normalization)
         replacement_ids = replacement_token_ids(self.tokenizer)
         skipped_in_a_row = 0
         while True:
@@ -305,7 +305,7 @@ class TrainLoader:
     def __init__(self, sources: Sequence[Source], tokenizer, *, image_size, max_text_len, batch_size, num_workers,
                  seed, rank, world_size, mlm_probability, randaugment, crop_scale, shards_open, pin_memory,
                  prefetch_factor, max_consecutive_skips, multiprocessing_context=None, streams=None,
-                 sample_unit="caption", whole_word_masking=False):
+                 sample_unit="caption", whole_word_masking=False, normalization="clip"):
         streams = streams or world_size * max(1, num_workers)
         check_streams(streams, world_size, num_workers)
         self.sources, self.tokenizer = list(sources), tokenizer
@@ -316,7 +316,8 @@ class TrainLoader:
                                  rank=rank, world_size=world_size, streams=streams,
                                  shards_open=shards_open, mlm_probability=mlm_probability, randaugment=randaugment,
                                  crop_scale=tuple(crop_scale), max_consecutive_skips=max_consecutive_skips,
-                                 sample_unit=sample_unit, whole_word_masking=whole_word_masking)
+                                 sample_unit=sample_unit, whole_word_masking=whole_word_masking,
+                                 normalization=normalization)
         self._positions: list = [None] * self.streams_per_rank
         self._batches = 0
         self._skips: Counter = Counter()
@@ -429,8 +430,10 @@ def merge_train_states(states: Sequence[dict]) -> dict:
 class EvalStream(IterableDataset):
     """One sequential pass over the eval shards; this rank/worker's share of images, one row per caption."""
 
-    def __init__(self, shards, tokenizer, *, image_size, max_text_len, batch_size, rank, world_size, all_captions):
+    def __init__(self, shards, tokenizer, *, image_size, max_text_len, batch_size, rank, world_size, all_captions,
+                 normalization="clip"):
         super().__init__()
+        self.normalization = normalization
         self.shards, self.tokenizer = list(shards), tokenizer
         self.image_size, self.max_text_len, self.batch_size = image_size, max_text_len, batch_size
         self.rank, self.world_size, self.all_captions = rank, world_size, all_captions
@@ -439,7 +442,7 @@ class EvalStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         part, parts = self.rank * workers + worker, self.world_size * workers
-        transform = eval_transform(self.image_size)
+        transform = eval_transform(self.image_size, self.normalization)
         replacement_ids = replacement_token_ids(self.tokenizer)
         rows, skips, shard_skips, batch_no, image_index = [], Counter(), Counter(), 0, 0
 
@@ -516,14 +519,16 @@ def build_train_loader(sources, tokenizer, *, image_size: int, max_text_len: int
                        state: Optional[dict] = None, crop_scale=TRAIN_CROP_SCALE, shards_open: int = 2,
                        pin_memory: bool = False, prefetch_factor: int = 2, max_consecutive_skips: int = 100_000,
                        multiprocessing_context=None, sample_unit: str = "caption", streams: Optional[int] = None,
-                       whole_word_masking: bool = False) -> TrainLoader:
+                       whole_word_masking: bool = False, normalization: str = "clip") -> TrainLoader:
     """The infinite, exactly resumable training loader of one rank.
 
     sources: a shard spec, or a list of specs / dicts {shards, weight="auto", name} (auto: the caption count, or
     image count for sample_unit="image", from counts.json); tokenizer: a HF fast tokenizer or its folder; state: a
-    TrainLoader.state_dict() to resume from. Missing shards (and counts that weight auto needs) fail here.
+    TrainLoader.state_dict() to resume from; normalization: data.normalization (epic.data.transforms). Missing
+    shards (and counts that weight auto needs) fail here.
     """
     _check_common(image_size, max_text_len, batch_size, num_workers, rank, world_size)
+    normalize(normalization)  # an unknown name fails here, not in a worker
     if shards_open < 1:
         raise ValueError(f"shards_open must be >= 1, got {shards_open}")
     loader = TrainLoader(parse_sources(sources, sample_unit), _tokenizer(tokenizer), image_size=image_size, max_text_len=max_text_len,
@@ -531,18 +536,21 @@ def build_train_loader(sources, tokenizer, *, image_size: int, max_text_len: int
                          mlm_probability=mlm_probability, randaugment=randaugment, crop_scale=crop_scale,
                          shards_open=shards_open, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                          max_consecutive_skips=max_consecutive_skips, multiprocessing_context=multiprocessing_context,
-                         sample_unit=sample_unit, whole_word_masking=whole_word_masking, streams=streams or (state or {}).get("streams"))
+                         sample_unit=sample_unit, whole_word_masking=whole_word_masking, streams=streams or (state or {}).get("streams"),
+                         normalization=normalization)
     if state is not None:
         loader.load_state_dict(state)
     return loader
 
 
 def build_eval_loader(shards, tokenizer, *, image_size: int, max_text_len: int, batch_size: int, num_workers: int = 0,
-                      rank: int = 0, world_size: int = 1, all_captions: bool = True) -> EvalLoader:
+                      rank: int = 0, world_size: int = 1, all_captions: bool = True,
+                      normalization: str = "clip") -> EvalLoader:
     """Sequential, non-resampled loader over eval shards: each image once across ranks, one row per (image, caption)
     (or per image with its first caption when all_captions=False), with `image_index` naming the image."""
     _check_common(image_size, max_text_len, batch_size, num_workers, rank, world_size)
+    normalize(normalization)
     dataset = EvalStream(expand_shard_spec(shards, name="eval shards"), _tokenizer(tokenizer), image_size=image_size,
                          max_text_len=max_text_len, batch_size=batch_size, rank=rank, world_size=world_size,
-                         all_captions=all_captions)
+                         all_captions=all_captions, normalization=normalization)
     return EvalLoader(dataset, num_workers)

@@ -226,9 +226,10 @@ class TaskDataset(Dataset):
     """
 
     def __init__(self, data: TaskData, image_size: int, training: bool, randaugment: bool, seed: int,
-                 num_negative_texts: int = 0):
+                 num_negative_texts: int = 0, normalization: str = "clip"):
         self.data, self.training, self.seed = data, training, seed
-        self.transform = train_transform(image_size, randaugment) if training else eval_transform(image_size)
+        self.transform = (train_transform(image_size, randaugment, normalization=normalization) if training
+                          else eval_transform(image_size, normalization))
         self.num_negative_texts = num_negative_texts
         if num_negative_texts:
             if data.task != "retrieval" or not training:
@@ -353,10 +354,12 @@ class TaskTrainLoader:
 
 def build_task_train_loader(data: TaskData, tokenizer, *, image_size: int, max_text_len: int, batch_size: int,
                             seed: int, rank: int, world_size: int, randaugment: bool = True,
-                            num_workers: int = 0, num_negative_texts: int = 0) -> TaskTrainLoader:
-    """`num_negative_texts` > 0 (retrieval): each row also brings that many random captions of other images."""
+                            num_workers: int = 0, num_negative_texts: int = 0,
+                            normalization: str = "clip") -> TaskTrainLoader:
+    """`num_negative_texts` > 0 (retrieval): each row also brings that many random captions of other images;
+    `normalization`: data.normalization (epic.data.transforms.NORMALIZATIONS)."""
     dataset = TaskDataset(data, image_size, training=True, randaugment=randaugment, seed=seed,
-                          num_negative_texts=num_negative_texts)
+                          num_negative_texts=num_negative_texts, normalization=normalization)
     return TaskTrainLoader(dataset, make_collate(tokenizer, max_text_len), batch_size=batch_size, seed=seed,
                            rank=rank, world_size=world_size, num_workers=num_workers)
 
@@ -365,8 +368,8 @@ def build_task_train_loader(data: TaskData, tokenizer, *, image_size: int, max_t
 class _RetrievalEvalRows(Dataset):
     """One item per image of this rank (image_index = its position in the file), with all its captions."""
 
-    def __init__(self, data: TaskData, image_size: int, rank: int, world_size: int):
-        self.data, self.transform = data, eval_transform(image_size)
+    def __init__(self, data: TaskData, image_size: int, rank: int, world_size: int, normalization: str = "clip"):
+        self.data, self.transform = data, eval_transform(image_size, normalization)
         self.mine = list(range(rank, len(data.examples), world_size))
 
     def __len__(self) -> int:
@@ -391,16 +394,17 @@ def _retrieval_eval_collate(tokenizer, max_text_len: int):
 
 
 def build_task_eval_loader(data: TaskData, tokenizer, *, image_size: int, max_text_len: int, batch_size: int,
-                           rank: int = 0, world_size: int = 1, num_workers: int = 0) -> DataLoader:
+                           rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                           normalization: str = "clip") -> DataLoader:
     """Every example once across ranks (example i on rank i % world_size), in order, with the eval transform.
 
     Retrieval: rows are (image, caption) pairs with `image_index` (epic.eval.retrieval's contract); `batch_size`
     counts images there (each brings all its captions).
     """
     if data.task == "retrieval":
-        return DataLoader(_RetrievalEvalRows(data, image_size, rank, world_size), batch_size=batch_size,
+        return DataLoader(_RetrievalEvalRows(data, image_size, rank, world_size, normalization), batch_size=batch_size,
                           collate_fn=_retrieval_eval_collate(tokenizer, max_text_len), num_workers=num_workers)
-    dataset = TaskDataset(data, image_size, training=False, randaugment=False, seed=0)
+    dataset = TaskDataset(data, image_size, training=False, randaugment=False, seed=0, normalization=normalization)
     indices = list(range(rank, len(dataset), world_size))
     return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                       collate_fn=make_collate(tokenizer, max_text_len), num_workers=num_workers)

@@ -10,15 +10,13 @@ through the text encoder once; only the fusion layers run per pair:
     3. ITM: the fusion layers + ITM head score every pair (exhaustive) or the union of both shortlists
     4. the score matrix rows (images) are split across ranks and all-gathered; metrics are computed on it.
 
-First-stage score. METER has no contrastive head, so its unimodal features are not trained to be comparable by
-cosine. We use the cosine of the mean-pooled unimodal features after METER's two `cross_modal_*_transform` layers,
-which map both streams into the space the fusion layers read; it is a heuristic shortlist (ALBEF and X-VLM use
-their contrastive embeddings the same way, where it is a trained one). A model may override it by defining
-`retrieval_embeddings(image_embeds, text_embeds, text_mask) -> (image_vectors, text_vectors)`. With
-k_test >= the number of candidates the shortlist is everything and the result equals the exhaustive one.
+First-stage score: the cosine of the family's `retrieval_embeddings(image_embeds, text_embeds, text_mask) ->
+(image_vectors, text_vectors)` (epic.models.interface; contrastive families return their trained embeddings, the
+others a documented heuristic; a family without one refuses k_test > 0). With k_test >= the number of
+candidates the shortlist is everything and the result equals the exhaustive one.
 
 Pair score. The default (a pretrained model, zero-shot) is the raw ITM match logit itm_score(cls_feats)[:, 1], as
-METER ranks: its retrieval model's rank_output is initialised from that row of the ITM head (weight and bias), so
+METER and ViLT rank: their retrieval models' rank_output is initialised from that row of the ITM head, so
 before fine-tuning it scores exactly this. (log p(match) = -softplus(l0 - l1) would rank by l1 - l0 instead: another
 ranking.) A task model may define `pair_score(cls_feats)`: the fine-tuned retrieval model scores with rank_output.
 
@@ -208,8 +206,8 @@ def _image_hw(model) -> tuple[int, int]:
 # Scoring
 # ----------------------------------------------------------------------------------------------------------------
 def default_pair_score(model, cls_feats: torch.Tensor) -> torch.Tensor:
-    """The raw ITM "match" logit itm_score(cls_feats)[:, 1] (fp32): what METER ranks a pretrained model by, since
-    its rank_output is initialised from that row (weight and bias) before any fine-tuning. Not log p(match): the
+    """The raw ITM "match" logit itm_score(cls_feats)[:, 1] (fp32): what a pretrained model is ranked by, since
+    rank_output is initialised from that row (weight and bias) before any fine-tuning. Not log p(match): the
     log-softmax subtracts a per-pair log-sum-exp and so reorders pairs."""
     return model.itm_score(cls_feats)[:, 1].float()
 
@@ -230,26 +228,11 @@ def score_pairs(model, data: EncodedEvalSet, local_image: torch.Tensor, text: to
     return torch.cat(out) if out else torch.empty(0)
 
 
-def _mean_pool(features: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    if mask is None:
-        return features.float().mean(dim=1)
-    weights = mask.to(features.dtype).unsqueeze(-1)
-    return (features * weights).float().sum(dim=1) / weights.float().sum(dim=1).clamp_min(1.0)
-
-
 @torch.no_grad()
 def first_stage_embeddings(model, data: EncodedEvalSet) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit vectors for the shortlist: (this rank's images [I_local, D], all texts [T, D]); see the module doc."""
-    custom = getattr(model, "retrieval_embeddings", None)
-    if custom is not None:
-        image_vec, text_vec = custom(data.image_embeds, data.text_embeds, data.attention_mask)
-    else:
-        for name in ("cross_modal_image_transform", "cross_modal_text_transform"):
-            if not hasattr(model, name):
-                raise AttributeError(f"k_test > 0 needs a first-stage score: {type(model).__name__} has no '{name}'"
-                                     f" and no retrieval_embeddings(); use eval.k_test=0 (exhaustive ITM)")
-        image_vec = _mean_pool(model.cross_modal_image_transform(data.image_embeds), None)
-        text_vec = _mean_pool(model.cross_modal_text_transform(data.text_embeds), data.attention_mask)
+    """Unit vectors for the shortlist: (this rank's images [I_local, D], all texts [T, D]) from the family's
+    ``retrieval_embeddings`` (see the module doc)."""
+    image_vec, text_vec = model.retrieval_embeddings(data.image_embeds, data.text_embeds, data.attention_mask)
     return F.normalize(image_vec.float(), dim=-1).cpu(), F.normalize(text_vec.float(), dim=-1).cpu()
 
 

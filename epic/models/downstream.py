@@ -332,13 +332,7 @@ def retrieval_losses(model: METERForRetrieval, batch: dict, *, negatives: str, n
 
 @torch.no_grad()
 def _negatives_for(model, image_embeds, text_embeds, attention_mask, image_ids, num_negatives, hard, generator):
-    from epic.eval.retrieval import _mean_pool
-
-    custom = getattr(model, "retrieval_embeddings", None)  # families without METER's projections (ViLT)
-    if custom is not None:
-        image_vec, text_vec = (F.normalize(v.float(), dim=-1) for v in custom(image_embeds, text_embeds, attention_mask))
-    else:
-        image_vec = F.normalize(_mean_pool(model.cross_modal_image_transform(image_embeds), None), dim=-1)
-        text_vec = F.normalize(_mean_pool(model.cross_modal_text_transform(text_embeds), attention_mask), dim=-1)
+    image_vec, text_vec = (F.normalize(v.float(), dim=-1)
+                           for v in model.retrieval_embeddings(image_embeds, text_embeds, attention_mask))
     same_image = image_ids.view(-1, 1) == image_ids.view(1, -1)
     return choose_negative_texts(image_vec @ text_vec.T, same_image, num_negatives, hard, generator)

@@ -70,9 +70,25 @@ class VLPModel(nn.Module, abc.ABC):
         families (METER ignores it), so resuming stays exact."""
 
     @abc.abstractmethod
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The unimodal text encoding [B, L, W] (a text tower's output; a single-stream family's embedding layer);
+        passed to ``infer(text_embeds=...)`` so that retrieval encodes every caption once."""
+
+    @abc.abstractmethod
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
-              image_embeds: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """The fused forward; ``image_embeds`` (from ``encode_image``) skips the vision encoder."""
+              image_embeds: Optional[torch.Tensor] = None, text_embeds: Optional[torch.Tensor] = None
+              ) -> Dict[str, torch.Tensor]:
+        """The fused forward; ``image_embeds`` (from ``encode_image``) skips the vision encoder, ``text_embeds``
+        (from ``encode_text``) the text encoder."""
+
+    def retrieval_embeddings(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                             attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first (shortlist) stage of retrieval with ``eval.k_test > 0``: (image vectors [I, D], text vectors
+        [T, D]) from ``encode_image`` / ``encode_text`` outputs, compared by cosine (the caller normalises); the
+        fused ITM head then scores only the shortlisted pairs. Families with contrastive heads return their
+        trained embeddings; others say what heuristic they use. The default: no first stage."""
+        raise NotImplementedError(f"{type(self).__name__} defines no retrieval first stage (retrieval_embeddings): "
+                                  f"use eval.k_test=0 (every pair scored by ITM)")
 
     # -- heads ---------------------------------------------------------------------------------------------
     @abc.abstractmethod

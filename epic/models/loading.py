@@ -70,9 +70,9 @@ def run_dir_of(source: WeightSource) -> Optional[Path]:
 
 
 def read_config_dict(source: WeightSource) -> Optional[dict]:
-    """The resolved config the weights were trained with; for an official checkpoint only its ``model`` section,
-    from its family's ``official_config`` (tensor shapes, the file's own hyper-parameters, FILE.json beside it;
-    None if the family registers none)."""
+    """The resolved config the weights were trained with; for an official checkpoint its ``model`` section, from
+    its family's ``official_config`` (tensor shapes, the file's own hyper-parameters, FILE.json beside it; None if
+    the family registers none), and the family's ``data.normalization``."""
     if source.kind == "deepspeed":
         state = read_trainer_state(source.path)
         if "config" not in state:
@@ -83,8 +83,13 @@ def read_config_dict(source: WeightSource) -> Optional[dict]:
             with open(source.path / EXPORT_CONFIG) as f:
                 return yaml.safe_load(f)
         return {"model": json.loads((source.path / MODEL_CONFIG).read_text())}  # save_pretrained: the model only
+    from .registry import family_of, get_family
+
     cfg = official_model_config(source.path)
-    return None if cfg is None else {"model": dataclasses.asdict(without_local_weights(cfg))}
+    if cfg is None:
+        return None
+    return {"model": dataclasses.asdict(without_local_weights(cfg)),
+            "data": {"normalization": get_family(family_of(cfg)).normalization}}
 
 
 def read_step(source: WeightSource) -> int:

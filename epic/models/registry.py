@@ -35,6 +35,9 @@ class Family:
     tasks: Optional[str] = None  # "module:function" -> build_task_model(task, config, num_answers)
     tiny_config: str = ""  # a packaged run config with a tiny model (tests/test_model_interface.py builds it)
     official_config: Optional[str] = None  # "module:function" -> (path, config=None) -> the file's model config
+    # the data.normalization (epic.data.transforms) its official weights were trained with: what fine-tuning and
+    # evaluation of an official checkpoint normalise with unless the config says otherwise
+    normalization: str = "clip"
 
 
 FAMILIES: dict[str, Family] = {
@@ -47,10 +50,12 @@ FAMILIES: dict[str, Family] = {
                    model="epic.models.vilt.modeling_vilt:ViLT",
                    converter="epic.models.vilt.convert_vilt:load_official_vilt",
                    tasks="epic.models.vilt.tasks_vilt:build_task_model", tiny_config="vilt_shapes_tiny",
-                   official_config="epic.models.vilt.convert_vilt:official_vilt_config"),
+                   official_config="epic.models.vilt.convert_vilt:official_vilt_config",
+                   normalization="inception"),  # ViLT's pixelbert transform: mean = std = 0.5
     "albef": Family("albef", config="epic.models.albef.configuration_albef:ALBEFConfig",
                     model="epic.models.albef.modeling_albef:ALBEF",
-                    converter="epic.models.albef.convert_albef:load_official_albef", tiny_config="albef_shapes_tiny",
+                    converter="epic.models.albef.convert_albef:load_official_albef",
+                    tasks="epic.models.albef.tasks_albef:build_task_model", tiny_config="albef_shapes_tiny",
                     official_config="epic.models.albef.convert_albef:official_albef_config"),
     "xvlm": Family("xvlm", config="epic.models.xvlm.configuration_xvlm:XVLMConfig",
                    model="epic.models.xvlm.modeling_xvlm:XVLM",

@@ -413,7 +413,7 @@ class EpicObjective:
             try:
                 loader = build_eval_loader(self.paths.val_shards, self.tokenizer, image_size=self.cfg.data.image_size,
                                            max_text_len=self.cfg.data.max_text_len, batch_size=rows,
-                                           all_captions=False)
+                                           all_captions=False, normalization=self.cfg.data.normalization)
                 batch = next(iter(loader))
             except (StopIteration, OSError, ValueError) as err:  # a figure is not worth failing the run
                 logger.warning("saliency figure: no val batch (%s); using the first training batch", err)

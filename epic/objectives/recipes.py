@@ -92,3 +92,19 @@ def base_losses(model, batch: dict, image_embeds: torch.Tensor, rng: torch.Gener
                 mlm_batch: Optional[dict] = None) -> Dict[str, torch.Tensor]:
     """The base losses of ``model``'s family (``model.family``) on shared image features."""
     return recipe_for(model.family)(model, batch, image_embeds, rng, mlm_batch=mlm_batch)
+
+#: (family, task) -> "module:function" of a fine-tuning objective that replaces epic/finetune.py's default for that
+#: task: ``losses(model, batch, rng, task, finetune_config) -> dict`` (``loss`` + scalars)
+TASK_RECIPES: Dict[tuple, str] = {
+    ("albef", "retrieval"): "epic.objectives.albef_tasks:albef_task_recipe",
+    ("albef", "vqa"): "epic.objectives.albef_tasks:albef_task_recipe",
+}
+
+
+def task_recipe(family: str, task: str):
+    """The family's own objective for ``task``, or None (epic/finetune.py's default objective applies)."""
+    path = TASK_RECIPES.get((family, task))
+    if path is None:
+        return None
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)

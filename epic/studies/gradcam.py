@@ -160,7 +160,8 @@ def probe_model(run_dir: Path, probes: list[dict]) -> dict:
 
     model, tokenizer, config = load_vlm(run_dir)
     size, max_len = config["model"]["image_size"], config["data"]["max_text_len"]
-    pixels = torch.stack([eval_transform(size)(p["image"]) for p in probes])
+    transform = eval_transform(size, config["data"].get("normalization", "clip"))
+    pixels = torch.stack([transform(p["image"]) for p in probes])
     out = {}
     for kind in ("consistent", "inconsistent"):
         encoded = [encode_probe(p, tokenizer, max_len, kind == "inconsistent") for p in probes]

@@ -166,7 +166,7 @@ def train(config: str, overrides: list[str], out: Path, steps: int, eval_every: 
     loader = build.build_train_data(cfg, paths, tokenizer, 0, 1)
     val = list(b for _, b in zip(range(eval_batches), build_eval_loader(
         paths.val_shards, tokenizer, image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
-        batch_size=cfg.data.eval_batch_size)))
+        batch_size=cfg.data.eval_batch_size, normalization=cfg.data.normalization)))
     models = {"vlm": vlm, "lm": lm, "sampler": sampler}
     optimizers = {k: torch.optim.AdamW(m.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
                   for k, m in models.items()}
@@ -200,7 +200,8 @@ def train(config: str, overrides: list[str], out: Path, steps: int, eval_every: 
                                                  "vlm_objective": vlm_objective,
                                                  "data": {"image_size": cfg.data.image_size,
                                                           "max_text_len": cfg.data.max_text_len,
-                                                          "eval_batch_size": cfg.data.eval_batch_size}},
+                                                          "eval_batch_size": cfg.data.eval_batch_size,
+                                                          "normalization": cfg.data.normalization}},
                                                 indent=1) + "\n")
     last = record(0)
     for step, batch in zip(range(1, steps + 1), loader):
@@ -222,7 +223,8 @@ def train(config: str, overrides: list[str], out: Path, steps: int, eval_every: 
                                                  "vlm_objective": vlm_objective,
                                                  "data": {"image_size": cfg.data.image_size,
                                                           "max_text_len": cfg.data.max_text_len,
-                                                          "eval_batch_size": cfg.data.eval_batch_size}},
+                                                          "eval_batch_size": cfg.data.eval_batch_size,
+                                                          "normalization": cfg.data.normalization}},
                                                 indent=1) + "\n")
     (out / "summary.json").write_text(json.dumps(last, indent=1) + "\n")
     return last

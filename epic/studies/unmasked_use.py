@@ -117,7 +117,7 @@ def run_seed(study, seed: int) -> dict:
         data = info["data"]
         batches = [b for _, b in zip(range(2 if study.scale.name == "smoke" else 8), build_eval_loader(
             info["val_shards"], tokenizer, image_size=data["image_size"], max_text_len=data["max_text_len"],
-            batch_size=data["eval_batch_size"]))]
+            batch_size=data["eval_batch_size"], normalization=data.get("normalization", "clip")))]
         return {"seed": seed, "rows": measure(vlm, lm, sampler, batches, tokenizer, TAUS, seed)}
 
     return _stage(out, compute, study.collect_only)

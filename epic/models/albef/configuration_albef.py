@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 #: how ``saliency_qk`` picks the EPIC saliency query and keys (see ``modeling_albef.ALBEF.saliency_qk``)
 SALIENCY_CHOICES = ("fused_cls", "image_cls_cross")
@@ -19,6 +19,10 @@ SALIENCY_CHOICES = ("fused_cls", "image_cls_cross")
 @dataclass
 class ALBEFConfig:
     family: str = "albef"  # the registry name (model.family in a run config)
+    # checked at config time (epic.config.validate_micro_batch); class attributes, not config keys
+    min_micro_batch_size: ClassVar[int] = 2
+    min_micro_batch_reason: ClassVar[str] = ("ALBEF's ITM draws each sample's hard negative from the other samples "
+                                             "of its micro-batch")
 
     # Vision encoder: timm ViT (ALBEF's models/vit.py: pre-norm blocks, GELU, final LayerNorm on every token,
     # LayerNorm eps 1e-6, qkv bias). ALBEF hard-codes patch 16, width 768, depth 12, 12 heads.

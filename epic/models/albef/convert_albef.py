@@ -214,13 +214,18 @@ def official_albef_config(path_or_state_dict, config: Union[str, dict, None] = N
 
 
 def load_official_albef(path_or_state_dict, config: Union[str, dict, None] = None,
-                        overrides: Optional[dict] = None, weights_only: bool = True) -> ALBEF:
+                        overrides: Optional[dict] = None, weights_only: bool = True,
+                        allow_missing_heads: bool = False) -> ALBEF:
     """Our ALBEF from an official checkpoint (path or loaded dict), momentum copies and queues included.
 
     ``config``: ALBEF's own config (Pretrain.yaml keys, ``bert_config`` dict or path inside), as a dict or a
     JSON/YAML path; None takes the ``'config'`` ALBEF stores in its checkpoints. ``overrides``: ALBEFConfig fields
     (e.g. ``vision_heads`` for non-standard ViTs, ``saliency``, ``consistency_head``). ``weights_only``: see
-    ``read_checkpoint``."""
+    ``read_checkpoint``. ``allow_missing_heads``: the switch the framework's loader passes to every converter
+    (epic.models.loading.load_official_file, e.g. for ``finetune.py --init ALBEF_4M.pth``); it changes nothing here:
+    ALBEF's pretraining checkpoints hold every head, and fine-tuned ones (no MLM head, queues or momentum copies)
+    are refused either way with a message saying so."""
+    del allow_missing_heads
     state_dict, config = _checkpoint_and_config(path_or_state_dict, config, weights_only)
     model = ALBEF(albef_config_from_official(config, state_dict, overrides))
     model.load_state_dict(from_official_state_dict(state_dict, model))

@@ -54,6 +54,9 @@ def fill_tied_aliases(module, state_dict, prefix, *args) -> None:
     """load_state_dict pre-hook: a state dict saved without the tied aliases (safetensors refuses shared tensors;
     ``save_pretrained`` drops them) loads strictly, the aliases taken from their sources."""
     for alias, source in TIED_SOURCES.items():
+        encoder = module._modules.get(alias.split(".")[0])
+        if encoder is None or "cls" not in encoder._modules:  # a task model without that MLM head (VE, NLVR2)
+            continue
         if prefix + alias not in state_dict and prefix + source in state_dict:
             state_dict[prefix + alias] = state_dict[prefix + source]
 
@@ -376,6 +379,12 @@ class ALBEF(VLPModel):
     def text_feat(self, text_embeds: torch.Tensor) -> torch.Tensor:
         """L2-normalised projection of the text [CLS] into the contrastive space [B, embed_dim]."""
         return F.normalize(self.text_proj(text_embeds[:, 0, :]), dim=-1)
+
+    def retrieval_embeddings(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                             text_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """epic.eval.retrieval's first-stage score: the contrastive features (ALBEF's k_test shortlist by
+        image_feat @ text_feat.T, re-ranked by ITM); the [CLS] projections need no mask."""
+        return self.image_feat(image_embeds), self.text_feat(text_embeds)
 
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
               image_embeds: Optional[torch.Tensor] = None,

@@ -116,6 +116,16 @@ class METER(VLPModel):
         """[B, L] → text tower output [B, L, text_hidden_size]."""
         return encode_text_tokens(self.text_transformer, input_ids, attention_mask)
 
+    def retrieval_embeddings(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                             attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Retrieval's shortlist vectors (fp32): the mean-pooled unimodal features after the two
+        ``cross_modal_*_transform`` layers, which map both towers into the space the fusion layers read (text:
+        real tokens only). METER has no contrastive head, so this is a heuristic, not a trained similarity."""
+        image = self.cross_modal_image_transform(image_embeds).float().mean(dim=1)
+        weights = attention_mask.to(text_embeds.dtype).unsqueeze(-1)
+        text = (self.cross_modal_text_transform(text_embeds) * weights).float().sum(dim=1)
+        return image, text / weights.float().sum(dim=1).clamp_min(1.0)
+
     # ----------------------------------------------------------------------------------------------- fusion
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               pixel_values: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None,

@@ -1,0 +1,157 @@
+"""ALBEF's retrieval and VQA fine-tuning objectives (salesforce/ALBEF ``models/model_{retrieval,vqa}.py``) over
+tensors, and the recipe that runs them on ALBEF's task models (epic.models.albef.tasks_albef).
+
+    L = L_ita + L_itm      (ALBEF's Retrieval.py)
+
+L_ita is the pretraining contrastive loss with one change: a caption's positives are *every* batch or queue entry
+of the same image (``idx``: a COCO image has 5 captions), targets = positives / their count, mixed with the
+momentum model's softmax at weight alpha. L_itm draws, per image, one hard negative caption and, per caption, one
+hard negative image from the in-batch softmax similarities, never of the same image (ALBEF masks eq(idx, idx.T)).
+
+VQA: the answer decoder's sequence loss of every (question, answer) pair the question has, weighted by the
+answer's share of the question's soft scores, summed and divided by the batch size (ALBEF: weight = the answer's
+share of the annotators, loss = (weights * answer NLL).sum() / B).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from epic.models.albef.tasks_albef import answer_sequence_nll  # the decoder's sequence NLL (ranking uses it too)
+
+from .albef_losses import NEGATIVE_WEIGHT_FLOOR, itm_loss, itm_pairs
+from .contrastive import (alpha_ramp, dequeue_and_enqueue, enqueue, gather_features, soft_cross_entropy,
+                          with_queue)
+
+BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "image_ids")
+
+
+def same_image_targets(idx: torch.Tensor, idx_all: torch.Tensor) -> torch.Tensor:
+    """[B, B + Q] targets: 1 / (number of positives) on every column of the same image, 0 elsewhere (ALBEF's
+    sim_targets = pos_idx / pos_idx.sum(1)). Row i's own column (i) is always a positive."""
+    positives = (idx.view(-1, 1) == idx_all.view(1, -1)).float()
+    return positives / positives.sum(dim=1, keepdim=True)
+
+
+def retrieval_contrastive_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_m: torch.Tensor,
+                               text_feat_m: torch.Tensor, image_queue: torch.Tensor, text_queue: torch.Tensor,
+                               idx: torch.Tensor, idx_queue: torch.Tensor, temp: torch.Tensor, alpha: float):
+    """(loss, sim_i2t, sim_t2i): ALBEF's retrieval ITA with momentum distillation, similarities in fp32.
+
+    targets = alpha * softmax(momentum similarities) + (1 - alpha) * same_image_targets; loss = (CE_i2t + CE_t2i)/2.
+    ``idx_queue`` [1, Q] holds the image ids of the queued features (-100: empty, never a positive)."""
+    temp = temp.float()
+    text_all = with_queue(text_feat_m.float(), text_queue)
+    image_all = with_queue(image_feat_m.float(), image_queue)
+    idx_all = torch.cat([idx.view(1, -1), idx_queue.detach().to(idx.device)], dim=1)
+    targets = same_image_targets(idx, idx_all)
+    with torch.no_grad():
+        targets_i2t = alpha * F.softmax(image_feat_m.float() @ text_all / temp, dim=1) + (1.0 - alpha) * targets
+        targets_t2i = alpha * F.softmax(text_feat_m.float() @ image_all / temp, dim=1) + (1.0 - alpha) * targets
+    sim_i2t = image_feat.float() @ text_all / temp
+    sim_t2i = text_feat.float() @ image_all / temp
+    loss = (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+def other_image_weights(sim: torch.Tensor, same_image: torch.Tensor,
+                        floor: float = NEGATIVE_WEIGHT_FLOOR) -> torch.Tensor:
+    """Hard-negative sampling weights [B, B]: softmax(sim) in fp32 (+ floor), 0 on every sample of the same image
+    (ALBEF masks eq(idx, idx.T)); a row with a non-finite similarity is uniform over the other images (the guard of
+    albef_losses.hard_negative_weights). A row without any other image cannot draw a negative: a clear error."""
+    sim = sim.detach().float()
+    finite_rows = torch.isfinite(sim).all(dim=1, keepdim=True)
+    sim = torch.where(finite_rows, sim, torch.zeros_like(sim))
+    weights = (F.softmax(sim, dim=1) + floor).masked_fill(same_image, 0.0)
+    if bool((weights.sum(dim=1) == 0).any()):
+        raise ValueError("ALBEF retrieval ITM needs, for every sample, another image in its micro-batch (its hard "
+                         "negative); this micro-batch holds one image only: raise data.micro_batch_size")
+    return weights
+
+
+@torch.no_grad()
+def enqueue_with_ids(model, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx: torch.Tensor,
+                     gather=gather_features) -> None:
+    """ALBEF's retrieval _dequeue_and_enqueue: features and their image ids, gathered over ranks, at one pointer."""
+    if model.queue_ptr.is_meta:
+        return
+    ptr = int(model.queue_ptr.item())
+    dequeue_and_enqueue(model.image_queue, model.text_queue, model.queue_ptr, image_feat_m, text_feat_m,
+                        gather=gather)
+    enqueue(model.idx_queue, gather(idx.view(-1, 1).to(model.idx_queue.dtype)), ptr)
+
+
+def retrieval_losses(model, batch: Dict[str, torch.Tensor], rng: Optional[torch.Generator] = None,
+                     alpha: Optional[float] = None, gather=gather_features) -> Dict[str, torch.Tensor]:
+    """One ALBEF retrieval fine-tuning forward: ``loss`` = L_ita + L_itm, each term, ITM accuracy and alpha.
+
+    ``batch``: ``pixel_values``, ``input_ids``, ``attention_mask``, ``image_ids`` (row b = image b with one of its
+    captions). ``alpha`` None ramps ``model.config.alpha`` over ``alpha_ramp_steps`` optimizer steps (ALBEF's
+    warm-up ramp over the first epoch). Each image and caption is encoded once; the ITM pass fuses the 3B pairs."""
+    missing = [key for key in BATCH_KEYS if key not in batch]
+    if missing:
+        raise KeyError(f"ALBEF retrieval fine-tuning needs batches with {missing} (epic.data.tasks' retrieval loader)")
+    if alpha is None:
+        alpha = alpha_ramp(model.config.alpha, int(model.momentum_step), model.config.alpha_ramp_steps)
+    pixel_values, input_ids, attention_mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    idx = batch["image_ids"].to(input_ids.device).long()
+    image_embeds = model.encode_image(pixel_values)
+    text_embeds = model.encode_text(input_ids, attention_mask)
+    momentum = model.momentum_features(input_ids, attention_mask, pixel_values)
+    loss_ita, sim_i2t, sim_t2i = retrieval_contrastive_loss(
+        model.image_feat(image_embeds), model.text_feat(text_embeds), momentum["image_feat_m"],
+        momentum["text_feat_m"], model.image_queue, model.text_queue, idx, model.idx_queue, model.temperature(),
+        alpha)
+    enqueue_with_ids(model, momentum["image_feat_m"], momentum["text_feat_m"], idx, gather)
+
+    batch_size = idx.shape[0]
+    same_image = idx.view(-1, 1) == idx.view(1, -1)
+    negatives = {
+        "text_index": torch.multinomial(other_image_weights(sim_i2t[:, :batch_size], same_image), 1,
+                                        generator=rng).squeeze(1),
+        "image_index": torch.multinomial(other_image_weights(sim_t2i[:, :batch_size], same_image), 1,
+                                         generator=rng).squeeze(1)}
+    pairs = itm_pairs(batch_size, negatives, image_embeds.device)
+    fused = model.fuse(text_embeds[pairs["text_index"]], attention_mask[pairs["text_index"]],
+                       image_embeds[pairs["image_index"]])
+    logits = model.itm_score(fused[:, 0])
+    loss_itm = itm_loss(logits, pairs["labels"])
+    accuracy = (logits.argmax(-1) == pairs["labels"]).float().mean()
+    return {"loss": loss_ita + loss_itm, "loss_ita": loss_ita.detach(), "loss_itm": loss_itm.detach(),
+            "itm_acc": accuracy.detach(), "alpha": torch.tensor(alpha)}
+
+
+def answer_weights(target_scores: torch.Tensor):
+    """(question index [P], answer index [P], weight [P]) of every answer with a positive soft score, each weight
+    its share of the question's total (ALBEF: count / number of annotators)."""
+    scores = target_scores.float()
+    question, answer = (scores > 0).nonzero(as_tuple=True)
+    shares = scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return question, answer, shares[question, answer]
+
+
+def vqa_losses(model, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """ALBEF's VQA training loss: sum over (question, answer) pairs of weight x answer NLL, / batch size."""
+    missing = [key for key in ("pixel_values", "input_ids", "attention_mask", "target_scores") if key not in batch]
+    if missing:
+        raise KeyError(f"ALBEF VQA fine-tuning needs batches with {missing} (epic.data.tasks' VQA loader)")
+    model._check_answers()
+    states = model.question_states(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    question, answer, weights = answer_weights(batch["target_scores"])
+    if question.numel() == 0:  # no question of this micro-batch has an answer in the list: a zero with a graph
+        return {"loss": states.sum() * 0.0, "num_answers": torch.tensor(0.0)}
+    ids, mask = model.answer_input_ids[answer], model.answer_attention_mask[answer]
+    logits = model.text_decoder(ids, mask, states[question], batch["attention_mask"][question])
+    loss = (weights * answer_sequence_nll(logits, ids, mask)).sum() / states.shape[0]
+    return {"loss": loss, "loss_vqa": loss.detach(), "num_answers": torch.tensor(float(question.numel()))}
+
+
+def albef_task_recipe(model, batch: dict, rng: torch.Generator, task: str, finetune) -> Dict[str, torch.Tensor]:
+    """The TASK_RECIPES entry (epic.objectives.recipes) for ALBEF's retrieval and VQA."""
+    if task == "retrieval":
+        return retrieval_losses(model, batch, rng)
+    if task == "vqa":
+        return vqa_losses(model, batch)
+    raise ValueError(f"no ALBEF task recipe for {task!r}")
