@@ -21,7 +21,7 @@ from epic.data.text import mask_tokens_for_mlm
 from epic.data.transforms import CLIP_MEAN, CLIP_STD, COLOUR_OPS, RandAugmentNoColour, seeded_transform
 
 CONTRACT_KEYS = {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "special_tokens_mask",
-                 "content_mask", "keys", "caption_index", "shards"}
+                 "content_mask", "keys", "caption_index", "shards", "real_lengths"}
 TRAIN_ONLY_KEYS = {"shards"}  # with caption_index, what the saliency cache looks alpha up by
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,8 +40,8 @@ def take(loader, n):
 def assert_same_batches(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert x["keys"] == y["keys"] and x["shards"] == y["shards"]
-        for name in CONTRACT_KEYS - {"keys", "shards"}:
+        assert x["keys"] == y["keys"] and x["shards"] == y["shards"] and x["real_lengths"] == y["real_lengths"]
+        for name in CONTRACT_KEYS - {"keys", "shards", "real_lengths"}:
             assert torch.equal(x[name], y[name]), name
 
 

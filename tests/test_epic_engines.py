@@ -37,8 +37,9 @@ def make_config(world, teacher, *overrides):
                                             *overrides])
 
 
-def build(setup, *overrides, paths=None):
-    """The trainer's construction (epic/engine/trainer.py Trainer.setup) for one rank: VLM engine + objective."""
+def build(setup, *overrides, paths=None, accum=1):
+    """The trainer's construction (epic/engine/trainer.py Trainer.setup) for one rank: VLM engine + objective
+    (``accum`` micro-batches of BATCH per optimizer step)."""
     from epic.engine.build import build_model
     from epic.engine.schedule import build_lr_scheduler
     from epic.engine.setup import (build_optimizer, derive_batch_math, initialize_engine, load_ds_config,
@@ -51,7 +52,7 @@ def build(setup, *overrides, paths=None):
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps,
                                 cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
     scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio)
-    batch_math = derive_batch_math(BATCH, BATCH, 1)
+    batch_math = derive_batch_math(BATCH * accum, BATCH, 1)
     ds = resolve_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs/cpu_zero2.json")), batch_math, 1.0,
                            on_cpu=True)
     engine = initialize_engine(model, optimizer, scheduler, ds)

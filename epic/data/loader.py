@@ -99,6 +99,9 @@ def collate_rows(keys, pixels, captions, content_words, tokenizer, max_text_len,
             generator)
     batch["keys"] = list(keys)
     batch["caption_index"] = torch.tensor(list(caption_indices), dtype=torch.long)
+    # host ints, the real (caption) tokens per row: counts the step needs, e.g. EPIC's M = sum ceil(ratio * len_i),
+    # without reading the device
+    batch["real_lengths"] = (batch["attention_mask"].bool() & ~batch["special_tokens_mask"]).sum(dim=1).tolist()
     return batch
 
 

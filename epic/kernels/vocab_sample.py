@@ -22,6 +22,7 @@ The two streams differ (equal in distribution). ``noise_seed=int`` fixes the sam
 Philox seed; reference: a fresh ``torch.Generator`` seeded with it; reference samples then also depend on
 ``vocab_tile``).
 """
+import functools
 from typing import NamedTuple
 
 import torch
@@ -188,9 +189,8 @@ def _forward_tile_reference(logits, tile_start, state, targets, allowed, noise, 
 def _grad_tile_reference(logits, tile_start, targets, lse, row_scale):
     num_rows, tile_len = logits.shape
     grad = torch.exp(logits.float() - lse[:, None])
-    local = targets - tile_start
-    in_tile = (local >= 0) & (local < tile_len)
-    grad[in_tile, local[in_tile]] -= 1.0
+    local = targets - tile_start  # minus the one-hot of the target (no boolean indexing: no host sync on CUDA)
+    grad -= (torch.arange(tile_len, device=grad.device) == local[:, None]).to(grad.dtype)
     logits.copy_(grad * row_scale[:, None])
 
 
@@ -370,7 +370,20 @@ def vocab_sample_and_loss_eager(hidden, embedding, bias=None, targets=None, excl
 
 
 def _allowed_ids(exclude_ids, vocab_size, device):
-    """[V] bool, False at the excluded ids."""
+    """[V] bool, False at the excluded ids. From a list of ids: made once per (ids, V, device) and cached, so the
+    hot path does not copy the ids to the device (a blocking host-to-device copy) at every call."""
+    if not isinstance(exclude_ids, torch.Tensor):
+        return _cached_allowed_ids(tuple(int(i) for i in exclude_ids), int(vocab_size), torch.device(device))
+    return _make_allowed_ids(exclude_ids, vocab_size, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_allowed_ids(exclude_ids: tuple, vocab_size: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, even if first made under inference mode
+        return _make_allowed_ids(list(exclude_ids), vocab_size, device)
+
+
+def _make_allowed_ids(exclude_ids, vocab_size, device):
     allowed = torch.ones(vocab_size, dtype=torch.bool, device=device)
     excluded = torch.as_tensor(exclude_ids, dtype=torch.int64).reshape(-1)
     if excluded.numel():
@@ -408,8 +421,8 @@ def _check_inputs(hidden, embedding, bias, targets, temperature):
 
 def _check_targets(targets, vocab_size, ignore_index):
     ok = ((targets >= 0) & (targets < vocab_size)) | (targets == ignore_index)
-    if targets.is_cuda:  # no host sync: a device-side assert
-        torch._assert_async(ok.all())
-    elif not bool(ok.all()):
-        bad = targets[~ok][:5].tolist()
-        raise ValueError(f"targets must be ids in [0, {vocab_size}) or ignore_index={ignore_index}; got {bad}.")
+    message = f"targets must be ids in [0, {vocab_size}) or ignore_index={ignore_index}"
+    try:  # a device-side assert, the same op on every device: no host sync on CUDA, on CPU it raises at once
+        torch._assert_async(ok.all(), message)
+    except RuntimeError as err:  # CPU: name the bad ids (the error path may read the tensor)
+        raise ValueError(f"{message}; got {targets[~ok][:5].tolist()}.") from err

@@ -33,7 +33,7 @@ from epic.models.interface import CONSISTENCY_HEAD
 from epic.paths import expand_env
 
 from .corruption import (consistency_labels, excluded_token_ids, inconsistent_positions, mask_tokens,
-                         random_replacements, replace_at, sample_replacements)
+                         masked_count, masked_flat_indices, random_replacements, replace_at, sample_replacements)
 from .recipes import base_losses
 from .saliency import (cached_alpha_query_keys, real_text_tokens, saliency_masking, saliency_mlm_inputs,
                        uniform_masking)
@@ -319,10 +319,11 @@ class EpicObjective:
                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(w_bar, detached L_GEN or None). A trained generator takes its backward and step here."""
         input_ids = batch["input_ids"]
-        flat = positions.flatten().nonzero().squeeze(1)  # the M masked positions, row-major
+        num_masked = masked_count(batch, positions, self.epic.mask_ratio)  # M, known on the host
+        flat = masked_flat_indices(positions, num_masked)  # the M masked positions, row-major, without a host sync
         targets = input_ids.flatten().index_select(0, flat)
         if self.generator is None:  # "ITC (rand.)"
-            return replace_at(input_ids, positions, random_replacements(len(targets), self.allowed_ids, rng)), None
+            return replace_at(input_ids, flat, random_replacements(num_masked, self.allowed_ids, rng)), None
         masked_ids = mask_tokens(input_ids, positions, self.mask_token_id)  # Eq. 3
         mode = self.epic.generator_mode
         if mode == "vlm_sas":
@@ -341,7 +342,7 @@ class EpicObjective:
                 states = self.generator(masked_ids, batch["attention_mask"], flat)
                 embedding, bias = self.generator.output_embedding()
                 samples, loss_gen = sample_replacements(states, embedding, bias, targets, self.exclude_ids, rng)
-        return replace_at(input_ids, positions, samples), loss_gen
+        return replace_at(input_ids, flat, samples), loss_gen
 
     def _sas_samples(self, batch, masked_ids, positions, targets, rng):
         """VLM(SAS): the auxiliary VLM's own cross-modal MLM on (w^mask, v) proposes the replacements."""

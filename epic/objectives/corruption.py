@@ -40,13 +40,42 @@ def random_replacements(count: int, allowed_ids: torch.Tensor, generator: Option
     """Ablation "ITC (rand.)": ``count`` ids uniformly from ``allowed_ids`` (the non-special vocabulary)."""
     gen_device = generator.device if generator is not None else allowed_ids.device
     index = torch.randint(len(allowed_ids), (count,), generator=generator, device=gen_device)
-    return allowed_ids[index.to(allowed_ids.device)]
+    return allowed_ids[index.to(allowed_ids.device, non_blocking=True)]  # a host-born draw: no blocking copy
+
+
+def masked_count(batch: dict, positions: torch.Tensor, ratio: float) -> int:
+    """M = sum_i ceil(ratio * len_i), the number of masked positions, as a Python int without reading the device:
+    from the loader's ``real_lengths`` (host ints). A batch without them (built by hand) costs one host read."""
+    from epic.kernels.saliency_mask import num_positions_to_mask
+
+    lengths = batch.get("real_lengths")
+    if lengths is None:
+        lengths = (batch["attention_mask"].bool() & ~batch["special_tokens_mask"].bool()).sum(dim=1).tolist()
+    if len(lengths) != positions.shape[0]:
+        raise ValueError(f"real_lengths has {len(lengths)} rows, the batch {positions.shape[0]}")
+    return int(num_positions_to_mask(torch.as_tensor(lengths, dtype=torch.int64), ratio).sum())
+
+
+def masked_flat_indices(positions: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` True entries of ``positions`` [B, L] as flat indices [M] in row-major order -- what
+    ``positions.flatten().nonzero()`` gives, but of a shape known on the host, so the device is never waited for:
+    a stable sort puts the True entries first, in index order. ``count`` must be the number of True entries (checked
+    on the device, asynchronously)."""
+    flat = positions.flatten()
+    torch._assert_async(flat.sum() == count, "masked_flat_indices: count is not the number of masked positions "
+                                             "(the batch's real_lengths do not match its attention/special masks)")
+    order = torch.argsort((~flat).to(torch.uint8), stable=True)
+    return order[:count]
 
 
 def replace_at(input_ids: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """w_bar: ``input_ids`` with ``values`` (row-major order) written at the True entries of ``positions``."""
+    """w_bar: ``input_ids`` with ``values`` (row-major order) written at ``positions``: [B, L] bool (boolean
+    indexing: a host sync on CUDA), or [M] flat indices (``masked_flat_indices``: none)."""
     corrupted = input_ids.clone()
-    corrupted[positions] = values.to(input_ids.dtype)
+    if positions.dtype == torch.bool:
+        corrupted[positions] = values.to(input_ids.dtype)
+    else:
+        corrupted.view(-1)[positions] = values.to(input_ids.dtype)
     return corrupted
 
 

@@ -36,7 +36,8 @@ def draw_itm_pairs(batch_size: int, generator: torch.Generator, device: torch.de
     labels = labels[torch.randperm(batch_size, generator=generator, device=generator.device).cpu()]
     other_image = random_derangement(batch_size, generator).cpu()
     image_index = torch.where(labels == 1, torch.arange(batch_size), other_image)
-    return ITMPairs(labels=labels.to(device), image_index=image_index.to(device))
+    # host-born draws: an asynchronous copy (a blocking one from pageable memory waits for the device's queue)
+    return ITMPairs(labels=labels.to(device, non_blocking=True), image_index=image_index.to(device, non_blocking=True))
 
 
 def itm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
