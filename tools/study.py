@@ -6,7 +6,12 @@
 
 Studies: modality-bias (Sec. 3, Fig. 2a), unmasked-use (Fig. 2b), table4, table5, table6, table8, fig6 (App. H),
 gradcam (Fig. 5). Each writes OUT/STUDY.md (a table in the paper's layout, mean ± std over the seeds and their
-number), PNG plots and results.json into OUT (default studies_out/STUDY), and prints the table.
+number), PNG plots and results.json into OUT (default studies_out/STUDY; studies_out/STUDY_FAMILY for another
+--family than meter), and prints the table.
+
+  --family F        meter (default), vilt, albef, xvlm: the family's tiny shapes-world configs (FAMILY_shapes_tiny
+                    and epic_FAMILY_shapes_tiny; X-VLM's include its region data, data.regions). Every study but
+                    gradcam takes every family; families without task models (X-VLM) report zero-shot retrieval only
 
   --scale tiny      the shapes world (version 2, generated once under --world) on CPU, minutes per variant
   --scale ablation  the paper's ablation recipe: meter_4m_ablation / epic_meter_4m_ablation (CLIP-B/32, 224 px,
@@ -32,19 +37,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STUDIES = {"modality-bias": "modality_bias_study", "unmasked-use": "unmasked_use", "table4": "table4",
            "table5": "table5", "table6": "table6", "table8": "table8", "fig6": "fig6", "gradcam": "gradcam"}
-FAMILIES = ("meter",)
+
+def families() -> tuple[str, ...]:
+    from epic.models.registry import FAMILIES
+
+    return tuple(FAMILIES)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", choices=sorted(STUDIES))
-    parser.add_argument("--family", default="meter", help="model family (meter)")
+    parser.add_argument("--family", default="meter",
+                        help="model family of epic/models/registry.py (meter, vilt, albef, xvlm): its tiny "
+                             "shapes-world configs FAMILY_shapes_tiny / epic_FAMILY_shapes_tiny")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ... N-1)")
     parser.add_argument("--scale", default="tiny", choices=("tiny", "ablation"))
     parser.add_argument("--smoke", action="store_true", help="a few steps and one seed (CI)")
     parser.add_argument("--slurm", action="store_true", help="submit the runs as Slurm job arrays, then collect")
     parser.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH option (repeatable)")
-    parser.add_argument("--out", default=None, help="output folder [studies_out/STUDY]")
+    parser.add_argument("--out", default=None, help="output folder [studies_out/STUDY, studies_out/STUDY_FAMILY]")
     parser.add_argument("--runs", default=None, help="runs folder, shared between studies [studies_out/runs]")
     parser.add_argument("--world", default=None, help="shapes world folder [studies_out/world_SCALE]")
     parser.add_argument("--jobs", type=int, default=1, help="units run in parallel (local runs)")
@@ -60,21 +71,27 @@ def parse_args(argv=None):
 def build_study(args):
     from epic.studies.common import Study, ensure_world, make_scale
 
-    if args.family not in FAMILIES:
-        raise SystemExit(f"error: --family {args.family} is not available; families: {', '.join(FAMILIES)}")
+    if args.family not in families():
+        raise SystemExit(f"error: --family {args.family} is not a registered family; families: "
+                         f"{', '.join(families())} (epic/models/registry.py)")
     scale_name = "smoke" if args.smoke else args.scale
     root = Path("studies_out")
     world = None
     if scale_name in ("tiny", "smoke"):
         world = Path(args.world or root / f"world_{scale_name}").resolve()
-        ensure_world(world, scale_name)
-    scale = make_scale(scale_name, world, args.gpus)
+    try:
+        scale = make_scale(scale_name, world, args.gpus, args.family)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
+    if world is not None:
+        ensure_world(world, scale_name)  # the world carries X-VLM's region data (every object a region) too
     if args.steps:
         scale.pretrain_steps = scale.modality_steps = args.steps
     if args.ft_steps:
         scale.nlvr2_steps = scale.retrieval_steps = args.ft_steps
     seeds = range(1 if args.smoke else args.seeds)
-    out = Path(args.out or root / args.study).resolve()
+    default_out = root / (args.study if args.family == "meter" else f"{args.study}_{args.family}")
+    out = Path(args.out or default_out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     runs = Path(args.runs or root / "runs").resolve()
     return Study(args.study, scale, out, runs, seeds, jobs=args.jobs, in_slurm=args.unit is not None)
@@ -84,6 +101,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     module = importlib.import_module(f"epic.studies.{STUDIES[args.study]}")
     study = build_study(args)
+    check = getattr(module, "check_scale", None)  # a study that cannot serve every family says so first
+    if check is not None:
+        try:
+            check(study.scale)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}")
     units = module.units(study)
     if args.unit is not None:  # one array task of --slurm
         phase, index = (int(x) for x in args.unit.split(":"))

@@ -54,7 +54,13 @@ class Variant:
         return "epic.generator_mode=pretrained_fixed" in self.overrides
 
 
-VANILLA = Variant("METER (vanilla)", "vanilla")
+VANILLA = Variant("METER (vanilla)", "vanilla")  # "METER" is the family's label in tables (Scale.label)
+FAMILY_LABELS = {"meter": "METER", "vilt": "ViLT", "albef": "ALBEF", "xvlm": "X-VLM"}
+
+
+def row_label(name: str, scale: "Scale") -> str:
+    """A variant's name or a title with the scale's family in place of METER."""
+    return name.replace("METER", scale.label)
 
 
 # ------------------------------------------------------------------------------------------------ scales
@@ -72,6 +78,20 @@ class Scale:
     world: Optional[Path] = None  # the shapes world (tiny, smoke)
     modality_steps: int = 1000
     gpus: int = 0  # ablation: ranks per run (deepspeed --num_gpus), 0 = all visible
+    family: str = "meter"  # model.family of both configs (epic/models/registry.py)
+
+    @property
+    def label(self) -> str:
+        """The family's name as the paper writes it (row labels: "ViLT (vanilla)")."""
+        return FAMILY_LABELS.get(self.family, self.family)
+
+    @property
+    def finetunes(self) -> bool:
+        """Whether the family has task models for epic/finetune.py (NLVR2, retrieval); without them a study reports
+        zero-shot retrieval only."""
+        from epic.models.registry import get_family
+
+        return get_family(self.family).tasks is not None
 
     def pretrain_overrides(self) -> list[str]:
         if self.world is None:
@@ -116,20 +136,41 @@ WORLD_SIZES = {"tiny": dict(n_train=4000, n_val=200, tasks_train=2000, tasks_val
                "smoke": dict(n_train=128, n_val=32, tasks_train=32, tasks_val=16)}
 
 
-def make_scale(name: str, world: Optional[Path] = None, gpus: int = 0) -> Scale:
+def family_configs(family: str, scale: str) -> tuple[str, str]:
+    """(vanilla, EPIC) pretraining configs of `family` at a scale: the registry's tiny shapes-world config and its
+    epic_ twin (tiny, smoke); the paper's ablation recipe exists for METER only."""
+    from epic.models.registry import get_family
+
+    tiny = get_family(family).tiny_config
+    if scale in ("tiny", "smoke"):
+        from epic.config import read_config_data
+
+        epic = f"epic_{tiny}"
+        read_config_data(epic)  # a clear error when the family has no EPIC twin of its tiny config
+        return tiny, epic
+    if family != "meter":
+        raise ValueError(f"--scale ablation is the paper's METER ablation recipe (meter_4m_ablation / "
+                         f"epic_meter_4m_ablation); there is no {family}_4m_ablation config. Use --scale tiny for "
+                         f"--family {family}, or add {family}_4m_ablation.yaml and epic_{family}_4m_ablation.yaml")
+    return "meter_4m_ablation", "epic_meter_4m_ablation"
+
+
+def make_scale(name: str, world: Optional[Path] = None, gpus: int = 0, family: str = "meter") -> Scale:
+    if name in ("tiny", "smoke", "ablation"):
+        vanilla, epic = family_configs(family, name)
     if name == "tiny":
         # 300 pretraining steps (2.4 epochs of the 4000 captions): ~5 min (vanilla) / ~6 min (EPIC) per run on 2
         # idle cores; a profile of a tiny EPIC step puts ~75% in the model's forward/backward and ~25% in the
         # loader (RandAugment), plus ~25 s start-up per process, so length is the only lever left
-        return Scale("tiny", "shapes_tiny", "epic_shapes_tiny", "ds_configs/cpu_zero2.json", pretrain_steps=300,
-                     nlvr2_steps=200, retrieval_steps=150, world=world, modality_steps=1000)
+        return Scale("tiny", vanilla, epic, "ds_configs/cpu_zero2.json", pretrain_steps=300,
+                     nlvr2_steps=200, retrieval_steps=150, world=world, modality_steps=1000, family=family)
     if name == "smoke":
-        return Scale("smoke", "shapes_tiny", "epic_shapes_tiny", "ds_configs/cpu_zero2.json", pretrain_steps=4,
-                     nlvr2_steps=2, retrieval_steps=2, world=world, modality_steps=4)
+        return Scale("smoke", vanilla, epic, "ds_configs/cpu_zero2.json", pretrain_steps=4,
+                     nlvr2_steps=2, retrieval_steps=2, world=world, modality_steps=4, family=family)
     if name == "ablation":
-        return Scale("ablation", "meter_4m_ablation", "epic_meter_4m_ablation", "ds_configs/zero2_bf16.json",
+        return Scale("ablation", vanilla, epic, "ds_configs/zero2_bf16.json",
                      pretrain_steps=50000, nlvr2_steps=0, retrieval_steps=0, world=None, modality_steps=20000,
-                     gpus=gpus)
+                     gpus=gpus, family=family)
     raise ValueError(f"unknown scale {name!r}; choose tiny, ablation (or --smoke)")
 
 
@@ -220,9 +261,20 @@ def _stage(path: Path, run: Callable[[], dict], collect_only: bool = False) -> d
     return result
 
 
+def masking_overrides(scale: Scale, variant: Variant) -> list[str]:
+    """A variant that draws the MLM positions from saliency (†CMLM) replaces the family's own position choice:
+    ViLT's config masks whole words (data.whole_word_masking), which would pick the positions twice."""
+    if not any(o.startswith("data.mlm_masking=saliency") for o in variant.overrides):
+        return []
+    from epic.config import load_config
+
+    return ["data.whole_word_masking=false"] if load_config(scale.config_of(variant)).data.whole_word_masking else []
+
+
 def pretrain_overrides(study: Study, variant: Variant, seed: int, teacher: Optional[Path],
                        fitted_lm: Optional[str]) -> list[str]:
-    extra = [f"epic.teacher={teacher}"] if teacher is not None else []
+    extra = masking_overrides(study.scale, variant)
+    extra += [f"epic.teacher={teacher}"] if teacher is not None else []
     if fitted_lm is not None:
         extra.append(f"epic.generator.pretrained={fitted_lm}")
     return [*study.scale.pretrain_overrides(), *variant.overrides, *extra, f"run.seed={seed}"]
@@ -316,7 +368,7 @@ def run_unit(study: Study, variant: Variant, seed: int) -> dict:
         result["pretrain"] = _stage(unit / "pretrain.json",
                                     lambda: _pretrain_stage(study, variant, seed, teacher, fitted), collect)
         if study.downstream:
-            for task in ("nlvr2", "retrieval"):
+            for task in (("nlvr2", "retrieval") if study.scale.finetunes else ()):
                 key = "nlvr2" if task == "nlvr2" else "ret_ft"
                 if not (unit / f"{key}.json").is_file() and not collect:
                     study.log(f"[{study.name}] {variant.name} seed {seed}: fine-tuning {task}")
@@ -406,7 +458,8 @@ DOWNSTREAM_COLUMNS = (("NLVR2 dev", "nlvr2.accuracy"), ("ft TR@1", "ret_ft.tr_r1
                       ("zs TR@1", "ret_zs.tr_r1"), ("zs IR@1", "ret_zs.ir_r1"))
 
 
-def downstream_table(results: Sequence[dict], variants: Sequence[Variant], first_column: str) -> tuple[str, list]:
+def downstream_table(results: Sequence[dict], variants: Sequence[Variant], first_column: str,
+                     scale: Scale) -> tuple[str, list]:
     """The paper's ablation layout: one row per variant, NLVR2 dev, retrieval fine-tuned / zero-shot R@1."""
     grouped = results_by_variant(results, variants)
     rows, failures = [], []
@@ -414,13 +467,13 @@ def downstream_table(results: Sequence[dict], variants: Sequence[Variant], first
         runs = grouped[variant.name]
         ok = [r for r in runs if "error" not in r]
         failures += [f"- {variant.name} seed {r['seed']}: {r['error']}" for r in runs if "error" in r]
-        rows.append([variant.name, *[format_cell([metric(r, path) for r in ok]) for _, path in DOWNSTREAM_COLUMNS],
-                     str(len(ok))])
+        rows.append([row_label(variant.name, scale), *[format_cell([metric(r, path) for r in ok])
+                                                        for _, path in DOWNSTREAM_COLUMNS], str(len(ok))])
     header = [first_column, *[c for c, _ in DOWNSTREAM_COLUMNS], "seeds"]
     return markdown_table(header, rows), failures
 
 
-def bar_plot(path: Path, results: Sequence[dict], variants: Sequence[Variant], title: str) -> Path:
+def bar_plot(path: Path, results: Sequence[dict], variants: Sequence[Variant], title: str, scale: Scale) -> Path:
     """One panel per downstream column: mean over seeds with a ±std error bar, every seed as a dot."""
     import matplotlib
 
@@ -439,7 +492,7 @@ def bar_plot(path: Path, results: Sequence[dict], variants: Sequence[Variant], t
                 ax.bar(i, mean, yerr=std, capsize=3, color=f"C{i}", alpha=0.7)
                 ax.scatter([i] * n, values, color="k", s=8, zorder=3)
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+        ax.set_xticklabels([row_label(n, scale) for n in names], rotation=45, ha="right", fontsize=7)
         ax.set_title(column, fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -489,6 +542,13 @@ def seed_bands(per_seed: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[
         if mean is not None:
             out.append((x, mean, std))
     return out
+
+
+def analysis_dir(study: Study, name: str) -> Path:
+    """RUNS/<scale>/<name> of an analysis (modality-bias, unmasked-use, gradcam); <name>-<family> for another
+    family than METER (whose folders keep their plain names)."""
+    folder = name if study.scale.family == "meter" else f"{name}-{study.scale.family}"
+    return study.runs / study.scale.name / folder
 
 
 def elapsed(start: float) -> str:
@@ -554,11 +614,15 @@ def downstream_report(study: Study, variants: Sequence[Variant], title: str, fir
                       notes: Sequence[str] = ()) -> str:
     """Collect, write OUT/STUDY.md (the paper's ablation layout) and OUT/STUDY.png; returns the table."""
     results = collect(study, variants)
-    table, failures = downstream_table(results, variants, first_column)
-    bar_plot(study.out / f"{study.name}.png", results, variants, title)
+    title = row_label(title, study.scale)
+    table, failures = downstream_table(results, variants, first_column, study.scale)
+    bar_plot(study.out / f"{study.name}.png", results, variants, title, study.scale)
     (study.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    no_tasks = [] if study.scale.finetunes else [
+        f"{study.scale.label} has no task models for epic/finetune.py yet (epic/models/registry.py: tasks), so "
+        f"the fine-tuned columns are empty (—); zero-shot retrieval scores the pretraining runs."]
     write_report(study.out, study.name, title, table,
                  [settings_note(study), "NLVR2: accuracy on the shapes-world NLVR2 dev split after fine-tuning; "
                   "ft / zs: retrieval R@1 (text / image retrieval) fine-tuned / zero-shot (ITM score), %.",
-                  *notes, *(["", "Missing or failed runs:", *failures] if failures else [])], study.log)
+                  *no_tasks, *notes, *(["", "Missing or failed runs:", *failures] if failures else [])], study.log)
     return table

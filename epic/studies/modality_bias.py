@@ -5,9 +5,11 @@ split into content and filler words.
     python -m epic.studies.modality_bias --config shapes_tiny --out DIR [--steps N] [--eval-every K] [key=value ...]
 
 Every mini-batch of the pretraining loader (images, captions, BERT-masked captions with 15% of the tokens
-selected, content_mask) goes to both models: the VLM (METER from the config; its pretraining step, ITM + CMLM, or
-CMLM alone with --vlm-objective cmlm) reads the masked caption and the image, the LM (a RoBERTa masked LM as deep
-as the VLM's text tower plus its fusion layers, same width) only the masked caption. A third, independent
+selected, content_mask) goes to both models: the VLM (the config's model.family, any registered family; its
+family's pretraining losses, METER: ITM + CMLM, or CMLM alone with --vlm-objective cmlm; X-VLM trains on caption
+batches only, without region steps) reads the masked caption and the image, the LM (a masked LM of the VLM's
+text family, RoBERTa or BERT, as deep as the VLM's text tower plus its fusion layers, same width) only the masked
+caption. A third, independent
 text-only LM (the "sampler") is trained the same way; it stands in for App. A's roberta-base in the
 unmasked-use study (corrupting unmasked tokens). Accuracy is measured on the val shards (their masking is fixed,
 so every evaluation scores the same positions) every `--eval-every` steps and written to DIR/curve.jsonl; the
@@ -30,20 +32,35 @@ IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------------------------------------ models
-def text_only_lm(model_cfg, seed: int) -> torch.nn.Module:
-    """A RoBERTa masked LM with the VLM text side's width and depth (text tower + fusion layers): it never sees
-    pixels."""
-    from transformers import RobertaConfig, RobertaForMaskedLM
+def text_side_depth(model_cfg) -> int:
+    """Layers between a caption token and the VLM's MLM head: the text tower plus the fusion layers.
 
+    Read through the names every family's config gives the EPIC generator (``text_layers``) and, where the
+    fusion layers are separate from them, ``num_fusion_layers``: METER (text tower + co-attention layers), ALBEF
+    (BERT layers before ``fusion_layer`` + the fusion layers). X-VLM's ``text_layers`` is its whole BERT, fusion
+    included, and ViLT's the joint transformer, so they have no separate count."""
+    separate = getattr(model_cfg, "num_fusion_layers", 0)
+    whole = getattr(model_cfg, "num_hidden_layers", None)
+    if whole is not None and model_cfg.text_layers == whole:
+        separate = 0  # text_layers already counts the fusion layers
+    return model_cfg.text_layers + separate
+
+
+def text_only_lm(model_cfg, seed: int) -> torch.nn.Module:
+    """A masked LM of the VLM's text family (RoBERTa for METER, BERT for ViLT, ALBEF, X-VLM) with its text side's
+    width and depth (`text_side_depth`): it never sees pixels."""
+    from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
+    classes = {"roberta": (RobertaConfig, RobertaForMaskedLM), "bert": (BertConfig, BertForMaskedLM)}
+    config_class, model_class = classes[model_cfg.text_model_type]
     torch.manual_seed(seed)
-    config = RobertaConfig(vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.text_hidden_size,
-                           num_hidden_layers=model_cfg.text_layers + model_cfg.num_fusion_layers,
-                           num_attention_heads=model_cfg.text_heads,
-                           intermediate_size=model_cfg.text_intermediate_size,
-                           max_position_embeddings=model_cfg.max_text_len + 2, pad_token_id=model_cfg.pad_token_id,
-                           hidden_dropout_prob=model_cfg.dropout, attention_probs_dropout_prob=model_cfg.dropout,
-                           initializer_range=model_cfg.initializer_range)
-    return RobertaForMaskedLM(config)
+    config = config_class(vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.text_hidden_size,
+                          num_hidden_layers=text_side_depth(model_cfg), num_attention_heads=model_cfg.text_heads,
+                          intermediate_size=model_cfg.text_intermediate_size,
+                          max_position_embeddings=model_cfg.max_text_len + 2, pad_token_id=model_cfg.pad_token_id,
+                          hidden_dropout_prob=model_cfg.dropout, attention_probs_dropout_prob=model_cfg.dropout,
+                          initializer_range=model_cfg.initializer_range)
+    return model_class(config)
 
 
 def lm_logits(lm, batch: dict) -> torch.Tensor:
@@ -93,17 +110,19 @@ def content_chance(labels: torch.Tensor, content_mask: torch.Tensor, tokenizer) 
 
 
 # ------------------------------------------------------------------------------------------------ one step
-def joint_step(vlm, lm, batch: dict, rng: torch.Generator, vlm_objective: str = "meter") -> dict:
-    """Losses of both models on one mini-batch: the VLM's (ITM + CMLM, or CMLM) and the LM's MLM, on the very same
-    masked captions (batch["mlm_input_ids"], batch["mlm_labels"]); the LM gets no image."""
-    if vlm_objective == "meter":
+def joint_step(vlm, lm, batch: dict, rng: torch.Generator, vlm_objective: str = "base") -> dict:
+    """Losses of both models on one mini-batch: the VLM's (its family's pretraining losses, METER: ITM + CMLM; or
+    CMLM alone) and the LM's MLM, on the very same masked captions (batch["mlm_input_ids"], batch["mlm_labels"]);
+    the LM gets no image. ("meter" is the old name of "base".)"""
+    if vlm_objective in ("base", "meter"):
         from epic.objectives.vanilla import vanilla_losses
 
         vlm_loss = vanilla_losses(vlm, batch, rng)["loss"]
     elif vlm_objective == "cmlm":
         vlm_loss = masked_lm_loss(vlm_logits(vlm, batch), batch["mlm_labels"])
     else:
-        raise ValueError(f"vlm_objective must be 'meter' (ITM + CMLM) or 'cmlm', got {vlm_objective!r}")
+        raise ValueError(f"vlm_objective must be 'base' (the family's pretraining losses) or 'cmlm', got "
+                         f"{vlm_objective!r}")
     return {"vlm": vlm_loss, "lm": masked_lm_loss(lm_logits(lm, batch), batch["mlm_labels"])}
 
 
@@ -149,7 +168,7 @@ def linear_schedule(optimizer, steps: int, warmup_ratio: float):
 
 
 def train(config: str, overrides: list[str], out: Path, steps: int, eval_every: int, eval_batches: int,
-          vlm_objective: str = "meter", log=print) -> dict:
+          vlm_objective: str = "base", log=print) -> dict:
     from epic.config import load_config
     from epic.data import build_eval_loader
 
@@ -214,6 +233,9 @@ def train(config: str, overrides: list[str], out: Path, steps: int, eval_every: 
                 torch.nn.utils.clip_grad_norm_(models[name].parameters(), cfg.train.grad_clip)
             optimizers[name].step()
             schedules[name].step()
+        after_step = getattr(vlm, "after_optimizer_step", None)  # ALBEF: momentum update (as the trainer does)
+        if after_step is not None:
+            after_step()
         if step % eval_every == 0 or step == steps:
             last = record(step)
             save_models()
@@ -255,7 +277,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="training steps (0: the config's train.max_steps)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-batches", type=int, default=8, help="val batches per evaluation")
-    parser.add_argument("--vlm-objective", choices=("meter", "cmlm"), default="meter")
+    parser.add_argument("--vlm-objective", choices=("base", "meter", "cmlm"), default="base",
+                        help="base: the family's pretraining losses (meter: its old name); cmlm: CMLM alone")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     from epic.config import ConfigError, load_config, one_line

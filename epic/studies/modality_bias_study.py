@@ -6,15 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from .common import (Unit, _stage, curve_plot, format_cell, markdown_table, read_jsonl, run_command, seed_bands,
-                     write_report)
+from .common import (Unit, _stage, analysis_dir, curve_plot, format_cell, markdown_table, read_jsonl, row_label,
+                     run_command, seed_bands, write_report)
 
 TITLE = "Sec. 3 / Fig. 2a: modality bias, CMLM accuracy of a VLM vs MLM accuracy of a text-only LM (same masks)"
 COLUMNS = (("all", "acc"), ("content words", "acc_content"), ("filler words", "acc_filler"))
 
 
 def seed_dir(study, seed: int) -> Path:
-    return study.runs / study.scale.name / "modality-bias" / f"seed{seed}"
+    return analysis_dir(study, "modality-bias") / f"seed{seed}"
 
 
 def command(study, seed: int) -> list[str]:
@@ -71,13 +71,17 @@ def report(study):
                          f"{study.scale.modality_steps}." for s, step in sorted(partial.items())]
     else:
         notes_partial = []
-    notes = [f"Scale `{study.scale.name}`: `{study.scale.vanilla_config}`, {study.scale.modality_steps} steps of "
-             f"joint training (the VLM: METER's pretraining step, ITM + CMLM; the LM: a RoBERTa MLM as deep as the "
-             f"VLM's text tower plus fusion, text only), 15% BERT masking, accuracy on the val shards at the end; "
+    scale = study.scale
+    recipe = {"meter": "ITM + CMLM", "vilt": "ITM + WPA + CMLM", "albef": "ITA + ITM + CMLM, momentum distillation",
+              "xvlm": "ITC + ITM + CMLM on caption batches only (no region steps)"}.get(scale.family, "its base losses")
+    notes = [f"Scale `{scale.name}`: `{scale.vanilla_config}`, {scale.modality_steps} steps of "
+             f"joint training (the VLM: {scale.label}'s pretraining step, {recipe}; the LM: a masked LM of the "
+             f"VLM's text family, as wide as its text side and as deep as its text tower plus fusion, text only), "
+             f"the same masked captions (the config's masking), accuracy on the val shards at the end; "
              f"mean ± std over seeds. Curves: fig2a_acc.png, fig2a_acc_content.png, fig2a_acc_filler.png.",
              "Shapes world version 2 (epic/data/synthetic.py): no filler word gives a content word away."]
     notes += notes_partial
     if missing:
         notes.append(f"Seeds without any evaluation: {missing}.")
-    write_report(study.out, study.name, TITLE, table, notes, study.log)
+    write_report(study.out, study.name, row_label(TITLE, scale), table, notes, study.log)
     return table

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .common import Unit, _stage, curve_plot, format_cell, markdown_table, mean_std, write_report
+from .common import Unit, _stage, analysis_dir, curve_plot, format_cell, markdown_table, mean_std, write_report
 from .modality_bias_study import seed_dir
 
 TITLE = "Sec. 3 / Fig. 2b: relative accuracy drop of CMLM (VLM) and MLM (LM) when unmasked tokens are corrupted"
@@ -103,7 +103,7 @@ def measure(vlm, lm, sampler, batches: list[dict], tokenizer, taus: Sequence[flo
 
 
 def run_seed(study, seed: int) -> dict:
-    out = study.runs / study.scale.name / "unmasked-use" / f"seed{seed}.json"
+    out = analysis_dir(study, "unmasked-use") / f"seed{seed}.json"
 
     def compute() -> dict:
         from epic.data import build_eval_loader
