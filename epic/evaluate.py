@@ -59,7 +59,10 @@ def load_for_evaluation(ckpt: str, task: str, overrides: list[str] = ()) -> tupl
         data["model"] = dataclasses.asdict(model.config)
         data.setdefault("data", {}).update(image_size=model.config.image_size)
     else:
-        data["model"] = {**data.get("model", {}), "vit_pretrained": None, "text_pretrained": None}
+        # the weights come from the checkpoint: no tower is re-read from its pretrained path (only the fields the
+        # family has: ViLT has no text tower, so no text_pretrained)
+        model_fields = data.get("model", {})
+        data["model"] = {**model_fields, **{k: None for k in model_fields if k.endswith("_pretrained")}}
         tokenizer = tokenizer_path(source, saved)
         if tokenizer is not None:
             data.setdefault("data", {})["tokenizer"] = tokenizer

@@ -8,6 +8,10 @@ Grad-CAM (as ALBEF's visualisation): the text stream's penultimate cross-attenti
 gradient G of the image-text matching score (the ITM head's match logit, the same head for both models) w.r.t. A;
 (A: the penultimate fusion layer's; in the last one only [CLS] reaches the ITM head)
 the map of token t is mean over heads of relu(G ⊙ A)[t] over the image patches (the image [CLS] dropped).
+Every family (`ATTENTION_SITES`): METER, ALBEF and X-VLM have that cross-attention; ViLT is a single-stream
+transformer without one, so its A is the penultimate block's joint self-attention restricted to the text-query
+rows and the image-patch-key columns (how much each word reads each patch); the text-key columns are left out, and
+the scores are shares of the map, so they need no renormalisation.
 Scores per map: the share of its mass inside the named object's box and the pointing-game hit (its maximum inside
 the box). Boxes are the world's region boxes (`regions`: the smallest pixel box holding the drawn object).
 """
@@ -17,12 +21,15 @@ import json
 import math
 import random
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from .common import VANILLA, Unit, Variant, _stage, format_cell, markdown_table, run_unit, write_report
+from .common import (VANILLA, Unit, Variant, _stage, analysis_dir, format_cell, markdown_table, row_label, run_unit,
+                     write_report)
 
 TITLE = "Fig. 5: Grad-CAM of cross-attention, pointing game on the named object (consistent / inconsistent token)"
 MODELS = (VANILLA, Variant("EPIC", "epic", ()))
@@ -65,48 +72,109 @@ def object_box(obj: dict, image_size: int) -> tuple[float, float, float, float]:
 
 
 # ------------------------------------------------------------------------------------------------ Grad-CAM
-@contextmanager
-def explicit_attention(attention_module, store: dict):
-    """Run one BertSelfAttention with its softmax made explicit, keeping the attention probabilities (with their
-    gradient) in store["attn"]; same outputs as the fused scaled_dot_product_attention."""
-    def forward(hidden_states, context, context_mask, return_query_key=False):
-        query, key = attention_module.query_key(hidden_states, context)
-        value = attention_module.split_heads(attention_module.value(context))
-        scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
-        if context_mask is not None:
-            scores = scores + context_mask
+@dataclass(frozen=True)
+class AttentionSite:
+    """Where a family's Grad-CAM reads attention: `module` calls F.scaled_dot_product_attention once per forward
+    with the text tokens as queries; the image patches are its keys from `first_patch` on (the image [CLS] / pooled
+    token before them is dropped; for ViLT's joint attention the text tokens come first, then the image [CLS])."""
+
+    module: torch.nn.Module
+    first_patch: Callable[[int], int]  # text length -> index of the first image patch among the keys
+
+
+def _penultimate(layers):
+    layers = list(layers)
+    return layers[len(layers) - 2 if len(layers) > 1 else 0]
+
+
+#: family -> the text stream's cross-attention to the image in the penultimate fusion layer (in the last layer only
+#: [CLS] reaches the ITM head, so every other token's gradient is zero there). ViLT is single-stream: no
+#: cross-attention exists, so its site is the penultimate block's joint self-attention, read at the text-query
+#: rows and image-patch-key columns (the text -> image block of the joint attention).
+ATTENTION_SITES: dict[str, Callable] = {
+    "meter": lambda m: AttentionSite(_penultimate(m.cross_modal_text_layers).crossattention.self, lambda _: 1),
+    "albef": lambda m: AttentionSite(_penultimate(m.text_encoder.bert.encoder.layer[m.config.fusion_layer:])
+                                     .crossattention.self, lambda _: 1),
+    "xvlm": lambda m: AttentionSite(_penultimate(l for l in m.text_encoder.bert.encoder.layer
+                                                 if l.has_cross_attention).crossattention.self, lambda _: 1),
+    "vilt": lambda m: AttentionSite(_penultimate(m.transformer.blocks).attn, lambda text_len: text_len + 1),
+}
+
+
+def attention_site(model) -> AttentionSite:
+    if model.family not in ATTENTION_SITES:
+        raise ValueError(f"gradcam has no attention site for family {model.family!r}; add one to "
+                         f"epic.studies.gradcam.ATTENTION_SITES (known: {', '.join(ATTENTION_SITES)})")
+    return ATTENTION_SITES[model.family](model)
+
+
+def explicit_sdpa(store: dict):
+    """F.scaled_dot_product_attention with its softmax made explicit: the probabilities (their gradient retained)
+    go to store["attn"]; same outputs as the fused kernel."""
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if is_causal or dropout_p or kwargs:
+            raise ValueError("Grad-CAM's explicit attention supports neither causal masks, dropout nor "
+                             f"{sorted(kwargs)} (call it on a model in eval mode)")
+        scores = query @ key.transpose(-1, -2) * (scale if scale is not None else 1 / math.sqrt(query.shape[-1]))
+        if attn_mask is not None:
+            scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                      else scores + attn_mask)
         attn = scores.softmax(-1)
         if attn.requires_grad:
             attn.retain_grad()
         store["attn"] = attn
-        attended = (attn @ value).transpose(1, 2).flatten(2)
-        return attended, ((query, key) if return_query_key else None)
+        return attn @ value
 
-    attention_module.forward = forward
+    return sdpa
+
+
+@contextmanager
+def explicit_attention(attention_module, store: dict):
+    """While `attention_module` runs, its F.scaled_dot_product_attention call is the explicit one
+    (`explicit_sdpa`), keeping the attention probabilities in store["attn"]; every other module is untouched."""
+    fused = F.scaled_dot_product_attention
+    explicit = explicit_sdpa(store)
+
+    def enter(*_):
+        F.scaled_dot_product_attention = explicit
+
+    def leave(*_):
+        F.scaled_dot_product_attention = fused
+
+    hooks = [attention_module.register_forward_pre_hook(enter), attention_module.register_forward_hook(leave)]
     try:
         yield store
     finally:
-        del attention_module.forward  # back to the class's forward
+        for hook in hooks:
+            hook.remove()
+        F.scaled_dot_product_attention = fused
 
 
 def gradcam_maps(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  token_index: torch.Tensor) -> torch.Tensor:
-    """[B, grid, grid] Grad-CAM of token_index[b] in the text stream's penultimate cross-attention, target = ITM
-    match. Not the last layer: there only the [CLS] row reaches the pooled ITM features, so every other token's
-    gradient is zero (ALBEF's visualisation likewise reads a middle layer)."""
-    layers = model.cross_modal_text_layers
-    layer = layers[len(layers) - 2 if len(layers) > 1 else 0].crossattention.self
+    """[B, grid, grid] Grad-CAM of token_index[b] at the family's attention site (`ATTENTION_SITES`: the text
+    stream's penultimate cross-attention; ViLT: the penultimate joint self-attention, text rows x image columns),
+    target = the ITM match logit. Not the last layer: there only the [CLS] row reaches the pooled ITM features,
+    so every other token's gradient is zero (ALBEF's visualisation likewise reads a middle layer)."""
+    site = attention_site(model)
     store: dict = {}
     model.zero_grad(set_to_none=True)
-    with explicit_attention(layer, store):
+    with explicit_attention(site.module, store):
         out = model.infer(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
         score = model.itm_score(out["cls_feats"])[:, 1]
+        if "attn" not in store:
+            raise RuntimeError(f"the {model.family} attention site ran no F.scaled_dot_product_attention call "
+                               f"(an attention implementation without it?); Grad-CAM needs its probabilities")
         score.sum().backward()
     attn, grad = store["attn"], store["attn"].grad
-    cam = (grad * attn).clamp(min=0).mean(dim=1)  # [B, text, image]
-    rows = cam[torch.arange(cam.shape[0]), token_index, 1:]  # drop the image [CLS]
+    cam = (grad * attn).clamp(min=0).mean(dim=1)  # [B, queries, keys]
+    rows = cam[torch.arange(cam.shape[0]), token_index, site.first_patch(input_ids.shape[1]):]
     grid = int(round(math.sqrt(rows.shape[-1])))
-    return rows.view(-1, grid, grid).detach()
+    if grid * grid != rows.shape[-1]:
+        raise ValueError(f"{rows.shape[-1]} image-patch keys do not form a square grid (ViLT samples patches in "
+                         f"training mode: call it in eval mode)")
+    return rows.reshape(-1, grid, grid).detach()
 
 
 # ------------------------------------------------------------------------------------------------ probes
@@ -175,7 +243,7 @@ def probe_model(run_dir: Path, probes: list[dict]) -> dict:
 
 
 def run_seed(study, seed: int) -> dict:
-    path = study.runs / study.scale.name / "gradcam" / f"seed{seed}.json"
+    path = analysis_dir(study, "gradcam") / f"seed{seed}.json"
 
     def compute() -> dict:
         runs = {v.name: Path(run_unit(study, v, seed)["dir"]) for v in MODELS}
@@ -199,7 +267,7 @@ def units(study):
                                                for s in study.seeds]
 
 
-def pictures(path: Path, result: dict, seed: int) -> None:
+def pictures(path: Path, result: dict, seed: int, scale) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,7 +294,7 @@ def pictures(path: Path, result: dict, seed: int) -> None:
                 ax.imshow(cam, cmap="jet", alpha=0.5, extent=(0, result["image_size"], result["image_size"], 0),
                           interpolation="bilinear")
                 token = words[probe["colour_word"]] if kind == "consistent" else probe["swap"]
-                ax.set_title(f"{name}: '{token}' ({kind[:5]}.)", fontsize=6)
+                ax.set_title(f"{row_label(name, scale)}: '{token}' ({kind[:5]}.)", fontsize=6)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
@@ -246,16 +314,18 @@ def report(study):
     for variant in MODELS:
         for kind in ("consistent", "inconsistent"):
             at = [d["models"][variant.name][kind] for d in done if variant.name in d["models"]]
-            rows.append([variant.name, kind, format_cell([100 * a["mass_in_box"] for a in at]),
+            rows.append([row_label(variant.name, study.scale), kind, format_cell([100 * a["mass_in_box"] for a in at]),
                          format_cell([100 * a["pointing_hit"] for a in at]),
                          format_cell([100 * a["box_share"] for a in at]), str(len(at))])
     table = markdown_table(["Model", "token", "Grad-CAM mass in box (%)", "pointing game (%)",
                             "box area = chance mass (%)", "seeds"], rows)
     if done:
-        pictures(study.out / "gradcam.png", done[0], done[0]["seed"])
+        pictures(study.out / "gradcam.png", done[0], done[0]["seed"], study.scale)
+    site = ("the penultimate joint self-attention's text-query x image-patch block (ViLT is single-stream)"
+            if study.scale.family == "vilt" else "the text stream's penultimate cross-attention")
     write_report(study.out, study.name, TITLE, table,
                  [f"{PROBES} pair-scene probes per seed (the token: one object's colour word); Grad-CAM of the ITM "
-                  "match score on the text stream's penultimate cross-attention. Chance = the box's share of the patches. "
+                  f"match score on {site}. Chance = the box's share of the patches. "
                   "Pictures: gradcam.png (first seed: image with the box, then per model the consistent and the "
                   "inconsistent token).", f"Seeds with results: {len(done)} of {len(list(study.seeds))}."],
                  study.log)
