@@ -152,6 +152,64 @@ def test_gradcam_attention_is_the_fused_attention(shapes_world, tokenizer):
     assert maps.shape == (4, 2, 2) and (maps >= 0).all() and (maps.flatten(1).sum(1) > 0).all()
 
 
+FAMILY_TINY = {"meter": "shapes_tiny", "vilt": "vilt_shapes_tiny", "albef": "albef_shapes_tiny",
+               "xvlm": "xvlm_shapes_tiny"}
+
+
+def tiny_family_model(family, tokenizer):
+    """The family's tiny shapes-world model (its registry config), random init, eval mode."""
+    from epic.config import load_config
+    from epic.models.registry import build_model
+    from epic.wiring import resolve_model_config
+
+    cfg = resolve_model_config(load_config(FAMILY_TINY[family]).model, tokenizer)
+    torch.manual_seed(0)
+    return build_model(cfg).eval(), cfg
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TINY))
+def test_gradcam_reads_each_familys_attention_site(family, tokenizer):
+    """Every family's Grad-CAM site: the explicit attention gives the model's own outputs, and the map is the
+    text token's row over the image patches (ViLT: its joint attention, keys = text then image [CLS] then patches)."""
+    from epic.studies.gradcam import attention_site, explicit_attention, gradcam_maps
+
+    model, cfg = tiny_family_model(family, tokenizer)
+    ids = torch.tensor(tokenizer(["the red circle is left of the blue square", "a green star"], padding="max_length",
+                                 max_length=12, truncation=True)["input_ids"])
+    mask = (ids != tokenizer.pad_token_id).long()
+    pixels = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+    args = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    site = attention_site(model)
+    with torch.no_grad():
+        reference = model.infer(**args)["cls_feats"]
+        with explicit_attention(site.module, {}) as store:
+            explicit = model.infer(**args)["cls_feats"]
+    torch.testing.assert_close(explicit, reference, atol=1e-5, rtol=1e-5)
+    patches = (cfg.image_size // 8) ** 2  # an 8 x 8 grid in every tiny config
+    assert store["attn"].shape[-1] == site.first_patch(ids.shape[1]) + patches
+    assert store["attn"].shape[-2] == (ids.shape[1] + 1 + patches if family == "vilt" else ids.shape[1])
+    maps = gradcam_maps(model, pixels, ids, mask, torch.tensor([1, 2]))
+    assert maps.shape == (2, 8, 8) and (maps >= 0).all() and (maps.flatten(1).sum(1) > 0).all()
+    # the map is relu(grad * attn) at the token's row, averaged over heads (a straightforward recomputation)
+    with explicit_attention(site.module, {}) as again:
+        model.zero_grad(set_to_none=True)
+        model.itm_score(model.infer(**args)["cls_feats"])[:, 1].sum().backward()
+    attn = again["attn"]
+    first = site.first_patch(ids.shape[1])
+    expected = torch.stack([(attn.grad[b] * attn[b]).clamp(min=0).mean(0)[t, first:] for b, t in ((0, 1), (1, 2))])
+    torch.testing.assert_close(maps.flatten(1), expected.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_the_lm_has_the_vlm_text_sides_depth_for_every_family(tokenizer):
+    from epic.studies.modality_bias import text_only_lm
+
+    depth = {"meter": 2 + 2, "vilt": 4, "albef": 4, "xvlm": 5}  # the tiny configs: text tower + fusion layers
+    for family, layers in depth.items():
+        _, cfg = tiny_family_model(family, tokenizer)
+        lm = text_only_lm(cfg, seed=0)
+        assert lm.config.num_hidden_layers == layers and lm.config.model_type == cfg.text_model_type, family
+
+
 # ------------------------------------------------------------------------------------------------ smoke runs
 # One real smoke pipeline (vanilla METER and EPIC: pretraining, NLVR2 and retrieval fine-tuning, zero-shot
 # retrieval, through the same entry points a user runs) is shared by every study: the other pretraining variants
@@ -166,13 +224,19 @@ CELL = re.compile(r"^-?\d+\.\d ± \d+\.\d$")
 
 
 @pytest.fixture(scope="session")
-def smoke_root(tmp_path_factory):
+def smoke_base(tmp_path_factory):
+    """(root, the --smoke --world --runs arguments) shared by every smoke study."""
+    root = tmp_path_factory.mktemp("studies")
+    return root, ["--smoke", "--world", str(root / "world"), "--runs", str(root / "runs")]
+
+
+@pytest.fixture(scope="session")
+def smoke_root(smoke_base):
     from study import build_study, parse_args
 
     from epic.studies.common import VANILLA, Variant, run_unit
 
-    root = tmp_path_factory.mktemp("studies")
-    base = ["--smoke", "--world", str(root / "world"), "--runs", str(root / "runs")]
+    root, base = smoke_base
     study = build_study(parse_args(["table4", *base, "--out", str(root / "table4")]))
     shared = {"vanilla": run_unit(study, VANILLA, 0), "epic": run_unit(study, Variant("EPIC", "epic", ()), 0)}
     return root, base, shared
@@ -241,6 +305,59 @@ def test_every_study_in_smoke_mode_writes_its_table_and_plots(name, smoke_root, 
         results = json.loads((out / "results.json").read_text())
         assert {r["variant"] for r in results} == {v.name for v in module.VARIANTS}
         assert all(0 <= r["nlvr2"]["accuracy"] <= 100 and "tr_r1" in r["ret_zs"] for r in results)
+
+
+@pytest.mark.parametrize("family", ["vilt", "albef"])
+def test_modality_bias_smoke_for_another_family(family, smoke_base):
+    """ViLT (single stream, BERT text side) and ALBEF (momentum model): the joint VLM + LM training and its table."""
+    import study as study_tool
+
+    root, base = smoke_base
+    out = root / f"modality-bias_{family}"
+    assert study_tool.main(["modality-bias", *base, "--family", family, "--out", str(out)]) == 0
+    report = (out / "modality-bias.md").read_text()
+    label = {"vilt": "ViLT", "albef": "ALBEF"}[family]
+    assert f"`{family}_shapes_tiny`" in report and f"{label}'s pretraining step" in report
+    assert (root / "runs" / "smoke" / f"modality-bias-{family}" / "seed0" / "summary.json").is_file()
+    rows = table_rows(report)
+    assert [r[0] for r in rows[2:4]] == ["VLM (CMLM, sees the image)", "LM (MLM, text only)"]
+    assert all(CELL.match(c) for c in rows[2][1:4]) and rows[2][-1] == "1"
+
+
+def test_a_pretraining_study_for_xvlm_reports_zero_shot_only(smoke_base):
+    """X-VLM (region steps from data.regions in its tiny config, no task models yet): the vanilla run is real
+    (pretraining with region batches, zero-shot retrieval), the other rows' configs resolve and read it."""
+    import study as study_tool
+
+    from epic.studies import table8
+    from epic.studies.common import VANILLA, run_unit
+
+    root, base = smoke_base
+    argv = ["table8", *base, "--family", "xvlm", "--out", str(root / "table8_xvlm")]
+    study = study_tool.build_study(study_tool.parse_args(argv))
+    assert study.scale.vanilla_config == "xvlm_shapes_tiny" and not study.scale.finetunes
+    vanilla = run_unit(study, VANILLA, 0)
+    assert "nlvr2" not in vanilla and "tr_r1" in vanilla["ret_zs"]
+    metrics = [json.loads(line) for line in (Path(vanilla["dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("train/region_step") == 1.0 and "train/bbox_giou" in m for m in metrics)  # a region step ran
+    share_runs(table8, study, {"vanilla": vanilla, "epic": vanilla})
+    assert study_tool.main([*argv, "--report-only"]) == 0
+    report = (root / "table8_xvlm" / "table8.md").read_text()
+    rows = table_rows(report)
+    assert [r[0] for r in rows[2:]] == ["X-VLM (vanilla)", "X-VLM + †CMLM", "EPIC"]
+    for row in rows[2:]:  # NLVR2 and fine-tuned retrieval: no task models; zero-shot R@1 measured
+        assert row[1:4] == ["—", "—", "—"] and all(CELL.match(c) for c in row[4:6]) and row[-1] == "1", row
+    assert "X-VLM has no task models" in report and report.startswith("# Table 8: †CMLM (saliency masking for CMLM) "
+                                                                       "in vanilla X-VLM")
+
+
+def test_study_family_errors():
+    import study as study_tool
+
+    with pytest.raises(SystemExit, match="not a registered family.*meter, vilt, albef, xvlm"):
+        study_tool.build_study(study_tool.parse_args(["table4", "--family", "blip"]))
+    with pytest.raises(SystemExit, match="no vilt_4m_ablation config"):
+        study_tool.build_study(study_tool.parse_args(["table4", "--family", "vilt", "--scale", "ablation"]))
 
 
 def test_slurm_array_scripts(tmp_path, monkeypatch):

@@ -55,6 +55,10 @@ class Variant:
 
 
 VANILLA = Variant("METER (vanilla)", "vanilla")  # "METER" is the family's label in tables (Scale.label)
+# the reference every downstream column needs: the same fine-tuning from the random init (one pretraining step at
+# lr 0 writes the init through the same entry points, so every later stage is the pretrained variants')
+UNTRAINED = Variant("random init (no pretraining)", "vanilla", ("train.lr=0", "train.max_steps=1",
+                                                                 "train.save_every=1"))
 FAMILY_LABELS = {"meter": "METER", "vilt": "ViLT", "albef": "ALBEF", "xvlm": "X-VLM"}
 
 
@@ -79,6 +83,10 @@ class Scale:
     modality_steps: int = 1000
     gpus: int = 0  # ablation: ranks per run (deepspeed --num_gpus), 0 = all visible
     family: str = "meter"  # model.family of both configs (epic/models/registry.py)
+    # shapes-world retrieval: images scored (x their ~4 captions, every pair through the ITM head) and negatives
+    # per caption in fine-tuning; these passes, not pretraining, dominate a tiny unit's cost (see make_scale)
+    eval_images: int = 50
+    retrieval_negatives: int = 3
 
     @property
     def label(self) -> str:
@@ -107,7 +115,8 @@ class Scale:
         """--config and overrides of a fine-tuning run of `task` (nlvr2 | retrieval)."""
         if self.world is not None:
             steps = self.nlvr2_steps if task == "nlvr2" else self.retrieval_steps
-            extra = ["eval.max_images=100"] if task == "retrieval" else []
+            extra = ([f"eval.max_images={self.eval_images}", f"finetune.num_negatives={self.retrieval_negatives}"]
+                     if task == "retrieval" else [])
             return ["--config", "finetune_shapes", f"finetune.shapes={self.world / 'tasks'}",
                     f"train.max_steps={steps}", f"train.save_every={steps}", f"train.log_every={max(1, steps // 5)}",
                     *extra]
@@ -159,11 +168,14 @@ def make_scale(name: str, world: Optional[Path] = None, gpus: int = 0, family: s
     if name in ("tiny", "smoke", "ablation"):
         vanilla, epic = family_configs(family, name)
     if name == "tiny":
-        # 300 pretraining steps (2.4 epochs of the 4000 captions): ~5 min (vanilla) / ~6 min (EPIC) per run on 2
-        # idle cores; a profile of a tiny EPIC step puts ~75% in the model's forward/backward and ~25% in the
-        # loader (RandAugment), plus ~25 s start-up per process, so length is the only lever left
+        # Where a tiny unit's time went (600/300/200 steps, 100 eval images, 7 negatives): pretraining 600 x 32
+        # samples ~ 38k image-text passes; retrieval fine-tuning 200 x 16 captions x 8 pairs ~ 26k; the two
+        # retrieval evaluations 2 x 100 images x 400 captions = 80k ITM pairs (forward only); plus ~25 s start-up
+        # of each of the 4 processes. A step itself is compute (a profile of a tiny EPIC step: ~75% the model's
+        # forward/backward, ~25% the loader). Now: 300 pretraining steps (2.4 epochs of the 4000 captions), 200
+        # NLVR2 steps, 100 retrieval steps with 3 negatives, 50 eval images (x ~4 captions, 10k ITM pairs).
         return Scale("tiny", vanilla, epic, "ds_configs/cpu_zero2.json", pretrain_steps=300,
-                     nlvr2_steps=200, retrieval_steps=150, world=world, modality_steps=1000, family=family)
+                     nlvr2_steps=200, retrieval_steps=100, world=world, modality_steps=1000, family=family)
     if name == "smoke":
         return Scale("smoke", vanilla, epic, "ds_configs/cpu_zero2.json", pretrain_steps=4,
                      nlvr2_steps=2, retrieval_steps=2, world=world, modality_steps=4, family=family)
@@ -310,7 +322,7 @@ def launcher_command(study: Study, config: str, run_dir: Path, overrides: list[s
 
 def zero_shot_command(study: Study, run_dir: Path) -> list[str]:
     data, images = study.scale.zero_shot_data()
-    extra = ["eval.max_images=100"] if study.scale.world is not None else []
+    extra = [f"eval.max_images={study.scale.eval_images}"] if study.scale.world is not None else []
     return [sys.executable, "epic/evaluate.py", "--task", "retrieval", "--ckpt", str(run_dir), "--data", data,
             "--images", images, "--tb", "none", *extra]
 
