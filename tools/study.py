@@ -97,6 +97,21 @@ def build_study(args):
     return Study(args.study, scale, out, runs, seeds, jobs=args.jobs, in_slurm=args.unit is not None)
 
 
+def without_options(argv, flags, valued) -> list[str]:
+    """argv without the `flags` and the `valued` options (`--opt V` and `--opt=V`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags or any(arg.startswith(f"{v}=") for v in valued):
+            continue
+        elif arg in valued:
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     module = importlib.import_module(f"epic.studies.{STUDIES[args.study]}")
@@ -117,7 +132,8 @@ def main(argv=None) -> int:
     if args.slurm and not args.report_only:
         from epic.studies.slurm import submit_arrays, wait_for
 
-        forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--slurm"]
+        forwarded = without_options(argv if argv is not None else sys.argv[1:], ("--slurm",),
+                                    ("--out", "--runs", "--world"))
         forwarded += ["--out", str(study.out), "--runs", str(study.runs)]  # absolute: array tasks run in the repo
         if study.scale.world is not None:
             forwarded += ["--world", str(study.scale.world)]
