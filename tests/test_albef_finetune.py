@@ -283,7 +283,7 @@ def train(cfg, model, tokenizer, steps, lr):
             optimizer.zero_grad()
             out["loss"].backward()
             optimizer.step()
-            model.after_optimizer_step()  # what the trainer calls: ALBEF's momentum update
+            getattr(model, "after_optimizer_step", lambda: None)()  # what the trainer calls (ALBEF: momentum update)
             outs.append({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()})
             step += 1
             if step == steps:
