@@ -551,6 +551,10 @@ class XVLM(VLPModel):
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            group = "fusion" if ".crossattention." in name else "head" if name.startswith(HEAD_PREFIXES) else "backbone"
-            spec[group]["no_decay" if any(s in name for s in NO_DECAY_SUBSTRINGS) else "decay"].append(name)
+            spec[self.lr_group(name)]["no_decay" if any(s in name for s in NO_DECAY_SUBSTRINGS) else "decay"].append(name)
         return spec
+
+    def lr_group(self, name: str) -> str:
+        """'fusion' | 'head' | 'backbone' of a parameter (pretraining: X-VLM's init_params, see param_groups_spec;
+        the task models override it with their own init_params)."""
+        return "fusion" if ".crossattention." in name else "head" if name.startswith(HEAD_PREFIXES) else "backbone"
