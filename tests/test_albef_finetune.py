@@ -126,17 +126,19 @@ def ref_decoder_logits(sd, answer_ids, answer_mask, question_states, question_ma
     return ref_mlm_logits(sd, "text_decoder", x)
 
 
-def ref_rank_answer(sd, question_states, question_mask, answer_ids, answer_mask, k):
-    """model_vqa.ALBEF.rank_answer, one question at a time."""
+def ref_rank_answer(sd, question_states, question_mask, answer_ids, answer_mask, k, decoder_logits=None):
+    """model_vqa.ALBEF.rank_answer (X-VLM's is the same), one question at a time; ``decoder_logits`` the family's
+    reference decoder (default ALBEF's)."""
+    ref_decoder_logits_ = decoder_logits or ref_decoder_logits
     out = []
     for b in range(question_states.shape[0]):
         q, qm = question_states[b:b + 1], question_mask[b:b + 1]
-        first = ref_decoder_logits(sd, answer_ids[:1, :1], torch.ones(1, 1, dtype=torch.long), q, qm)[0, 0]
+        first = ref_decoder_logits_(sd, answer_ids[:1, :1], torch.ones(1, 1, dtype=torch.long), q, qm)[0, 0]
         prob_first = first.softmax(-1)[answer_ids[:, 1]]
         top_probs, top_ids = prob_first.topk(k)
         scores = torch.full((answer_ids.shape[0],), float("-inf"))
         for p, a in zip(top_probs, top_ids):
-            logits = ref_decoder_logits(sd, answer_ids[a:a + 1], answer_mask[a:a + 1], q, qm)[0]
+            logits = ref_decoder_logits_(sd, answer_ids[a:a + 1], answer_mask[a:a + 1], q, qm)[0]
             nll = 0.0
             for t in range(1, int(answer_mask[a].sum())):  # labels = ids shifted, pad ignored
                 nll = nll - logits[t - 1].log_softmax(-1)[answer_ids[a, t]]
