@@ -248,25 +248,32 @@ def nlvr2_tasks(tmp_path_factory):
                                  write_shards=False)
 
 
-def albef_task_setup(task, tasks_dir, tokenizer, k_test=0):
+def task_setup(task, tasks_dir, tokenizer, model_config, k_test=0, seed=0):
+    """(TaskConfig over the shapes-world task files at 32 px, the family's task model of ``model_config``)."""
     from epic.finetune import fill_task_paths
     from epic.finetune_config import TaskConfig, build_dataclass
-    from epic.models.albef import ALBEFConfig
     from epic.models.registry import build_task_model
 
     cfg = build_dataclass(TaskConfig, {"data": {"image_size": 32, "max_text_len": 24, "randaugment": False},
                                        "eval": {"batch_size": 64, "k_test": k_test},
                                        "finetune": {"task": task, "shapes": str(tasks_dir)}})
-    cfg.model = ALBEFConfig.tiny(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_text_len=24,
-                                 queue_size=64, alpha_ramp_steps=20)
+    cfg.model = model_config
     fill_task_paths(cfg)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_task_model(task, cfg.model, cfg.finetune.num_answers)
     if task == "vqa":  # what epic/finetune.py's build_finetune_model does (k = eval.k_test candidates)
         from epic.finetune import task_answers
 
         model.set_answer_list(tokenizer, task_answers(cfg), k=cfg.eval.k_test)
     return cfg, model
+
+
+def albef_task_setup(task, tasks_dir, tokenizer, k_test=0):
+    from epic.models.albef import ALBEFConfig
+
+    config = ALBEFConfig.tiny(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_text_len=24,
+                              queue_size=64, alpha_ramp_steps=20)
+    return task_setup(task, tasks_dir, tokenizer, config, k_test)
 
 
 def train(cfg, model, tokenizer, steps, lr):
@@ -293,6 +300,25 @@ def train(cfg, model, tokenizer, steps, lr):
     return outs
 
 
+def before_and_after_training(cfg, model, tokenizer, steps, lr):
+    """(val metrics before, val metrics after ``steps`` of AdamW at ``lr``, the per-step outputs), on one thread;
+    every training loss finite."""
+    from epic.finetune import evaluate_split
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.time()
+        before = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
+        outs = train(cfg, model, tokenizer, steps, lr)
+        after = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
+        print(cfg.finetune.task, f"{time.time() - start:.1f}s", before, after, outs[0], outs[-1])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.isfinite(torch.tensor(out["loss"])) for out in outs)
+    return before, after, outs
+
+
 # NLVR2 is balanced per statement template (no text shortcut, see tests/test_finetune.py): its gain is grounding
 # through both images, and the tiny from-scratch ALBEF gets little of it: 54-60% on the 192 val pairs (chance
 # 50 +- 3.6) anywhere from 100 to 800 steps at lr 2e-4 or 1e-3 (/work/notes/h18.md); 200 steps at 1e-3 give 58.9.
@@ -303,22 +329,11 @@ def train(cfg, model, tokenizer, steps, lr):
                                                              ("vqa", "vqa_score", 10.0, 100, 2e-3)])
 def test_albef_short_finetuning_beats_the_untrained_model(task, metric, margin, steps, lr, request, shapes_world):
     from epic.data import load_tokenizer
-    from epic.finetune import evaluate_split
 
     tasks_dir = request.getfixturevalue("nlvr2_tasks" if task == "nlvr2" else "tasks")
     tokenizer = load_tokenizer(shapes_world / "tokenizer")
     cfg, model = albef_task_setup(task, tasks_dir, tokenizer, k_test={"retrieval": 8, "vqa": 6}.get(task, 0))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start = time.time()
-        before = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
-        outs = train(cfg, model, tokenizer, steps, lr)
-        after = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
-        print(task, f"{time.time() - start:.1f}s", before, after, outs[0], outs[-1])
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.isfinite(torch.tensor(out["loss"])) for out in outs)
+    before, after, outs = before_and_after_training(cfg, model, tokenizer, steps, lr)
     assert after[metric] >= before[metric] + margin, (before, after)
     if task == "retrieval":  # the ITA/ITM recipe ran: queue ids filled, alpha ramped, shortlist of k_test used
         assert after["k_test"] == 8 and outs[-1]["alpha"] == pytest.approx(model.config.alpha)

@@ -6,13 +6,12 @@ resolution through finetune.py with an X-VLM export as --init (X-VLM's recipes);
 retrieval, VQA and NLVR2 that beat the untrained model."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from test_albef_finetune import _Tokenizer, ref_rank_answer, train  # noqa: F401  (shared helpers)
+from test_albef_finetune import (_Tokenizer, before_and_after_training, nlvr2_tasks, ref_rank_answer,  # noqa: F401
+                                 task_setup, tasks)  # shared helpers and the shapes-world task fixtures
 from test_xvlm import OFFICIAL_CONFIG, assert_rel, batch, official, ref_attention, ref_layer, ref_mlp  # noqa: F401
 
 TEXT = OFFICIAL_CONFIG["text_config"]
@@ -120,8 +119,8 @@ def ref_decoder_logits(sd, answer_ids, answer_mask, question_states, question_ma
         x = ref_attention(x, question_states, additive(question_mask), sd, pre + ".crossattention", 2)
         h = F.gelu(x @ sd[pre + ".intermediate.dense.weight"].t() + sd[pre + ".intermediate.dense.bias"])
         h = h @ sd[pre + ".output.dense.weight"].t() + sd[pre + ".output.dense.bias"]
-        x = F.layer_norm(h + x, (x.shape[-1],), sd[pre + ".output.LayerNorm.weight"], sd[pre + ".output.LayerNorm.bias"],
-                         1e-12)
+        x = F.layer_norm(h + x, (x.shape[-1],), sd[pre + ".output.LayerNorm.weight"],
+                         sd[pre + ".output.LayerNorm.bias"], 1e-12)
     m = "text_decoder.cls.predictions."
     x = F.layer_norm(F.gelu(x @ sd[m + "transform.dense.weight"].t() + sd[m + "transform.dense.bias"]), (x.shape[-1],),
                      sd[m + "transform.LayerNorm.weight"], sd[m + "transform.LayerNorm.bias"], 1e-12)
@@ -164,7 +163,8 @@ def test_vqa_answer_decoder_ranking_and_loss_match_x_vlms_structure(pretrained):
         mask_add, image_embeds = additive(mask), ref_image_embeds(swin, image)
         ref_states = ref_text_layers(sd, ids, mask_add)
         for i in range(FUSION, LAYERS):
-            ref_states = ref_layer(ref_states, mask_add, sd, i, image_embeds, torch.zeros(1, 1, 1, image_embeds.shape[1]))
+            ref_states = ref_layer(ref_states, mask_add, sd, i, image_embeds,
+                                   torch.zeros(1, 1, 1, image_embeds.shape[1]))
         assert_rel(states, ref_states)
         a_ids, a_mask = model.answer_input_ids, model.answer_attention_mask
         logits = decoder(a_ids[[0, 2, 1]], a_mask[[0, 2, 1]], states, mask)
@@ -253,7 +253,8 @@ def test_finetune_resolves_x_vlm_recipes_and_loads_an_export(task, config, shape
 
     paths = [f"finetune.{k}={v}" for k, v in shapes_task_paths(tasks, task).items()] + ["finetune.test_json=null"]
     overrides = paths + [f"data.tokenizer={shapes_world / 'tokenizer'}", "data.image_size=64",
-                 "model.image_size=64", "model.swin_window_size=8", "data.max_text_len=32", f"run.dir={tmp_path / 'ft'}"]
+                 "model.image_size=64", "model.swin_window_size=8", "data.max_text_len=32",
+                 f"run.dir={tmp_path / 'ft'}"]
     cfg = resolve_finetune_config(config, overrides, task, init=str(tmp_path / "export"))
     assert cfg.model.family == "xvlm" and cfg.model.swin_window_size == 8
     lr = {"retrieval": 3e-5, "vqa": 5e-5, "nlvr2": 3e-5}[task]
@@ -277,39 +278,12 @@ def test_finetune_resolves_x_vlm_recipes_and_loads_an_export(task, config, shape
 
 
 # ------------------------------------------------------------------------------------------------ short runs
-@pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
-    from epic.data.tasks import generate_shapes_tasks
-
-    return generate_shapes_tasks(tmp_path_factory.mktemp("xvlm_tasks"), n_train=128, n_val=48, image_size=32,
-                                 write_shards=False)
-
-
-@pytest.fixture(scope="module")
-def nlvr2_tasks(tmp_path_factory):
-    from epic.data.tasks import generate_shapes_tasks
-
-    return generate_shapes_tasks(tmp_path_factory.mktemp("xvlm_nlvr2"), n_train=512, n_val=192, image_size=32,
-                                 write_shards=False)
-
-
 def xvlm_task_setup(task, tasks_dir, tokenizer, k_test=0, seed=0):
-    from epic.finetune import fill_task_paths, task_answers
-    from epic.finetune_config import TaskConfig, build_dataclass
-    from epic.models.registry import build_task_model
     from epic.models.xvlm import XVLMConfig
 
-    cfg = build_dataclass(TaskConfig, {"data": {"image_size": 32, "max_text_len": 24, "randaugment": False},
-                                       "eval": {"batch_size": 64, "k_test": k_test},
-                                       "finetune": {"task": task, "shapes": str(tasks_dir)}})
-    cfg.model = XVLMConfig.tiny(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_text_len=24,
-                                image_size=32)
-    fill_task_paths(cfg)
-    torch.manual_seed(seed)
-    model = build_task_model(task, cfg.model, cfg.finetune.num_answers)
-    if task == "vqa":  # what epic/finetune.py's build_finetune_model does (k = eval.k_test candidates)
-        model.set_answer_list(tokenizer, task_answers(cfg), k=cfg.eval.k_test)
-    return cfg, model
+    config = XVLMConfig.tiny(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_text_len=24,
+                             image_size=32)
+    return task_setup(task, tasks_dir, tokenizer, config, k_test, seed)
 
 
 # Margins: the smallest gain measured over seeds 0-2 (/work/notes/h21.md) with room for noise.
@@ -320,22 +294,11 @@ SHORT_RUNS = [("retrieval", "r_mean", 3.0, 300, 2e-3), ("vqa", "vqa_score", 20.0
 @pytest.mark.parametrize("task, metric, margin, steps, lr", SHORT_RUNS)
 def test_xvlm_short_finetuning_beats_the_untrained_model(task, metric, margin, steps, lr, request, shapes_world):
     from epic.data import load_tokenizer
-    from epic.finetune import evaluate_split
 
     tasks_dir = request.getfixturevalue("nlvr2_tasks" if task == "nlvr2" else "tasks")
     tokenizer = load_tokenizer(shapes_world / "tokenizer")
     cfg, model = xvlm_task_setup(task, tasks_dir, tokenizer, k_test={"retrieval": 8, "vqa": 6}.get(task, 0))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start = time.time()
-        before = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
-        outs = train(cfg, model, tokenizer, steps, lr)
-        after = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
-        print(task, f"{time.time() - start:.1f}s", before, after, outs[0], outs[-1])
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.isfinite(torch.tensor(out["loss"])) for out in outs)
+    before, after, outs = before_and_after_training(cfg, model, tokenizer, steps, lr)
     assert after[metric] >= before[metric] + margin, (before, after)
     if task == "retrieval":  # X-VLM's recipe ran (ITC + ITM terms logged) and the shortlist of k_test was used
         assert {"loss_itc", "loss_itm", "itm_acc"} <= set(outs[-1]) and after["k_test"] == 8

@@ -47,6 +47,18 @@ def adapt_task_state(model_name: str, own: Mapping[str, torch.Tensor], state: Di
     return state
 
 
+def fused_infer(model, input_ids, attention_mask, pixel_values=None, image_embeds=None, text_embeds=None) -> dict:
+    """One (text, whole image) pass of a task model without the contrastive parts: the family's ``encode_image``,
+    ``encode_text`` and ``fuse``; the pretraining infer's keys without image_feat / text_feat."""
+    if image_embeds is None:
+        image_embeds = model.encode_image(pixel_values)
+    if text_embeds is None:
+        text_embeds = model.encode_text(input_ids, attention_mask)
+    fused = model.fuse(text_embeds, attention_mask, image_embeds)
+    return {"image_embeds": image_embeds, "text_embeds": text_embeds, "text_feats": fused,
+            "cls_feats": fused[:, 0], "image_feats": image_embeds}
+
+
 # ------------------------------------------------------------------------------------------------ NLVR2
 def two_image_num_layers(fusion_layer: int, num_hidden_layers: int) -> int:
     """Depth of the two-image encoder: the text layers, then two layers per pretrained fusion layer (ALBEF and X-VLM

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..split_bert_tasks import (AnswerDecoder, AnswerRanking, adapt_task_state, answer_sequence_nll,
-                                decoder_keys_from_encoder, fuse_two_images, share_cross_attention,
+                                decoder_keys_from_encoder, fuse_two_images, fused_infer, share_cross_attention,
                                 two_image_layer_keys, two_image_num_layers)
 from .configuration_albef import ALBEFConfig
 from .modeling_albef import (ALBEF, MASK_VALUE, MOMENTUM_PAIRS, TIED_SOURCES, BertLayer, MLMHead, TextEmbeddings,
@@ -116,13 +116,7 @@ class _FusionOnlyALBEF(_TaskALBEF):
 
     def infer(self, input_ids, attention_mask, pixel_values=None, image_embeds=None, text_embeds=None):
         """One (text, image) fusion: the pretraining model's infer without the contrastive features."""
-        if image_embeds is None:
-            image_embeds = self.encode_image(pixel_values)
-        if text_embeds is None:
-            text_embeds = self.encode_text(input_ids, attention_mask)
-        fused = self.fuse(text_embeds, attention_mask, image_embeds)
-        return {"image_embeds": image_embeds, "text_embeds": text_embeds, "text_feats": fused,
-                "cls_feats": fused[:, 0], "image_feats": image_embeds}
+        return fused_infer(self, input_ids, attention_mask, pixel_values, image_embeds, text_embeds)
 
 
 class _ALBEFClassifier(_FusionOnlyALBEF):

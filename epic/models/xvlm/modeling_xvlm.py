@@ -551,7 +551,8 @@ class XVLM(VLPModel):
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            spec[self.lr_group(name)]["no_decay" if any(s in name for s in NO_DECAY_SUBSTRINGS) else "decay"].append(name)
+            decay = "no_decay" if any(s in name for s in NO_DECAY_SUBSTRINGS) else "decay"
+            spec[self.lr_group(name)][decay].append(name)
         return spec
 
     def lr_group(self, name: str) -> str:

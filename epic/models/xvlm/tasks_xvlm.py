@@ -38,7 +38,8 @@ from torch import nn
 
 from ..interface import CONSISTENCY_HEAD
 from ..split_bert_tasks import (AnswerDecoder, AnswerRanking, adapt_task_state, decoder_keys_from_encoder,
-                                fuse_two_images, share_cross_attention, two_image_layer_keys, two_image_num_layers)
+                                fuse_two_images, fused_infer, share_cross_attention, two_image_layer_keys,
+                                two_image_num_layers)
 from .configuration_xvlm import XVLMConfig
 from .modeling_xvlm import (XVLM, BertEmbeddings, BertLayer, BertOnlyMLMHead, additive_mask, build_mlp,
                             init_bert_weights)
@@ -107,13 +108,7 @@ class _FusionOnlyXVLM(_TaskXVLM):
 
     def infer(self, input_ids, attention_mask, pixel_values=None, image_embeds=None, text_embeds=None):
         """One (text, image) fusion over every image token: the pretraining infer without the contrastive features."""
-        if image_embeds is None:
-            image_embeds = self.encode_image(pixel_values)
-        if text_embeds is None:
-            text_embeds = self.encode_text(input_ids, attention_mask)
-        fused = self.fuse(text_embeds, attention_mask, image_embeds)
-        return {"image_embeds": image_embeds, "text_embeds": text_embeds, "text_feats": fused,
-                "cls_feats": fused[:, 0], "image_feats": image_embeds}
+        return fused_infer(self, input_ids, attention_mask, pixel_values, image_embeds, text_embeds)
 
 
 class XVLMForNLVR2(_FusionOnlyXVLM):
