@@ -277,6 +277,45 @@ def test_finetune_resolves_x_vlm_recipes_and_loads_an_export(task, config, shape
         assert model.answer_input_ids.shape[0] == cfg.finetune.num_answers and model.answer_candidates == 128
 
 
+def test_an_x_vlm_export_loads_for_zero_shot_and_as_an_init(tmp_path):
+    """save_pretrained stores the tied MLM decoder once; the framework's loader fills it (zero-shot evaluation of an
+    export through epic/evaluate.py) and the task models fill or drop it."""
+    from safetensors.torch import load_file
+
+    from epic.models.downstream import load_pretrained_weights
+    from epic.models.registry import build_task_model
+    from epic.models.xvlm import XVLM, XVLMConfig
+
+    cfg = XVLMConfig.tiny(vocab_size=50, pad_token_id=0, image_size=32)
+    XVLM(cfg).save_pretrained(str(tmp_path))
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert "text_encoder.cls.predictions.decoder.weight" not in weights
+    model = XVLM(cfg)
+    load_pretrained_weights(model, weights)
+    assert torch.equal(model.text_encoder.cls.predictions.decoder.weight,
+                       weights["text_encoder.bert.embeddings.word_embeddings.weight"])
+    for task in ("retrieval", "vqa", "nlvr2"):
+        load_pretrained_weights(build_task_model(task, cfg, 3), weights)
+    with pytest.raises(ValueError, match="X-VLM has no 'snli_ve' task model"):
+        build_task_model("snli_ve", cfg)
+
+
+def test_xvlm_micro_batch_of_one_is_a_config_error():
+    from epic.config import ConfigError, load_config
+    from epic.finetune_config import TaskConfig, build_dataclass, validate_finetune
+
+    with pytest.raises(ConfigError, match=r"micro_batch_size' is 1 but xvlm needs >= 2: X-VLM's ITM"):
+        load_config("xvlm_shapes_tiny", ["data.micro_batch_size=1", "train.global_batch_size=8"])
+    for task, fails in (("retrieval", True), ("vqa", False), ("nlvr2", False)):
+        cfg = build_dataclass(TaskConfig, {"model": {"family": "xvlm"}, "data": {"micro_batch_size": 1, "max_text_len": 40},
+                                           "train": {"global_batch_size": 4}, "finetune": {"task": task}})
+        if fails:
+            with pytest.raises(ConfigError, match="hard negative"):
+                validate_finetune(cfg)
+        else:
+            validate_finetune(cfg)
+
+
 # ------------------------------------------------------------------------------------------------ short runs
 def xvlm_task_setup(task, tasks_dir, tokenizer, k_test=0, seed=0):
     from epic.models.xvlm import XVLMConfig

@@ -365,6 +365,15 @@ class XVLM(VLPModel):
         load_model(model, os.path.join(directory, WEIGHTS_NAME))
         return model
 
+    def adapt_loaded_state(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """epic.models.downstream.load_pretrained_weights' family hook: the tied MLM decoder (the word embeddings,
+        stored once by save_pretrained) filled from its source, so an export loads for zero-shot evaluation."""
+        alias = "text_encoder.cls.predictions.decoder.weight"
+        source = "text_encoder.bert.embeddings.word_embeddings.weight"
+        if alias not in state and source in state and hasattr(self.text_encoder, "cls"):
+            state = {**state, alias: state[source]}
+        return state
+
     # -------------------------------------------------------------------------------------------- encoders
     def _check_pixels(self, pixel_values: torch.Tensor) -> None:
         size = self.config.image_size
