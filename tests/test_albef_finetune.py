@@ -319,6 +319,17 @@ def before_and_after_training(cfg, model, tokenizer, steps, lr):
     return before, after, outs
 
 
+def short_run(request, shapes_world, setup, task, steps, lr):
+    """(model, val before, val after, step outputs) of a short run of ``task`` on the module's shapes-world task
+    fixtures (``tasks``; ``nlvr2_tasks`` for NLVR2), the model from ``setup`` (k_test 8 for retrieval, 6 for VQA)."""
+    from epic.data import load_tokenizer
+
+    tasks_dir = request.getfixturevalue("nlvr2_tasks" if task == "nlvr2" else "tasks")
+    tokenizer = load_tokenizer(shapes_world / "tokenizer")
+    cfg, model = setup(task, tasks_dir, tokenizer, k_test={"retrieval": 8, "vqa": 6}.get(task, 0))
+    return (model, *before_and_after_training(cfg, model, tokenizer, steps, lr))
+
+
 # NLVR2 is balanced per statement template (no text shortcut, see tests/test_finetune.py): its gain is grounding
 # through both images, and the tiny from-scratch ALBEF gets little of it: 54-60% on the 192 val pairs (chance
 # 50 +- 3.6) anywhere from 100 to 800 steps at lr 2e-4 or 1e-3 (/work/notes/h18.md); 200 steps at 1e-3 give 58.9.
@@ -328,27 +339,24 @@ def before_and_after_training(cfg, model, tokenizer, steps, lr):
                                                              ("nlvr2", "accuracy", 5.0, 200, 1e-3),
                                                              ("vqa", "vqa_score", 10.0, 100, 2e-3)])
 def test_albef_short_finetuning_beats_the_untrained_model(task, metric, margin, steps, lr, request, shapes_world):
-    from epic.data import load_tokenizer
-
-    tasks_dir = request.getfixturevalue("nlvr2_tasks" if task == "nlvr2" else "tasks")
-    tokenizer = load_tokenizer(shapes_world / "tokenizer")
-    cfg, model = albef_task_setup(task, tasks_dir, tokenizer, k_test={"retrieval": 8, "vqa": 6}.get(task, 0))
-    before, after, outs = before_and_after_training(cfg, model, tokenizer, steps, lr)
+    model, before, after, outs = short_run(request, shapes_world, albef_task_setup, task, steps, lr)
     assert after[metric] >= before[metric] + margin, (before, after)
     if task == "retrieval":  # the ITA/ITM recipe ran: queue ids filled, alpha ramped, shortlist of k_test used
         assert after["k_test"] == 8 and outs[-1]["alpha"] == pytest.approx(model.config.alpha)
         assert int((model.idx_queue >= 0).sum()) == model.config.queue_size
 
 
-def test_albef_micro_batch_of_one_is_a_config_error():
+@pytest.mark.parametrize("family, name, other_task", [("albef", "ALBEF", "snli_ve"), ("xvlm", "X-VLM", "vqa")])
+def test_micro_batch_of_one_is_a_config_error(family, name, other_task):
+    """ALBEF's and X-VLM's ITM draw hard negatives from the micro-batch: pretraining and retrieval refuse 1."""
     from epic.config import ConfigError, load_config
     from epic.finetune_config import TaskConfig, build_dataclass, validate_finetune
 
-    with pytest.raises(ConfigError, match=r"micro_batch_size' is 1 but albef needs >= 2: ALBEF's ITM"):
-        load_config("albef_shapes_tiny", ["data.micro_batch_size=1", "train.global_batch_size=8"])
-    load_config("albef_shapes_tiny", ["data.micro_batch_size=2", "train.global_batch_size=8"])
-    for task, fails in (("retrieval", True), ("snli_ve", False), ("nlvr2", False)):
-        cfg = build_dataclass(TaskConfig, {"model": {"family": "albef"},
+    with pytest.raises(ConfigError, match=rf"micro_batch_size' is 1 but {family} needs >= 2: {name}'s ITM"):
+        load_config(f"{family}_shapes_tiny", ["data.micro_batch_size=1", "train.global_batch_size=8"])
+    load_config(f"{family}_shapes_tiny", ["data.micro_batch_size=2", "train.global_batch_size=8"])
+    for task, fails in (("retrieval", True), (other_task, False), ("nlvr2", False)):
+        cfg = build_dataclass(TaskConfig, {"model": {"family": family},
                                            "data": {"micro_batch_size": 1, "max_text_len": 25},
                                            "train": {"global_batch_size": 4}, "finetune": {"task": task}})
         if fails:
