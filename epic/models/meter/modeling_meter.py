@@ -70,7 +70,7 @@ class METER(VLPModel):
         self.cross_modal_image_layers = nn.ModuleList(BertCrossLayer(cfg) for _ in range(cfg.num_fusion_layers))
         self.cross_modal_text_pooler = Pooler(cfg.hidden_size)
         self.cross_modal_image_pooler = Pooler(cfg.hidden_size)
-        self.mlm_score = MLMHead(cfg)
+        self.mlm_score = MLMHead(cfg.hidden_size, cfg.vocab_size, cfg.layer_norm_eps)
         self.itm_score = ITMHead(cfg.hidden_size * 2)
         # activation checkpointing of the fusion layers (epic.models.fast_path.set_activation_checkpointing sets
         # it together with the towers' own switches)

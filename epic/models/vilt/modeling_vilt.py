@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..heads import ITMHead, MLMHead, Pooler
 from ..interface import CONSISTENCY_HEAD, VLPModel
 from .configuration_vilt import ViLTConfig, vilt_config_from_dict
 
@@ -54,55 +55,6 @@ def init_vilt_weights(module: nn.Module, std: float = 0.02) -> None:
         module.bias.data.zero_()
 
 
-# ------------------------------------------------------------------------------------------------------- heads
-class Pooler(nn.Module):
-    """First token (text [CLS]) -> Linear -> tanh."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(hidden_states[:, 0]))
-
-
-class ITMHead(nn.Module):
-    """Pooled [CLS] -> matched / not matched logits (class 1 = matched)."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.fc = nn.Linear(hidden_size, 2)
-
-    def forward(self, cls_feats: torch.Tensor) -> torch.Tensor:
-        return self.fc(cls_feats)
-
-
-class MLMTransform(nn.Module):
-    """dense -> GELU -> LayerNorm (BERT's prediction-head transform)."""
-
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
-        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(F.gelu(self.dense(hidden_states)))
-
-
-class MLMHead(nn.Module):
-    """transform -> vocabulary decoder (not tied to the word embeddings, as in ViLT) + bias."""
-
-    def __init__(self, hidden_size: int, vocab_size: int, eps: float):
-        super().__init__()
-        self.transform = MLMTransform(hidden_size, eps)
-        self.decoder = nn.Linear(hidden_size, vocab_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
-
-    def forward(self, text_feats: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(text_feats)) + self.bias
-
-
-# --------------------------------------------------------------------------------------------- patch sampling
 def sample_patches(valid: torch.Tensor, max_image_len: int, generator: Optional[torch.Generator] = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """ViLT's patch selection (vision_transformer.visual_embed) over a [B, N] validity mask.
