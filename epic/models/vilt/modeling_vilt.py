@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 from functools import partial
@@ -35,13 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..heads import ITMHead, MLMHead, Pooler
-from ..interface import CONSISTENCY_HEAD, VLPModel
+from ..interface import CONSISTENCY_HEAD, VLPModel, read_export, write_export
 from .configuration_vilt import ViLTConfig, vilt_config_from_dict
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 
 def init_vilt_weights(module: nn.Module, std: float = 0.02) -> None:
@@ -321,29 +318,16 @@ class ViLT(VLPModel):
     # ------------------------------------------------------------------------------------------------ files
     def save_pretrained(self, directory: str) -> None:
         """``model.safetensors`` (ViLT key names) + ``config.json`` (ViLTConfig) in ``directory``."""
-        from safetensors.torch import save_file
-
         if self._saliency_only:
             raise RuntimeError("a pruned saliency teacher cannot be saved as a model; save the full ViLT")
-        os.makedirs(directory, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME))
         config = dataclasses.replace(self.config, vit_pretrained=None)  # the weights are in the file
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2)
+        write_export(directory, self.state_dict(), dataclasses.asdict(config))
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "ViLT":
-        from safetensors.torch import load_file
-
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            if not os.path.isfile(os.path.join(directory, name)):
-                raise FileNotFoundError(f"{directory!r} has no {name}; write it with ViLT.save_pretrained or "
-                                        f"tools/convert_official.py --family vilt")
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            config = vilt_config_from_dict(json.load(f), source=os.path.join(directory, CONFIG_NAME))
-        model = cls(dataclasses.replace(config, vit_pretrained=None))
-        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)))
+        values, state, source = read_export(directory, "ViLT.save_pretrained or tools/convert_official.py --family vilt")
+        model = cls(dataclasses.replace(vilt_config_from_dict(values, source=source), vit_pretrained=None))
+        model.load_state_dict(state)
         return model
 
 
