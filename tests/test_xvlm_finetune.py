@@ -234,6 +234,27 @@ def test_retrieval_loss_is_itc_with_same_image_positives_plus_hard_negative_itm(
         retrieval_losses(model, {"pixel_values": image, "input_ids": ids, "attention_mask": mask})
 
 
+def test_task_models_at_x_vlm_base_size():
+    """On the meta device at X-VLM-base (Swin-B 1024 wide, BERT-base 6 + 6): NLVR2 has 6 + 2 x 6 = 18 layers
+    (model_nlvr.py), VQA's decoder 6 layers whose cross-attention reads 768-wide question states (new, X-VLM's
+    init_params), retrieval keeps the ITM head and the projections."""
+    from epic.models.registry import build_task_model
+    from epic.models.xvlm import XVLMConfig
+
+    with torch.device("meta"):
+        nlvr2 = build_task_model("nlvr2", XVLMConfig())
+        vqa = build_task_model("vqa", XVLMConfig(), 3129)
+        retrieval = build_task_model("retrieval", XVLMConfig())
+    assert len(nlvr2.text_encoder.bert.encoder.layer) == 18 and nlvr2.cls_head[3].out_features == 2
+    assert nlvr2.cls_head[0].out_features == 1536  # build_mlp(768, 2): 768 -> 1536 -> LayerNorm -> GELU -> 2
+    layers = vqa.text_decoder.bert.encoder.layer
+    assert len(layers) == 6 and layers[0].crossattention.self.key.in_features == 768 and not vqa.copies_cross_key_value
+    assert vqa.text_encoder.bert.encoder.layer[6].crossattention.self.key.in_features == 1024
+    head = vqa.param_groups_spec()["head"]
+    assert len(head["decay"]) == len(head["no_decay"]) == 12  # key + value of 6 layers (weights / biases)
+    assert retrieval.itm_head[3].out_features == 2 and retrieval.vision_proj.in_features == 1024
+
+
 # ------------------------------------------------------------------------------------------------ through finetune.py
 @pytest.mark.parametrize("task, config", [("retrieval", "finetune_retrieval_f30k_xvlm"), ("vqa", "finetune_vqa_xvlm"),
                                           ("nlvr2", "finetune_nlvr2_xvlm")])
