@@ -8,9 +8,7 @@ of the same image (``idx``: a COCO image has 5 captions), targets = positives / 
 momentum model's softmax at weight alpha. L_itm draws, per image, one hard negative caption and, per caption, one
 hard negative image from the in-batch softmax similarities, never of the same image (ALBEF masks eq(idx, idx.T)).
 
-VQA: the answer decoder's sequence loss of every (question, answer) pair the question has, weighted by the
-answer's share of the question's soft scores, summed and divided by the batch size (ALBEF: weight = the answer's
-share of the annotators, loss = (weights * answer NLL).sum() / B).
+VQA: the answer decoder's sequence loss (epic.objectives.answer_generation, shared with X-VLM).
 """
 from __future__ import annotations
 
@@ -19,9 +17,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from epic.models.albef.tasks_albef import answer_sequence_nll  # the decoder's sequence NLL (ranking uses it too)
-
 from .albef_losses import NEGATIVE_WEIGHT_FLOOR, itm_loss, itm_pairs
+from .answer_generation import answer_weights, vqa_losses  # noqa: F401  (shared with X-VLM; old import path)
 from .contrastive import (alpha_ramp, dequeue_and_enqueue, enqueue, gather_features, soft_cross_entropy,
                           with_queue)
 
@@ -121,31 +118,6 @@ def retrieval_losses(model, batch: Dict[str, torch.Tensor], rng: Optional[torch.
     accuracy = (logits.argmax(-1) == pairs["labels"]).float().mean()
     return {"loss": loss_ita + loss_itm, "loss_ita": loss_ita.detach(), "loss_itm": loss_itm.detach(),
             "itm_acc": accuracy.detach(), "alpha": torch.tensor(alpha)}
-
-
-def answer_weights(target_scores: torch.Tensor):
-    """(question index [P], answer index [P], weight [P]) of every answer with a positive soft score, each weight
-    its share of the question's total (ALBEF: count / number of annotators)."""
-    scores = target_scores.float()
-    question, answer = (scores > 0).nonzero(as_tuple=True)
-    shares = scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-12)
-    return question, answer, shares[question, answer]
-
-
-def vqa_losses(model, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """ALBEF's VQA training loss: sum over (question, answer) pairs of weight x answer NLL, / batch size."""
-    missing = [key for key in ("pixel_values", "input_ids", "attention_mask", "target_scores") if key not in batch]
-    if missing:
-        raise KeyError(f"ALBEF VQA fine-tuning needs batches with {missing} (epic.data.tasks' VQA loader)")
-    model._check_answers()
-    states = model.question_states(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-    question, answer, weights = answer_weights(batch["target_scores"])
-    if question.numel() == 0:  # no question of this micro-batch has an answer in the list: a zero with a graph
-        return {"loss": states.sum() * 0.0, "num_answers": torch.tensor(0.0)}
-    ids, mask = model.answer_input_ids[answer], model.answer_attention_mask[answer]
-    logits = model.text_decoder(ids, mask, states[question], batch["attention_mask"][question])
-    loss = (weights * answer_sequence_nll(logits, ids, mask)).sum() / states.shape[0]
-    return {"loss": loss, "loss_vqa": loss.detach(), "num_answers": torch.tensor(float(question.numel()))}
 
 
 def albef_task_recipe(model, batch: dict, rng: torch.Generator, task: str, finetune) -> Dict[str, torch.Tensor]:

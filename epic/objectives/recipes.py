@@ -98,6 +98,8 @@ def base_losses(model, batch: dict, image_embeds: torch.Tensor, rng: torch.Gener
 TASK_RECIPES: Dict[tuple, str] = {
     ("albef", "retrieval"): "epic.objectives.albef_tasks:albef_task_recipe",
     ("albef", "vqa"): "epic.objectives.albef_tasks:albef_task_recipe",
+    ("xvlm", "retrieval"): "epic.objectives.xvlm_tasks:xvlm_task_recipe",
+    ("xvlm", "vqa"): "epic.objectives.xvlm_tasks:xvlm_task_recipe",
 }
 
 
