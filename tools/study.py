@@ -116,12 +116,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     module = importlib.import_module(f"epic.studies.{STUDIES[args.study]}")
     study = build_study(args)
-    check = getattr(module, "check_scale", None)  # a study that cannot serve every family says so first
-    if check is not None:
-        try:
-            check(study.scale)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}")
     units = module.units(study)
     if args.unit is not None:  # one array task of --slurm
         phase, index = (int(x) for x in args.unit.split(":"))
