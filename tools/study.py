@@ -10,8 +10,8 @@ number), PNG plots and results.json into OUT (default studies_out/STUDY; studies
 --family than meter), and prints the table.
 
   --family F        meter (default), vilt, albef, xvlm: the family's tiny shapes-world configs (FAMILY_shapes_tiny
-                    and epic_FAMILY_shapes_tiny; X-VLM's include its region data, data.regions). Every study but
-                    gradcam takes every family; families without task models (X-VLM) report zero-shot retrieval only
+                    and epic_FAMILY_shapes_tiny; X-VLM's include its region data, data.regions). Every study takes
+                    every family; one without task models in the registry reports zero-shot retrieval only
 
   --scale tiny      the shapes world (version 2, generated once under --world) on CPU, minutes per variant
   --scale ablation  the paper's ablation recipe: meter_4m_ablation / epic_meter_4m_ablation (CLIP-B/32, 224 px,
