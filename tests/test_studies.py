@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -366,8 +367,8 @@ def test_a_family_without_task_models_reports_zero_shot_only(smoke_base, monkeyp
     for variant in table8.VARIANTS:  # a runs folder with pretraining and zero-shot results only
         unit = study.unit_dir(variant, 0)
         unit.mkdir(parents=True)
-        for name in ("pretrain.json", "ret_zs.json"):
-            (unit / name).write_text(json.dumps(xvlm_runs[name.split(".")[0]]))
+        for name in ("pretrain.json", "ret_zs.json"):  # as written (ret_zs.json records its settings)
+            shutil.copyfile(Path(xvlm_runs["dir"]) / name, unit / name)
     assert "nlvr2" not in common.run_unit(study, common.VANILLA, 0)
     assert study_tool.main([*argv, "--runs", str(fresh), "--report-only"]) == 0
     report = (root / "table8_no_tasks" / "table8.md").read_text()
@@ -422,3 +423,21 @@ def test_a_slurm_task_runs_its_trainers_through_the_shared_launcher(tmp_path):
     assert env["EPIC_SMOKE_CPU"] == "1" and env["EPIC_DATA"] == str(tmp_path / "world")
     cmd, env = launcher_command(study, "finetune_shapes", unit / "ft_nlvr2", [], finetune_task="nlvr2", init=unit)
     assert env["EPIC_FINETUNE_TASK"] == "nlvr2" and env["EPIC_INIT"] == str(unit)
+
+
+def test_a_cached_stage_made_with_other_settings_is_recomputed_not_reused(tmp_path):
+    from epic.studies import common
+
+    path, calls = tmp_path / "nlvr2.json", []
+
+    def run(value):
+        return lambda: calls.append(value) or {"accuracy": value}
+
+    assert common._stage(path, run(55.0), settings=["finetune.steps=200"]) == {"accuracy": 55.0}
+    assert common._stage(path, run(99.0), settings=["finetune.steps=200"]) == {"accuracy": 55.0}  # cached
+    with pytest.raises(common.StageMissing, match="other settings"):
+        common._stage(path, run(99.0), collect_only=True, settings=["finetune.steps=300"])
+    assert common._stage(path, run(61.0), settings=["finetune.steps=300"]) == {"accuracy": 61.0}
+    assert calls == [55.0, 61.0]
+    assert common._stage(path, run(0.0), collect_only=True, settings=["finetune.steps=300"]) == {"accuracy": 61.0}
+    assert common._stage(path, run(0.0)) == {"accuracy": 61.0}  # a stage without settings reads what is there

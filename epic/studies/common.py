@@ -259,18 +259,31 @@ class StageMissing(RuntimeError):
     pass
 
 
-def _stage(path: Path, run: Callable[[], dict], collect_only: bool = False) -> dict:
-    """A cached stage: path holds its JSON result once it has finished."""
+def _stage(path: Path, run: Callable[[], dict], collect_only: bool = False,
+           settings: Optional[Sequence[str]] = None) -> dict:
+    """A cached stage: path holds its JSON result once it has finished. With ``settings`` (the stage's own
+    arguments, e.g. the fine-tuning overrides), the file records them and a result made with other settings is
+    stale: it is computed again (never reused silently), or, when only collecting, reported missing."""
+    wanted = None if settings is None else [str(a) for a in settings]
     if path.is_file():
-        return json.loads(path.read_text())
-    if collect_only:
+        result = json.loads(path.read_text())
+        made_with = result.pop(SETTINGS_KEY, None)
+        if wanted is None or made_with == wanted:
+            return result
+        if collect_only:
+            raise StageMissing(f"{path} was made with other settings ({made_with}, now {wanted}); run the study "
+                               "again without collecting to recompute it")
+    elif collect_only:
         raise StageMissing(f"{path} is missing (the stage did not finish; see the log beside it)")
     result = run()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.write_text(json.dumps(result if wanted is None else {**result, SETTINGS_KEY: wanted}, indent=1) + "\n")
     tmp.replace(path)
     return result
+
+
+SETTINGS_KEY = "_stage_settings"
 
 
 def masking_overrides(scale: Scale, variant: Variant) -> list[str]:
@@ -320,11 +333,16 @@ def launcher_command(study: Study, config: str, run_dir: Path, overrides: list[s
     return ["bash", "slurm/launch.sh", *overrides], env
 
 
-def zero_shot_command(study: Study, run_dir: Path) -> list[str]:
+def zero_shot_settings(study: Study) -> list[str]:
+    """What the zero-shot stage evaluates on, besides the checkpoint."""
     data, images = study.scale.zero_shot_data()
     extra = [f"eval.max_images={study.scale.eval_images}"] if study.scale.world is not None else []
-    return [sys.executable, "epic/evaluate.py", "--task", "retrieval", "--ckpt", str(run_dir), "--data", data,
-            "--images", images, "--tb", "none", *extra]
+    return ["--data", data, "--images", images, "--tb", "none", *extra]
+
+
+def zero_shot_command(study: Study, run_dir: Path) -> list[str]:
+    return [sys.executable, "epic/evaluate.py", "--task", "retrieval", "--ckpt", str(run_dir),
+            *zero_shot_settings(study)]
 
 
 def fit_lm_command(study: Study, seed: int, out: Path, teacher: Path) -> list[str]:
@@ -385,9 +403,10 @@ def run_unit(study: Study, variant: Variant, seed: int) -> dict:
                 if not (unit / f"{key}.json").is_file() and not collect:
                     study.log(f"[{study.name}] {variant.name} seed {seed}: fine-tuning {task}")
                 result[key] = _stage(unit / f"{key}.json", lambda t=task: _finetune_stage(study, unit, t, seed),
-                                     collect)
+                                     collect, settings=[*study.scale.finetune_args(task), f"run.seed={seed}"])
             result["ret_zs"] = _stage(unit / "ret_zs.json", lambda: json.loads(run_command(
-                zero_shot_command(study, unit), unit / "ret_zs.log")), collect)
+                zero_shot_command(study, unit), unit / "ret_zs.log")), collect,
+                                      settings=zero_shot_settings(study))
         return result
 
 
