@@ -13,7 +13,7 @@ from typing import Optional
 
 from epic.config import Config, ConfigError, build_dataclass, read_config_data, validate
 
-FINETUNE_TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve")
+FINETUNE_TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve", "nlvr2_ta")  # nlvr2_ta: ALBEF's NLVR2 pre-step
 RETRIEVAL_NEGATIVES = ("random", "hard", "in_batch")
 
 

@@ -29,6 +29,11 @@ def pretrained():
 
 
 def ref_nlvr2(sd, image0, image1, input_ids, attention_mask):
+    return lin(sd, "cls_head.2", F.relu(lin(sd, "cls_head.0", ref_two_image_cls(sd, image0, image1, input_ids,
+                                                                                  attention_mask))))
+
+
+def ref_two_image_cls(sd, image0, image1, input_ids, attention_mask):
     """model_nlvr.ALBEF.forward: text_encoder(text, encoder_hidden_states=[image0, image1]); xbert's BertLayer picks
     encoder_hidden_states[(layer_num - fusion_layer) % 2]; share_cross_attention makes layer 6+2i's key/value
     those of layer 6+2i+1; cls_head = Linear -> ReLU -> Linear on the [CLS]."""
@@ -46,7 +51,7 @@ def ref_nlvr2(sd, image0, image1, input_ids, attention_mask):
     for layer in range(FUSION, FUSION + 2 * (LAYERS - FUSION)):
         x = ref_bert_layer(sd, f"text_encoder.bert.encoder.layer.{layer}.", layer, x, mask,
                            images[(layer - FUSION) % 2], image_mask)
-    return lin(sd, "cls_head.2", F.relu(lin(sd, "cls_head.0", x[:, 0])))
+    return x[:, 0]
 
 
 def test_nlvr2_two_image_encoder_matches_albefs_structure(pretrained):
@@ -339,3 +344,50 @@ def test_albef_micro_batch_of_one_is_a_config_error():
                 validate_finetune(cfg)
         else:
             validate_finetune(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ NLVR2 TA pre-step
+def test_text_assignment_pairs_follow_pretrain_nlvr():
+    from epic.objectives.albef_tasks import text_assignment_pairs
+
+    sim = torch.randn(6, 6)
+    ids = torch.tensor([0, 0, 1, 2, 3, 4])  # captions 0 and 1 share an image
+    index_0, index_1, labels = text_assignment_pairs(sim, torch.Generator().manual_seed(0), ids)
+    for b in range(6):
+        i0, i1, label = int(index_0[b]), int(index_1[b]), int(labels[b])
+        own = {i for i in range(6) if ids[i] == ids[b]}
+        assert (i0 in own, i1 in own) == {0: (True, False), 1: (False, True), 2: (False, False)}[label]
+        assert (i0 == b) if label == 0 else (i1 == b) if label == 1 else i0 != i1
+    many = text_assignment_pairs(torch.zeros(64, 64), torch.Generator().manual_seed(1))[2]
+    assert torch.bincount(many, minlength=3).min() > 10  # each assignment drawn (1/3, 1/3, 1/3)
+    with pytest.raises(ValueError, match="fewer than 2 other images"):
+        text_assignment_pairs(torch.zeros(3, 3), torch.Generator(), torch.tensor([0, 0, 1]))
+
+
+def test_text_assignment_forward_and_nlvr2_init(pretrained):
+    from epic.models.albef.tasks_albef import ALBEFForNLVR2, ALBEFForTextAssignment
+    from epic.models.downstream import load_pretrained_weights
+
+    # forward: the NLVR2 two-image encoder (checked against ALBEF's structure above) with ta_head on its [CLS]
+    ta = ALBEFForTextAssignment(pretrained.config)
+    load_pretrained_weights(ta, pretrained.state_dict())
+    with torch.no_grad():
+        for p in ta.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ta.eval()
+    image0, ids, mask = inputs(batch=3)
+    image1 = torch.flip(image0, dims=[0]) + 0.1
+    with torch.no_grad():
+        sd = {k: v.detach() for k, v in ta.state_dict().items()}
+        ref = lin(sd, "ta_head", ref_two_image_cls(sd, image0, image1, ids, mask))
+        out = ta(image0, image1, ids, mask)
+    assert out.shape == (3, 3) and rel_err(out, ref) < 1e-5
+
+    # its checkpoint initialises NLVR2: the trained two-image layers as they are, ta_head / vision_proj dropped
+    nlvr2 = ALBEFForNLVR2(pretrained.config)
+    fresh_head = {k: v.clone() for k, v in nlvr2.state_dict().items() if k.startswith("cls_head.")}
+    load_pretrained_weights(nlvr2, ta.state_dict())
+    loaded, trained = nlvr2.state_dict(), ta.state_dict()
+    assert all(torch.equal(loaded[k], trained[k]) for k in loaded if k in trained)
+    assert all(torch.equal(loaded[k], v) for k, v in fresh_head.items())
+    assert not any(k.startswith(("ta_head.", "vision_proj.")) for k in loaded)

@@ -148,8 +148,48 @@ def vqa_losses(model, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
     return {"loss": loss, "loss_vqa": loss.detach(), "num_answers": torch.tensor(float(question.numel()))}
 
 
+def text_assignment_pairs(similarity: torch.Tensor, rng: torch.Generator, image_ids: Optional[torch.Tensor] = None):
+    """Pretrain_nlvr.py's pairs: per caption b, with prob. 2/3 its image and one other drawn by image similarity
+    (softmax of ``similarity``, own image excluded), its image as image 0 (label 0) or image 1 (label 1) with equal
+    odds; else two other images (label 2). ``image_ids`` also excludes other captions' copies of the own image (the
+    retrieval files hold several captions per image). Returns (index_0, index_1, labels), each [B]."""
+    batch = similarity.shape[0]
+    device = similarity.device
+    own = torch.arange(batch, device=device)
+    same = own.view(-1, 1) == own.view(1, -1)
+    if image_ids is not None:
+        ids = image_ids.to(device).view(-1)
+        same = same | (ids.view(-1, 1) == ids.view(1, -1))
+    weights = F.softmax(similarity.detach().float(), dim=1).masked_fill(same, 0.0)
+    if bool(((weights > 0).sum(dim=1) < 2).any()):
+        raise ValueError(f"ALBEF's text assignment draws two other images per caption: this micro-batch of {batch} "
+                         f"has a caption with fewer than 2 other images (raise data.micro_batch_size, >= 3)")
+    keep_own = torch.rand(batch, generator=rng, device=rng.device).to(device) > 1 / 3
+    own_first = torch.rand(batch, generator=rng, device=rng.device).to(device) > 0.5
+    other = torch.multinomial(weights, 1, generator=rng).squeeze(1)
+    two_others = torch.multinomial(weights, 2, generator=rng)
+    labels = torch.where(keep_own, torch.where(own_first, 0, 1), 2)
+    index_0 = torch.where(labels == 0, own, torch.where(labels == 1, other, two_others[:, 0]))
+    index_1 = torch.where(labels == 0, other, torch.where(labels == 1, own, two_others[:, 1]))
+    return index_0, index_1, labels
+
+
+def text_assignment_losses(model, batch: dict, rng: torch.Generator) -> Dict[str, torch.Tensor]:
+    """The TA pre-step's cross-entropy over the 3 assignments (model_pretrain_nlvr.py), and its accuracy."""
+    image_embeds = model.encode_image(batch["pixel_values"])
+    index_0, index_1, labels = text_assignment_pairs(model.image_similarity(image_embeds), rng,
+                                                     batch.get("image_ids"))
+    logits = model.assignment_logits(image_embeds[index_0], image_embeds[index_1], batch["input_ids"],
+                                     batch["attention_mask"])
+    loss = F.cross_entropy(logits.float(), labels)
+    accuracy = 100.0 * (logits.argmax(-1) == labels).float().mean()
+    return {"loss": loss, "accuracy": accuracy.detach()}
+
+
 def albef_task_recipe(model, batch: dict, rng: torch.Generator, task: str, finetune) -> Dict[str, torch.Tensor]:
-    """The TASK_RECIPES entry (epic.objectives.recipes) for ALBEF's retrieval and VQA."""
+    """The TASK_RECIPES entry (epic.objectives.recipes) for ALBEF's retrieval, VQA and NLVR2's TA pre-step."""
+    if task == "nlvr2_ta":
+        return text_assignment_losses(model, batch, rng)
     if task == "retrieval":
         return retrieval_losses(model, batch, rng)
     if task == "vqa":

@@ -98,6 +98,7 @@ def base_losses(model, batch: dict, image_embeds: torch.Tensor, rng: torch.Gener
 TASK_RECIPES: Dict[tuple, str] = {
     ("albef", "retrieval"): "epic.objectives.albef_tasks:albef_task_recipe",
     ("albef", "vqa"): "epic.objectives.albef_tasks:albef_task_recipe",
+    ("albef", "nlvr2_ta"): "epic.objectives.albef_tasks:albef_task_recipe",
 }
 
 

@@ -41,12 +41,14 @@ from .modeling_albef import (ALBEF, MASK_VALUE, MOMENTUM_PAIRS, TIED_SOURCES, Be
 
 log = logging.getLogger(__name__)
 
-TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve")
+TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve", "nlvr2_ta")
+TA_CLASSES = 3  # text assignment: the caption is of image 0, of image 1, or of neither (model_pretrain_nlvr.py)
 SNLI_CLASSES = 3  # epic.eval.snli_ve.SNLI_LABELS order (contradiction, neutral, entailment), ALBEF's ve_dataset too
 #: state-dict prefixes of the pretraining model that a classifier (VE, NLVR2) does not have
 PRETRAINING_PARTS = ("visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.", "vision_proj.",
                      "text_proj.", "itm_head.", "text_encoder.cls.", "temp", "image_queue", "text_queue",
-                     "queue_ptr", "momentum_step", "idx_queue", "itc_score.", "generator.")
+                     "queue_ptr", "momentum_step", "idx_queue", "itc_score.", "generator.",
+                     "ta_head.")  # the text-assignment head: NLVR2 starts a fresh cls_head (NLVR.py, strict=False)
 
 
 def classifier_head(hidden: int, num_classes: int) -> nn.Sequential:
@@ -221,6 +223,37 @@ class ALBEFForNLVR2(_ALBEFClassifier):
         return self.cls_head(fused[:, 0])
 
 
+class ALBEFForTextAssignment(ALBEFForNLVR2):
+    """ALBEF's NLVR2 pre-step (Pretrain_nlvr.py / model_pretrain_nlvr.py): the two-image encoder learns, from
+    image-caption pairs, whether the caption belongs to image 0, image 1 or neither (``ta_head``, 3 classes). Keeps
+    ``vision_proj`` for the image similarity the pairs are drawn from; its checkpoint initialises ALBEFForNLVR2
+    (the two-image layers as trained here, ``ta_head`` and ``vision_proj`` dropped, a fresh ``cls_head``)."""
+    task = "nlvr2_ta"
+    new_parts = ("ta_head.",)
+
+    def __init__(self, cfg: ALBEFConfig):
+        super().__init__(cfg)
+        del self.cls_head
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.ta_head = nn.Linear(cfg.hidden_size, TA_CLASSES)
+
+    @torch.no_grad()
+    def image_similarity(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """[B, B] cosine similarity of the images' projected [CLS] over ALBEF's fixed temperature 0.07."""
+        feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
+        return feat @ feat.t() / 0.07
+
+    def assignment_logits(self, image0_embeds: torch.Tensor, image1_embeds: torch.Tensor, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor) -> torch.Tensor:
+        text_embeds = self.encode_text(input_ids, attention_mask)
+        return self.ta_head(self.fuse_two_images(text_embeds, attention_mask, image0_embeds, image1_embeds)[:, 0])
+
+    def forward(self, pixel_values_0, pixel_values_1, input_ids, attention_mask) -> torch.Tensor:
+        batch = input_ids.shape[0]
+        image_embeds = self.encode_image(torch.cat([pixel_values_0, pixel_values_1]))
+        return self.assignment_logits(image_embeds[:batch], image_embeds[batch:], input_ids, attention_mask)
+
+
 # ------------------------------------------------------------------------------------------------ VQA
 def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[N, L] padding mask -> [N, 1, L, L] additive mask of a left-to-right decoder (xbert's is_decoder mask:
@@ -380,7 +413,8 @@ def answer_sequence_nll(logits: torch.Tensor, answer_ids: torch.Tensor, answer_m
     return nll.sum(dim=1)
 
 
-TASK_MODELS = {"retrieval": ALBEFForRetrieval, "vqa": ALBEFForVQA, "nlvr2": ALBEFForNLVR2, "snli_ve": ALBEFForSNLIVE}
+TASK_MODELS = {"retrieval": ALBEFForRetrieval, "vqa": ALBEFForVQA, "nlvr2": ALBEFForNLVR2, "snli_ve": ALBEFForSNLIVE,
+               "nlvr2_ta": ALBEFForTextAssignment}
 
 
 def build_task_model(task: str, config: ALBEFConfig, num_answers: int = 0) -> ALBEF:
