@@ -35,8 +35,10 @@ from epic.finetune_config import FINETUNE_TASKS, TaskConfig, build_dataclass, va
 
 # model fields a checkpoint fixes (shapes); the rest (image_size, dropout, max_text_len) may be changed
 LOCAL_PATH_FIELDS = ("vit_pretrained", "text_pretrained")
-# model fields of the pretraining run that a task model does not take over: EPIC's consistency head beta
-PRETRAINING_ONLY_FIELDS = ("consistency_head",)
+# model fields of the pretraining run that a task model does not take over: EPIC's consistency head beta; ALBEF's
+# distillation ramp, a schedule of the run (ALBEF ramps alpha over the first *fine-tuning* epoch: set
+# model.alpha_ramp_steps to its length in optimizer steps; 0, the default, = alpha from the first step)
+PRETRAINING_ONLY_FIELDS = ("consistency_head", "alpha_ramp_steps")
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -270,19 +272,20 @@ def evaluate_split(model, cfg: TaskConfig, tokenizer, split: str, rank: int, wor
 
 @torch.no_grad()
 def evaluate_text_assignment(model, cfg: TaskConfig, tokenizer, split: str, rank: int, world_size: int) -> dict:
-    """Text-assignment accuracy (chance 33.3) on a split's captions, the pairs drawn as in training but from a fixed
-    seed (the same pairs for every model). ALBEF's Pretrain_nlvr.py evaluates nothing; this shows the pre-step learnt."""
-    from epic.data.tasks import build_task_train_loader
+    """Text-assignment accuracy (chance 33.3) on a split's captions: batches of eval.batch_size in a fixed order, the
+    pairs drawn from a fixed seed with the model in eval mode (ALBEF's recipe then draws the other images uniformly:
+    the same pairs for every model). ALBEF's Pretrain_nlvr.py evaluates nothing; this shows the pre-step learnt."""
+    from epic.data.tasks import build_shuffled_eval_loader
     from epic.objectives.recipes import task_recipe
 
     family = getattr(cfg.model, "family", "meter")
     recipe = task_recipe(family, "nlvr2_ta")  # ALBEF's: epic.objectives.albef_tasks.text_assignment_losses
     if recipe is None:
         raise ConfigError(f"the {family} family has no NLVR2 text-assignment pre-step (ALBEF's nlvr2_ta)")
-    loader = build_task_train_loader(load_split(cfg, split, for_training=True), tokenizer,
-                                     image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
-                                     batch_size=cfg.eval.batch_size, seed=0, rank=rank, world_size=world_size,
-                                     randaugment=False, normalization=cfg.data.normalization)
+    loader = build_shuffled_eval_loader(load_split(cfg, split, for_training=True), tokenizer,
+                                        image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
+                                        batch_size=cfg.eval.batch_size, seed=0, rank=rank, world_size=world_size,
+                                        normalization=cfg.data.normalization)
     was_training, rng = model.training, torch.Generator().manual_seed(0)
     model.eval()
     device = next(model.parameters()).device
@@ -290,8 +293,8 @@ def evaluate_text_assignment(model, cfg: TaskConfig, tokenizer, split: str, rank
     for batch in loader:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         size = batch["input_ids"].shape[0]
-        counts += torch.tensor([float(recipe(model, batch, rng, "nlvr2_ta", cfg.finetune)["accuracy"]) * size / 100.0, size],
-                               dtype=torch.float64, device=device)
+        correct = float(recipe(model, batch, rng, "nlvr2_ta", cfg.finetune)["accuracy"]) * size / 100.0
+        counts += torch.tensor([correct, size], dtype=torch.float64, device=device)
     if world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
     model.train(was_training)

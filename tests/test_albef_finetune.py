@@ -5,6 +5,7 @@ hard-negative weights by hand; shapes-world short runs of retrieval, SNLI-VE, NL
 untrained model; the micro-batch check at config time."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -59,9 +60,13 @@ def test_nlvr2_two_image_encoder_matches_albefs_structure(pretrained):
     from epic.models.downstream import load_pretrained_weights
 
     torch.manual_seed(0)
-    model = ALBEFForNLVR2(pretrained.config)
+    plain = ALBEFForNLVR2(dataclasses.replace(pretrained.config, distill=False))
+    load_pretrained_weights(plain, pretrained.state_dict())
+    assert "visual_encoder_m" not in dict(plain.named_children()) and not hasattr(plain.text_encoder, "cls")
+    model = ALBEFForNLVR2(pretrained.config)  # distill (ALBEF's default): momentum copies, buffers only
     report = load_pretrained_weights(model, pretrained.state_dict())
-    assert "visual_encoder_m" not in dict(model.named_children()) and not hasattr(model.text_encoder, "cls")
+    assert not any(n.startswith(("visual_encoder_m", "text_encoder_m", "cls_head_m")) for n, _ in
+                   model.named_parameters())
     layers = model.text_encoder.bert.encoder.layer
     assert len(layers) == FUSION + 2 * (LAYERS - FUSION) and report is not None
     source = pretrained.state_dict()
@@ -69,10 +74,14 @@ def test_nlvr2_two_image_encoder_matches_albefs_structure(pretrained):
         for copy_ in (FUSION + 2 * (j - FUSION), FUSION + 2 * (j - FUSION) + 1):
             for name, value in layers[copy_].state_dict().items():
                 assert torch.equal(value, source[f"text_encoder.bert.encoder.layer.{j}.{name}"]), (j, copy_, name)
+            for name, value in model.text_encoder_m.bert.encoder.layer[copy_].state_dict().items():  # momentum too
+                assert torch.equal(value, source[f"text_encoder_m.bert.encoder.layer.{j}.{name}"]), (j, copy_, name)
         first = layers[FUSION + 2 * (j - FUSION)].crossattention.self
         second = layers[FUSION + 2 * (j - FUSION) + 1].crossattention.self
         assert first.key.weight is second.key.weight and first.value.bias is second.value.bias
         assert first.query.weight is not second.query.weight
+    momentum = model.text_encoder_m.bert.encoder.layer  # the copy shares its key/value like the online encoder
+    assert momentum[FUSION].crossattention.self.key.weight is momentum[FUSION + 1].crossattention.self.key.weight
     with torch.no_grad():  # "trained": every copy differs from its twin (the shared key/value stay one tensor)
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -188,18 +197,40 @@ def test_vqa_answer_decoder_and_ranking_match_albefs_structure(pretrained):
     assert torch.allclose(scores[torch.isfinite(scores)], ref[torch.isfinite(ref)], rtol=1e-4, atol=1e-5)
     assert torch.equal(scores.argmax(1), ref.argmax(1))
 
+    # ALBEF's distilled VQA loss (model_vqa.py + xbert's soft_labels): per answer (1 - a) NLL + a sum_t CE(p_m,t)
+    # with the momentum decoder over the momentum encoders' question states (here the pretrained momentum weights,
+    # which differ from the perturbed online ones); alpha = config.alpha (no ramp)
+    assert model.distill and not any(n.endswith("_m") or "_m." in n for n, _ in model.named_parameters())
     targets = torch.tensor([[0.0, 1.0, 0.0, 0.3, 0.0], [0.0] * 5, [0.6, 0.0, 0.0, 0.0, 0.6]])
     q, a, w = answer_weights(targets)
     assert q.tolist() == [0, 0, 2, 2] and a.tolist() == [1, 3, 0, 4]
     assert torch.allclose(w, torch.tensor([1 / 1.3, 0.3 / 1.3, 0.5, 0.5]))
-    loss = vqa_losses(model, {"pixel_values": image, "input_ids": ids, "attention_mask": mask,
-                              "target_scores": targets})["loss"]
-    by_hand = 0.0
+    out = vqa_losses(model, {"pixel_values": image, "input_ids": ids, "attention_mask": mask, "target_scores": targets})
+    alpha = pretrained.config.alpha
+    assert float(out["alpha"]) == pytest.approx(alpha) and alpha > 0
+    sd_m = dict(sd)
+    for k, v in sd.items():  # the momentum parts under the online names, for the same reference forwards
+        for part in ("visual_encoder", "text_encoder", "text_decoder"):
+            if k.startswith(part + "_m."):
+                sd_m[part + k[len(part) + 2:]] = v
+    ref_states_m = ref_bert(sd_m, "text_encoder", "multi_modal", mask, input_ids=ids,
+                            image=ref_vit(sd_m, "visual_encoder.", image))
+    by_hand = plain = 0.0
     for qi, ai, wi in zip(q, a, w):
+        length = int(a_mask[ai].sum())
         seq = ref_decoder_logits(sd, a_ids[ai:ai + 1], a_mask[ai:ai + 1], ref_states[qi:qi + 1], mask[qi:qi + 1])[0]
-        nll = sum(-seq[t - 1].log_softmax(-1)[a_ids[ai, t]] for t in range(1, int(a_mask[ai].sum())))
-        by_hand = by_hand + wi * nll
-    assert torch.allclose(loss, by_hand / 3, rtol=1e-5)
+        seq_m = ref_decoder_logits(sd_m, a_ids[ai:ai + 1], a_mask[ai:ai + 1], ref_states_m[qi:qi + 1],
+                                   mask[qi:qi + 1])[0]
+        nll = sum(-seq[t - 1].log_softmax(-1)[a_ids[ai, t]] for t in range(1, length))
+        soft = sum(-(seq_m[t - 1].softmax(-1) * seq[t - 1].log_softmax(-1)).sum() for t in range(1, length))
+        by_hand = by_hand + wi * ((1 - alpha) * nll + alpha * soft)
+        plain = plain + wi * nll
+    assert torch.allclose(out["loss"], by_hand / 3, rtol=1e-5)
+    assert not torch.allclose(out["loss"], plain / 3, rtol=1e-3)  # the soft targets count
+    # distill=False (ALBEF's distill: False): the plain weighted answer NLL
+    model.distill = False
+    assert torch.allclose(vqa_losses(model, {"pixel_values": image, "input_ids": ids, "attention_mask": mask,
+                                             "target_scores": targets})["loss"], plain / 3, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ retrieval losses

@@ -11,6 +11,12 @@ hard negative image from the in-batch softmax similarities, never of the same im
 VQA: the answer decoder's sequence loss of every (question, answer) pair the question has, weighted by the
 answer's share of the question's soft scores, summed and divided by the batch size (ALBEF: weight = the answer's
 share of the annotators, loss = (weights * answer NLL).sum() / B).
+
+Momentum distillation of SNLI-VE, NLVR2 and VQA (ALBEF's ``distill: True``, the task model's ``distill``), with
+p_m the momentum model's softmax and alpha ramped as in pretraining (``model.config.alpha_ramp_steps``):
+
+    L_cls = (1 - alpha) CE(logits, y) + alpha CE(logits, p_m)                       (model_ve.py, model_nlvr.py)
+    L_answer = (1 - alpha) NLL(answer) + alpha sum_t CE(logits_t, p_m,t)            (xbert BertLMHeadModel)
 """
 from __future__ import annotations
 
@@ -123,6 +129,43 @@ def retrieval_losses(model, batch: Dict[str, torch.Tensor], rng: Optional[torch.
             "itm_acc": accuracy.detach(), "alpha": torch.tensor(alpha)}
 
 
+def distillation_alpha(model) -> float:
+    """The distillation weight at this step: config.alpha ramped over alpha_ramp_steps optimizer steps (ALBEF's
+    warm_up: alpha * min(1, i / len(loader)) in the first epoch)."""
+    return alpha_ramp(model.config.alpha, int(model.momentum_step), model.config.alpha_ramp_steps)
+
+
+def distilled_classification_loss(logits: torch.Tensor, logits_m: torch.Tensor, labels: torch.Tensor,
+                                  alpha: float) -> torch.Tensor:
+    """L_cls: (1 - alpha) CE(logits, labels) + alpha CE(logits, softmax(logits_m)), in fp32 (model_ve.py)."""
+    logits = logits.float()
+    soft = soft_cross_entropy(logits, F.softmax(logits_m.detach().float(), dim=1))
+    return (1.0 - alpha) * F.cross_entropy(logits, labels) + alpha * soft
+
+
+def classification_losses(model, batch: Dict[str, torch.Tensor], task: str) -> Dict[str, torch.Tensor]:
+    """SNLI-VE / NLVR2 fine-tuning: the class loss (distilled when the model has a momentum copy) and accuracy."""
+    images = ((batch["pixel_values_0"], batch["pixel_values_1"]) if task == "nlvr2" else (batch["pixel_values"],))
+    inputs = (*images, batch["input_ids"], batch["attention_mask"])
+    logits = model(*inputs)
+    accuracy = 100.0 * (logits.detach().argmax(-1) == batch["labels"]).float().mean()
+    if not model.distill:
+        return {"loss": F.cross_entropy(logits.float(), batch["labels"]), "accuracy": accuracy}
+    alpha = distillation_alpha(model)
+    loss = distilled_classification_loss(logits, model.momentum_logits(*inputs), batch["labels"], alpha)
+    return {"loss": loss, "accuracy": accuracy, "alpha": torch.tensor(alpha)}
+
+
+def distilled_answer_nll(logits: torch.Tensor, logits_m: torch.Tensor, answer_ids: torch.Tensor,
+                         answer_mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """L_answer per answer [N]: (1 - alpha) x its sequence NLL + alpha x the soft cross-entropy against the momentum
+    decoder's next-token softmax, summed over the answer's tokens after <s> (xbert's loss_distill), fp32."""
+    nll = answer_sequence_nll(logits, answer_ids, answer_mask)
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    soft = -(log_probs * F.softmax(logits_m[:, :-1].detach().float(), dim=-1)).sum(dim=-1)  # [N, La - 1]
+    return (1.0 - alpha) * nll + alpha * (soft * (answer_mask[:, 1:] > 0)).sum(dim=1)
+
+
 def answer_weights(target_scores: torch.Tensor):
     """(question index [P], answer index [P], weight [P]) of every answer with a positive soft score, each weight
     its share of the question's total (ALBEF: count / number of annotators)."""
@@ -144,8 +187,17 @@ def vqa_losses(model, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
         return {"loss": states.sum() * 0.0, "num_answers": torch.tensor(0.0)}
     ids, mask = model.answer_input_ids[answer], model.answer_attention_mask[answer]
     logits = model.text_decoder(ids, mask, states[question], batch["attention_mask"][question])
-    loss = (weights * answer_sequence_nll(logits, ids, mask)).sum() / states.shape[0]
-    return {"loss": loss, "loss_vqa": loss.detach(), "num_answers": torch.tensor(float(question.numel()))}
+    out = {"num_answers": torch.tensor(float(question.numel()))}
+    if model.distill:
+        alpha = distillation_alpha(model)
+        logits_m = model.momentum_answer_logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                                question, ids, mask)
+        per_answer = distilled_answer_nll(logits, logits_m, ids, mask, alpha)
+        out["alpha"] = torch.tensor(alpha)
+    else:
+        per_answer = answer_sequence_nll(logits, ids, mask)
+    loss = (weights * per_answer).sum() / states.shape[0]
+    return {"loss": loss, "loss_vqa": loss.detach(), **out}
 
 
 def text_assignment_pairs(similarity: torch.Tensor, rng: torch.Generator, image_ids: Optional[torch.Tensor] = None):
@@ -174,11 +226,15 @@ def text_assignment_pairs(similarity: torch.Tensor, rng: torch.Generator, image_
     return index_0, index_1, labels
 
 
-def text_assignment_losses(model, batch: dict, rng: torch.Generator) -> Dict[str, torch.Tensor]:
-    """The TA pre-step's cross-entropy over the 3 assignments (model_pretrain_nlvr.py), and its accuracy."""
+def text_assignment_losses(model, batch: dict, rng: torch.Generator, hard_pairs: bool = True) -> Dict[str, torch.Tensor]:
+    """The TA pre-step's cross-entropy over the 3 assignments (model_pretrain_nlvr.py), and its accuracy.
+    ``hard_pairs``: the other images drawn by image similarity (Pretrain_nlvr.py); False draws them uniformly, so
+    that every model is scored on the same pairs for a given ``rng`` seed (the evaluation)."""
     image_embeds = model.encode_image(batch["pixel_values"])
-    index_0, index_1, labels = text_assignment_pairs(model.image_similarity(image_embeds), rng,
-                                                     batch.get("image_ids"))
+    batch_size = image_embeds.shape[0]
+    similarity = (model.image_similarity(image_embeds) if hard_pairs
+                  else torch.zeros(batch_size, batch_size, device=image_embeds.device))
+    index_0, index_1, labels = text_assignment_pairs(similarity, rng, batch.get("image_ids"))
     logits = model.assignment_logits(image_embeds[index_0], image_embeds[index_1], batch["input_ids"],
                                      batch["attention_mask"])
     loss = F.cross_entropy(logits.float(), labels)
@@ -187,11 +243,14 @@ def text_assignment_losses(model, batch: dict, rng: torch.Generator) -> Dict[str
 
 
 def albef_task_recipe(model, batch: dict, rng: torch.Generator, task: str, finetune) -> Dict[str, torch.Tensor]:
-    """The TASK_RECIPES entry (epic.objectives.recipes) for ALBEF's retrieval, VQA and NLVR2's TA pre-step."""
-    if task == "nlvr2_ta":
-        return text_assignment_losses(model, batch, rng)
+    """The TASK_RECIPES entry (epic.objectives.recipes) for ALBEF's retrieval, VQA, SNLI-VE, NLVR2 and NLVR2's TA
+    pre-step."""
+    if task == "nlvr2_ta":  # evaluation (eval mode): the same uniformly drawn pairs for every model
+        return text_assignment_losses(model, batch, rng, hard_pairs=model.training)
     if task == "retrieval":
         return retrieval_losses(model, batch, rng)
     if task == "vqa":
         return vqa_losses(model, batch)
+    if task in ("snli_ve", "nlvr2"):
+        return classification_losses(model, batch, task)
     raise ValueError(f"no ALBEF task recipe for {task!r}")

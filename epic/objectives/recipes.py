@@ -99,6 +99,8 @@ TASK_RECIPES: Dict[tuple, str] = {
     ("albef", "retrieval"): "epic.objectives.albef_tasks:albef_task_recipe",
     ("albef", "vqa"): "epic.objectives.albef_tasks:albef_task_recipe",
     ("albef", "nlvr2_ta"): "epic.objectives.albef_tasks:albef_task_recipe",
+    ("albef", "snli_ve"): "epic.objectives.albef_tasks:albef_task_recipe",  # momentum-distilled classification
+    ("albef", "nlvr2"): "epic.objectives.albef_tasks:albef_task_recipe",
 }
 
 

@@ -19,17 +19,24 @@ entry for the family. Each task model *is* an ALBEF (subclass), so module names 
              each answer's token sequence, and prediction ranks the answer list: the k answers whose first token
              is likeliest, re-scored by their whole sequence (``rank_answers``; k = eval.k_test, ALBEF's 128).
 
+  nlvr2_ta   ALBEF's NLVR2 pre-step (Pretrain_nlvr.py): the two-image encoder with ``ta_head`` (caption of image 0,
+             image 1 or neither), trained on image-caption pairs; its checkpoint initialises ``nlvr2``.
+
 VE, NLVR2 and VQA drop what ALBEF's fine-tuning models lack (contrastive projections, ITM/MLM heads, temperature,
-queues). Their momentum distillation (ALBEF's ``distill: True``) is not implemented: they train with the plain
-losses (ALBEF's ``distill: False``). ALBEF's NLVR2 text-assignment pre-step
-(Pretrain_nlvr.py) is not implemented either: the two-image layers start from the pretrained fusion layers.
+queues). With ``config.distill`` (ALBEF's ``distill: True``, the default) they keep a momentum copy of their own
+parts (``distilled_parts``: ViT, text encoder and cls_head / answer decoder, model_ve/nlvr/vqa.py's model_pairs) as
+fp32 buffers, out of the optimizer and in every checkpoint, updated after each optimizer step
+(``after_optimizer_step``); ``momentum_logits`` gives its soft targets (epic.objectives.albef_tasks mixes them in at
+alpha). A momentum part the loaded checkpoint lacks starts as a copy of the loaded online part.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import logging
 from functools import partial
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +44,7 @@ from torch import nn
 
 from .configuration_albef import ALBEFConfig
 from .modeling_albef import (ALBEF, MASK_VALUE, MOMENTUM_PAIRS, TIED_SOURCES, BertLayer, MLMHead, TextEmbeddings,
-                             additive_mask, init_bert_weights)
+                             additive_mask, init_bert_weights, parameters_to_buffers)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,8 @@ SNLI_CLASSES = 3  # epic.eval.snli_ve.SNLI_LABELS order (contradiction, neutral,
 PRETRAINING_PARTS = ("visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.", "vision_proj.",
                      "text_proj.", "itm_head.", "text_encoder.cls.", "temp", "image_queue", "text_queue",
                      "queue_ptr", "momentum_step", "idx_queue", "itc_score.", "generator.",
-                     "ta_head.")  # the text-assignment head: NLVR2 starts a fresh cls_head (NLVR.py, strict=False)
+                     "ta_head.",  # the text-assignment head: NLVR2 starts a fresh cls_head (NLVR.py, strict=False)
+                     "cls_head_m.", "text_decoder_m.")  # a distilled checkpoint's momentum parts (distill=False)
 
 
 def classifier_head(hidden: int, num_classes: int) -> nn.Sequential:
@@ -87,9 +95,9 @@ class _TaskALBEF(ALBEF):
         if added:
             log.info("%s: new parts keep their initialisation: %s", type(self).__name__,
                      sorted({k.split(".")[0] for k in added}))
-        key = "visual_encoder.pos_embed"
-        if key in state:
-            state[key] = resample_pos_embed(state[key], own[key], self.visual_encoder.patch_embed.grid_size)
+        for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):  # ALBEF resamples both
+            if key in state and key in own:
+                state[key] = resample_pos_embed(state[key], own[key], self.visual_encoder.patch_embed.grid_size)
         return state
 
 
@@ -109,7 +117,11 @@ class ALBEFForRetrieval(_TaskALBEF):
 
 
 class _FusionOnlyALBEF(_TaskALBEF):
-    """An ALBEF without the pretraining parts (model_ve.py / model_nlvr.py / model_vqa.py keep only the encoders)."""
+    """An ALBEF without the pretraining parts (model_ve.py / model_nlvr.py / model_vqa.py keep only the encoders),
+    and, with ``config.distill``, a momentum copy ``<part>_m`` of each of ``distilled_parts``."""
+
+    #: online parts with a momentum copy when config.distill (ALBEF's model_pairs of the task model)
+    distilled_parts: Tuple[str, ...] = ()
 
     def __init__(self, cfg: ALBEFConfig):
         super().__init__(cfg)
@@ -118,10 +130,70 @@ class _FusionOnlyALBEF(_TaskALBEF):
         for name in ("temp", "image_queue", "text_queue", "queue_ptr", "momentum_step"):
             delattr(self, name)
         del self.text_encoder.cls
+        self.distill = False
+
+    def init_momentum_model(self) -> None:
+        """ALBEF's copy_params for a task model, called once its parts exist: ``<part>_m`` = a copy of each of
+        ``distilled_parts`` as fp32 buffers (ties kept: NLVR2's shared cross-attention key/value, the decoder's LM
+        head), never trained, and ``momentum_step``, the optimizer steps taken (the alpha ramp)."""
+        self.distill = bool(self.config.distill and self.distilled_parts)
+        if not self.distill:
+            return
+        for part in self.distilled_parts:
+            momentum = copy.deepcopy(getattr(self, part))
+            parameters_to_buffers(momentum)
+            setattr(self, part + "_m", momentum)
+        self.register_buffer("momentum_step", torch.zeros((), dtype=torch.long))
+
+    def momentum_pairs(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(online parameter, momentum buffer) of every distilled part, matched by name."""
+        pairs = []
+        for part in self.distilled_parts if self.distill else ():
+            copies = dict(getattr(self, part + "_m").named_buffers())
+            for name, param in getattr(self, part).named_parameters():
+                if name not in copies:
+                    raise RuntimeError(f"{part}_m has no copy of {part}.{name}")
+                pairs.append((param, copies[name]))
+        return pairs
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """No momentum model to update (the trainer calls this after every optimizer step)."""
+        """The momentum update theta_m <- m theta_m + (1 - m) theta (m = config.momentum, ALBEF's 0.995) and the
+        ramp's step count, after every optimizer step taken; nothing without distillation."""
+        if self.distill:
+            super().after_optimizer_step()
+
+    def _momentum_autocast(self, device: torch.device):
+        online = self.visual_encoder.patch_embed.proj.weight.dtype
+        if online == self.visual_encoder_m.patch_embed.proj.weight.dtype or online not in (torch.float16,
+                                                                                          torch.bfloat16):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=online)
+
+    def _momentum_image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._run_vit(self.visual_encoder_m, pixel_values.to(self.visual_encoder_m.pos_embed.dtype))
+
+    def _require_momentum(self) -> None:
+        if not self.distill:
+            raise RuntimeError(f"{type(self).__name__} was built with distill=False (or its task has no momentum "
+                               f"distillation): there is no momentum model")
+
+    def adapt_loaded_state(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """A momentum part the checkpoint lacks (a TA or non-distilled checkpoint) starts as a copy of the loaded
+        online part; a pretraining checkpoint's momentum encoders are taken as they are (ALBEF loads them)."""
+        own = self.state_dict()
+        state = dict(state)
+        for part in self.distilled_parts if self.distill else ():
+            prefix, copy_prefix = part + ".", part + "_m."
+            if not any(k.startswith(copy_prefix) for k in state):
+                for key in own:
+                    if key.startswith(copy_prefix) and prefix + key[len(copy_prefix):] in state:
+                        state[key] = state[prefix + key[len(copy_prefix):]]
+        if self.distill and "momentum_step" not in state:  # the ramp starts again with the fine-tuning
+            state["momentum_step"] = own["momentum_step"]
+        elif not self.distill:
+            state.pop("momentum_step", None)
+        return super().adapt_loaded_state(state)
 
     def infer(self, input_ids, attention_mask, pixel_values=None, image_embeds=None, text_embeds=None):
         """One (text, image) fusion: the pretraining model's infer without the contrastive features."""
@@ -135,7 +207,8 @@ class _FusionOnlyALBEF(_TaskALBEF):
 
 
 class _ALBEFClassifier(_FusionOnlyALBEF):
-    new_parts = ("cls_head.",)
+    new_parts = ("cls_head.", "cls_head_m.")
+    distilled_parts = ("visual_encoder", "text_encoder", "cls_head")  # model_ve.py / model_nlvr.py
 
     def __init__(self, cfg: ALBEFConfig, num_classes: int):
         super().__init__(cfg)
@@ -147,10 +220,21 @@ class ALBEFForSNLIVE(_ALBEFClassifier):
 
     def __init__(self, cfg: ALBEFConfig):
         super().__init__(cfg, SNLI_CLASSES)
+        self.init_momentum_model()
 
     def forward(self, pixel_values, input_ids, attention_mask) -> torch.Tensor:
         out = self.infer(input_ids, attention_mask, pixel_values=pixel_values)
         return self.cls_head(out["cls_feats"])
+
+    @torch.no_grad()
+    def momentum_logits(self, pixel_values, input_ids, attention_mask) -> torch.Tensor:
+        """The momentum model's class logits (model_ve.py's prediction_m), fp32."""
+        self._require_momentum()
+        with self._momentum_autocast(input_ids.device):
+            bert = self.text_encoder_m.bert
+            fused = bert.fuse(bert.encode_text(input_ids, attention_mask), attention_mask,
+                              self._momentum_image_embeds(pixel_values))
+            return self.cls_head_m(fused[:, 0]).float()
 
 
 
@@ -172,14 +256,16 @@ def share_cross_attention(layers: nn.ModuleList, fusion_layer: int) -> None:
 def two_image_layer_keys(state: Dict[str, torch.Tensor], fusion_layer: int, pretrained_layers: int
                          ) -> Dict[str, torch.Tensor]:
     """ALBEF's NLVR.py weight mapping: pretrained fusion layer j -> layers fusion + 2 (j - fusion) and the one
-    after it, for the online text encoder. A state that already has the two-image layers is returned as is."""
-    prefix = "text_encoder.bert.encoder.layer."
-    indices = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
+    after it, for the online text encoder and its momentum copy. A state that already has the two-image layers is
+    returned as is."""
+    prefixes = ("text_encoder.bert.encoder.layer.", "text_encoder_m.bert.encoder.layer.")
+    indices = {int(k[len(prefixes[0]):].split(".")[0]) for k in state if k.startswith(prefixes[0])}
     if not indices or max(indices) >= pretrained_layers:  # already two-image (a fine-tuned NLVR2 checkpoint)
         return state
     out = {}
     for key, value in state.items():
-        if not key.startswith(prefix):
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
             out[key] = value
             continue
         index, rest = key[len(prefix):].split(".", 1)
@@ -200,15 +286,17 @@ class ALBEFForNLVR2(_ALBEFClassifier):
         super().__init__(nlvr2_config(cfg), 2)
         self.pretrained_layers = cfg.num_hidden_layers  # the pretrained model's depth (before the doubling)
         share_cross_attention(self.text_encoder.bert.encoder.layer, cfg.fusion_layer)
+        self.init_momentum_model()  # after the sharing: the copy shares its key/value the same way
 
     def adapt_loaded_state(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         state = two_image_layer_keys(state, self.config.fusion_layer, self.pretrained_layers)
         return super().adapt_loaded_state(state)
 
     def fuse_two_images(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image0_embeds: torch.Tensor,
-                        image1_embeds: torch.Tensor) -> torch.Tensor:
-        """The fusion layers over the text-encoder output, alternating the image the cross-attention reads."""
-        bert = self.text_encoder.bert
+                        image1_embeds: torch.Tensor, text_encoder: nn.Module = None) -> torch.Tensor:
+        """The fusion layers over the text-encoder output, alternating the image the cross-attention reads
+        (``text_encoder``: the momentum copy instead of the online one)."""
+        bert = (self.text_encoder if text_encoder is None else text_encoder).bert
         text_mask = additive_mask(attention_mask, text_embeds.dtype)
         hidden = text_embeds
         for offset, layer in enumerate(bert.encoder.layer[self.config.fusion_layer:]):
@@ -222,6 +310,18 @@ class ALBEFForNLVR2(_ALBEFClassifier):
         fused = self.fuse_two_images(text_embeds, attention_mask, image_embeds[:batch], image_embeds[batch:])
         return self.cls_head(fused[:, 0])
 
+    @torch.no_grad()
+    def momentum_logits(self, pixel_values_0, pixel_values_1, input_ids, attention_mask) -> torch.Tensor:
+        """The momentum model's logits (model_nlvr.py's prediction_m), fp32."""
+        self._require_momentum()
+        batch = input_ids.shape[0]
+        with self._momentum_autocast(input_ids.device):
+            image_embeds = self._momentum_image_embeds(torch.cat([pixel_values_0, pixel_values_1]))
+            text_embeds = self.text_encoder_m.bert.encode_text(input_ids, attention_mask)
+            fused = self.fuse_two_images(text_embeds, attention_mask, image_embeds[:batch], image_embeds[batch:],
+                                         text_encoder=self.text_encoder_m)
+            return self.cls_head_m(fused[:, 0]).float()
+
 
 class ALBEFForTextAssignment(ALBEFForNLVR2):
     """ALBEF's NLVR2 pre-step (Pretrain_nlvr.py / model_pretrain_nlvr.py): the two-image encoder learns, from
@@ -230,6 +330,7 @@ class ALBEFForTextAssignment(ALBEFForNLVR2):
     (the two-image layers as trained here, ``ta_head`` and ``vision_proj`` dropped, a fresh ``cls_head``)."""
     task = "nlvr2_ta"
     new_parts = ("ta_head.",)
+    distilled_parts = ()  # model_pretrain_nlvr.py has no momentum model
 
     def __init__(self, cfg: ALBEFConfig):
         super().__init__(cfg)
@@ -309,14 +410,15 @@ def decoder_keys_from_encoder(state: Dict[str, torch.Tensor], fusion_layer: int)
     if any(k.startswith("text_decoder.") for k in state):
         return state
     out = dict(state)
-    layers = "text_encoder.bert.encoder.layer."
-    for key, value in state.items():
-        if key.startswith("text_encoder.bert.embeddings.") or key.startswith("text_encoder.cls."):
-            out["text_decoder." + key[len("text_encoder."):]] = value
-        elif key.startswith(layers):
-            index, rest = key[len(layers):].split(".", 1)
-            if int(index) >= fusion_layer:
-                out[f"text_decoder.bert.encoder.layer.{int(index) - fusion_layer}.{rest}"] = value
+    for encoder, decoder in (("text_encoder", "text_decoder"), ("text_encoder_m", "text_decoder_m")):
+        layers = f"{encoder}.bert.encoder.layer."  # the momentum decoder from the momentum encoder (VQA.py)
+        for key, value in state.items():
+            if key.startswith((f"{encoder}.bert.embeddings.", f"{encoder}.cls.")):
+                out[decoder + key[len(encoder):]] = value
+            elif key.startswith(layers):
+                index, rest = key[len(layers):].split(".", 1)
+                if int(index) >= fusion_layer:
+                    out[f"{decoder}.bert.encoder.layer.{int(index) - fusion_layer}.{rest}"] = value
     return out
 
 
@@ -330,7 +432,8 @@ class ALBEFForVQA(_FusionOnlyALBEF):
     not part of the state dict (the answer list file is)."""
 
     task = "vqa"
-    new_parts = ("text_decoder.",)
+    new_parts = ("text_decoder.", "text_decoder_m.")
+    distilled_parts = ("visual_encoder", "text_encoder", "text_decoder")  # model_vqa.py's model_pairs
 
     def __init__(self, cfg: ALBEFConfig, num_answers: int):
         if num_answers < 1:
@@ -345,6 +448,7 @@ class ALBEFForVQA(_FusionOnlyALBEF):
         self.text_decoder = AnswerDecoder(cfg)
         self.register_buffer("answer_input_ids", torch.zeros(0, 0, dtype=torch.long), persistent=False)
         self.register_buffer("answer_attention_mask", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+        self.init_momentum_model()
 
     def set_answer_list(self, tokenizer, answers, k: int = 0) -> None:
         """Tokenise the answer list (``<s> answer </s>``, padded to the longest) for training and ranking; ``k``
@@ -360,18 +464,33 @@ class ALBEFForVQA(_FusionOnlyALBEF):
 
     def adapt_loaded_state(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         state = decoder_keys_from_encoder(state, self.config.fusion_layer)
-        for part in ("weight", "bias"):  # the decoder's tied LM head
-            alias = f"text_decoder.cls.predictions.decoder.{part}"
-            source = ("text_decoder.bert.embeddings.word_embeddings.weight" if part == "weight"
-                      else "text_decoder.cls.predictions.bias")
-            if alias not in state and source in state:
-                state[alias] = state[source]
+        for decoder in ("text_decoder", "text_decoder_m"):
+            for part in ("weight", "bias"):  # the decoder's tied LM head
+                alias = f"{decoder}.cls.predictions.decoder.{part}"
+                source = (f"{decoder}.bert.embeddings.word_embeddings.weight" if part == "weight"
+                          else f"{decoder}.cls.predictions.bias")
+                if alias not in state and source in state:
+                    state[alias] = state[source]
         return super().adapt_loaded_state(state)
 
     def question_states(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                         attention_mask: torch.Tensor) -> torch.Tensor:
         """The fused question states [B, Lq, H] (text encoder + fusion layers over the image)."""
         return self.infer(input_ids, attention_mask, pixel_values=pixel_values)["text_feats"]
+
+    @torch.no_grad()
+    def momentum_answer_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                               attention_mask: torch.Tensor, question_index: torch.Tensor, answer_ids: torch.Tensor,
+                               answer_mask: torch.Tensor) -> torch.Tensor:
+        """The momentum decoder's next-token logits [P, La, V] (fp32) for answer p of question question_index[p],
+        over the momentum encoders' question states (model_vqa.py's logits_m)."""
+        self._require_momentum()
+        with self._momentum_autocast(input_ids.device):
+            bert = self.text_encoder_m.bert
+            states = bert.fuse(bert.encode_text(input_ids, attention_mask), attention_mask,
+                               self._momentum_image_embeds(pixel_values))
+            return self.text_decoder_m(answer_ids, answer_mask, states[question_index],
+                                       attention_mask[question_index]).float()
 
     def _check_answers(self) -> None:
         if self.answer_input_ids.numel() == 0:
