@@ -5,6 +5,7 @@ hard-negative weights by hand; shapes-world short runs of retrieval, SNLI-VE, NL
 untrained model; the micro-batch check at config time."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import time
@@ -422,3 +423,143 @@ def test_text_assignment_forward_and_nlvr2_init(pretrained):
     assert all(torch.equal(loaded[k], trained[k]) for k in loaded if k in trained)
     assert all(torch.equal(loaded[k], v) for k, v in fresh_head.items())
     assert not any(k.startswith(("ta_head.", "vision_proj.")) for k in loaded)
+
+
+# ------------------------------------------------------------------------------------------------ distillation
+def momentum_as_online(sd, parts=("visual_encoder", "text_encoder", "cls_head", "text_decoder")):
+    """The state with each momentum part ``<part>_m.*`` under the online names (for the same reference forwards)."""
+    out = dict(sd)
+    for k, v in sd.items():
+        for part in parts:
+            if k.startswith(part + "_m."):
+                out[part + k[len(part) + 2:]] = v
+    return out
+
+
+def test_distilled_classification_loss_by_hand(pretrained):
+    """model_ve.py / model_nlvr.py with distill: (1 - a) CE(pred, y) - a mean_b sum_c softmax(pred_m) log_softmax(pred),
+    pred_m from the momentum ViT / BERT / cls_head (the pretrained momentum encoders, unlike the perturbed online)."""
+    from epic.models.albef.tasks_albef import ALBEFForNLVR2, ALBEFForSNLIVE
+    from epic.models.downstream import load_pretrained_weights
+    from epic.objectives.albef_tasks import classification_losses
+
+    torch.manual_seed(0)
+    image, ids, mask = inputs(batch=4)
+    image1 = torch.flip(image, dims=[0]) + 0.1
+    labels = torch.tensor([0, 2, 1, 1])
+    for cls, task in ((ALBEFForSNLIVE, "snli_ve"), (ALBEFForNLVR2, "nlvr2")):
+        model = cls(pretrained.config)
+        load_pretrained_weights(model, pretrained.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.eval()
+        model.momentum_step.fill_(5)
+        model.config = dataclasses.replace(model.config, alpha_ramp_steps=20)  # alpha ramped: 0.4 * 5 / 20
+        alpha = 0.4 * 5 / 20
+        y = labels % (3 if task == "snli_ve" else 2)
+        batch = {"pixel_values": image, "pixel_values_0": image, "pixel_values_1": image1, "input_ids": ids,
+                 "attention_mask": mask, "labels": y}
+        out = classification_losses(model, batch, task)
+        sd = {k: v.detach() for k, v in model.state_dict().items()}
+        sd_m = momentum_as_online(sd)
+        if task == "nlvr2":
+            pred, pred_m = ref_nlvr2(sd, image, image1, ids, mask), ref_nlvr2(sd_m, image, image1, ids, mask)
+        else:
+            def ref_ve(s):
+                s = {**s, "text_encoder.bert.embeddings.position_ids": torch.arange(40).view(1, -1)}
+                fused = ref_bert(s, "text_encoder", "multi_modal", mask, input_ids=ids,
+                                 image=ref_vit(s, "visual_encoder.", image))
+                return lin(s, "cls_head.2", F.relu(lin(s, "cls_head.0", fused[:, 0])))
+            pred, pred_m = ref_ve(sd), ref_ve(sd_m)
+        assert not torch.allclose(pred, pred_m, atol=1e-3)  # a real teacher, not the student
+        by_hand = sum((1 - alpha) * -pred[b].log_softmax(-1)[y[b]]
+                      - alpha * (pred_m[b].softmax(-1) * pred[b].log_softmax(-1)).sum() for b in range(4)) / 4
+        assert float(out["alpha"]) == pytest.approx(alpha)
+        assert torch.allclose(out["loss"], by_hand, rtol=1e-5), (task, out["loss"], by_hand)
+
+
+def test_momentum_update_by_hand_and_state_out_of_the_optimizer(pretrained):
+    """theta_m <- 0.995 theta_m + 0.005 theta after each optimizer step, for every momentum weight (NLVR2's shared
+    key/value included); the copies are buffers (not optimised, in the state dict), momentum_step counts."""
+    from epic.models.albef.tasks_albef import ALBEFForNLVR2, ALBEFForVQA
+    from epic.models.downstream import load_pretrained_weights
+    from epic.objectives.albef_tasks import classification_losses
+
+    model = ALBEFForNLVR2(pretrained.config)
+    load_pretrained_weights(model, pretrained.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    momentum_keys = [k for k in model.state_dict() if k.split(".")[0].endswith("_m")]
+    assert momentum_keys and not any(n.split(".")[0].endswith("_m") for n, _ in model.named_parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    image, ids, mask = inputs(batch=4)
+    batch = {"pixel_values_0": image, "pixel_values_1": image.flip(0), "input_ids": ids, "attention_mask": mask,
+             "labels": torch.tensor([0, 1, 1, 0])}
+    classification_losses(model, batch, "nlvr2")["loss"].backward()
+    optimizer.step()
+    after_step = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.equal(before[k], after_step[k]) for k in momentum_keys)  # the optimizer never touches them
+    model.after_optimizer_step()
+    state = model.state_dict()
+    m = pretrained.config.momentum
+    for key in momentum_keys:
+        part, rest = key.split(".", 1)
+        online = after_step[part[:-2] + "." + rest]
+        assert torch.allclose(state[key], m * before[key] + (1 - m) * online, rtol=0, atol=1e-7), key
+    assert int(state["momentum_step"]) == 1
+    momentum = model.text_encoder_m.bert.encoder.layer
+    assert momentum[FUSION].crossattention.self.key.weight is momentum[FUSION + 1].crossattention.self.key.weight
+    # VQA's momentum decoder keeps its LM head tied to its word embeddings through .to() (ALBEF._apply re-ties)
+    vqa = ALBEFForVQA(pretrained.config, num_answers=2).to(torch.float64)
+    decoder_m = vqa.text_decoder_m
+    assert decoder_m.cls.predictions.decoder.weight is decoder_m.bert.embeddings.word_embeddings.weight
+    assert not ALBEFForVQA(dataclasses.replace(pretrained.config, distill=False), num_answers=2).distill
+
+
+def test_distilled_finetuning_resumes_exactly(pretrained):
+    """Stop after k steps, rebuild from the saved state (model + optimizer: what a checkpoint holds), continue: the
+    losses equal the uninterrupted run's step by step (the momentum model and the alpha ramp are in the state)."""
+    from epic.models.albef.tasks_albef import ALBEFForSNLIVE
+    from epic.models.downstream import load_pretrained_weights
+    from epic.objectives.albef_tasks import classification_losses
+
+    config = dataclasses.replace(pretrained.config, alpha_ramp_steps=3)
+    g = torch.Generator().manual_seed(3)
+    batches = [{"pixel_values": torch.randn(4, 3, 32, 32, generator=g), "input_ids": inputs(batch=4, seed=s)[1],
+                "attention_mask": inputs(batch=4, seed=s)[2], "labels": torch.randint(0, 3, (4,), generator=g)}
+               for s in range(6)]
+
+    def build():
+        torch.manual_seed(0)
+        model = ALBEFForSNLIVE(config)
+        load_pretrained_weights(model, pretrained.state_dict())
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def run(model, optimizer, steps):
+        losses = []
+        for batch in steps:
+            loss = classification_losses(model, batch, "snli_ve")["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            model.after_optimizer_step()
+            losses.append(float(loss.detach()))
+        return losses
+
+    model, optimizer = build()
+    straight = run(model, optimizer, batches)
+    model, optimizer = build()
+    first = run(model, optimizer, batches[:2])
+    saved = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+             "optimizer": copy.deepcopy(optimizer.state_dict())}
+    model, optimizer = build()  # a fresh process: momentum copies and step count back at their initial values
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    assert int(model.momentum_step) == 2
+    assert first + run(model, optimizer, batches[2:]) == straight
+    model, optimizer = build()
+    model.load_state_dict({k: v for k, v in saved["model"].items() if not k.split(".")[0].endswith("_m")},
+                          strict=False)  # without the momentum state the continuation differs
+    optimizer.load_state_dict(saved["optimizer"])
+    model.momentum_step.fill_(2)
+    assert first + run(model, optimizer, batches[2:]) != straight
