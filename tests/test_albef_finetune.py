@@ -563,3 +563,42 @@ def test_distilled_finetuning_resumes_exactly(pretrained):
     optimizer.load_state_dict(saved["optimizer"])
     model.momentum_step.fill_(2)
     assert first + run(model, optimizer, batches[2:]) != straight
+
+
+def test_cli_text_assignment_then_distilled_nlvr2_from_its_checkpoint(tasks, shapes_world, tmp_path):
+    """The whole chain through epic/finetune.py under DeepSpeed: the NLVR2 TA pre-step from a (tiny, random) ALBEF
+    export, then NLVR2 --init from the TA run; its checkpoint holds the momentum model (distill on by default)
+    and the ramp's step count, and the two-image layers start as the TA run left them."""
+    import json
+
+    from epic.data import load_tokenizer
+    from epic.engine.checkpoint import find_checkpoint
+    from epic.models.albef import ALBEF, ALBEFConfig
+    from epic.models.loading import locate, read_weights
+    from launch import ROOT, run_cli
+
+    tokenizer = load_tokenizer(shapes_world / "tokenizer")
+    torch.manual_seed(0)
+    ALBEF(ALBEFConfig.tiny(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_text_len=24,
+                           queue_size=64)).save_pretrained(str(tmp_path / "init"))
+    common = ["--config", "finetune_shapes", "--ds_config", "ds_configs/cpu_zero2.json", f"finetune.shapes={tasks}",
+              f"data.tokenizer={shapes_world / 'tokenizer'}", "data.image_size=32", "data.max_text_len=24", "data.micro_batch_size=8",
+              "train.global_batch_size=8", "train.max_steps=2", "train.log_every=1", "eval.batch_size=16"]
+    finetune = ROOT / "epic" / "finetune.py"
+    ta = run_cli([finetune, "--task", "nlvr2_ta", "--init", tmp_path / "init", *common, f"run.dir={tmp_path / 'ta'}"],
+                 timeout=300)
+    summary = json.loads(ta.stdout.strip().splitlines()[-1])
+    assert summary["final_step"] == 2 and summary["val"]["examples"] > 0 and 0 <= summary["val"]["accuracy"] <= 100
+    nlvr2 = run_cli([finetune, "--task", "nlvr2", "--init", tmp_path / "ta", *common, "train.max_steps=1",
+                     f"run.dir={tmp_path / 'nlvr2'}", "--no-final-eval"], timeout=300)
+    assert json.loads(nlvr2.stdout.strip().splitlines()[-1])["final_step"] == 1
+    rows = [json.loads(line) for line in open(tmp_path / "nlvr2" / "metrics.jsonl")]
+    assert rows[0]["train/alpha"] == pytest.approx(0.4)  # distilled (no ramp: alpha_ramp_steps is not inherited)
+    ta_state = read_weights(locate(tmp_path / "ta"))
+    state = read_weights(locate(find_checkpoint(tmp_path / "nlvr2")))
+    assert int(state["momentum_step"]) == 1 and "ta_head.weight" not in state and "cls_head_m.0.weight" in state
+    layer = "text_encoder.bert.encoder.layer.3.attention.self.query.weight"  # a two-image layer trained by TA
+    assert not torch.equal(ta_state[layer], state[layer])  # NLVR2 trained it one step further, and its momentum
+    momentum = state[layer.replace("text_encoder.", "text_encoder_m.", 1)]  # copy started from the TA weights:
+    m = 0.995
+    assert torch.allclose(momentum, m * ta_state[layer] + (1 - m) * state[layer], atol=1e-6)
