@@ -15,6 +15,7 @@ from epic.config import Config, ConfigError, build_dataclass, read_config_data, 
 
 FINETUNE_TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve", "nlvr2_ta")  # nlvr2_ta: ALBEF's NLVR2 pre-step
 RETRIEVAL_NEGATIVES = ("random", "hard", "in_batch")
+TEXT_ASSIGNMENT_MIN_BATCH = 3
 
 
 @dataclass
@@ -67,6 +68,12 @@ def validate_finetune(cfg: TaskConfig) -> None:
         raise ConfigError(f"'finetune.itm_weight' must be >= 0, got {ft.itm_weight}")
     if ft.epochs < 0:
         raise ConfigError(f"'finetune.epochs' must be >= 0, got {ft.epochs}")
+    if ft.task == "nlvr2_ta":  # each caption is paired with two *other* images of its (micro-)batch
+        for key, value in (("data.micro_batch_size", cfg.data.micro_batch_size), ("eval.batch_size",
+                                                                                 cfg.eval.batch_size)):
+            if value < TEXT_ASSIGNMENT_MIN_BATCH:
+                raise ConfigError(f"'{key}' is {value} but the NLVR2 text-assignment pre-step draws two other images "
+                                  f"per caption from its batch: set it >= {TEXT_ASSIGNMENT_MIN_BATCH}")
 
 
 def task_config_from_dict(data: dict) -> TaskConfig:

@@ -376,6 +376,15 @@ def test_albef_micro_batch_of_one_is_a_config_error():
                 validate_finetune(cfg)
         else:
             validate_finetune(cfg)
+    for micro, eval_batch, problem in ((2, 8, "data.micro_batch_size"), (3, 2, "eval.batch_size"), (3, 3, None)):
+        cfg = build_dataclass(TaskConfig, {"model": {"family": "albef"}, "eval": {"batch_size": eval_batch},
+                                           "data": {"micro_batch_size": micro, "max_text_len": 25},
+                                           "train": {"global_batch_size": 6}, "finetune": {"task": "nlvr2_ta"}})
+        if problem:
+            with pytest.raises(ConfigError, match=f"'{problem}' is 2 but the NLVR2 text-assignment"):
+                validate_finetune(cfg)
+        else:
+            validate_finetune(cfg)
 
 
 # ------------------------------------------------------------------------------------------------ NLVR2 TA pre-step
