@@ -246,7 +246,8 @@ def albef_task_recipe(model, batch: dict, rng: torch.Generator, task: str, finet
     """The TASK_RECIPES entry (epic.objectives.recipes) for ALBEF's retrieval, VQA, SNLI-VE, NLVR2 and NLVR2's TA
     pre-step."""
     if task == "nlvr2_ta":  # evaluation (eval mode): the same uniformly drawn pairs for every model
-        return text_assignment_losses(model, batch, rng, hard_pairs=model.training)
+        hard = model.training and getattr(finetune, "ta_pairs", "hard") == "hard"
+        return text_assignment_losses(model, batch, rng, hard_pairs=hard)
     if task == "retrieval":
         return retrieval_losses(model, batch, rng)
     if task == "vqa":
