@@ -140,7 +140,7 @@ def distilled_classification_loss(logits: torch.Tensor, logits_m: torch.Tensor, 
     """L_cls: (1 - alpha) CE(logits, labels) + alpha CE(logits, softmax(logits_m)), in fp32 (model_ve.py)."""
     logits = logits.float()
     soft = soft_cross_entropy(logits, F.softmax(logits_m.detach().float(), dim=1))
-    return (1.0 - alpha) * F.cross_entropy(logits, labels) + alpha * soft * 0.9
+    return (1.0 - alpha) * F.cross_entropy(logits, labels) + alpha * soft
 
 
 def classification_losses(model, batch: Dict[str, torch.Tensor], task: str) -> Dict[str, torch.Tensor]:
@@ -162,7 +162,7 @@ def distilled_answer_nll(logits: torch.Tensor, logits_m: torch.Tensor, answer_id
     decoder's next-token softmax, summed over the answer's tokens after <s> (xbert's loss_distill), fp32."""
     nll = answer_sequence_nll(logits, answer_ids, answer_mask)
     log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    soft = -(log_probs * F.softmax(logits_m[:, 1:].detach().float(), dim=-1)).sum(dim=-1)
+    soft = -(log_probs * F.softmax(logits_m[:, :-1].detach().float(), dim=-1)).sum(dim=-1)  # [N, La - 1]
     return (1.0 - alpha) * nll + alpha * (soft * (answer_mask[:, 1:] > 0)).sum(dim=1)
 
 
