@@ -59,7 +59,11 @@ def load_for_evaluation(ckpt: str, task: str, overrides: list[str] = ()) -> tupl
         data["model"] = dataclasses.asdict(model.config)
         data.setdefault("data", {}).update(image_size=model.config.image_size)
     else:
-        data["model"] = {**data.get("model", {}), "vit_pretrained": None, "text_pretrained": None}
+        # the weights come from the checkpoint: clear the family's local tower paths (METER/ALBEF vit_pretrained,
+        # X-VLM vision_pretrained, text_pretrained) without naming fields another family lacks
+        data["model"] = {k: None if k.endswith("_pretrained") else v for k, v in data.get("model", {}).items()}
+        if data["model"].get("image_size"):  # an export dir has no run config: its model's resolution
+            data.setdefault("data", {}).setdefault("image_size", data["model"]["image_size"])
         tokenizer = tokenizer_path(source, saved)
         if tokenizer is not None:
             data.setdefault("data", {})["tokenizer"] = tokenizer

@@ -270,7 +270,7 @@ def with_region_steps(cfg: Config, objective, model, tokenizer, paths: DataPaths
                                  min_perc_in_image=regions.min_perc_in_image, hflip=regions.hflip,
                                  mask_prob=cfg.data.mlm_probability, max_masks=cfg.data.mlm_max_masks,
                                  num_workers=cfg.data.num_workers, seed=cfg.run.seed + REGION_SEED_OFFSET, rank=rank,
-                                 world_size=world_size)
+                                 world_size=world_size, normalization=cfg.data.normalization)
     return XVLMObjective(loader, regions.iter_perc, cfg.data.mlm_max_masks, caption_objective=objective)
 
 

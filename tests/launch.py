@@ -50,3 +50,43 @@ def logged(run_dir, key) -> dict:
     """{step: value} of one key in run_dir/metrics.jsonl."""
     rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
     return {row["step"]: row[key] for row in rows if key in row}
+
+
+def run_and_resume(args, run_root, resume_step: int = 2, split: int = 4):
+    """Run epic/pretrain.py uninterrupted into run_root/full, then again into run_root/resumed from the full run's
+    checkpoint at `resume_step` (`--resume` goes after args[:split], the ds_config and --config pair).
+    Returns (full, resumed, stdout of the uninterrupted run)."""
+    full, resumed = Path(run_root) / "full", Path(run_root) / "resumed"
+    proc = run_pretrain(args + [f"run.dir={full}"])
+    checkpoint = full / "checkpoints" / f"step_{resume_step:08d}"
+    again = run_pretrain(args[:split] + ["--resume", str(checkpoint)] + args[split:] + [f"run.dir={resumed}"])
+    assert "resumed from" in again.stdout and f"at step {resume_step}" in again.stdout, again.stdout[-2000:]
+    return full, resumed, proc.stdout
+
+
+def assert_logged_equal_after(full, resumed, keys, resume_step: int = 2):
+    """Every logged value of `keys` after the resume step is the uninterrupted run's (to float round-off)."""
+    import pytest
+
+    for key in keys:
+        expected, again = logged(full, key), logged(resumed, key)
+        assert again and sorted(again) == [step for step in sorted(expected) if step > resume_step], key
+        for step in again:
+            assert again[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), (key, step)
+
+
+def assert_same_final_weights(full, resumed, step: int = 4):
+    """The last checkpoints of the two runs are both at `step` and hold bit-identical weights in every engine."""
+    import torch
+
+    from epic.engine.checkpoint import find_checkpoint, read_module_state_dict
+
+    a, b = find_checkpoint(full), find_checkpoint(resumed)
+    assert a.name == b.name == f"step_{step:08d}"
+    engines = sorted(p.name for p in a.iterdir() if p.is_dir())
+    assert engines, f"no engine folders in {a}"
+    for engine in engines:
+        wa, wb = read_module_state_dict(a, engine), read_module_state_dict(b, engine)
+        assert wa.keys() == wb.keys()
+        for name in wa:
+            torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=f"{engine}: {name}")

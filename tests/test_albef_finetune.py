@@ -141,17 +141,19 @@ def ref_decoder_logits(sd, answer_ids, answer_mask, question_states, question_ma
     return ref_mlm_logits(sd, "text_decoder", x)
 
 
-def ref_rank_answer(sd, question_states, question_mask, answer_ids, answer_mask, k):
-    """model_vqa.ALBEF.rank_answer, one question at a time."""
+def ref_rank_answer(sd, question_states, question_mask, answer_ids, answer_mask, k, decoder_logits=None):
+    """model_vqa.ALBEF.rank_answer (X-VLM's is the same), one question at a time; ``decoder_logits`` the family's
+    reference decoder (default ALBEF's)."""
+    ref_decoder_logits_ = decoder_logits or ref_decoder_logits
     out = []
     for b in range(question_states.shape[0]):
         q, qm = question_states[b:b + 1], question_mask[b:b + 1]
-        first = ref_decoder_logits(sd, answer_ids[:1, :1], torch.ones(1, 1, dtype=torch.long), q, qm)[0, 0]
+        first = ref_decoder_logits_(sd, answer_ids[:1, :1], torch.ones(1, 1, dtype=torch.long), q, qm)[0, 0]
         prob_first = first.softmax(-1)[answer_ids[:, 1]]
         top_probs, top_ids = prob_first.topk(k)
         scores = torch.full((answer_ids.shape[0],), float("-inf"))
         for p, a in zip(top_probs, top_ids):
-            logits = ref_decoder_logits(sd, answer_ids[a:a + 1], answer_mask[a:a + 1], q, qm)[0]
+            logits = ref_decoder_logits_(sd, answer_ids[a:a + 1], answer_mask[a:a + 1], q, qm)[0]
             nll = 0.0
             for t in range(1, int(answer_mask[a].sum())):  # labels = ids shifted, pad ignored
                 nll = nll - logits[t - 1].log_softmax(-1)[answer_ids[a, t]]
@@ -283,25 +285,32 @@ def nlvr2_tasks(tmp_path_factory):
                                  write_shards=False)
 
 
-def albef_task_setup(task, tasks_dir, tokenizer, k_test=0):
+def task_setup(task, tasks_dir, tokenizer, model_config, k_test=0, seed=0):
+    """(TaskConfig over the shapes-world task files at 32 px, the family's task model of ``model_config``)."""
     from epic.finetune import fill_task_paths
     from epic.finetune_config import TaskConfig, build_dataclass
-    from epic.models.albef import ALBEFConfig
     from epic.models.registry import build_task_model
 
     cfg = build_dataclass(TaskConfig, {"data": {"image_size": 32, "max_text_len": 24, "randaugment": False},
                                        "eval": {"batch_size": 64, "k_test": k_test},
                                        "finetune": {"task": task, "shapes": str(tasks_dir)}})
-    cfg.model = ALBEFConfig.tiny(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_text_len=24,
-                                 queue_size=64, alpha_ramp_steps=20)
+    cfg.model = model_config
     fill_task_paths(cfg)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_task_model(task, cfg.model, cfg.finetune.num_answers)
     if task == "vqa":  # what epic/finetune.py's build_finetune_model does (k = eval.k_test candidates)
         from epic.finetune import task_answers
 
         model.set_answer_list(tokenizer, task_answers(cfg), k=cfg.eval.k_test)
     return cfg, model
+
+
+def albef_task_setup(task, tasks_dir, tokenizer, k_test=0):
+    from epic.models.albef import ALBEFConfig
+
+    config = ALBEFConfig.tiny(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_text_len=24,
+                              queue_size=64, alpha_ramp_steps=20)
+    return task_setup(task, tasks_dir, tokenizer, config, k_test)
 
 
 def train(cfg, model, tokenizer, steps, lr, seed=0):
@@ -320,12 +329,42 @@ def train(cfg, model, tokenizer, steps, lr, seed=0):
             optimizer.zero_grad()
             out["loss"].backward()
             optimizer.step()
-            model.after_optimizer_step()  # what the trainer calls: ALBEF's momentum update
+            getattr(model, "after_optimizer_step", lambda: None)()  # what the trainer calls (ALBEF: momentum update)
             outs.append({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()})
             step += 1
             if step == steps:
                 break
     return outs
+
+
+def before_and_after_training(cfg, model, tokenizer, steps, lr):
+    """(val metrics before, val metrics after ``steps`` of AdamW at ``lr``, the per-step outputs), on one thread;
+    every training loss finite."""
+    from epic.finetune import evaluate_split
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.time()
+        before = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
+        outs = train(cfg, model, tokenizer, steps, lr)
+        after = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
+        print(cfg.finetune.task, f"{time.time() - start:.1f}s", before, after, outs[0], outs[-1])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.isfinite(torch.tensor(out["loss"])) for out in outs)
+    return before, after, outs
+
+
+def short_run(request, shapes_world, setup, task, steps, lr):
+    """(model, val before, val after, step outputs) of a short run of ``task`` on the module's shapes-world task
+    fixtures (``tasks``; ``nlvr2_tasks`` for NLVR2), the model from ``setup`` (k_test 8 for retrieval, 6 for VQA)."""
+    from epic.data import load_tokenizer
+
+    tasks_dir = request.getfixturevalue("nlvr2_tasks" if task == "nlvr2" else "tasks")
+    tokenizer = load_tokenizer(shapes_world / "tokenizer")
+    cfg, model = setup(task, tasks_dir, tokenizer, k_test={"retrieval": 8, "vqa": 6}.get(task, 0))
+    return (model, *before_and_after_training(cfg, model, tokenizer, steps, lr))
 
 
 # NLVR2 is balanced per statement template (no text shortcut, see tests/test_finetune.py): its gain is grounding
@@ -337,25 +376,15 @@ def retrieval_run(tasks, shapes_world):
     """ALBEF retrieval fine-tuning (ITA + ITM), 300 steps from scratch: val before / after and the trained model,
     which the NLVR2 TA pre-step starts from (ALBEF's TA starts from the pretrained, aligned model)."""
     from epic.data import load_tokenizer
-    from epic.finetune import evaluate_split
 
     tokenizer = load_tokenizer(shapes_world / "tokenizer")
     cfg, model = albef_task_setup("retrieval", tasks, tokenizer, k_test=8)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        before = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
-        outs = train(cfg, model, tokenizer, 300, 2e-3)
-        after = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
-    finally:
-        torch.set_num_threads(threads)
-    print("retrieval", before, after, outs[0], outs[-1])
+    before, after, outs = before_and_after_training(cfg, model, tokenizer, 300, 2e-3)
     return {"model": model, "before": before, "after": after, "outs": outs, "tokenizer": tokenizer}
 
 
 def test_albef_short_retrieval_beats_the_untrained_model(retrieval_run):
     before, after, outs, model = (retrieval_run[k] for k in ("before", "after", "outs", "model"))
-    assert all(torch.isfinite(torch.tensor(out["loss"])) for out in outs)
     assert after["r_mean"] >= before["r_mean"] + 3.0, (before, after)
     # the ITA/ITM recipe ran: queue ids filled, alpha ramped, shortlist of k_test used
     assert after["k_test"] == 8 and outs[-1]["alpha"] == pytest.approx(model.config.alpha)
@@ -366,23 +395,7 @@ def test_albef_short_retrieval_beats_the_untrained_model(retrieval_run):
                                                              ("nlvr2", "accuracy", 5.0, 200, 1e-3),
                                                              ("vqa", "vqa_score", 10.0, 100, 2e-3)])
 def test_albef_short_finetuning_beats_the_untrained_model(task, metric, margin, steps, lr, request, shapes_world):
-    from epic.data import load_tokenizer
-    from epic.finetune import evaluate_split
-
-    tasks_dir = request.getfixturevalue("nlvr2_tasks" if task == "nlvr2" else "tasks")
-    tokenizer = load_tokenizer(shapes_world / "tokenizer")
-    cfg, model = albef_task_setup(task, tasks_dir, tokenizer, k_test={"retrieval": 8, "vqa": 6}.get(task, 0))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start = time.time()
-        before = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
-        outs = train(cfg, model, tokenizer, steps, lr)
-        after = evaluate_split(model, cfg, tokenizer, "val", 0, 1)
-        print(task, f"{time.time() - start:.1f}s", before, after, outs[0], outs[-1])
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.isfinite(torch.tensor(out["loss"])) for out in outs)
+    model, before, after, outs = short_run(request, shapes_world, albef_task_setup, task, steps, lr)
     assert after[metric] >= before[metric] + margin, (before, after)
     if task in ("snli_ve", "nlvr2", "vqa"):  # ALBEF's distill: True, the momentum model's soft targets mixed in
         assert model.distill and outs[-1]["alpha"] == pytest.approx(model.config.alpha)
@@ -421,15 +434,17 @@ def test_text_assignment_short_run_beats_the_untrained_model(retrieval_run, task
     assert min(gains) >= 3.0 and mean >= 5.0, gains
 
 
-def test_albef_micro_batch_of_one_is_a_config_error():
+@pytest.mark.parametrize("family, name, other_task", [("albef", "ALBEF", "snli_ve"), ("xvlm", "X-VLM", "vqa")])
+def test_micro_batch_of_one_is_a_config_error(family, name, other_task):
+    """ALBEF's and X-VLM's ITM draw hard negatives from the micro-batch: pretraining and retrieval refuse 1."""
     from epic.config import ConfigError, load_config
     from epic.finetune_config import TaskConfig, build_dataclass, validate_finetune
 
-    with pytest.raises(ConfigError, match=r"micro_batch_size' is 1 but albef needs >= 2: ALBEF's ITM"):
-        load_config("albef_shapes_tiny", ["data.micro_batch_size=1", "train.global_batch_size=8"])
-    load_config("albef_shapes_tiny", ["data.micro_batch_size=2", "train.global_batch_size=8"])
-    for task, fails in (("retrieval", True), ("snli_ve", False), ("nlvr2", False)):
-        cfg = build_dataclass(TaskConfig, {"model": {"family": "albef"},
+    with pytest.raises(ConfigError, match=rf"micro_batch_size' is 1 but {family} needs >= 2: {name}'s ITM"):
+        load_config(f"{family}_shapes_tiny", ["data.micro_batch_size=1", "train.global_batch_size=8"])
+    load_config(f"{family}_shapes_tiny", ["data.micro_batch_size=2", "train.global_batch_size=8"])
+    for task, fails in (("retrieval", True), (other_task, False), ("nlvr2", False)):
+        cfg = build_dataclass(TaskConfig, {"model": {"family": family},
                                            "data": {"micro_batch_size": 1, "max_text_len": 25},
                                            "train": {"global_batch_size": 4}, "finetune": {"task": task}})
         if fails:

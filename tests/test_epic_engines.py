@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from inprocess import build_engine, export_teacher_and_eval_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 4
@@ -13,18 +14,9 @@ BATCH = 4
 @pytest.fixture(scope="module")
 def setup(shapes_world, tmp_path_factory, gloo_rank):
     """Resolved paths, a tokenizer, a teacher export dir and one eval batch of the shapes world."""
-    from epic.data import build_eval_loader
-    from epic.engine.build import build_model, resolve_data_paths
-
     tmp = tmp_path_factory.mktemp("epic_engines")
-    cfg = make_config(shapes_world, tmp / "teacher")
-    paths = resolve_data_paths(cfg)
-    torch.manual_seed(123)
-    teacher_model, tokenizer = build_model(cfg, paths)
-    teacher_model.save_pretrained(str(tmp / "teacher"))
-    loader = build_eval_loader(paths.val_shards, tokenizer, image_size=cfg.data.image_size,
-                               max_text_len=cfg.data.max_text_len, batch_size=BATCH, all_captions=False)
-    batch = next(iter(loader))
+    paths, tokenizer, batch = export_teacher_and_eval_batch(make_config(shapes_world, tmp / "teacher"),
+                                                            tmp / "teacher", BATCH)
     return {"world": shapes_world, "tmp": tmp, "paths": paths, "tokenizer": tokenizer, "batch": batch}
 
 
@@ -40,23 +32,8 @@ def make_config(world, teacher, *overrides):
 def build(setup, *overrides, paths=None, accum=1):
     """The trainer's construction (epic/engine/trainer.py Trainer.setup) for one rank: VLM engine + objective
     (``accum`` micro-batches of BATCH per optimizer step)."""
-    from epic.engine.build import build_model
-    from epic.engine.schedule import build_lr_scheduler
-    from epic.engine.setup import (build_optimizer, derive_batch_math, initialize_engine, load_ds_config,
-                                   resolve_ds_config)
-    from epic.objectives.consistency import EpicObjective
-
     cfg = make_config(setup["world"], setup["tmp"] / "teacher", *overrides)
-    torch.manual_seed(0)
-    model, tokenizer = build_model(cfg, setup["paths"])  # with the ITC head beta (epic.enabled)
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps,
-                                cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
-    scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio)
-    batch_math = derive_batch_math(BATCH * accum, BATCH, 1)
-    ds = resolve_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs/cpu_zero2.json")), batch_math, 1.0,
-                           on_cpu=True)
-    engine = initialize_engine(model, optimizer, scheduler, ds)
-    objective = EpicObjective(cfg, engine, tokenizer, ds, batch_math, paths or setup["paths"], torch.device("cpu"))
+    engine, objective = build_engine(cfg, paths or setup["paths"], BATCH, accum)
     return cfg, engine, objective
 
 
@@ -252,26 +229,14 @@ def test_saliency_figure_and_resume_state(setup):
 
 # ---------------------------------------------------------------------------------------- †CMLM in vanilla METER
 def build_vanilla(setup, config, *overrides):
-    """The trainer's construction for a non-EPIC config: VLM engine + epic.engine.build.build_objective."""
+    """The trainer's construction for a non-EPIC config: VLM engine + epic.wiring.build_objective."""
     from epic.config import load_config
-    from epic.engine.build import build_model, build_objective
-    from epic.engine.schedule import build_lr_scheduler
-    from epic.engine.setup import (build_optimizer, derive_batch_math, initialize_engine, load_ds_config,
-                                   resolve_ds_config)
 
     cfg = load_config(config, [f"data.root={setup['world']}", f"epic.teacher={setup['tmp'] / 'teacher'}",
                                f"data.micro_batch_size={BATCH}", f"train.global_batch_size={BATCH}",
                                "model.dropout=0.0", "train.max_steps=10", *overrides])
-    torch.manual_seed(0)
-    model, tokenizer = build_model(cfg, setup["paths"])
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps,
-                                cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
-    scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio)
-    batch_math = derive_batch_math(BATCH, BATCH, 1)
-    ds = resolve_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs/cpu_zero2.json")), batch_math, 1.0,
-                           on_cpu=True)
-    engine = initialize_engine(model, optimizer, scheduler, ds)
-    return cfg, engine, build_objective(cfg, engine, tokenizer, ds, batch_math, setup["paths"], "cpu")
+    engine, objective = build_engine(cfg, setup["paths"], BATCH)
+    return cfg, engine, objective
 
 
 def hand_alpha(teacher, batch):

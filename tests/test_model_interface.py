@@ -114,6 +114,18 @@ def test_save_and_from_pretrained_round_trip(family, built, tmp_path):
         torch.testing.assert_close(a["cls_feats"], b["cls_feats"], rtol=0, atol=0)
 
 
+def test_from_pretrained_names_the_missing_file(family, built, tmp_path):
+    import os
+
+    _, model, _ = built
+    model.save_pretrained(str(tmp_path))
+    for name in ("model.safetensors", "config.json"):
+        os.rename(tmp_path / name, tmp_path / (name + ".moved"))
+        with pytest.raises(FileNotFoundError, match=name.replace(".", r"\.")):
+            model_class(family).from_pretrained(str(tmp_path))
+        os.rename(tmp_path / (name + ".moved"), tmp_path / name)
+
+
 def test_saliency_qk_and_the_frozen_pruned_teacher(built):
     cfg, model, batch = built
     with torch.no_grad():

@@ -7,26 +7,16 @@ import json
 
 import pytest
 import torch
-from launch import ROOT, logged, run_pretrain
+from inprocess import build_engine, export_teacher_and_eval_batch
+from launch import assert_logged_equal_after, assert_same_final_weights, run_and_resume
 
 BATCH = 4
 
 
 def assert_resumed_exactly(full, resumed, keys):
-    from epic.engine.checkpoint import find_checkpoint, read_module_state_dict
-
-    for key in keys:
-        expected, again = logged(full, key), logged(resumed, key)
-        assert sorted(expected) == [1, 2, 3, 4] and sorted(again) == [3, 4], key
-        for step in again:
-            assert again[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), (key, step)
-    a, b = find_checkpoint(full), find_checkpoint(resumed)
-    assert a.name == b.name == "step_00000004"
-    for engine in [p.name for p in a.iterdir() if p.is_dir()]:
-        wa, wb = read_module_state_dict(a, engine), read_module_state_dict(b, engine)
-        assert wa.keys() == wb.keys()
-        for name in wa:
-            torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=f"{engine}: {name}")
+    """Steps 3 and 4 of the resumed run are the uninterrupted run's: its logs and its final weights."""
+    assert_logged_equal_after(full, resumed, keys)
+    assert_same_final_weights(full, resumed)
 
 
 OVERRIDES = [f"data.micro_batch_size={BATCH}", "train.global_batch_size=16", "data.num_workers=0", "train.log_every=1",
@@ -45,12 +35,8 @@ def test_two_rank_zero2_vilt_run_resumes_exactly(shapes_world, tmp_path):
     cfg = load_config("vilt_shapes_tiny", [f"data.root={shapes_world}"])
     assert cfg.model.max_image_len < (cfg.model.image_size // cfg.model.patch_size) ** 2
     assert cfg.data.whole_word_masking
-    args = cli("vilt_shapes_tiny", f"data.root={shapes_world}")
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    proc = run_pretrain(args + [f"run.dir={full}"])
-    assert "world 2" in proc.stdout and "grad accum 2" in proc.stdout
-    run_pretrain(args[:4] + ["--resume", str(full / "checkpoints" / "step_00000002")] + args[4:]
-                  + [f"run.dir={resumed}"])
+    full, resumed, stdout = run_and_resume(cli("vilt_shapes_tiny", f"data.root={shapes_world}"), tmp_path)
+    assert "world 2" in stdout and "grad accum 2" in stdout
     assert_resumed_exactly(full, resumed, ("train/loss", "train/loss_itm", "train/loss_mlm"))
     state = json.loads((full / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
     assert state["config"]["model"]["family"] == "vilt"
@@ -66,11 +52,8 @@ def test_two_rank_epic_vilt_run_resumes_exactly(shapes_world, tmp_path):
     model, _ = build_model(base, resolve_data_paths(base))  # an (untrained) vanilla ViLT export as the teacher
     model.save_pretrained(str(teacher))
     args = cli("epic_vilt_shapes_tiny", f"data.root={shapes_world}", f"epic.teacher={teacher}")
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run_pretrain(args + [f"run.dir={full}"])
+    full, resumed, _ = run_and_resume(args, tmp_path)
     assert (full / "checkpoints" / "step_00000002" / "generator").is_dir()
-    run_pretrain(args[:4] + ["--resume", str(full / "checkpoints" / "step_00000002")] + args[4:]
-                  + [f"run.dir={resumed}"])
     assert_resumed_exactly(full, resumed, ("train/loss", "train/loss_gen", "train/loss_itc",
                                            "epic/inconsistent_token_ratio"))
 
@@ -86,37 +69,15 @@ def epic_vilt_config(world, teacher, *overrides):
 
 @pytest.fixture(scope="module")
 def setup(shapes_world, tmp_path_factory, gloo_rank):
-    from epic.data import build_eval_loader
-    from epic.wiring import build_model, resolve_data_paths
-
     tmp = tmp_path_factory.mktemp("vilt_epic")
-    cfg = epic_vilt_config(shapes_world, tmp / "teacher")
-    paths = resolve_data_paths(cfg)
-    torch.manual_seed(123)
-    teacher, tokenizer = build_model(cfg, paths)
-    teacher.save_pretrained(str(tmp / "teacher"))
-    loader = build_eval_loader(paths.val_shards, tokenizer, image_size=cfg.data.image_size,
-                               max_text_len=cfg.data.max_text_len, batch_size=BATCH, all_captions=False)
-    return {"world": shapes_world, "tmp": tmp, "paths": paths, "batch": next(iter(loader))}
+    paths, _, batch = export_teacher_and_eval_batch(epic_vilt_config(shapes_world, tmp / "teacher"),
+                                                    tmp / "teacher", BATCH)
+    return {"world": shapes_world, "tmp": tmp, "paths": paths, "batch": batch}
 
 
 def build(setup, *overrides):
-    from epic.engine.schedule import build_lr_scheduler
-    from epic.engine.setup import (build_optimizer, derive_batch_math, initialize_engine, load_ds_config,
-                                   resolve_ds_config)
-    from epic.objectives.consistency import EpicObjective
-    from epic.wiring import build_model
-
     cfg = epic_vilt_config(setup["world"], setup["tmp"] / "teacher", *overrides)
-    torch.manual_seed(0)
-    model, tokenizer = build_model(cfg, setup["paths"])
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.eps,
-                                cfg.train.lr_mult_fusion, cfg.train.lr_mult_head)
-    scheduler = build_lr_scheduler(optimizer, cfg.train.schedule, cfg.train.max_steps, cfg.train.warmup_ratio)
-    batch_math = derive_batch_math(BATCH, BATCH, 1)
-    ds = resolve_ds_config(load_ds_config(str(ROOT / "ds_configs/cpu_zero2.json")), batch_math, 1.0, on_cpu=True)
-    engine = initialize_engine(model, optimizer, scheduler, ds)
-    objective = EpicObjective(cfg, engine, tokenizer, ds, batch_math, setup["paths"], torch.device("cpu"))
+    engine, objective = build_engine(cfg, setup["paths"], BATCH)
     return cfg, engine, objective
 
 

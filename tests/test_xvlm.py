@@ -653,6 +653,35 @@ def test_region_loader_resumes_exactly(shapes_world):
     assert not torch.equal(full[0]["input_ids"], full[1]["input_ids"])
 
 
+def test_region_batches_are_normalised_as_data_normalization(shapes_world):
+    """The region loader normalises with data.normalization like the caption loader: the same region crop (same
+    seed) under clip and inception statistics is the same raw image; an unknown name fails when the loader is
+    built; the wiring passes the run's data.normalization to it."""
+    from epic.config import load_config
+    from epic.data.region_loader import build_region_loader
+    from epic.data.synthetic import shard_spec
+    from epic.data.transforms import CLIP_MEAN, CLIP_STD
+    from epic.wiring import resolve_data_paths, with_region_steps
+
+    def first_pixels(**kw):
+        loader = build_region_loader(shard_spec(shapes_world, "train"), shapes_world / "tokenizer", image_size=64,
+                                     grid=8, max_text_len=24, batch_size=4, max_images=2, hflip=False, seed=3, **kw)
+        return next(iter(loader))["pixel_values"]
+
+    clip, inception = first_pixels(), first_pixels(normalization="inception")
+    raw_clip = clip * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    torch.testing.assert_close(inception * 0.5 + 0.5, raw_clip, atol=1e-5, rtol=0)
+    assert float((clip - inception).abs().max()) > 0.1 and float(inception.min()) >= -1 - 1e-6
+    with pytest.raises(ValueError, match="data.normalization"):
+        first_pixels(normalization="pixelbert")
+
+    cfg = load_config("xvlm_shapes_tiny", [f"data.root={shapes_world}", "data.normalization=inception",
+                                           "data.image_size=64", "model.image_size=64"])
+    model = XVLM(XVLMConfig.tiny(vocab_size=2000, pad_token_id=1))
+    objective = with_region_steps(cfg, None, model, shapes_world / "tokenizer", resolve_data_paths(cfg), 0, 1)
+    assert objective.region_loader._stream_args["normalization"] == "inception"
+
+
 def test_objective_interleaves_and_counts_flops(shapes_world):
     from epic.data.region_loader import build_region_loader
     from epic.data.synthetic import shard_spec

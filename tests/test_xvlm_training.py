@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from launch import logged, run_pretrain
+from launch import assert_logged_equal_after, assert_same_final_weights, logged, run_and_resume
 
 BATCH = 4
 OVERRIDES = [f"data.micro_batch_size={BATCH}", "train.global_batch_size=16", "data.num_workers=0", "train.log_every=1",
@@ -20,30 +20,15 @@ def cli(config, *overrides):
     return ["--ds_config", "ds_configs/cpu_zero2.json", "--config", config, *OVERRIDES, *overrides]
 
 
-def run_and_resume(args, tmp_path, accum=2):
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    proc = run_pretrain(args + [f"run.dir={full}"])
-    assert "world 2" in proc.stdout and f"grad accum {accum}" in proc.stdout
-    run_pretrain(args[:4] + ["--resume", str(full / "checkpoints" / "step_00000002")] + args[4:]
-                 + [f"run.dir={resumed}"])
+def run_and_resume_checked(args, tmp_path, accum=2):
+    full, resumed, stdout = run_and_resume(args, tmp_path)
+    assert "world 2" in stdout and f"grad accum {accum}" in stdout
     return full, resumed
 
 
 def assert_resumed_exactly(full, resumed, keys):
-    from epic.engine.checkpoint import find_checkpoint, read_module_state_dict
-
-    for key in keys:
-        expected, again = logged(full, key), logged(resumed, key)
-        assert again and sorted(again) == [step for step in sorted(expected) if step > 2], key
-        for step in again:
-            assert again[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), (key, step)
-    a, b = find_checkpoint(full), find_checkpoint(resumed)
-    assert a.name == b.name == "step_00000004"
-    for engine in [p.name for p in a.iterdir() if p.is_dir()]:
-        wa, wb = read_module_state_dict(a, engine), read_module_state_dict(b, engine)
-        assert wa.keys() == wb.keys()
-        for name in wa:
-            torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=f"{engine}: {name}")
+    assert_logged_equal_after(full, resumed, keys)
+    assert_same_final_weights(full, resumed)
 
 
 def region_positions(run_dir, step):
@@ -54,7 +39,7 @@ def region_positions(run_dir, step):
 
 
 def test_two_rank_zero2_xvlm_run_with_region_steps_resumes_exactly(shapes_world, tmp_path):
-    full, resumed = run_and_resume(cli("xvlm_shapes_tiny", f"data.root={shapes_world}"), tmp_path)
+    full, resumed = run_and_resume_checked(cli("xvlm_shapes_tiny", f"data.root={shapes_world}"), tmp_path)
     # steps 1..4 = caption, region, caption, region (iter_perc 0.5); the box losses exist on region steps only
     assert logged(full, "train/region_step") == {1: 0.0, 2: 1.0, 3: 0.0, 4: 1.0}
     assert sorted(logged(full, "train/bbox_giou")) == [2, 4] and sorted(logged(full, "train/contrastive")) == [1, 2, 3, 4]
@@ -79,7 +64,7 @@ def test_two_rank_epic_xvlm_run_with_region_steps_resumes_exactly(shapes_world, 
     model.save_pretrained(str(teacher))
     args = cli("epic_xvlm_shapes_tiny", f"data.root={shapes_world}", f"epic.teacher={teacher}",
                "epic.log_saliency_every=0", "train.global_batch_size=8")  # one micro-batch per step: half the work
-    full, resumed = run_and_resume(args, tmp_path, accum=1)
+    full, resumed = run_and_resume_checked(args, tmp_path, accum=1)
     assert (full / "checkpoints" / "step_00000002" / "generator").is_dir()
     assert logged(full, "train/region_step") == {1: 0.0, 2: 1.0, 3: 0.0, 4: 1.0}
     # EPIC (ITC + generator) on caption steps only; region steps train X-VLM's region losses

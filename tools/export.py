@@ -111,7 +111,8 @@ def export(ckpt: str, out: str, tag: str | None = None) -> dict:
     from epic.data import load_tokenizer
     from epic.finetune_config import TaskConfig, build_dataclass
     from epic.models.downstream import build_task_model, load_pretrained_weights
-    from epic.models.meter import CONFIG_NAME, METER, to_official_state_dict
+    from epic.models.interface import CONFIG_NAME
+    from epic.models.meter import METER, to_official_state_dict
 
     source = resolve_source(ckpt, tag)
     saved = read_config_dict(source)

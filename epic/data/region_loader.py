@@ -24,23 +24,25 @@ from .loader import TrainLoader, _check_common, _seed, _tokenizer, initial_posit
 from .loader import SampleStream
 from .regions import collate_region_batch, decode_region_sample, region_example
 from .shards import parse_sources
-from .transforms import CLIP_MEAN, CLIP_STD
+from .transforms import normalize
 
 REGION_STATE_VERSION = 1
 
 _REGION_BATCH = 11  # seed purpose, distinct from the caption loader's
 
 
-def region_to_tensor() -> T.Compose:
-    """X-VLM's box_transform after the region crop and resize: no further geometry (it would move the boxes)."""
-    return T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+def region_to_tensor(normalization: str = "clip") -> T.Compose:
+    """X-VLM's box_transform after the region crop and resize: no further geometry (it would move the boxes), then
+    ``data.normalization`` (X-VLM: CLIP's mean/std), as the caption batches of the same run."""
+    return T.Compose([T.ToTensor(), normalize(normalization)])
 
 
 class RegionStream(IterableDataset):
     def __init__(self, sources, tokenizer, *, image_size, grid, max_text_len, batch_size, max_images, max_regions,
                  min_perc_in_image, hflip, mask_prob, max_masks, seed, rank, world_size, streams_per_rank, positions,
-                 first_stream, shards_open, max_consecutive_skips):
+                 first_stream, shards_open, max_consecutive_skips, normalization="clip"):
         super().__init__()
+        self.normalization = normalization
         self.sources, self.tokenizer = sources, tokenizer
         self.args = dict(image_size=image_size, grid=grid, max_regions=max_regions, min_perc_in_image=min_perc_in_image,
                          hflip=hflip)
@@ -62,7 +64,7 @@ class RegionStream(IterableDataset):
     def _batches(self, local: int, position: dict):
         stream_index = self.rank * self.streams_per_rank + local
         stream = SampleStream(self.sources, self.seed, stream_index, self.world_size * self.streams_per_rank, position)
-        to_tensor = region_to_tensor()
+        to_tensor = region_to_tensor(self.normalization)
         in_a_row = 0
         while True:
             examples, skips = [], Counter()
@@ -96,7 +98,7 @@ class RegionTrainLoader(TrainLoader):
 
     def __init__(self, sources, tokenizer, *, image_size, grid, max_text_len, batch_size, max_images, max_regions,
                  min_perc_in_image, hflip, mask_prob, max_masks, num_workers, seed, rank, world_size, shards_open,
-                 max_consecutive_skips):
+                 max_consecutive_skips, normalization="clip"):
         self.sources, self.tokenizer = list(sources), tokenizer
         self.num_workers, self.streams_per_rank = num_workers, max(1, num_workers)
         self.pin_memory, self.prefetch_factor, self.multiprocessing_context = False, 2, None
@@ -104,7 +106,7 @@ class RegionTrainLoader(TrainLoader):
                                  max_images=max_images, max_regions=max_regions, min_perc_in_image=min_perc_in_image,
                                  hflip=hflip, mask_prob=mask_prob, max_masks=max_masks, seed=seed, rank=rank,
                                  world_size=world_size, streams_per_rank=self.streams_per_rank, shards_open=shards_open,
-                                 max_consecutive_skips=max_consecutive_skips)
+                                 max_consecutive_skips=max_consecutive_skips, normalization=normalization)
         self._positions: list = [None] * self.streams_per_rank
         self._batches = 0
         self._skips: Counter = Counter()
@@ -163,10 +165,12 @@ def build_region_loader(sources, tokenizer, *, image_size: int, grid: int, max_t
                         max_images: int, max_regions: int = 5, min_perc_in_image: float = 0.5, hflip: bool = True,
                         mask_prob: float = 0.25, max_masks: int = 8, num_workers: int = 0, seed: int = 0, rank: int = 0,
                         world_size: int = 1, state: Optional[dict] = None, shards_open: int = 2,
-                        max_consecutive_skips: int = 10_000) -> RegionTrainLoader:
+                        max_consecutive_skips: int = 10_000, normalization: str = "clip") -> RegionTrainLoader:
     """The region loader of one rank (X-VLM regions: batch_size rows from max_images images). ``hflip`` False for
-    data whose captions name left and right (the shapes world); ``grid`` = the model's image_grid."""
+    data whose captions name left and right (the shapes world); ``grid`` = the model's image_grid;
+    ``normalization`` = data.normalization (the caption loader's: clip, imagenet or inception)."""
     _check_common(image_size, max_text_len, batch_size, num_workers, rank, world_size)
+    normalize(normalization)  # an unknown name fails here, naming data.normalization, not later in a worker
     if max_images < 1 or max_regions < 1 or grid < 1:
         raise ValueError(f"need max_images, max_regions and grid >= 1, got {max_images}, {max_regions}, {grid}")
     loader = RegionTrainLoader(parse_sources(sources), _tokenizer(tokenizer), image_size=image_size, grid=grid,
@@ -174,7 +178,7 @@ def build_region_loader(sources, tokenizer, *, image_size: int, grid: int, max_t
                                max_regions=max_regions, min_perc_in_image=min_perc_in_image, hflip=hflip,
                                mask_prob=mask_prob, max_masks=max_masks, num_workers=num_workers, seed=seed, rank=rank,
                                world_size=world_size, shards_open=shards_open,
-                               max_consecutive_skips=max_consecutive_skips)
+                               max_consecutive_skips=max_consecutive_skips, normalization=normalization)
     if state is not None:
         loader.load_state_dict(state)
     return loader

@@ -1,11 +1,10 @@
-"""METER's heads (meter/modules/heads.py): pooler, ITM and MLM; names match METER's state dict."""
+"""The pooler, ITM and MLM heads METER (meter/modules/heads.py) and ViLT (vilt/modules/heads.py) share, sized by
+numbers (not by a family config); parameter names match both official state dicts."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .configuration_meter import METERConfig
 
 
 class Pooler(nn.Module):
@@ -20,7 +19,8 @@ class Pooler(nn.Module):
 
 
 class ITMHead(nn.Module):
-    """Matched / not matched logits from ``cls_feats`` = [text pooled, image pooled] (2H → 2)."""
+    """Matched / not matched logits (class 1 = matched) from ``cls_feats``: METER's [text pooled, image pooled]
+    (2H → 2), ViLT's pooled [CLS] (H → 2)."""
 
     def __init__(self, input_size: int):
         super().__init__()
@@ -33,23 +33,23 @@ class ITMHead(nn.Module):
 class MLMTransform(nn.Module):
     """dense → GELU → LayerNorm (HF's BertPredictionHeadTransform)."""
 
-    def __init__(self, cfg: METERConfig):
+    def __init__(self, hidden_size: int, eps: float):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(F.gelu(self.dense(hidden_states)))
 
 
 class MLMHead(nn.Module):
-    """transform → vocabulary decoder (not tied to the word embeddings) + bias."""
+    """transform → vocabulary decoder (not tied to the word embeddings, in METER and ViLT alike) + bias."""
 
-    def __init__(self, cfg: METERConfig):
+    def __init__(self, hidden_size: int, vocab_size: int, eps: float):
         super().__init__()
-        self.transform = MLMTransform(cfg)
-        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.transform = MLMTransform(hidden_size, eps)
+        self.decoder = nn.Linear(hidden_size, vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, text_feats: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform(text_feats)) + self.bias

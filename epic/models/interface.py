@@ -28,6 +28,8 @@ run config): ``family``, ``hidden_size`` (width of ``text_feats``), ``vocab_size
 from __future__ import annotations
 
 import abc
+import json
+import os
 from typing import Dict, List, Optional
 
 import torch
@@ -37,6 +39,35 @@ from torch import nn
 CONSISTENCY_HEAD = "itc_score"
 #: keys every ``infer`` output has
 INFER_KEYS = ("text_feats", "image_feats", "cls_feats", "image_embeds")
+
+
+# An export directory (save_pretrained / from_pretrained): every tensor in one safetensors file, the model config as
+# JSON beside it.
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def write_export(directory: str, state: Dict[str, torch.Tensor], config: dict) -> None:
+    """Write ``state`` (contiguous copies) and ``config`` to an export directory."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(directory, WEIGHTS_NAME))
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def read_export(directory: str, how_to_write: str) -> tuple[dict, Dict[str, torch.Tensor], str]:
+    """(config dict, weights, config path) of an export directory; a missing file names ``how_to_write`` one."""
+    from safetensors.torch import load_file
+
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise FileNotFoundError(f"{directory!r} has no {name}; write it with {how_to_write}")
+    config_path = os.path.join(directory, CONFIG_NAME)
+    with open(config_path) as f:
+        config = json.load(f)
+    return config, load_file(os.path.join(directory, WEIGHTS_NAME)), config_path
 
 
 class VLPModel(nn.Module, abc.ABC):

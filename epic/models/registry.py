@@ -59,7 +59,8 @@ FAMILIES: dict[str, Family] = {
                     official_config="epic.models.albef.convert_albef:official_albef_config"),
     "xvlm": Family("xvlm", config="epic.models.xvlm.configuration_xvlm:XVLMConfig",
                    model="epic.models.xvlm.modeling_xvlm:XVLM",
-                   converter="epic.models.xvlm.convert_xvlm:load_official_xvlm", tiny_config="xvlm_shapes_tiny",
+                   converter="epic.models.xvlm.convert_xvlm:load_official_xvlm",
+                   tasks="epic.models.xvlm.tasks_xvlm:build_task_model", tiny_config="xvlm_shapes_tiny",
                    official_config="epic.models.xvlm.convert_xvlm:official_xvlm_config"),
 }
 

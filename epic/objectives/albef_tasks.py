@@ -8,15 +8,14 @@ of the same image (``idx``: a COCO image has 5 captions), targets = positives / 
 momentum model's softmax at weight alpha. L_itm draws, per image, one hard negative caption and, per caption, one
 hard negative image from the in-batch softmax similarities, never of the same image (ALBEF masks eq(idx, idx.T)).
 
-VQA: the answer decoder's sequence loss of every (question, answer) pair the question has, weighted by the
-answer's share of the question's soft scores, summed and divided by the batch size (ALBEF: weight = the answer's
-share of the annotators, loss = (weights * answer NLL).sum() / B).
+VQA: the answer decoder's sequence loss (epic.objectives.answer_generation, shared with X-VLM).
 
 Momentum distillation of SNLI-VE, NLVR2 and VQA (ALBEF's ``distill: True``, the task model's ``distill``), with
 p_m the momentum model's softmax and alpha ramped as in pretraining (``model.config.alpha_ramp_steps``):
 
     L_cls = (1 - alpha) CE(logits, y) + alpha CE(logits, p_m)                       (model_ve.py, model_nlvr.py)
-    L_answer = (1 - alpha) NLL(answer) + alpha sum_t CE(logits_t, p_m,t)            (xbert BertLMHeadModel)
+    L_answer = (1 - alpha) NLL(answer) + alpha sum_t CE(logits_t, p_m,t)            (xbert BertLMHeadModel; in
+                                                                                     answer_generation)
 """
 from __future__ import annotations
 
@@ -25,9 +24,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from epic.models.albef.tasks_albef import answer_sequence_nll  # the decoder's sequence NLL (ranking uses it too)
-
 from .albef_losses import NEGATIVE_WEIGHT_FLOOR, itm_loss, itm_pairs
+from .answer_generation import answer_weights, vqa_losses  # noqa: F401  (shared with X-VLM; old import path)
 from .contrastive import (alpha_ramp, dequeue_and_enqueue, enqueue, gather_features, soft_cross_entropy,
                           with_queue)
 
@@ -156,50 +154,6 @@ def classification_losses(model, batch: Dict[str, torch.Tensor], task: str) -> D
     return {"loss": loss, "accuracy": accuracy, "alpha": torch.tensor(alpha)}
 
 
-def distilled_answer_nll(logits: torch.Tensor, logits_m: torch.Tensor, answer_ids: torch.Tensor,
-                         answer_mask: torch.Tensor, alpha: float) -> torch.Tensor:
-    """L_answer per answer [N]: (1 - alpha) x its sequence NLL + alpha x the soft cross-entropy against the momentum
-    decoder's next-token softmax, summed over the answer's tokens after <s> (xbert's loss_distill), fp32."""
-    nll = answer_sequence_nll(logits, answer_ids, answer_mask)
-    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    soft = -(log_probs * F.softmax(logits_m[:, :-1].detach().float(), dim=-1)).sum(dim=-1)  # [N, La - 1]
-    return (1.0 - alpha) * nll + alpha * (soft * (answer_mask[:, 1:] > 0)).sum(dim=1)
-
-
-def answer_weights(target_scores: torch.Tensor):
-    """(question index [P], answer index [P], weight [P]) of every answer with a positive soft score, each weight
-    its share of the question's total (ALBEF: count / number of annotators)."""
-    scores = target_scores.float()
-    question, answer = (scores > 0).nonzero(as_tuple=True)
-    shares = scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-12)
-    return question, answer, shares[question, answer]
-
-
-def vqa_losses(model, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """ALBEF's VQA training loss: sum over (question, answer) pairs of weight x answer NLL, / batch size."""
-    missing = [key for key in ("pixel_values", "input_ids", "attention_mask", "target_scores") if key not in batch]
-    if missing:
-        raise KeyError(f"ALBEF VQA fine-tuning needs batches with {missing} (epic.data.tasks' VQA loader)")
-    model._check_answers()
-    states = model.question_states(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-    question, answer, weights = answer_weights(batch["target_scores"])
-    if question.numel() == 0:  # no question of this micro-batch has an answer in the list: a zero with a graph
-        return {"loss": states.sum() * 0.0, "num_answers": torch.tensor(0.0)}
-    ids, mask = model.answer_input_ids[answer], model.answer_attention_mask[answer]
-    logits = model.text_decoder(ids, mask, states[question], batch["attention_mask"][question])
-    out = {"num_answers": torch.tensor(float(question.numel()))}
-    if model.distill:
-        alpha = distillation_alpha(model)
-        logits_m = model.momentum_answer_logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                                                question, ids, mask)
-        per_answer = distilled_answer_nll(logits, logits_m, ids, mask, alpha)
-        out["alpha"] = torch.tensor(alpha)
-    else:
-        per_answer = answer_sequence_nll(logits, ids, mask)
-    loss = (weights * per_answer).sum() / states.shape[0]
-    return {"loss": loss, "loss_vqa": loss.detach(), **out}
-
-
 def text_assignment_pairs(similarity: torch.Tensor, rng: torch.Generator, image_ids: Optional[torch.Tensor] = None):
     """Pretrain_nlvr.py's pairs: per caption b, with prob. 2/3 its image and one other drawn by image similarity
     (softmax of ``similarity``, own image excluded), its image as image 0 (label 0) or image 1 (label 1) with equal
@@ -250,8 +204,8 @@ def albef_task_recipe(model, batch: dict, rng: torch.Generator, task: str, finet
         return text_assignment_losses(model, batch, rng, hard_pairs=hard)
     if task == "retrieval":
         return retrieval_losses(model, batch, rng)
-    if task == "vqa":
-        return vqa_losses(model, batch)
+    if task == "vqa":  # distilled when the model has a momentum copy (ALBEF's distill: True)
+        return vqa_losses(model, batch, distill_alpha=distillation_alpha(model) if model.distill else None)
     if task in ("snli_ve", "nlvr2"):
         return classification_losses(model, batch, task)
     raise ValueError(f"no ALBEF task recipe for {task!r}")

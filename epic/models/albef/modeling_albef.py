@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
-import os
 from functools import partial
 from typing import Dict, List, Optional, Tuple
 
@@ -31,12 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ..interface import CONSISTENCY_HEAD, VLPModel
+from ..interface import CONSISTENCY_HEAD, VLPModel, read_export, write_export
 from .configuration_albef import ALBEFConfig, config_from_dict
 from .weights import load_bert_weights, load_deit_weights
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 #: the additive mask value of BERT/ALBEF's get_extended_attention_mask: (1 - mask) * -10000
 MASK_VALUE = -10000.0
 #: (online, momentum) submodule names; ALBEF's model_pairs
@@ -611,27 +607,17 @@ class ALBEF(VLPModel):
     def save_pretrained(self, directory: str) -> None:
         """``model.safetensors`` (every tensor, momentum copies and queues included; tied aliases once) and
         ``config.json`` (ALBEFConfig; tower paths cleared since the weights are in the file)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in TIED_KEYS}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME))
         config = dataclasses.replace(self.config, vit_pretrained=None, text_pretrained=None)
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2)
+        write_export(directory, {k: v for k, v in self.state_dict().items() if k not in TIED_KEYS},
+                     dataclasses.asdict(config))
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "ALBEF":
-        from safetensors.torch import load_file
-
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            if not os.path.isfile(os.path.join(directory, name)):
-                raise FileNotFoundError(f"{directory!r} has no {name}; write it with ALBEF.save_pretrained or "
-                                        f"convert an official checkpoint with epic.models.albef.load_official_albef")
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            cfg = config_from_dict(json.load(f), source=os.path.join(directory, CONFIG_NAME))
+        values, state, source = read_export(
+            directory, "ALBEF.save_pretrained or convert an official checkpoint with epic.models.albef.load_official_albef")
+        cfg = config_from_dict(values, source=source)
         model = cls(dataclasses.replace(cfg, vit_pretrained=None, text_pretrained=None))
-        result = model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)), strict=False)
+        result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:  # the tied aliases are filled by fill_tied_aliases
             raise ValueError(f"{directory!r} does not match its config: missing keys {sorted(result.missing_keys)}, "
                              f"unexpected keys {sorted(result.unexpected_keys)}")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import logging
 from functools import partial
 from typing import Dict, List, Tuple
 
@@ -42,11 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..split_bert_tasks import (AnswerDecoder, AnswerRanking, adapt_task_state, answer_sequence_nll,
+                                decoder_keys_from_encoder, fuse_two_images, fused_infer, share_cross_attention,
+                                two_image_layer_keys, two_image_num_layers)
 from .configuration_albef import ALBEFConfig
 from .modeling_albef import (ALBEF, MASK_VALUE, MOMENTUM_PAIRS, TIED_SOURCES, BertLayer, MLMHead, TextEmbeddings,
                              additive_mask, init_bert_weights, parameters_to_buffers)
 
-log = logging.getLogger(__name__)
+__all__ = ["answer_sequence_nll", "build_task_model"]  # answer_sequence_nll: re-exported (its old home)
+
 
 TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve", "nlvr2_ta")
 TA_CLASSES = 3  # text assignment: the caption is of image 0, of image 1, or of neither (model_pretrain_nlvr.py)
@@ -85,16 +88,7 @@ class _TaskALBEF(ALBEF):
         Pretraining-only parts this model lacks are dropped, the tied MLM decoder aliases filled, the task's new
         parts kept at their initialisation, and the position embedding resampled to this image size."""
         own = self.state_dict()
-        state = {k: v for k, v in state.items() if k in own or not k.startswith(PRETRAINING_PARTS)}
-        for alias, source in TIED_SOURCES.items():
-            if alias in own and alias not in state and source in state:
-                state[alias] = state[source]
-        added = sorted({k for k in own if k.startswith(self.new_parts) and k not in state})
-        for key in added:
-            state[key] = own[key]
-        if added:
-            log.info("%s: new parts keep their initialisation: %s", type(self).__name__,
-                     sorted({k.split(".")[0] for k in added}))
+        state = adapt_task_state(type(self).__name__, own, state, PRETRAINING_PARTS, self.new_parts, TIED_SOURCES)
         for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):  # ALBEF resamples both
             if key in state and key in own:
                 state[key] = resample_pos_embed(state[key], own[key], self.visual_encoder.patch_embed.grid_size)
@@ -197,13 +191,7 @@ class _FusionOnlyALBEF(_TaskALBEF):
 
     def infer(self, input_ids, attention_mask, pixel_values=None, image_embeds=None, text_embeds=None):
         """One (text, image) fusion: the pretraining model's infer without the contrastive features."""
-        if image_embeds is None:
-            image_embeds = self.encode_image(pixel_values)
-        if text_embeds is None:
-            text_embeds = self.encode_text(input_ids, attention_mask)
-        fused = self.fuse(text_embeds, attention_mask, image_embeds)
-        return {"image_embeds": image_embeds, "text_embeds": text_embeds, "text_feats": fused,
-                "cls_feats": fused[:, 0], "image_feats": image_embeds}
+        return fused_infer(self, input_ids, attention_mask, pixel_values, image_embeds, text_embeds)
 
 
 class _ALBEFClassifier(_FusionOnlyALBEF):
@@ -241,42 +229,8 @@ class ALBEFForSNLIVE(_ALBEFClassifier):
 def nlvr2_config(cfg: ALBEFConfig) -> ALBEFConfig:
     """The two-image encoder's BERT: the text layers, then two layers per pretrained fusion layer (ALBEF's
     model_nlvr.py sets num_hidden_layers = 18 for 6 + 6)."""
-    return dataclasses.replace(cfg, num_hidden_layers=cfg.fusion_layer + 2 * cfg.num_fusion_layers,
+    return dataclasses.replace(cfg, num_hidden_layers=two_image_num_layers(cfg.fusion_layer, cfg.num_hidden_layers),
                                consistency_head=False)
-
-
-def share_cross_attention(layers: nn.ModuleList, fusion_layer: int) -> None:
-    """ALBEF's share_cross_attention: in each pair (fusion_layer + 2i, fusion_layer + 2i + 1) the first layer's
-    cross-attention key and value projections become the second's (one parameter, two names)."""
-    for first in range(fusion_layer, len(layers), 2):
-        cross_0, cross_1 = layers[first].crossattention.self, layers[first + 1].crossattention.self
-        cross_0.key, cross_0.value = cross_1.key, cross_1.value
-
-
-def two_image_layer_keys(state: Dict[str, torch.Tensor], fusion_layer: int, pretrained_layers: int
-                         ) -> Dict[str, torch.Tensor]:
-    """ALBEF's NLVR.py weight mapping: pretrained fusion layer j -> layers fusion + 2 (j - fusion) and the one
-    after it, for the online text encoder and its momentum copy. A state that already has the two-image layers is
-    returned as is."""
-    prefixes = ("text_encoder.bert.encoder.layer.", "text_encoder_m.bert.encoder.layer.")
-    indices = {int(k[len(prefixes[0]):].split(".")[0]) for k in state if k.startswith(prefixes[0])}
-    if not indices or max(indices) >= pretrained_layers:  # already two-image (a fine-tuned NLVR2 checkpoint)
-        return state
-    out = {}
-    for key, value in state.items():
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        if prefix is None:
-            out[key] = value
-            continue
-        index, rest = key[len(prefix):].split(".", 1)
-        j = int(index)
-        if j < fusion_layer:
-            out[key] = value
-        else:
-            first = fusion_layer + 2 * (j - fusion_layer)
-            out[f"{prefix}{first}.{rest}"] = value
-            out[f"{prefix}{first + 1}.{rest}"] = value
-    return out
 
 
 class ALBEFForNLVR2(_ALBEFClassifier):
@@ -289,19 +243,17 @@ class ALBEFForNLVR2(_ALBEFClassifier):
         self.init_momentum_model()  # after the sharing: the copy shares its key/value the same way
 
     def adapt_loaded_state(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        state = two_image_layer_keys(state, self.config.fusion_layer, self.pretrained_layers)
+        for prefix in ("text_encoder.bert.encoder.layer.", "text_encoder_m.bert.encoder.layer."):  # NLVR.py maps
+            state = two_image_layer_keys(state, self.config.fusion_layer, self.pretrained_layers, prefix)  # both
         return super().adapt_loaded_state(state)
 
     def fuse_two_images(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image0_embeds: torch.Tensor,
                         image1_embeds: torch.Tensor, text_encoder: nn.Module = None) -> torch.Tensor:
         """The fusion layers over the text-encoder output, alternating the image the cross-attention reads
         (``text_encoder``: the momentum copy instead of the online one)."""
-        bert = (self.text_encoder if text_encoder is None else text_encoder).bert
-        text_mask = additive_mask(attention_mask, text_embeds.dtype)
-        hidden = text_embeds
-        for offset, layer in enumerate(bert.encoder.layer[self.config.fusion_layer:]):
-            hidden = layer(hidden, text_mask, (image0_embeds, image1_embeds)[offset % 2], None)
-        return hidden
+        layers = (self.text_encoder if text_encoder is None else text_encoder).bert.encoder.layer
+        return fuse_two_images(layers[self.config.fusion_layer:], text_embeds,
+                               additive_mask(attention_mask, text_embeds.dtype), (image0_embeds, image1_embeds))
 
     def forward(self, pixel_values_0, pixel_values_1, input_ids, attention_mask) -> torch.Tensor:
         batch = input_ids.shape[0]
@@ -356,73 +308,19 @@ class ALBEFForTextAssignment(ALBEFForNLVR2):
 
 
 # ------------------------------------------------------------------------------------------------ VQA
-def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[N, L] padding mask -> [N, 1, L, L] additive mask of a left-to-right decoder (xbert's is_decoder mask:
-    causal x padding, (1 - mask) * -10000)."""
-    length = attention_mask.shape[1]
-    causal = torch.tril(torch.ones(length, length, dtype=dtype, device=attention_mask.device))
-    allowed = causal[None, None] * attention_mask[:, None, None, :].to(dtype)
-    return (1.0 - allowed) * MASK_VALUE
+def answer_decoder(cfg: ALBEFConfig) -> AnswerDecoder:
+    """``text_decoder``: ALBEF's BertLMHeadModel (model_vqa.py: config_decoder.fusion_layer = 0, num_hidden_layers =
+    6, so every layer cross-attends to the question states; the LM head tied to its own word embeddings), BERT-
+    initialised, then loaded from the pretrained embeddings, fusion layers and MLM head (VQA.py)."""
+    embeddings = TextEmbeddings(cfg)
+    layers = [BertLayer(cfg, cfg.fusion_layer + i) for i in range(cfg.num_fusion_layers)]
+    decoder = AnswerDecoder(embeddings, layers, MLMHead(cfg, embeddings.word_embeddings), MASK_VALUE)
+    decoder.apply(partial(init_bert_weights, std=cfg.initializer_range))
+    decoder.cls.predictions.bias.data.zero_()
+    return decoder
 
 
-class DecoderLayers(nn.Module):
-    """``text_decoder.bert.encoder``: every layer has causal self-attention, cross-attention over the question
-    states and the FFN (model_vqa.py: config_decoder.fusion_layer = 0, num_hidden_layers = 6)."""
-
-    def __init__(self, cfg: ALBEFConfig):
-        super().__init__()
-        self.layer = nn.ModuleList(BertLayer(cfg, cfg.fusion_layer + i) for i in range(cfg.num_fusion_layers))
-
-
-class DecoderBert(nn.Module):
-    def __init__(self, cfg: ALBEFConfig):
-        super().__init__()
-        self.embeddings = TextEmbeddings(cfg)
-        self.encoder = DecoderLayers(cfg)
-
-
-class AnswerDecoder(nn.Module):
-    """``text_decoder``: ALBEF's BertLMHeadModel (``bert`` + ``cls``, the LM head tied to its word embeddings),
-    initialised from the pretrained model's embeddings, fusion layers and MLM head (VQA.py)."""
-
-    def __init__(self, cfg: ALBEFConfig):
-        super().__init__()
-        self.bert = DecoderBert(cfg)
-        self.cls = MLMHead(cfg, self.bert.embeddings.word_embeddings)
-        self.apply(partial(init_bert_weights, std=cfg.initializer_range))
-        self.cls.predictions.bias.data.zero_()
-
-    def forward(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, question_states: torch.Tensor,
-                question_mask: torch.Tensor) -> torch.Tensor:
-        """[N, La] answers (teacher forcing) over [N, Lq, H] question states -> [N, La, V] next-token logits."""
-        hidden = self.bert.embeddings(answer_ids)
-        self_mask = causal_mask(answer_mask, hidden.dtype)
-        cross_mask = additive_mask(question_mask, hidden.dtype)
-        for layer in self.bert.encoder.layer:
-            hidden = layer(hidden, self_mask, question_states, cross_mask)
-        return self.cls(hidden)
-
-
-def decoder_keys_from_encoder(state: Dict[str, torch.Tensor], fusion_layer: int) -> Dict[str, torch.Tensor]:
-    """ALBEF's VQA.py mapping: text_decoder.bert.embeddings <- text_encoder.bert.embeddings, decoder layer i <-
-    fusion layer fusion_layer + i, text_decoder.cls <- text_encoder.cls (the encoder keeps its own copy). A state
-    that already has the decoder (a fine-tuned VQA checkpoint) is returned as is."""
-    if any(k.startswith("text_decoder.") for k in state):
-        return state
-    out = dict(state)
-    for encoder, decoder in (("text_encoder", "text_decoder"), ("text_encoder_m", "text_decoder_m")):
-        layers = f"{encoder}.bert.encoder.layer."  # the momentum decoder from the momentum encoder (VQA.py)
-        for key, value in state.items():
-            if key.startswith((f"{encoder}.bert.embeddings.", f"{encoder}.cls.")):
-                out[decoder + key[len(encoder):]] = value
-            elif key.startswith(layers):
-                index, rest = key[len(layers):].split(".", 1)
-                if int(index) >= fusion_layer:
-                    out[f"{decoder}.bert.encoder.layer.{int(index) - fusion_layer}.{rest}"] = value
-    return out
-
-
-class ALBEFForVQA(_FusionOnlyALBEF):
+class ALBEFForVQA(AnswerRanking, _FusionOnlyALBEF):
     """model_vqa.py: the question is encoded with the image by the whole BERT (text + fusion layers), and the
     answer decoder scores answers as token sequences; prediction ranks the answer list (``rank_answers``): the k
     answers whose first token is likeliest are re-scored by their whole sequence (ALBEF's k_test 128;
@@ -443,27 +341,18 @@ class ALBEFForVQA(_FusionOnlyALBEF):
                              f"width encoder_width={cfg.encoder_width}; the question states have hidden_size="
                              f"{cfg.hidden_size}: VQA needs them equal (ALBEF: 768 and 768)")
         super().__init__(cfg)
-        self.num_answers = num_answers
-        self.answer_candidates = 0  # k of rank_answers (0: all)
-        self.text_decoder = AnswerDecoder(cfg)
-        self.register_buffer("answer_input_ids", torch.zeros(0, 0, dtype=torch.long), persistent=False)
-        self.register_buffer("answer_attention_mask", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+        self.init_answer_list(num_answers)
+        self.text_decoder = answer_decoder(cfg)
         self.init_momentum_model()
 
-    def set_answer_list(self, tokenizer, answers, k: int = 0) -> None:
-        """Tokenise the answer list (``<s> answer </s>``, padded to the longest) for training and ranking; ``k``
-        candidates per question at prediction (0: all)."""
-        if len(answers) != self.num_answers:
-            raise ValueError(f"the answer list has {len(answers)} answers but the model was built for "
-                             f"{self.num_answers} (finetune.num_answers)")
-        encoded = tokenizer(list(answers), padding="longest", return_tensors="pt")
-        device = self.text_decoder.cls.predictions.bias.device
-        self.answer_input_ids = encoded["input_ids"].to(device)
-        self.answer_attention_mask = encoded["attention_mask"].to(device)
-        self.answer_candidates = int(k)
-
     def adapt_loaded_state(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        state = decoder_keys_from_encoder(state, self.config.fusion_layer)
+        state = dict(decoder_keys_from_encoder(state, self.config.fusion_layer))
+        if self.distill and not any(k.startswith("text_decoder_m.") for k in state):  # VQA.py: the momentum
+            momentum = {"text_encoder." + k[len("text_encoder_m."):]: v for k, v in state.items()  # decoder from
+                        if k.startswith("text_encoder_m.")}                                         # the momentum
+            state.update({"text_decoder_m." + k[len("text_decoder."):]: v for k, v in             # encoder
+                          decoder_keys_from_encoder(momentum, self.config.fusion_layer).items()
+                          if k.startswith("text_decoder.")})
         for decoder in ("text_decoder", "text_decoder_m"):
             for part in ("weight", "bias"):  # the decoder's tied LM head
                 alias = f"{decoder}.cls.predictions.decoder.{part}"
@@ -491,45 +380,6 @@ class ALBEFForVQA(_FusionOnlyALBEF):
                                self._momentum_image_embeds(pixel_values))
             return self.text_decoder_m(answer_ids, answer_mask, states[question_index],
                                        attention_mask[question_index]).float()
-
-    def _check_answers(self) -> None:
-        if self.answer_input_ids.numel() == 0:
-            raise RuntimeError("ALBEFForVQA has no answer list: call set_answer_list(tokenizer, answers) first "
-                               "(epic/finetune.py does it from finetune.answer_list)")
-
-    @torch.no_grad()
-    def rank_answers(self, question_states: torch.Tensor, question_mask: torch.Tensor, k: int = 0) -> torch.Tensor:
-        """[B, num_answers] scores: for the k answers whose first token the decoder finds likeliest after <s>,
-        log p(first token) + log p(whole answer sequence) (ALBEF's rank_answer sums both, so the first token counts
-        twice; kept for faithfulness); -inf for the others."""
-        self._check_answers()
-        answer_ids, answer_mask = self.answer_input_ids, self.answer_attention_mask
-        batch, count = question_states.shape[0], answer_ids.shape[0]
-        k = count if k <= 0 else min(k, count)
-        start = answer_ids[:1, :1].expand(batch, 1)
-        first = self.text_decoder(start, torch.ones_like(start), question_states, question_mask)[:, 0].float()
-        first_probs = first.softmax(dim=-1).index_select(1, answer_ids[:, 1])  # [B, A]
-        top_probs, top_ids = first_probs.topk(k, dim=1)
-        ids, mask = answer_ids[top_ids.flatten()], answer_mask[top_ids.flatten()]  # [B k, La]
-        logits = self.text_decoder(ids, mask, question_states.repeat_interleave(k, 0),
-                                   question_mask.repeat_interleave(k, 0))
-        sequence_log_prob = -answer_sequence_nll(logits, ids, mask).view(batch, k)
-        scores = torch.full((batch, count), float("-inf"), device=question_states.device)
-        scores.scatter_(1, top_ids, top_probs.log() + sequence_log_prob)
-        return scores
-
-    def forward(self, pixel_values, input_ids, attention_mask) -> torch.Tensor:
-        """[B, num_answers] answer scores (argmax = the prediction; epic.eval.vqa reads them as logits)."""
-        states = self.question_states(pixel_values, input_ids, attention_mask)
-        return self.rank_answers(states, attention_mask, self.answer_candidates)
-
-
-def answer_sequence_nll(logits: torch.Tensor, answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
-    """[N] -log p(answer) summed over its tokens after <s> (xbert BertLMHeadModel, reduction='none': the logits
-    shifted by one, padding ignored), in fp32."""
-    targets = answer_ids.masked_fill(answer_mask == 0, -100)[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    return nll.sum(dim=1)
 
 
 TASK_MODELS = {"retrieval": ALBEFForRetrieval, "vqa": ALBEFForVQA, "nlvr2": ALBEFForNLVR2, "snli_ve": ALBEFForSNLIVE,

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
-import os
 from functools import partial
 from typing import Dict, Iterable, List, Optional
 
@@ -21,15 +19,13 @@ from torch import nn
 from ..fast_path import checkpointed
 from ..fusion import BertCrossLayer, additive_attention_mask
 from ..heads import ITMHead, MLMHead, Pooler, new_consistency_head
-from ..interface import CONSISTENCY_HEAD, VLPModel
+from ..interface import CONSISTENCY_HEAD, VLPModel, read_export, write_export
 from ..text import build_text_tower, encode_text_tokens
 from ..vision import build_vision_tower, encode_image_tokens, load_clip_weights
 from .configuration_meter import METERConfig
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 
 def init_meter_weights(module: nn.Module, std: float = 0.02) -> None:
@@ -70,7 +66,7 @@ class METER(VLPModel):
         self.cross_modal_image_layers = nn.ModuleList(BertCrossLayer(cfg) for _ in range(cfg.num_fusion_layers))
         self.cross_modal_text_pooler = Pooler(cfg.hidden_size)
         self.cross_modal_image_pooler = Pooler(cfg.hidden_size)
-        self.mlm_score = MLMHead(cfg)
+        self.mlm_score = MLMHead(cfg.hidden_size, cfg.vocab_size, cfg.layer_norm_eps)
         self.itm_score = ITMHead(cfg.hidden_size * 2)
         # activation checkpointing of the fusion layers (epic.models.fast_path.set_activation_checkpointing sets
         # it together with the towers' own switches)
@@ -234,28 +230,15 @@ class METER(VLPModel):
     # ----------------------------------------------------------------------------------------------- files
     def save_pretrained(self, directory: str) -> None:
         """Write ``model.safetensors`` (our key layout) and ``config.json`` (METERConfig) to ``directory``."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME))
         config = dataclasses.replace(self.config, vit_pretrained=None, text_pretrained=None)  # weights are in the file
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2)
+        write_export(directory, self.state_dict(), dataclasses.asdict(config))
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "METER":
         """Inverse of ``save_pretrained`` (a consistency head in the weights but not in an older config.json is
         re-created)."""
-        from safetensors.torch import load_file
-
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            if not os.path.isfile(os.path.join(directory, name)):
-                raise FileNotFoundError(f"{directory!r} has no {name}; write it with METER.save_pretrained or "
-                                        f"tools/convert_meter_ckpt.py")
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            cfg = config_from_dict(json.load(f), source=os.path.join(directory, CONFIG_NAME))
-        state = load_file(os.path.join(directory, WEIGHTS_NAME))
+        values, state, source = read_export(directory, "METER.save_pretrained or tools/convert_meter_ckpt.py")
+        cfg = config_from_dict(values, source=source)
         with_head = cfg.consistency_head or any(key.startswith(CONSISTENCY_HEAD + ".") for key in state)
         model = cls(dataclasses.replace(cfg, vit_pretrained=None, text_pretrained=None, consistency_head=with_head))
         model.load_state_dict(state)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 from functools import partial
@@ -34,13 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..interface import CONSISTENCY_HEAD, VLPModel
+from ..heads import ITMHead, MLMHead, Pooler
+from ..interface import CONSISTENCY_HEAD, VLPModel, read_export, write_export
 from .configuration_vilt import ViLTConfig, vilt_config_from_dict
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 
 def init_vilt_weights(module: nn.Module, std: float = 0.02) -> None:
@@ -54,55 +52,6 @@ def init_vilt_weights(module: nn.Module, std: float = 0.02) -> None:
         module.bias.data.zero_()
 
 
-# ------------------------------------------------------------------------------------------------------- heads
-class Pooler(nn.Module):
-    """First token (text [CLS]) -> Linear -> tanh."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(hidden_states[:, 0]))
-
-
-class ITMHead(nn.Module):
-    """Pooled [CLS] -> matched / not matched logits (class 1 = matched)."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.fc = nn.Linear(hidden_size, 2)
-
-    def forward(self, cls_feats: torch.Tensor) -> torch.Tensor:
-        return self.fc(cls_feats)
-
-
-class MLMTransform(nn.Module):
-    """dense -> GELU -> LayerNorm (BERT's prediction-head transform)."""
-
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
-        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(F.gelu(self.dense(hidden_states)))
-
-
-class MLMHead(nn.Module):
-    """transform -> vocabulary decoder (not tied to the word embeddings, as in ViLT) + bias."""
-
-    def __init__(self, hidden_size: int, vocab_size: int, eps: float):
-        super().__init__()
-        self.transform = MLMTransform(hidden_size, eps)
-        self.decoder = nn.Linear(hidden_size, vocab_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
-
-    def forward(self, text_feats: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(text_feats)) + self.bias
-
-
-# --------------------------------------------------------------------------------------------- patch sampling
 def sample_patches(valid: torch.Tensor, max_image_len: int, generator: Optional[torch.Generator] = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """ViLT's patch selection (vision_transformer.visual_embed) over a [B, N] validity mask.
@@ -369,29 +318,16 @@ class ViLT(VLPModel):
     # ------------------------------------------------------------------------------------------------ files
     def save_pretrained(self, directory: str) -> None:
         """``model.safetensors`` (ViLT key names) + ``config.json`` (ViLTConfig) in ``directory``."""
-        from safetensors.torch import save_file
-
         if self._saliency_only:
             raise RuntimeError("a pruned saliency teacher cannot be saved as a model; save the full ViLT")
-        os.makedirs(directory, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME))
         config = dataclasses.replace(self.config, vit_pretrained=None)  # the weights are in the file
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2)
+        write_export(directory, self.state_dict(), dataclasses.asdict(config))
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "ViLT":
-        from safetensors.torch import load_file
-
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            if not os.path.isfile(os.path.join(directory, name)):
-                raise FileNotFoundError(f"{directory!r} has no {name}; write it with ViLT.save_pretrained or "
-                                        f"tools/convert_official.py --family vilt")
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            config = vilt_config_from_dict(json.load(f), source=os.path.join(directory, CONFIG_NAME))
-        model = cls(dataclasses.replace(config, vit_pretrained=None))
-        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)))
+        values, state, source = read_export(directory, "ViLT.save_pretrained or tools/convert_official.py --family vilt")
+        model = cls(dataclasses.replace(vilt_config_from_dict(values, source=source), vit_pretrained=None))
+        model.load_state_dict(state)
         return model
 
 

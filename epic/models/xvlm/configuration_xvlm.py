@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 #: EPIC saliency query choices (see modeling_xvlm.XVLM.saliency_qk)
 SALIENCY_QUERIES = ("fused_cls", "image_cls_cross")
@@ -19,6 +19,11 @@ SALIENCY_QUERIES = ("fused_cls", "image_cls_cross")
 @dataclass
 class XVLMConfig:
     family: str = "xvlm"  # registry name (``model.family`` in a run config)
+    # checked at config time (epic.config.validate_micro_batch: pretraining and retrieval fine-tuning); class
+    # attributes, not config keys
+    min_micro_batch_size: ClassVar[int] = 2
+    min_micro_batch_reason: ClassVar[str] = ("X-VLM's ITM draws each sample's hard negative from the other samples "
+                                             "(of another image) of its micro-batch")
 
     # Vision tower: Swin Transformer (timm's implementation, X-VLM's hyper-parameters).
     image_size: int = 224

@@ -365,6 +365,15 @@ class XVLM(VLPModel):
         load_model(model, os.path.join(directory, WEIGHTS_NAME))
         return model
 
+    def adapt_loaded_state(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """epic.models.downstream.load_pretrained_weights' family hook: the tied MLM decoder (the word embeddings,
+        stored once by save_pretrained) filled from its source, so an export loads for zero-shot evaluation."""
+        alias = "text_encoder.cls.predictions.decoder.weight"
+        source = "text_encoder.bert.embeddings.word_embeddings.weight"
+        if alias not in state and source in state and hasattr(self.text_encoder, "cls"):
+            state = {**state, alias: state[source]}
+        return state
+
     # -------------------------------------------------------------------------------------------- encoders
     def _check_pixels(self, pixel_values: torch.Tensor) -> None:
         size = self.config.image_size
@@ -551,6 +560,11 @@ class XVLM(VLPModel):
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            group = "fusion" if ".crossattention." in name else "head" if name.startswith(HEAD_PREFIXES) else "backbone"
-            spec[group]["no_decay" if any(s in name for s in NO_DECAY_SUBSTRINGS) else "decay"].append(name)
+            decay = "no_decay" if any(s in name for s in NO_DECAY_SUBSTRINGS) else "decay"
+            spec[self.lr_group(name)][decay].append(name)
         return spec
+
+    def lr_group(self, name: str) -> str:
+        """'fusion' | 'head' | 'backbone' of a parameter (pretraining: X-VLM's init_params, see param_groups_spec;
+        the task models override it with their own init_params)."""
+        return "fusion" if ".crossattention." in name else "head" if name.startswith(HEAD_PREFIXES) else "backbone"
