@@ -165,7 +165,7 @@ def ref_rank_answer(sd, question_states, question_mask, answer_ids, answer_mask,
 def test_vqa_answer_decoder_and_ranking_match_albefs_structure(pretrained):
     from epic.models.albef.tasks_albef import ALBEFForVQA
     from epic.models.downstream import load_pretrained_weights
-    from epic.objectives.albef_tasks import answer_weights, vqa_losses
+    from epic.objectives.albef_tasks import albef_task_recipe, answer_weights
 
     answers = ["5 7", "9", "5 11 13", "20", "7 7"]
     model = ALBEFForVQA(pretrained.config, num_answers=len(answers))
@@ -208,7 +208,8 @@ def test_vqa_answer_decoder_and_ranking_match_albefs_structure(pretrained):
     q, a, w = answer_weights(targets)
     assert q.tolist() == [0, 0, 2, 2] and a.tolist() == [1, 3, 0, 4]
     assert torch.allclose(w, torch.tensor([1 / 1.3, 0.3 / 1.3, 0.5, 0.5]))
-    out = vqa_losses(model, {"pixel_values": image, "input_ids": ids, "attention_mask": mask, "target_scores": targets})
+    batch = {"pixel_values": image, "input_ids": ids, "attention_mask": mask, "target_scores": targets}
+    out = albef_task_recipe(model, batch, None, "vqa", None)  # what TaskObjective runs for ALBEF's VQA
     alpha = pretrained.config.alpha
     assert float(out["alpha"]) == pytest.approx(alpha) and alpha > 0
     sd_m = dict(sd)
@@ -232,8 +233,8 @@ def test_vqa_answer_decoder_and_ranking_match_albefs_structure(pretrained):
     assert not torch.allclose(out["loss"], plain / 3, rtol=1e-3)  # the soft targets count
     # distill=False (ALBEF's distill: False): the plain weighted answer NLL
     model.distill = False
-    assert torch.allclose(vqa_losses(model, {"pixel_values": image, "input_ids": ids, "attention_mask": mask,
-                                             "target_scores": targets})["loss"], plain / 3, rtol=1e-5)
+    plain_out = albef_task_recipe(model, batch, None, "vqa", None)
+    assert torch.allclose(plain_out["loss"], plain / 3, rtol=1e-5) and "alpha" not in plain_out
 
 
 # ------------------------------------------------------------------------------------------------ retrieval losses
