@@ -2,7 +2,9 @@
 and evaluator: NLVR2's two-image encoder and VQA's answer decoder (and its answer ranking) against independent
 forwards from ALBEF's model_nlvr.py / model_vqa.py / xbert.py structure; the retrieval contrastive targets and
 hard-negative weights by hand; shapes-world short runs of retrieval, SNLI-VE, NLVR2 and VQA that beat the
-untrained model; the micro-batch check at config time."""
+untrained model; the micro-batch check at config time. NLVR2's text-assignment pre-step (pairs, forward, NLVR2 init
+from it, a short run after the retrieval run, the CLI chain TA -> NLVR2); ALBEF's downstream momentum distillation
+(losses and momentum update by hand, state out of the optimizer, exact resume)."""
 from __future__ import annotations
 
 import copy
