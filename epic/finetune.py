@@ -98,6 +98,13 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
     cfg.model = without_local_weights(cfg.model)  # the weights come from --init
     fill_task_paths(cfg)
     validate_finetune(cfg)
+    family = getattr(cfg.model, "family", "meter")
+    if task == "nlvr2_ta":
+        from epic.objectives.recipes import task_recipe
+
+        if task_recipe(family, task) is None:
+            raise ConfigError(f"--task nlvr2_ta is ALBEF's NLVR2 text-assignment pre-step; the {family} family has "
+                              f"none (fine-tune --task nlvr2 directly)")
     if cfg.data.tokenizer is None:
         raise ConfigError("no tokenizer: set data.tokenizer (the init checkpoint's config names none)")
     if cfg.data.image_size != cfg.model.image_size:

@@ -690,3 +690,18 @@ def test_cli_text_assignment_then_distilled_nlvr2_from_its_checkpoint(tasks, sha
     momentum = state[layer.replace("text_encoder.", "text_encoder_m.", 1)]  # copy started from the TA weights:
     m = 0.995
     assert torch.allclose(momentum, m * ta_state[layer] + (1 - m) * state[layer], atol=1e-6)
+
+
+def test_text_assignment_is_refused_for_a_family_without_it(tasks, shapes_world, tmp_path):
+    from epic.config import ConfigError
+    from epic.data import load_tokenizer
+    from epic.finetune import resolve_finetune_config
+    from epic.models.xvlm import XVLM, XVLMConfig
+
+    tokenizer = load_tokenizer(shapes_world / "tokenizer")
+    XVLM(XVLMConfig.tiny(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         image_size=32)).save_pretrained(str(tmp_path / "export"))
+    overrides = [f"finetune.shapes={tasks}", f"data.tokenizer={shapes_world / 'tokenizer'}", "data.image_size=32",
+                 "data.max_text_len=24", f"run.dir={tmp_path / 'ft'}"]
+    with pytest.raises(ConfigError, match="nlvr2_ta is ALBEF's NLVR2 text-assignment pre-step; the xvlm family"):
+        resolve_finetune_config("finetune_shapes", overrides, "nlvr2_ta", init=str(tmp_path / "export"))
