@@ -575,7 +575,8 @@ def test_momentum_update_by_hand_and_state_out_of_the_optimizer(pretrained):
     from epic.objectives.albef_tasks import classification_losses
 
     model = ALBEFForNLVR2(pretrained.config)
-    load_pretrained_weights(model, pretrained.state_dict())
+    load_pretrained_weights(model, {**pretrained.state_dict(), "momentum_step": torch.tensor(7)})
+    assert int(model.momentum_step) == 0  # the pretraining run's count does not carry over: the ramp restarts
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     momentum_keys = [k for k in model.state_dict() if k.split(".")[0].endswith("_m")]
     assert momentum_keys and not any(n.split(".")[0].endswith("_m") for n, _ in model.named_parameters())

@@ -183,9 +183,9 @@ class _FusionOnlyALBEF(_TaskALBEF):
                 for key in own:
                     if key.startswith(copy_prefix) and prefix + key[len(copy_prefix):] in state:
                         state[key] = state[prefix + key[len(copy_prefix):]]
-        if self.distill and "momentum_step" not in state:  # the ramp starts again with the fine-tuning
-            state["momentum_step"] = own["momentum_step"]
-        elif not self.distill:
+        if self.distill:  # the source run's step count (e.g. pretraining's) is not this run's: the ramp restarts
+            state["momentum_step"] = own["momentum_step"]  # (a resume loads the checkpoint directly, not via here)
+        else:
             state.pop("momentum_step", None)
         return super().adapt_loaded_state(state)
 
