@@ -305,7 +305,7 @@ def evaluate_text_assignment(model, cfg: TaskConfig, tokenizer, split: str, rank
     if world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
     model.train(was_training)
-    return {"accuracy": 100.0 * float(counts[0] / counts[1].clamp(min=1)), "examples": int(counts[1])}
+    return {"accuracy": 100.0 * float(counts[0] / counts[1].clamp(min=1)), "num_examples": int(counts[1])}
 
 
 def evaluate_task(model, task: str, loader, cfg) -> dict:
