@@ -671,7 +671,8 @@ def test_cli_text_assignment_then_distilled_nlvr2_from_its_checkpoint(tasks, sha
     ALBEF(ALBEFConfig.tiny(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_text_len=24,
                            queue_size=64)).save_pretrained(str(tmp_path / "init"))
     common = ["--config", "finetune_shapes", "--ds_config", "ds_configs/cpu_zero2.json", f"finetune.shapes={tasks}",
-              f"data.tokenizer={shapes_world / 'tokenizer'}", "data.image_size=32", "data.max_text_len=24", "data.micro_batch_size=8",
+              f"data.tokenizer={shapes_world / 'tokenizer'}", "data.image_size=32", "data.max_text_len=24",
+              "data.micro_batch_size=8",
               "train.global_batch_size=8", "train.max_steps=2", "train.log_every=1", "eval.batch_size=16"]
     finetune = ROOT / "epic" / "finetune.py"
     ta = run_cli([finetune, "--task", "nlvr2_ta", "--init", tmp_path / "init", *common, f"run.dir={tmp_path / 'ta'}"],

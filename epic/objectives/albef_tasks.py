@@ -180,7 +180,8 @@ def text_assignment_pairs(similarity: torch.Tensor, rng: torch.Generator, image_
     return index_0, index_1, labels
 
 
-def text_assignment_losses(model, batch: dict, rng: torch.Generator, hard_pairs: bool = True) -> Dict[str, torch.Tensor]:
+def text_assignment_losses(model, batch: dict, rng: torch.Generator,
+                           hard_pairs: bool = True) -> Dict[str, torch.Tensor]:
     """The TA pre-step's cross-entropy over the 3 assignments (model_pretrain_nlvr.py), and its accuracy.
     ``hard_pairs``: the other images drawn by image similarity (Pretrain_nlvr.py); False draws them uniformly, so
     that every model is scored on the same pairs for a given ``rng`` seed (the evaluation)."""
