@@ -7,8 +7,9 @@ soft scores, summed and divided by the batch size:
 (ALBEF and X-VLM weight an answer by its share of the annotators; our batches carry VQA soft scores, so the weight
 is the answer's share of the question's soft-score total.) With ALBEF's momentum distillation (``distill_alpha``,
 the model's ``momentum_answer_logits``) each answer's NLL becomes (1 - alpha) NLL + alpha sum_t CE(logits_t,
-softmax(momentum logits_t)) over its tokens (xbert's BertLMHeadModel with soft_labels). The model is reached through ``question_states``,
-``text_decoder`` and the answer list buffers of epic.models.split_bert_tasks.AnswerRanking; no family is named.
+softmax(momentum logits_t)) over its tokens (xbert's BertLMHeadModel with soft_labels). The model is reached
+through ``question_states``, ``text_decoder`` and the answer list buffers of
+epic.models.split_bert_tasks.AnswerRanking; no family is named.
 """
 from __future__ import annotations
 
