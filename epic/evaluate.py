@@ -170,11 +170,18 @@ def main(argv=None) -> int:
     model = model.to(device=device, dtype=DTYPES[args.dtype])
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
-        loader = build_loader(cfg, args.task, tokenizer, args.data, args.images, info.rank, info.world_size)
+        if args.task == "nlvr2_ta":  # pairs drawn inside seeded batches of captions, not a per-example loader
+            from epic.finetune import evaluate_text_assignment
+
+            ft = cfg.finetune
+            ft.task, ft.val_json, ft.images = args.task, args.data or ft.val_json, args.images or ft.images
+            metrics = evaluate_text_assignment(model, cfg, tokenizer, "val", info.rank, info.world_size)
+        else:
+            loader = build_loader(cfg, args.task, tokenizer, args.data, args.images, info.rank, info.world_size)
+            metrics = evaluate_task(model, args.task, loader, cfg)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    metrics = evaluate_task(model, args.task, loader, cfg)
     step = read_step(source)
     if info.rank == 0:
         tb_dir = None if args.tb == "none" else (Path(args.tb) if args.tb else default_tb_dir(source))

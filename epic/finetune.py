@@ -35,8 +35,10 @@ from epic.finetune_config import FINETUNE_TASKS, TaskConfig, build_dataclass, va
 
 # model fields a checkpoint fixes (shapes); the rest (image_size, dropout, max_text_len) may be changed
 LOCAL_PATH_FIELDS = ("vit_pretrained", "text_pretrained")
-# model fields of the pretraining run that a task model does not take over: EPIC's consistency head beta
-PRETRAINING_ONLY_FIELDS = ("consistency_head",)
+# model fields of the pretraining run that a task model does not take over: EPIC's consistency head beta; ALBEF's
+# distillation ramp, a schedule of the run (ALBEF ramps alpha over the first *fine-tuning* epoch: set
+# model.alpha_ramp_steps to its length in optimizer steps; 0, the default, = alpha from the first step)
+PRETRAINING_ONLY_FIELDS = ("consistency_head", "alpha_ramp_steps")
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -96,6 +98,13 @@ def resolve_finetune_config(config: Optional[str], overrides: list[str], task: s
     cfg.model = without_local_weights(cfg.model)  # the weights come from --init
     fill_task_paths(cfg)
     validate_finetune(cfg)
+    family = getattr(cfg.model, "family", "meter")
+    if task == "nlvr2_ta":
+        from epic.objectives.recipes import task_recipe
+
+        if task_recipe(family, task) is None:
+            raise ConfigError(f"--task nlvr2_ta is ALBEF's NLVR2 text-assignment pre-step; the {family} family has "
+                              f"none (fine-tune --task nlvr2 directly)")
     if cfg.data.tokenizer is None:
         raise ConfigError("no tokenizer: set data.tokenizer (the init checkpoint's config names none)")
     if cfg.data.image_size != cfg.model.image_size:
@@ -134,7 +143,7 @@ def fill_task_paths(cfg: TaskConfig) -> None:
         if getattr(ft, key):
             setattr(ft, key, expand_env(getattr(ft, key), f"finetune.{key}"))
     if ft.shapes:
-        for key, value in shapes_task_paths(ft.shapes, ft.task).items():
+        for key, value in shapes_task_paths(ft.shapes, data_task(ft.task)).items():
             if getattr(ft, key) is None:
                 setattr(ft, key, value)
     if ft.task == "vqa":
@@ -239,6 +248,12 @@ def random_negative_texts(cfg: TaskConfig) -> int:
     return ft.num_negatives if ft.task == "retrieval" and ft.negatives == "random" else 0
 
 
+def data_task(task: str) -> str:
+    """The annotation format a task reads: ALBEF's NLVR2 text-assignment pre-step (nlvr2_ta) trains on image-caption
+    pairs, the retrieval files' format (Pretrain_nlvr.py reads the pretraining captions)."""
+    return "retrieval" if task == "nlvr2_ta" else task
+
+
 def load_split(cfg: TaskConfig, split: str, for_training: bool):
     from epic.data.tasks import load_task_data
 
@@ -246,18 +261,51 @@ def load_split(cfg: TaskConfig, split: str, for_training: bool):
     annotation = {"train": ft.train_json, "val": ft.val_json, "test": ft.test_json}[split]
     if annotation is None:
         raise ConfigError(f"finetune.{split}_json is not set (or use finetune.shapes=DIR for the shapes world)")
-    return load_task_data(ft.task, annotation, ft.images, task_answers(cfg), for_training=for_training)
+    return load_task_data(data_task(ft.task), annotation, ft.images, task_answers(cfg), for_training=for_training)
 
 
 def evaluate_split(model, cfg: TaskConfig, tokenizer, split: str, rank: int, world_size: int) -> dict:
     """Task metrics of `model` on a split (all ranks take part; every rank gets the same dict)."""
     from epic.data.tasks import build_task_eval_loader
 
+    if cfg.finetune.task == "nlvr2_ta":
+        return evaluate_text_assignment(model, cfg, tokenizer, split, rank, world_size)
     data = load_split(cfg, split, for_training=False)
     loader = build_task_eval_loader(data, tokenizer, image_size=cfg.data.image_size,
                                     max_text_len=cfg.data.max_text_len, batch_size=cfg.eval.batch_size, rank=rank,
                                     world_size=world_size, normalization=cfg.data.normalization)
     return evaluate_task(model, cfg.finetune.task, loader, cfg)
+
+
+@torch.no_grad()
+def evaluate_text_assignment(model, cfg: TaskConfig, tokenizer, split: str, rank: int, world_size: int) -> dict:
+    """Text-assignment accuracy (chance 33.3) on a split's captions: batches of eval.batch_size in a fixed order, the
+    pairs drawn from a fixed seed with the model in eval mode (ALBEF's recipe then draws the other images uniformly:
+    the same pairs for every model). ALBEF's Pretrain_nlvr.py evaluates nothing; this shows the pre-step learnt."""
+    from epic.data.tasks import build_shuffled_eval_loader
+    from epic.objectives.recipes import task_recipe
+
+    family = getattr(cfg.model, "family", "meter")
+    recipe = task_recipe(family, "nlvr2_ta")  # ALBEF's: epic.objectives.albef_tasks.text_assignment_losses
+    if recipe is None:
+        raise ConfigError(f"the {family} family has no NLVR2 text-assignment pre-step (ALBEF's nlvr2_ta)")
+    loader = build_shuffled_eval_loader(load_split(cfg, split, for_training=True), tokenizer,
+                                        image_size=cfg.data.image_size, max_text_len=cfg.data.max_text_len,
+                                        batch_size=cfg.eval.batch_size, seed=0, rank=rank, world_size=world_size,
+                                        normalization=cfg.data.normalization)
+    was_training, rng = model.training, torch.Generator().manual_seed(0)
+    model.eval()
+    device = next(model.parameters()).device
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
+    for batch in loader:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        size = batch["input_ids"].shape[0]
+        correct = float(recipe(model, batch, rng, "nlvr2_ta", cfg.finetune)["accuracy"]) * size / 100.0
+        counts += torch.tensor([correct, size], dtype=torch.float64, device=device)
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    model.train(was_training)
+    return {"accuracy": 100.0 * float(counts[0] / counts[1].clamp(min=1)), "num_examples": int(counts[1])}
 
 
 def evaluate_task(model, task: str, loader, cfg) -> dict:

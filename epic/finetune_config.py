@@ -13,13 +13,15 @@ from typing import Optional
 
 from epic.config import Config, ConfigError, build_dataclass, read_config_data, validate
 
-FINETUNE_TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve")
+FINETUNE_TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve", "nlvr2_ta")  # nlvr2_ta: ALBEF's NLVR2 pre-step
 RETRIEVAL_NEGATIVES = ("random", "hard", "in_batch")
+TEXT_ASSIGNMENT_MIN_BATCH = 3
+TEXT_ASSIGNMENT_PAIRS = ("hard", "uniform")
 
 
 @dataclass
 class FinetuneConfig:
-    task: str = ""  # retrieval | vqa | nlvr2 | snli_ve
+    task: str = ""  # retrieval | vqa | nlvr2 | snli_ve | nlvr2_ta
     init: Optional[str] = None  # run dir, step_* checkpoint, export dir or official METER .ckpt (weights only)
     # Data: METER/ALBEF JSON annotation files and the images (a folder or a shard spec); see epic/data/tasks.py.
     # `shapes` (a shapes world with tasks, tools/make_synthetic_shards.py --tasks) fills the four below.
@@ -43,6 +45,9 @@ class FinetuneConfig:
     # configs list `itm: 0.5`, but its set_task keeps only losses with weight >= 1, so METER trains IR/TR with the
     # rank loss alone (the 0.5 only makes the ITM head exist, to initialise rank_output from); 0 reproduces that.
     itm_weight: float = 0.0
+    # NLVR2 text assignment (ALBEF's nlvr2_ta): how the other image(s) of each caption are drawn from its micro-batch:
+    # "hard" = by image similarity (Pretrain_nlvr.py), "uniform" = uniformly (easier; evaluation always is uniform)
+    ta_pairs: str = "hard"
     hard_negatives: Optional[bool] = None  # deprecated (saved configs): true = negatives=hard, false = in_batch
     epochs: float = 0.0  # > 0: train.max_steps = ceil(epochs * train examples / global batch)
 
@@ -67,6 +72,14 @@ def validate_finetune(cfg: TaskConfig) -> None:
         raise ConfigError(f"'finetune.itm_weight' must be >= 0, got {ft.itm_weight}")
     if ft.epochs < 0:
         raise ConfigError(f"'finetune.epochs' must be >= 0, got {ft.epochs}")
+    if ft.ta_pairs not in TEXT_ASSIGNMENT_PAIRS:
+        raise ConfigError(f"'finetune.ta_pairs' must be one of {TEXT_ASSIGNMENT_PAIRS}, got {ft.ta_pairs!r}")
+    if ft.task == "nlvr2_ta":  # each caption is paired with two *other* images of its (micro-)batch
+        for key, value in (("data.micro_batch_size", cfg.data.micro_batch_size), ("eval.batch_size",
+                                                                                 cfg.eval.batch_size)):
+            if value < TEXT_ASSIGNMENT_MIN_BATCH:
+                raise ConfigError(f"'{key}' is {value} but the NLVR2 text-assignment pre-step draws two other images "
+                                  f"per caption from its batch: set it >= {TEXT_ASSIGNMENT_MIN_BATCH}")
 
 
 def task_config_from_dict(data: dict) -> TaskConfig:

@@ -410,6 +410,21 @@ def build_task_eval_loader(data: TaskData, tokenizer, *, image_size: int, max_te
                       collate_fn=make_collate(tokenizer, max_text_len), num_workers=num_workers)
 
 
+def build_shuffled_eval_loader(data: TaskData, tokenizer, *, image_size: int, max_text_len: int, batch_size: int,
+                               seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                               normalization: str = "clip") -> DataLoader:
+    """One finite pass over the examples in a seeded order with the eval transform, full micro-batches only (as
+    training deals them): for evaluations whose pairs are drawn inside a batch (ALBEF's NLVR2 text assignment), so
+    the batches mix images and every rank runs the same number of them. The training loader would never end."""
+    dataset = TaskDataset(data, image_size, training=False, randaugment=False, seed=seed, normalization=normalization)
+    batches = epoch_batches(len(dataset), 0, seed, rank, world_size, batch_size)
+    if not batches:
+        raise ValueError(f"{len(dataset)} examples cannot fill one evaluation batch of {batch_size} on each of "
+                         f"{world_size} ranks: lower eval.batch_size")
+    return DataLoader(dataset, batch_sampler=[[index for _, index in batch] for batch in batches],
+                      collate_fn=make_collate(tokenizer, max_text_len), num_workers=num_workers)
+
+
 # ------------------------------------------------------------------------------------------------ shapes world
 # Task versions of the shapes world: images from the same scene generator, annotations in the formats above.
 #   vqa      "what colour is the background?", "how many squares are there?", "what colour is the circle?"

@@ -9,6 +9,13 @@ momentum model's softmax at weight alpha. L_itm draws, per image, one hard negat
 hard negative image from the in-batch softmax similarities, never of the same image (ALBEF masks eq(idx, idx.T)).
 
 VQA: the answer decoder's sequence loss (epic.objectives.answer_generation, shared with X-VLM).
+
+Momentum distillation of SNLI-VE, NLVR2 and VQA (ALBEF's ``distill: True``, the task model's ``distill``), with
+p_m the momentum model's softmax and alpha ramped as in pretraining (``model.config.alpha_ramp_steps``):
+
+    L_cls = (1 - alpha) CE(logits, y) + alpha CE(logits, p_m)                       (model_ve.py, model_nlvr.py)
+    L_answer = (1 - alpha) NLL(answer) + alpha sum_t CE(logits_t, p_m,t)            (xbert BertLMHeadModel; in
+                                                                                     answer_generation)
 """
 from __future__ import annotations
 
@@ -120,10 +127,86 @@ def retrieval_losses(model, batch: Dict[str, torch.Tensor], rng: Optional[torch.
             "itm_acc": accuracy.detach(), "alpha": torch.tensor(alpha)}
 
 
+def distillation_alpha(model) -> float:
+    """The distillation weight at this step: config.alpha ramped over alpha_ramp_steps optimizer steps (ALBEF's
+    warm_up: alpha * min(1, i / len(loader)) in the first epoch)."""
+    return alpha_ramp(model.config.alpha, int(model.momentum_step), model.config.alpha_ramp_steps)
+
+
+def distilled_classification_loss(logits: torch.Tensor, logits_m: torch.Tensor, labels: torch.Tensor,
+                                  alpha: float) -> torch.Tensor:
+    """L_cls: (1 - alpha) CE(logits, labels) + alpha CE(logits, softmax(logits_m)), in fp32 (model_ve.py)."""
+    logits = logits.float()
+    soft = soft_cross_entropy(logits, F.softmax(logits_m.detach().float(), dim=1))
+    return (1.0 - alpha) * F.cross_entropy(logits, labels) + alpha * soft
+
+
+def classification_losses(model, batch: Dict[str, torch.Tensor], task: str) -> Dict[str, torch.Tensor]:
+    """SNLI-VE / NLVR2 fine-tuning: the class loss (distilled when the model has a momentum copy) and accuracy."""
+    images = ((batch["pixel_values_0"], batch["pixel_values_1"]) if task == "nlvr2" else (batch["pixel_values"],))
+    inputs = (*images, batch["input_ids"], batch["attention_mask"])
+    logits = model(*inputs)
+    accuracy = 100.0 * (logits.detach().argmax(-1) == batch["labels"]).float().mean()
+    if not model.distill:
+        return {"loss": F.cross_entropy(logits.float(), batch["labels"]), "accuracy": accuracy}
+    alpha = distillation_alpha(model)
+    loss = distilled_classification_loss(logits, model.momentum_logits(*inputs), batch["labels"], alpha)
+    return {"loss": loss, "accuracy": accuracy, "alpha": torch.tensor(alpha)}
+
+
+def text_assignment_pairs(similarity: torch.Tensor, rng: torch.Generator, image_ids: Optional[torch.Tensor] = None):
+    """Pretrain_nlvr.py's pairs: per caption b, with prob. 2/3 its image and one other drawn by image similarity
+    (softmax of ``similarity``, own image excluded), its image as image 0 (label 0) or image 1 (label 1) with equal
+    odds; else two other images (label 2). ``image_ids`` also excludes other captions' copies of the own image (the
+    retrieval files hold several captions per image). Returns (index_0, index_1, labels), each [B]."""
+    batch = similarity.shape[0]
+    device = similarity.device
+    own = torch.arange(batch, device=device)
+    same = own.view(-1, 1) == own.view(1, -1)
+    if image_ids is not None:
+        ids = image_ids.to(device).view(-1)
+        same = same | (ids.view(-1, 1) == ids.view(1, -1))
+    weights = F.softmax(similarity.detach().float(), dim=1).masked_fill(same, 0.0)
+    if bool(((weights > 0).sum(dim=1) < 2).any()):
+        raise ValueError(f"ALBEF's text assignment draws two other images per caption: this micro-batch of {batch} "
+                         f"has a caption with fewer than 2 other images (raise data.micro_batch_size, >= 3)")
+    keep_own = torch.rand(batch, generator=rng, device=rng.device).to(device) > 1 / 3
+    own_first = torch.rand(batch, generator=rng, device=rng.device).to(device) > 0.5
+    other = torch.multinomial(weights, 1, generator=rng).squeeze(1)
+    two_others = torch.multinomial(weights, 2, generator=rng)
+    labels = torch.where(keep_own, torch.where(own_first, 0, 1), 2)
+    index_0 = torch.where(labels == 0, own, torch.where(labels == 1, other, two_others[:, 0]))
+    index_1 = torch.where(labels == 0, other, torch.where(labels == 1, own, two_others[:, 1]))
+    return index_0, index_1, labels
+
+
+def text_assignment_losses(model, batch: dict, rng: torch.Generator,
+                           hard_pairs: bool = True) -> Dict[str, torch.Tensor]:
+    """The TA pre-step's cross-entropy over the 3 assignments (model_pretrain_nlvr.py), and its accuracy.
+    ``hard_pairs``: the other images drawn by image similarity (Pretrain_nlvr.py); False draws them uniformly, so
+    that every model is scored on the same pairs for a given ``rng`` seed (the evaluation)."""
+    image_embeds = model.encode_image(batch["pixel_values"])
+    batch_size = image_embeds.shape[0]
+    similarity = (model.image_similarity(image_embeds) if hard_pairs
+                  else torch.zeros(batch_size, batch_size, device=image_embeds.device))
+    index_0, index_1, labels = text_assignment_pairs(similarity, rng, batch.get("image_ids"))
+    logits = model.assignment_logits(image_embeds[index_0], image_embeds[index_1], batch["input_ids"],
+                                     batch["attention_mask"])
+    loss = F.cross_entropy(logits.float(), labels)
+    accuracy = 100.0 * (logits.argmax(-1) == labels).float().mean()
+    return {"loss": loss, "accuracy": accuracy.detach()}
+
+
 def albef_task_recipe(model, batch: dict, rng: torch.Generator, task: str, finetune) -> Dict[str, torch.Tensor]:
-    """The TASK_RECIPES entry (epic.objectives.recipes) for ALBEF's retrieval and VQA."""
+    """The TASK_RECIPES entry (epic.objectives.recipes) for ALBEF's retrieval, VQA, SNLI-VE, NLVR2 and NLVR2's TA
+    pre-step."""
+    if task == "nlvr2_ta":  # evaluation (eval mode): the same uniformly drawn pairs for every model
+        hard = model.training and getattr(finetune, "ta_pairs", "hard") == "hard"
+        return text_assignment_losses(model, batch, rng, hard_pairs=hard)
     if task == "retrieval":
         return retrieval_losses(model, batch, rng)
-    if task == "vqa":
-        return vqa_losses(model, batch)
+    if task == "vqa":  # distilled when the model has a momentum copy (ALBEF's distill: True)
+        return vqa_losses(model, batch, distill_alpha=distillation_alpha(model) if model.distill else None)
+    if task in ("snli_ve", "nlvr2"):
+        return classification_losses(model, batch, task)
     raise ValueError(f"no ALBEF task recipe for {task!r}")

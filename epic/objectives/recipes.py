@@ -98,6 +98,9 @@ def base_losses(model, batch: dict, image_embeds: torch.Tensor, rng: torch.Gener
 TASK_RECIPES: Dict[tuple, str] = {
     ("albef", "retrieval"): "epic.objectives.albef_tasks:albef_task_recipe",
     ("albef", "vqa"): "epic.objectives.albef_tasks:albef_task_recipe",
+    ("albef", "nlvr2_ta"): "epic.objectives.albef_tasks:albef_task_recipe",
+    ("albef", "snli_ve"): "epic.objectives.albef_tasks:albef_task_recipe",  # momentum-distilled classification
+    ("albef", "nlvr2"): "epic.objectives.albef_tasks:albef_task_recipe",
     ("xvlm", "retrieval"): "epic.objectives.xvlm_tasks:xvlm_task_recipe",
     ("xvlm", "vqa"): "epic.objectives.xvlm_tasks:xvlm_task_recipe",
 }

@@ -65,6 +65,11 @@ class ALBEFConfig:
     # (alpha * min(1, i / len(data_loader)) in epoch 0); set it to the run's steps per epoch, 0 = no ramp
     alpha_ramp_steps: int = 0
     mlm_probability: float = 0.15
+    # Downstream momentum distillation (ALBEF's VE.yaml / NLVR.yaml / VQA.yaml ``distill: True``): SNLI-VE, NLVR2
+    # and VQA keep a momentum copy of the task model whose softmax is mixed into the targets at weight alpha.
+    # Pretraining and retrieval always distil (their queues need the momentum encoders); the NLVR2
+    # text-assignment pre-step never does (ALBEF's model_pretrain_nlvr.py has no momentum model).
+    distill: bool = True
 
     # Std of the normal init of the randomly initialised Linear / Embedding weights (BERT and ALBEF use 0.02;
     # tiny from-scratch models need more, see METERConfig.initializer_range).

@@ -38,6 +38,8 @@ MASK_VALUE = -10000.0
 #: (online, momentum) submodule names; ALBEF's model_pairs
 MOMENTUM_PAIRS = (("visual_encoder", "visual_encoder_m"), ("vision_proj", "vision_proj_m"),
                   ("text_encoder", "text_encoder_m"), ("text_proj", "text_proj_m"))
+#: momentum copies (buffers) holding an LM head tied to their word embeddings: re-tied after ``_apply``
+MOMENTUM_LM_MODULES = ("text_encoder_m", "text_decoder_m")
 #: state-dict keys that alias another key (the MLM decoder is tied to the word embeddings, its bias to cls bias)
 TIED_SOURCES = {f"{encoder}.cls.predictions.decoder.{part}": f"{encoder}.{source}"
                 for encoder in ("text_encoder", "text_encoder_m")
@@ -332,12 +334,13 @@ class ALBEF(VLPModel):
         return self
 
     def _tie_momentum_decoder(self) -> None:
-        encoder = self.__dict__.get("_modules", {}).get("text_encoder_m")
-        if encoder is None or "cls" not in encoder._modules:
-            return
-        predictions = encoder.cls.predictions
-        predictions.decoder._buffers["weight"] = encoder.bert.embeddings.word_embeddings._buffers["weight"]
-        predictions.decoder._buffers["bias"] = predictions._buffers["bias"]
+        for name in MOMENTUM_LM_MODULES:  # the pretraining momentum MLM head, VQA's momentum answer decoder
+            encoder = self.__dict__.get("_modules", {}).get(name)
+            if encoder is None or "cls" not in encoder._modules:
+                continue
+            predictions = encoder.cls.predictions
+            predictions.decoder._buffers["weight"] = encoder.bert.embeddings.word_embeddings._buffers["weight"]
+            predictions.decoder._buffers["bias"] = predictions._buffers["bias"]
 
     @classmethod
     def from_config(cls, config) -> "ALBEF":
