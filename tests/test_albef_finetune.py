@@ -58,6 +58,23 @@ def ref_two_image_cls(sd, image0, image1, input_ids, attention_mask):
     return x[:, 0]
 
 
+def perturb_(model, scale: float = 0.05):
+    """A "trained" model: every parameter moved by scale * N(0, 1) (so no copy equals its source); eval mode."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model.eval()
+
+
+def loaded_and_perturbed(task_class, pretrained, scale: float = 0.05):
+    """A task model initialised from the pretrained ALBEF as fine-tuning does it, then perturbed."""
+    from epic.models.downstream import load_pretrained_weights
+
+    model = task_class(pretrained.config)
+    load_pretrained_weights(model, pretrained.state_dict())
+    return perturb_(model, scale)
+
+
 def test_nlvr2_two_image_encoder_matches_albefs_structure(pretrained):
     from epic.models.albef.tasks_albef import ALBEFForNLVR2
     from epic.models.downstream import load_pretrained_weights
@@ -85,10 +102,7 @@ def test_nlvr2_two_image_encoder_matches_albefs_structure(pretrained):
         assert first.query.weight is not second.query.weight
     momentum = model.text_encoder_m.bert.encoder.layer  # the copy shares its key/value like the online encoder
     assert momentum[FUSION].crossattention.self.key.weight is momentum[FUSION + 1].crossattention.self.key.weight
-    with torch.no_grad():  # "trained": every copy differs from its twin (the shared key/value stay one tensor)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.eval()
+    perturb_(model)  # "trained": every copy differs from its twin (the shared key/value stay one tensor)
     image, ids, mask = inputs(batch=3)
     image1 = torch.flip(image, dims=[0]) + 0.1
     out = model(image, image1, ids, mask)
@@ -181,10 +195,7 @@ def test_vqa_answer_decoder_and_ranking_match_albefs_structure(pretrained):
     assert torch.equal(decoder.cls.predictions.transform.dense.weight,
                        source["text_encoder.cls.predictions.transform.dense.weight"])
     assert decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
-    with torch.no_grad():  # "trained": the decoder no longer equals the encoder's fusion layers
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.eval()
+    perturb_(model)  # "trained": the decoder no longer equals the encoder's fusion layers
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     sd["text_encoder.bert.embeddings.position_ids"] = torch.arange(40).view(1, -1)  # ALBEF's buffer
     image, ids, mask = inputs(batch=3)
@@ -489,12 +500,7 @@ def test_text_assignment_forward_and_nlvr2_init(pretrained):
     from epic.models.downstream import load_pretrained_weights
 
     # forward: the NLVR2 two-image encoder (checked against ALBEF's structure above) with ta_head on its [CLS]
-    ta = ALBEFForTextAssignment(pretrained.config)
-    load_pretrained_weights(ta, pretrained.state_dict())
-    with torch.no_grad():
-        for p in ta.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    ta.eval()
+    ta = loaded_and_perturbed(ALBEFForTextAssignment, pretrained, scale=0.02)
     image0, ids, mask = inputs(batch=3)
     image1 = torch.flip(image0, dims=[0]) + 0.1
     with torch.no_grad():
@@ -528,7 +534,6 @@ def test_distilled_classification_loss_by_hand(pretrained):
     """model_ve.py / model_nlvr.py with distill: (1 - a) CE(pred, y) - a mean_b sum_c softmax(pred_m) log_softmax(pred),
     pred_m from the momentum ViT / BERT / cls_head (the pretrained momentum encoders, unlike the perturbed online)."""
     from epic.models.albef.tasks_albef import ALBEFForNLVR2, ALBEFForSNLIVE
-    from epic.models.downstream import load_pretrained_weights
     from epic.objectives.albef_tasks import classification_losses
 
     torch.manual_seed(0)
@@ -536,12 +541,7 @@ def test_distilled_classification_loss_by_hand(pretrained):
     image1 = torch.flip(image, dims=[0]) + 0.1
     labels = torch.tensor([0, 2, 1, 1])
     for cls, task in ((ALBEFForSNLIVE, "snli_ve"), (ALBEFForNLVR2, "nlvr2")):
-        model = cls(pretrained.config)
-        load_pretrained_weights(model, pretrained.state_dict())
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        model.eval()
+        model = loaded_and_perturbed(cls, pretrained)
         model.momentum_step.fill_(5)
         model.config = dataclasses.replace(model.config, alpha_ramp_steps=20)  # alpha ramped: 0.4 * 5 / 20
         alpha = 0.4 * 5 / 20
