@@ -113,3 +113,12 @@ def test_region_steps_refuse_what_cannot_run(shapes_world):
     meter = SimpleNamespace(config=SimpleNamespace(family="meter"))
     with pytest.raises(ConfigError, match="model.family=meter"):
         with_region_steps(cfg, object(), meter, None, paths, 0, 1)
+
+
+def test_throughput_counts_the_rows_of_the_batch_actually_trained():
+    """perf/samples_per_s: a region step trains data.regions.micro_batch_size rows, not data.micro_batch_size."""
+    from epic.engine.trainer import batch_rows
+
+    assert batch_rows({"input_ids": torch.zeros(6, 16, dtype=torch.long), "target_bbox": torch.zeros(6, 4)}, 16) == 6
+    assert batch_rows({"input_ids": torch.zeros(16, 16, dtype=torch.long)}, 16) == 16
+    assert batch_rows({"pixel_values": torch.zeros(2, 3, 8, 8)}, 16) == 16  # no text rows: the configured size

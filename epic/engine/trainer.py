@@ -32,6 +32,14 @@ ENGINE_LOSSES = {"vlm": "loss", "generator": "loss_gen"}
 _OBJECTIVE_RNG, _DROPOUT_RNG = 1, 2  # purposes folded into the per-micro-batch seeds
 
 
+def batch_rows(batch: dict, default: int) -> int:
+    """Training samples (image-text rows) in a micro-batch: the caption loader's data.micro_batch_size, or an
+    objective-drawn batch's own size (X-VLM's region batches: data.regions.micro_batch_size). A shape, no sync;
+    ``default`` for a batch without text rows."""
+    rows = batch.get("input_ids")
+    return int(rows.shape[0]) if isinstance(rows, torch.Tensor) else default
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -310,7 +318,8 @@ class Trainer:
                     batch = move_batch(batch, self.device, self.dtype)
                     timer.stop("data")
                     step_losses.append(self._micro_step(batch, timer, averager, micro))
-                    window_samples += self.batch.micro_batch_size * self.world_size
+                    # region batches (drawn by the objective) have their own size
+                    window_samples += batch_rows(batch, self.batch.micro_batch_size) * self.world_size
                 self._after_optimizer_step(skipped_at_start)
                 self.step += 1
                 bad = self.guard.end_step(self.step)  # the one host read of a step
