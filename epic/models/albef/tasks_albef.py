@@ -167,6 +167,13 @@ class _FusionOnlyALBEF(_TaskALBEF):
     def _momentum_image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._run_vit(self.visual_encoder_m, pixel_values.to(self.visual_encoder_m.pos_embed.dtype))
 
+    def _momentum_fused_states(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                               attention_mask: torch.Tensor) -> torch.Tensor:
+        """The momentum text encoder's fused text states over the momentum ViT's image tokens (one image each)."""
+        bert = self.text_encoder_m.bert
+        return bert.fuse(bert.encode_text(input_ids, attention_mask), attention_mask,
+                         self._momentum_image_embeds(pixel_values))
+
     def _require_momentum(self) -> None:
         if not self.distill:
             raise RuntimeError(f"{type(self).__name__} was built with distill=False (or its task has no momentum "
@@ -219,9 +226,7 @@ class ALBEFForSNLIVE(_ALBEFClassifier):
         """The momentum model's class logits (model_ve.py's prediction_m), fp32."""
         self._require_momentum()
         with self._momentum_autocast(input_ids.device):
-            bert = self.text_encoder_m.bert
-            fused = bert.fuse(bert.encode_text(input_ids, attention_mask), attention_mask,
-                              self._momentum_image_embeds(pixel_values))
+            fused = self._momentum_fused_states(pixel_values, input_ids, attention_mask)
             return self.cls_head_m(fused[:, 0]).float()
 
 
@@ -375,9 +380,7 @@ class ALBEFForVQA(AnswerRanking, _FusionOnlyALBEF):
         over the momentum encoders' question states (model_vqa.py's logits_m)."""
         self._require_momentum()
         with self._momentum_autocast(input_ids.device):
-            bert = self.text_encoder_m.bert
-            states = bert.fuse(bert.encode_text(input_ids, attention_mask), attention_mask,
-                               self._momentum_image_embeds(pixel_values))
+            states = self._momentum_fused_states(pixel_values, input_ids, attention_mask)
             return self.text_decoder_m(answer_ids, answer_mask, states[question_index],
                                        attention_mask[question_index]).float()
 
