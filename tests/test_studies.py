@@ -181,6 +181,14 @@ def test_gradcam_reads_each_familys_attention_site(family, tokenizer):
     pixels = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
     args = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     site = attention_site(model)
+    named = {module: name for name, module in model.named_modules()}
+    if family == "meter":
+        expected = f"cross_modal_text_layers.{cfg.num_fusion_layers - 2}.crossattention.self"
+    elif family == "vilt":
+        expected = f"transformer.blocks.{len(model.transformer.blocks) - 2}.attn"
+    else:  # ALBEF, X-VLM: the fusion layers are BERT's last ones
+        expected = f"text_encoder.bert.encoder.layer.{cfg.num_hidden_layers - 2}.crossattention.self"
+    assert named[site.module] == expected  # the penultimate layer of the family's fusion
     with torch.no_grad():
         reference = model.infer(**args)["cls_feats"]
         with explicit_attention(site.module, {}) as store:
@@ -441,3 +449,55 @@ def test_a_cached_stage_made_with_other_settings_is_recomputed_not_reused(tmp_pa
     assert calls == [55.0, 61.0]
     assert common._stage(path, run(0.0), collect_only=True, settings=["finetune.steps=300"]) == {"accuracy": 61.0}
     assert common._stage(path, run(0.0)) == {"accuracy": 61.0}  # a stage without settings reads what is there
+
+
+def test_parallel_units_of_one_seed_make_their_teacher_once(tmp_path, monkeypatch):
+    """--jobs 2 on a table without a vanilla row (Table 5): two EPIC variants of seed 0 start together and both
+    need the vanilla teacher of seed 0; it is pretrained once, and both read it."""
+    import threading
+    import time
+
+    from epic.studies import common
+
+    made, lock = [], threading.Lock()
+
+    def fake_pretrain(study, variant, seed, teacher, fitted):
+        with lock:
+            made.append((variant.name, seed, None if teacher is None else Path(teacher).name))
+        time.sleep(0.3)  # long enough for the other thread to look for the teacher meanwhile
+        return {"steps": 1}
+
+    monkeypatch.setattr(common, "_pretrain_stage", fake_pretrain)
+    study = common.Study("table5", common.make_scale("tiny", tmp_path / "world"), tmp_path / "out",
+                         tmp_path / "runs", [0], downstream=False, jobs=2)
+    variants = [common.Variant("LM (cond.)", "epic", ("epic.generator_mode=conditioned",)),
+                common.Variant("VLM (SAS)", "epic", ("epic.generator_mode=vlm_sas",))]
+    common.run_units(study, common.pretraining_units(study, variants))
+    assert sorted(made) == [("LM (cond.)", 0, "seed0"), ("METER (vanilla)", 0, None), ("VLM (SAS)", 0, "seed0")]
+
+
+def test_ablations_run_each_shared_unit_once_seed_by_seed(smoke_root, tmp_path):
+    """tools/study.py ablations: the union of Tables 4, 5, 6, 8 (Fig. 6 reads Table 6's runs), every run folder
+    once, seed-major; its report is each study's own report in OUT/<study>."""
+    import study as study_tool
+
+    from epic.studies import ablations, table4, table5, table6, table8
+
+    root, base, shared = smoke_root
+    study = study_tool.build_study(study_tool.parse_args(["ablations", *base, "--seeds", "2", "--out",
+                                                          str(tmp_path / "seeds2")]))
+    study.seeds = range(2)
+    units = ablations.units(study)
+    keys = [u.key for u in units]
+    variants = {study.unit_dir(v, 0) for m in (table4, table5, table6, table8) for v in m.VARIANTS}
+    assert len(keys) == len(set(keys)) == 2 * len(variants)  # EPIC (4 tables), vanilla (2) run once per seed
+    assert [u.seed for u in units] == sorted(u.seed for u in units)
+    assert sum(str(study.unit_dir(table6.ratio_variant(0.35), 0)) == k for k in keys) == 1
+    study = study_tool.build_study(study_tool.parse_args(["ablations", *base, "--out", str(root / "ablations")]))
+    for module in (table4, table5, table6, table8):
+        share_runs(module, study, shared)
+    assert study_tool.main(["ablations", *base, "--out", str(root / "ablations"), "--report-only"]) == 0
+    for name, pngs in STUDY_FILES.items():
+        if name.startswith("table") or name == "fig6":
+            assert (root / "ablations" / name / f"{name}.md").is_file()
+            assert all((root / "ablations" / name / png).stat().st_size > 1000 for png in pngs)

@@ -5,7 +5,8 @@
                                 [--out DIR] [--runs DIR] [--jobs N] [--world DIR]
 
 Studies: modality-bias (Sec. 3, Fig. 2a), unmasked-use (Fig. 2b), table4, table5, table6, table8, fig6 (App. H),
-gradcam (Fig. 5). Each writes OUT/STUDY.md (a table in the paper's layout, mean ± std over the seeds and their
+gradcam (Fig. 5); ablations runs tables 4, 5, 6, 8 and fig6 together (each shared run once, seed by seed; the
+reports in OUT/table4, ...). Each writes OUT/STUDY.md (a table in the paper's layout, mean ± std over the seeds and their
 number), PNG plots and results.json into OUT (default studies_out/STUDY; studies_out/STUDY_FAMILY for another
 --family than meter), and prints the table.
 
@@ -36,7 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STUDIES = {"modality-bias": "modality_bias_study", "unmasked-use": "unmasked_use", "table4": "table4",
-           "table5": "table5", "table6": "table6", "table8": "table8", "fig6": "fig6", "gradcam": "gradcam"}
+           "table5": "table5", "table6": "table6", "table8": "table8", "fig6": "fig6", "gradcam": "gradcam",
+           "ablations": "ablations"}
 
 def families() -> tuple[str, ...]:
     from epic.models.registry import FAMILIES

@@ -30,7 +30,7 @@ from __future__ import annotations
 import abc
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -68,6 +68,12 @@ def read_export(directory: str, how_to_write: str) -> tuple[dict, Dict[str, torc
     with open(config_path) as f:
         config = json.load(f)
     return config, load_file(os.path.join(directory, WEIGHTS_NAME)), config_path
+
+
+def penultimate(layers: Sequence[nn.Module]) -> nn.Module:
+    """The last layer but one (the only one when there is one)."""
+    layers = list(layers)
+    return layers[len(layers) - 2 if len(layers) > 1 else 0]
 
 
 class VLPModel(nn.Module, abc.ABC):
@@ -159,6 +165,16 @@ class VLPModel(nn.Module, abc.ABC):
         """A frozen copy (``requires_grad`` False, eval mode; the model itself is untouched) pruned to what
         ``saliency_qk`` runs (no heads, no layers after the saliency layer), whose ``saliency_qk`` gives the same
         query and keys. EPIC's teacher (``epic.models.teacher.SaliencyTeacher``) wraps it."""
+
+    # -- analysis (Grad-CAM, Fig. 5) -------------------------------------------------------------------------
+    def text_to_image_attention(self) -> tuple[nn.Module, Callable[[int], int]]:
+        """(module, first_patch): the attention whose text-query x image-key probabilities Grad-CAM reads. The
+        module calls ``F.scaled_dot_product_attention`` once per forward with the text tokens as queries; among its
+        keys the image patches start at ``first_patch(text_len)`` (an image [CLS] or, for a single-stream model,
+        the text tokens come before them). The two-stream families give their penultimate text-to-image
+        cross-attention (in the last layer only [CLS] reaches the ITM head, so other tokens get no gradient)."""
+        raise NotImplementedError(f"{type(self).__name__} names no text-to-image attention for Grad-CAM: define "
+                                  "text_to_image_attention() (see epic.models.interface.VLPModel)")
 
     # -- optimizer -----------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -8,8 +8,8 @@ Grad-CAM (as ALBEF's visualisation): the text stream's penultimate cross-attenti
 gradient G of the image-text matching score (the ITM head's match logit, the same head for both models) w.r.t. A;
 (A: the penultimate fusion layer's; in the last one only [CLS] reaches the ITM head)
 the map of token t is mean over heads of relu(G ⊙ A)[t] over the image patches (the image [CLS] dropped).
-Every family (`ATTENTION_SITES`): METER, ALBEF and X-VLM have that cross-attention; ViLT is a single-stream
-transformer without one, so its A is the penultimate block's joint self-attention restricted to the text-query
+Each family names its site (`VLPModel.text_to_image_attention`): METER, ALBEF and X-VLM have that
+cross-attention; ViLT is a single-stream transformer without one, so its A is the penultimate block's joint self-attention restricted to the text-query
 rows and the image-patch-key columns (how much each word reads each patch); the text-key columns are left out, and
 the scores are shares of the map, so they need no renormalisation.
 Scores per map: the share of its mass inside the named object's box and the pointing-game hit (its maximum inside
@@ -17,7 +17,6 @@ the box). Boxes are the world's region boxes (`regions`: the smallest pixel box 
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from contextlib import contextmanager
@@ -82,30 +81,10 @@ class AttentionSite:
     first_patch: Callable[[int], int]  # text length -> index of the first image patch among the keys
 
 
-def _penultimate(layers):
-    layers = list(layers)
-    return layers[len(layers) - 2 if len(layers) > 1 else 0]
-
-
-#: family -> the text stream's cross-attention to the image in the penultimate fusion layer (in the last layer only
-#: [CLS] reaches the ITM head, so every other token's gradient is zero there). ViLT is single-stream: no
-#: cross-attention exists, so its site is the penultimate block's joint self-attention, read at the text-query
-#: rows and image-patch-key columns (the text -> image block of the joint attention).
-ATTENTION_SITES: dict[str, Callable] = {
-    "meter": lambda m: AttentionSite(_penultimate(m.cross_modal_text_layers).crossattention.self, lambda _: 1),
-    "albef": lambda m: AttentionSite(_penultimate(m.text_encoder.bert.encoder.layer[m.config.fusion_layer:])
-                                     .crossattention.self, lambda _: 1),
-    "xvlm": lambda m: AttentionSite(_penultimate(l for l in m.text_encoder.bert.encoder.layer
-                                                 if l.has_cross_attention).crossattention.self, lambda _: 1),
-    "vilt": lambda m: AttentionSite(_penultimate(m.transformer.blocks).attn, lambda text_len: text_len + 1),
-}
-
-
 def attention_site(model) -> AttentionSite:
-    if model.family not in ATTENTION_SITES:
-        raise ValueError(f"gradcam has no attention site for family {model.family!r}; add one to "
-                         f"epic.studies.gradcam.ATTENTION_SITES (known: {', '.join(ATTENTION_SITES)})")
-    return ATTENTION_SITES[model.family](model)
+    """The family's own Grad-CAM site (``VLPModel.text_to_image_attention``)."""
+    module, first_patch = model.text_to_image_attention()
+    return AttentionSite(module, first_patch)
 
 
 def explicit_sdpa(store: dict):
@@ -153,7 +132,7 @@ def explicit_attention(attention_module, store: dict):
 
 def gradcam_maps(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  token_index: torch.Tensor) -> torch.Tensor:
-    """[B, grid, grid] Grad-CAM of token_index[b] at the family's attention site (`ATTENTION_SITES`: the text
+    """[B, grid, grid] Grad-CAM of token_index[b] at the family's attention site (`text_to_image_attention`: the text
     stream's penultimate cross-attention; ViLT: the penultimate joint self-attention, text rows x image columns),
     target = the ITM match logit. Not the last layer: there only the [CLS] row reaches the pooled ITM features,
     so every other token's gradient is zero (ALBEF's visualisation likewise reads a middle layer)."""
@@ -273,8 +252,6 @@ def pictures(path: Path, result: dict, seed: int, scale) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from epic.data.transforms import eval_transform  # noqa: F401  (the probes are re-rendered below)
 
     probes = make_probes(4, seed, result["image_size"])
     names = list(result["models"])

@@ -11,8 +11,6 @@ positions, relative to the clean sentence's, gives the drop.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Sequence
 
 import torch

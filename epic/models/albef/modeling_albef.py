@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ..interface import CONSISTENCY_HEAD, VLPModel, read_export, write_export
+from ..interface import CONSISTENCY_HEAD, VLPModel, penultimate, read_export, write_export
 from .configuration_albef import ALBEFConfig, config_from_dict
 from .weights import load_bert_weights, load_deit_weights
 
@@ -499,6 +499,11 @@ class ALBEF(VLPModel):
             raise ValueError(f"EPIC saliency reads the penultimate fusion layer, but the model has "
                              f"{cfg.num_fusion_layers} fusion layer(s) (num_hidden_layers - fusion_layer); use >= 2")
         return cfg.num_hidden_layers - 2
+
+    def text_to_image_attention(self):
+        """Grad-CAM's site: the penultimate fusion layer's cross-attention (image [CLS] first)."""
+        layers = self.text_encoder.bert.encoder.layer[self.config.fusion_layer:]
+        return penultimate(layers).crossattention.self, lambda text_len: 1
 
     def saliency_qk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     pixel_values: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None

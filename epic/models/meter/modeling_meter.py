@@ -19,7 +19,7 @@ from torch import nn
 from ..fast_path import checkpointed
 from ..fusion import BertCrossLayer, additive_attention_mask
 from ..heads import ITMHead, MLMHead, Pooler, new_consistency_head
-from ..interface import CONSISTENCY_HEAD, VLPModel, read_export, write_export
+from ..interface import CONSISTENCY_HEAD, VLPModel, penultimate, read_export, write_export
 from ..text import build_text_tower, encode_text_tokens
 from ..vision import build_vision_tower, encode_image_tokens, load_clip_weights
 from .configuration_meter import METERConfig
@@ -197,6 +197,10 @@ class METER(VLPModel):
         return parts
 
     # ----------------------------------------------------------------------------------------------- saliency
+    def text_to_image_attention(self):
+        """Grad-CAM's site: the penultimate text-stream co-attention layer's cross-attention (image [CLS] first)."""
+        return penultimate(self.cross_modal_text_layers).crossattention.self, lambda text_len: 1
+
     def saliency_qk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     pixel_values: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..heads import ITMHead, MLMHead, Pooler
-from ..interface import CONSISTENCY_HEAD, VLPModel, read_export, write_export
+from ..interface import CONSISTENCY_HEAD, VLPModel, penultimate, read_export, write_export
 from .configuration_vilt import ViLTConfig, vilt_config_from_dict
 
 logger = logging.getLogger(__name__)
@@ -256,6 +256,11 @@ class ViLT(VLPModel):
         return head.decoder.weight, head.bias
 
     # ---------------------------------------------------------------------------------------- EPIC saliency
+    def text_to_image_attention(self):
+        """Grad-CAM's site: ViLT is single-stream and has no cross-attention, so the penultimate block's joint
+        self-attention, read at the text rows; its keys are the text tokens, the image [CLS], then the patches."""
+        return penultimate(self.transformer.blocks).attn, lambda text_len: text_len + 1
+
     def saliency_qk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     pixel_values: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:

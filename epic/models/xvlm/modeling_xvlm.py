@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 from typing import Dict, List, Optional
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..interface import CONSISTENCY_HEAD, VLPModel
+from ..interface import CONSISTENCY_HEAD, VLPModel, penultimate
 from .configuration_xvlm import XVLMConfig
 
 logger = logging.getLogger(__name__)
@@ -505,6 +504,11 @@ class XVLM(VLPModel):
     def saliency_layer(self) -> int:
         """Index of the penultimate fusion layer (the last BERT layer but one)."""
         return self.config.num_hidden_layers - 2
+
+    def text_to_image_attention(self):
+        """Grad-CAM's site: the penultimate cross layer's cross-attention (image [CLS] first)."""
+        layers = [layer for layer in self.text_encoder.bert.encoder.layer if layer.has_cross_attention]
+        return penultimate(layers).crossattention.self, lambda text_len: 1
 
     def saliency_qk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     pixel_values: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None):
