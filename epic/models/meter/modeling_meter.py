@@ -196,11 +196,11 @@ class METER(VLPModel):
                 parts[f"cross_modal_{stream}_layers.{index}"] = layer
         return parts
 
-    # ----------------------------------------------------------------------------------------------- saliency
     def text_to_image_attention(self):
         """Grad-CAM's site: the penultimate text-stream co-attention layer's cross-attention (image [CLS] first)."""
         return penultimate(self.cross_modal_text_layers).crossattention.self, lambda text_len: 1
 
+    # ----------------------------------------------------------------------------------------------- saliency
     def saliency_qk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     pixel_values: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -255,12 +255,12 @@ class ViLT(VLPModel):
         head = self._modules["mlm_score"]
         return head.decoder.weight, head.bias
 
-    # ---------------------------------------------------------------------------------------- EPIC saliency
     def text_to_image_attention(self):
         """Grad-CAM's site: ViLT is single-stream and has no cross-attention, so the penultimate block's joint
         self-attention, read at the text rows; its keys are the text tokens, the image [CLS], then the patches."""
         return penultimate(self.transformer.blocks).attn, lambda text_len: text_len + 1
 
+    # ---------------------------------------------------------------------------------------- EPIC saliency
     def saliency_qk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     pixel_values: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
