@@ -501,3 +501,25 @@ def test_ablations_run_each_shared_unit_once_seed_by_seed(smoke_root, tmp_path):
         if name.startswith("table") or name == "fig6":
             assert (root / "ablations" / name / f"{name}.md").is_file()
             assert all((root / "ablations" / name / png).stat().st_size > 1000 for png in pngs)
+
+
+def test_a_regenerated_world_recomputes_the_stages_on_its_data(tmp_path):
+    """A world made by an older generator revision is made again, and a downstream stage records the hash of the
+    task files it used: other data -> other settings -> recomputed (cached results of the old data are not reused)."""
+    from epic.studies import common
+
+    world = common.ensure_world(tmp_path / "world", "smoke")
+    marker = json.loads((world / "study_world.json").read_text())
+    assert marker["revision"] == common.WORLD_REVISION
+    scale = common.make_scale("smoke", world)
+    before = common.task_data_fingerprint(scale, "nlvr2")
+    assert before[0].startswith("data:nlvr2=") and common.task_data_fingerprint(scale, "retrieval") != before
+    val = world / "tasks" / "nlvr2" / "val.json"
+    made = val.read_text()
+    val.write_text("[]\n")  # another generator's data
+    assert common.task_data_fingerprint(scale, "nlvr2") != before
+    (world / "study_world.json").write_text(json.dumps({k: v for k, v in marker.items() if k != "revision"}))
+    common.ensure_world(world, "smoke")  # an older revision's marker: made again
+    assert val.read_text() == made and common.task_data_fingerprint(scale, "nlvr2") == before
+    assert common.make_scale("ablation", None).world is None and common.task_data_fingerprint(
+        common.make_scale("ablation", None), "nlvr2") == []

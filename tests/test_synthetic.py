@@ -159,3 +159,59 @@ def test_world_version_1_is_the_default_and_unchanged(tmp_path):
     manifest = json.loads((generate_shapes_world(tmp_path / "v2", n_train=4, n_val=2, image_size=32,
                                                  version=2) / "manifest.json").read_text())
     assert manifest["version"] == 2 and "pink" in manifest["content_vocabulary"]
+
+
+def nlvr2_statements(version: int, count: int, seed: int) -> list[tuple[str, bool]]:
+    """NLVR2 statements as generate_shapes_tasks draws them (image i with a random image j, labels alternating)."""
+    import random
+
+    from epic.data.synthetic import sample_scene
+    from epic.data.tasks import _truth_statement
+
+    rng = random.Random(seed)
+    scenes = [sample_scene(random.Random(f"{seed}/{i}"), version) for i in range(count)]
+    return [(_truth_statement([scenes[i], scenes[rng.randrange(count)]], i % 2 == 0, rng, version), i % 2 == 0)
+            for i in range(count)]
+
+
+def text_only_accuracy(train: list[tuple[str, bool]], held_out: list[tuple[str, bool]]) -> float:
+    """Held-out accuracy of a logistic regression on the statement's words and word pairs (no image)."""
+    import torch
+
+    def features(sentence):
+        words = sentence.split()
+        return words + [f"{a}_{b}" for a, b in zip(words, words[1:])]
+
+    index = {f: i for i, f in enumerate(sorted({f for s, _ in train for f in features(s)}))}
+
+    def design(rows):
+        x = torch.zeros(len(rows), len(index))
+        for r, (sentence, _) in enumerate(rows):
+            for f in features(sentence):
+                if f in index:
+                    x[r, index[f]] += 1
+        return x, torch.tensor([float(label) for _, label in rows])
+
+    (x, y), (xv, yv) = design(train), design(held_out)
+    w, b = torch.zeros(len(index), requires_grad=True), torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.Adam([w, b], lr=0.05)
+    for _ in range(300):
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y).backward()
+        optimizer.step()
+    return ((xv @ w + b > 0).float() == yv).float().mean().item()
+
+
+def test_v2_nlvr2_statements_tell_nothing_about_their_label():
+    """A text-only classifier is at chance on version 2's NLVR2 statements, and every template is as often true as
+    false; on version 1 (kept as it was) the same classifier reads the label off "both images have ...", which
+    shows the probe can see a shortcut."""
+    from collections import Counter
+
+    v2 = nlvr2_statements(2, 4000, seed=0)
+    assert text_only_accuracy(v2, nlvr2_statements(2, 2000, seed=1)) < 0.53
+    per_template = Counter((" ".join(s.split()[:3]), label) for s, label in v2)
+    for template in {t for t, _ in per_template}:
+        true, false = per_template[(template, True)], per_template[(template, False)]
+        assert abs(true - false) <= 4 * (true + false) ** 0.5, (template, true, false)
+    assert text_only_accuracy(nlvr2_statements(1, 4000, seed=0), nlvr2_statements(1, 2000, seed=1)) > 0.54

@@ -475,8 +475,12 @@ def _vqa_example(scene: dict, image: str, rng: random.Random, qid: int) -> dict:
 def _truth_statement(scenes: list[dict], want: bool, rng: random.Random, version: int = 1) -> str:
     """An NLVR2-style statement about (left, right) whose truth is `want`.
 
-    The template is drawn first and its slots are then filled to make the statement true or false, so every
-    template is as often true as false: the sentence alone tells nothing about the label (no language shortcut).
+    The template is drawn first and its slots are then filled to make the statement true or false. From version 2
+    on, a template is used for a pair of scenes only if the pair allows both a true and a false statement of it, so
+    every template is as often true as false and the sentence alone tells nothing about the label (no language
+    shortcut). Version 1 (kept as it was) accepts "both images have a <bg> background" for a false statement on
+    any pair but for a true one only on pairs that share a background: a text-only classifier reads the label off
+    that template.
     World version 2 adds the fine-grained kinds: a relation between the two objects of a pair scene (false: the
     inverse relation) and attribute binding (false pairs are a colour and a shape that are both in the image,
     on different objects, whenever the image has such a pair).
@@ -525,7 +529,13 @@ def _truth_statement(scenes: list[dict], want: bool, rng: random.Random, version
             side = more if want else 1 - more
             return f"the {sides[side]} image contains more shapes than the {sides[1 - side]} image"
         backgrounds = {f["background"] for f in facts}
-        if want and len(backgrounds) == 1:
+        if version >= 2:  # only pairs that share a background, for either label (else "both images have" is a
+            if len(backgrounds) != 1:  # false statement three times as often as a true one: a language shortcut)
+                continue
+            shared = backgrounds.pop()
+            bg = shared if want else rng.choice(sorted(set(BACKGROUNDS) - {shared}))
+            return f"both images have a {bg} background"
+        if want and len(backgrounds) == 1:  # version 1, unchanged
             return f"both images have a {backgrounds.pop()} background"
         if not want:
             bg = rng.choice(sorted(BACKGROUNDS))

@@ -143,6 +143,9 @@ class Scale:
 
 WORLD_SIZES = {"tiny": dict(n_train=4000, n_val=200, tasks_train=2000, tasks_val=400),
                "smoke": dict(n_train=128, n_val=32, tasks_train=32, tasks_val=16)}
+# the generators' revision a study world was made with (in its marker: a world from an older revision is made
+# again). 2: NLVR2 statements without the language shortcut of "both images have ..." (epic.data.tasks)
+WORLD_REVISION = 2
 
 
 def family_configs(family: str, scale: str) -> tuple[str, str]:
@@ -193,7 +196,7 @@ def ensure_world(path: Path, scale: str) -> Path:
     from epic.data.synthetic import generate_shapes_world
     from epic.data.tasks import generate_shapes_tasks
 
-    sizes = WORLD_SIZES[scale]
+    sizes = {**WORLD_SIZES[scale], "revision": WORLD_REVISION}
     marker = path / "study_world.json"
     if marker.is_file() and json.loads(marker.read_text()) == sizes:
         return path
@@ -342,6 +345,17 @@ def zero_shot_settings(study: Study) -> list[str]:
     return ["--data", data, "--images", images, "--tb", "none", *extra]
 
 
+def task_data_fingerprint(scale: Scale, task: str) -> list[str]:
+    """The shapes world's task annotations come from code that can change: a downstream stage records a hash of the
+    files it trains and scores on, so a result on other data is recomputed, never reused (the ablation scale's
+    data are the user's files, named by the configs)."""
+    if scale.world is None:
+        return []
+    folder = scale.world / "tasks" / task
+    digest = hashlib.sha1(b"".join((folder / f"{split}.json").read_bytes() for split in ("train", "val")))
+    return [f"data:{task}={digest.hexdigest()[:12]}"]
+
+
 def zero_shot_command(study: Study, run_dir: Path) -> list[str]:
     return [sys.executable, "epic/evaluate.py", "--task", "retrieval", "--ckpt", str(run_dir),
             *zero_shot_settings(study)]
@@ -407,10 +421,12 @@ def run_unit(study: Study, variant: Variant, seed: int) -> dict:
                 if not (unit / f"{key}.json").is_file() and not collect:
                     study.log(f"[{study.name}] {variant.name} seed {seed}: fine-tuning {task}")
                 result[key] = _stage(unit / f"{key}.json", lambda t=task: _finetune_stage(study, unit, t, seed),
-                                     collect, settings=[*study.scale.finetune_args(task), f"run.seed={seed}"])
+                                     collect, settings=[*study.scale.finetune_args(task), f"run.seed={seed}",
+                                                        *task_data_fingerprint(study.scale, task)])
             result["ret_zs"] = _stage(unit / "ret_zs.json", lambda: json.loads(run_command(
                 zero_shot_command(study, unit), unit / "ret_zs.log")), collect,
-                                      settings=zero_shot_settings(study))
+                                      settings=[*zero_shot_settings(study),
+                                                *task_data_fingerprint(study.scale, "retrieval")])
         return result
 
 
