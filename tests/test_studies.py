@@ -305,6 +305,7 @@ def test_every_study_in_smoke_mode_writes_its_table_and_plots(name, smoke_root, 
     if pretraining:
         variants = getattr(module, "VARIANTS")
         assert [r[0] for r in body] == [v.name for v in variants]
+        assert ("NLVR2 text-only prior: " in report) == (name != "fig6")
         for row in body:
             assert row[-1] == "1" and all(CELL.match(c) for c in row[1:-1]), row
     else:

@@ -174,39 +174,13 @@ def nlvr2_statements(version: int, count: int, seed: int) -> list[tuple[str, boo
             for i in range(count)]
 
 
-def text_only_accuracy(train: list[tuple[str, bool]], held_out: list[tuple[str, bool]]) -> float:
-    """Held-out accuracy of a logistic regression on the statement's words and word pairs (no image)."""
-    import torch
-
-    def features(sentence):
-        words = sentence.split()
-        return words + [f"{a}_{b}" for a, b in zip(words, words[1:])]
-
-    index = {f: i for i, f in enumerate(sorted({f for s, _ in train for f in features(s)}))}
-
-    def design(rows):
-        x = torch.zeros(len(rows), len(index))
-        for r, (sentence, _) in enumerate(rows):
-            for f in features(sentence):
-                if f in index:
-                    x[r, index[f]] += 1
-        return x, torch.tensor([float(label) for _, label in rows])
-
-    (x, y), (xv, yv) = design(train), design(held_out)
-    w, b = torch.zeros(len(index), requires_grad=True), torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.Adam([w, b], lr=0.05)
-    for _ in range(300):
-        optimizer.zero_grad()
-        torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y).backward()
-        optimizer.step()
-    return ((xv @ w + b > 0).float() == yv).float().mean().item()
-
-
 def test_v2_nlvr2_statements_tell_nothing_about_their_label():
     """A text-only classifier is at chance on version 2's NLVR2 statements, and every template is as often true as
     false; on version 1 (kept as it was) the same classifier reads the label off "both images have ...", which
     shows the probe can see a shortcut."""
     from collections import Counter
+
+    from epic.studies.text_prior import text_only_accuracy
 
     v2 = nlvr2_statements(2, 4000, seed=0)
     assert text_only_accuracy(v2, nlvr2_statements(2, 2000, seed=1)) < 0.53

@@ -664,6 +664,16 @@ def settings_note(study: Study) -> str:
             f"finished (column `seeds`).")
 
 
+def text_prior_note(study: Study) -> list[str]:
+    """The NLVR2 column's floor on the shapes world: what the statements' words alone predict."""
+    if study.scale.world is None or not study.scale.finetunes:
+        return []
+    from .text_prior import nlvr2_text_prior
+
+    return [f"NLVR2 text-only prior: {nlvr2_text_prior(study.scale.world / 'tasks'):.1f}% on dev (a logistic "
+            "regression on the statements' words and word pairs, no image; chance 50): the floor of that column."]
+
+
 def downstream_report(study: Study, variants: Sequence[Variant], title: str, first_column: str,
                       notes: Sequence[str] = ()) -> str:
     """Collect, write OUT/STUDY.md (the paper's ablation layout) and OUT/STUDY.png; returns the table."""
@@ -678,5 +688,6 @@ def downstream_report(study: Study, variants: Sequence[Variant], title: str, fir
     write_report(study.out, study.name, title, table,
                  [settings_note(study), "NLVR2: accuracy on the shapes-world NLVR2 dev split after fine-tuning; "
                   "ft / zs: retrieval R@1 (text / image retrieval) fine-tuned / zero-shot (ITM score), %.",
-                  *no_tasks, *notes, *(["", "Missing or failed runs:", *failures] if failures else [])], study.log)
+                  *text_prior_note(study), *no_tasks, *notes,
+                  *(["", "Missing or failed runs:", *failures] if failures else [])], study.log)
     return table
