@@ -6,8 +6,8 @@
 
 Studies: modality-bias (Sec. 3, Fig. 2a), unmasked-use (Fig. 2b), table4, table5, table6, table8, fig6 (App. H),
 gradcam (Fig. 5); ablations runs tables 4, 5, 6, 8 and fig6 together (each shared run once, seed by seed; the
-reports in OUT/table4, ...). Each writes OUT/STUDY.md (a table in the paper's layout, mean ± std over the seeds and their
-number), PNG plots and results.json into OUT (default studies_out/STUDY; studies_out/STUDY_FAMILY for another
+reports in OUT/table4, ...). Each writes OUT/STUDY.md (a table in the paper's layout, mean ± std over the seeds and
+their number), PNG plots and results.json into OUT (default studies_out/STUDY; studies_out/STUDY_FAMILY for another
 --family than meter), and prints the table.
 
   --family F        meter (default), vilt, albef, xvlm: the family's tiny shapes-world configs (FAMILY_shapes_tiny

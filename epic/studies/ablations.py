@@ -9,15 +9,13 @@ from dataclasses import replace
 from . import fig6, table4, table5, table6, table8
 
 STUDIES = {"table4": table4, "table5": table5, "table6": table6, "table8": table8, "fig6": fig6}
-FIG6_RUNS_ARE_TABLE6S = fig6.VARIANTS == table6.VARIANTS  # Fig. 6 reads Table 6's runs (which fine-tune too)
+TABLES = (table4, table5, table6, table8)  # Fig. 6 reads Table 6's runs (fig6.VARIANTS is table6.VARIANTS)
 
 
 def units(study):
     """The tables' units, each run folder once, seed-major (phase 0, the teachers, still comes first)."""
     seen, out = set(), []
-    for name, module in STUDIES.items():
-        if name == "fig6" and FIG6_RUNS_ARE_TABLE6S:
-            continue
+    for module in TABLES:
         for unit in module.units(study):
             if unit.key not in seen:
                 seen.add(unit.key)

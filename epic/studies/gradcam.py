@@ -9,9 +9,9 @@ gradient G of the image-text matching score (the ITM head's match logit, the sam
 (A: the penultimate fusion layer's; in the last one only [CLS] reaches the ITM head)
 the map of token t is mean over heads of relu(G ⊙ A)[t] over the image patches (the image [CLS] dropped).
 Each family names its site (`VLPModel.text_to_image_attention`): METER, ALBEF and X-VLM have that
-cross-attention; ViLT is a single-stream transformer without one, so its A is the penultimate block's joint self-attention restricted to the text-query
-rows and the image-patch-key columns (how much each word reads each patch); the text-key columns are left out, and
-the scores are shares of the map, so they need no renormalisation.
+cross-attention; ViLT is a single-stream transformer without one, so its A is the penultimate block's joint
+self-attention restricted to the text-query rows and the image-patch-key columns (how much each word reads each
+patch); the text-key columns are left out, and the scores are shares of the map, so they need no renormalisation.
 Scores per map: the share of its mass inside the named object's box and the pointing-game hit (its maximum inside
 the box). Boxes are the world's region boxes (`regions`: the smallest pixel box holding the drawn object).
 """
@@ -132,8 +132,8 @@ def explicit_attention(attention_module, store: dict):
 
 def gradcam_maps(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  token_index: torch.Tensor) -> torch.Tensor:
-    """[B, grid, grid] Grad-CAM of token_index[b] at the family's attention site (`text_to_image_attention`: the text
-    stream's penultimate cross-attention; ViLT: the penultimate joint self-attention, text rows x image columns),
+    """[B, grid, grid] Grad-CAM of token_index[b] at the family's attention site (`text_to_image_attention`: the
+    text stream's penultimate cross-attention; ViLT: the penultimate joint self-attention, text rows x image columns),
     target = the ITM match logit. Not the last layer: there only the [CLS] row reaches the pooled ITM features,
     so every other token's gradient is zero (ALBEF's visualisation likewise reads a middle layer)."""
     site = attention_site(model)
