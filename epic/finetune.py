@@ -309,6 +309,7 @@ def evaluate_text_assignment(model, cfg: TaskConfig, tokenizer, split: str, rank
 
 
 def evaluate_task(model, task: str, loader, cfg) -> dict:
+    from epic.data.tasks import NLVR2_KINDS
     from epic.eval.nlvr2 import evaluate_nlvr2
     from epic.eval.retrieval import evaluate_retrieval
     from epic.eval.snli_ve import evaluate_snli_ve
@@ -320,7 +321,7 @@ def evaluate_task(model, task: str, loader, cfg) -> dict:
     if task == "vqa":
         return evaluate_vqa(model, loader)
     if task == "nlvr2":
-        return evaluate_nlvr2(model, loader)
+        return evaluate_nlvr2(model, loader, kinds=NLVR2_KINDS)
     return evaluate_snli_ve(model, loader)
 
 

@@ -273,9 +273,16 @@ def share_runs(module, study, shared):
         unit.symlink_to(Path(shared["vanilla" if variant.kind == "vanilla" else "epic"]["dir"]))
 
 
-def table_rows(markdown: str) -> list[list[str]]:
-    lines = [line for line in markdown.splitlines() if line.startswith("|")]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+def table_rows(markdown: str, which: int = 0) -> list[list[str]]:
+    """The cells of the report's `which`-th markdown table (a run of consecutive '|' lines)."""
+    tables, previous = [], False
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            if not previous:
+                tables.append([])
+            tables[-1].append([c.strip() for c in line.strip("|").split("|")])
+        previous = line.startswith("|")
+    return tables[which]
 
 
 @pytest.mark.parametrize("name", list(STUDY_FILES))
@@ -308,6 +315,13 @@ def test_every_study_in_smoke_mode_writes_its_table_and_plots(name, smoke_root, 
         assert ("NLVR2 text-only prior: " in report) == (name != "fig6")
         for row in body:
             assert row[-1] == "1" and all(CELL.match(c) for c in row[1:-1]), row
+        if name != "fig6":  # NLVR2 dev accuracy per statement kind, the same rows
+            from epic.data.tasks import NLVR2_KINDS
+
+            kinds = table_rows(report, 1)
+            assert kinds[0] == ["", *NLVR2_KINDS, "seeds"] and [r[0] for r in kinds[2:]] == [r[0] for r in body]
+            cells = [c for r in kinds[2:] for c in r[1:-1]]  # 16 dev pairs: a kind may have none ("—")
+            assert all(CELL.match(c) or c == "—" for c in cells) and any(CELL.match(c) for c in cells), kinds
     else:
         assert body and all(r[-1] == "1" for r in body if r[-1] != "—")
         assert sum(bool(CELL.match(c)) for r in body for c in r) >= 2
@@ -524,3 +538,44 @@ def test_a_regenerated_world_recomputes_the_stages_on_its_data(tmp_path):
     assert val.read_text() == made and common.task_data_fingerprint(scale, "nlvr2") == before
     assert common.make_scale("ablation", None).world is None and common.task_data_fingerprint(
         common.make_scale("ablation", None), "nlvr2") == []
+
+
+def test_tiny_nlvr2_fine_tuning_runs_at_its_own_lr_and_length(tmp_path):
+    """The tiny scale's NLVR2 recipe (600 steps at 5e-5; 200 at the config's 2e-4 predicted one class) reaches the
+    fine-tuning config; retrieval keeps the config's lr."""
+    from epic.finetune_config import load_finetune_config
+    from epic.studies import common
+
+    study = common.Study("table4", common.make_scale("tiny", tmp_path / "world"), tmp_path / "out",
+                         tmp_path / "runs", [0])
+    unit = study.unit_dir(common.VANILLA, 0)
+
+    def parsed(task):
+        cmd = common.finetune_command(study, unit, task, 0)
+        at = cmd.index("--config")
+        return load_finetune_config(cmd[at + 1], cmd[at + 2:], task=cmd[cmd.index("--task") + 1])
+
+    nlvr2, retrieval = parsed("nlvr2"), parsed("retrieval")
+    assert (nlvr2.train.lr, nlvr2.train.max_steps) == (5e-5, 600)
+    config_lr = load_finetune_config("finetune_shapes", task="retrieval").train.lr
+    assert (retrieval.train.lr, retrieval.train.max_steps) == (config_lr, 100) and config_lr != 5e-5
+
+
+def test_gradcam_scores_made_from_other_runs_are_not_reused(tmp_path):
+    """A seed's Grad-CAM scores record the runs they read (folders named by their pretraining settings): with other
+    pretraining settings (here --steps) the cached scores are stale, reported missing when only collecting."""
+    from epic.studies import common, gradcam
+
+    def study(steps):
+        scale = common.make_scale("tiny", tmp_path / "world")
+        scale.pretrain_steps = steps
+        return common.Study("gradcam", scale, tmp_path / "out", tmp_path / "runs", [0], collect_only=True)
+
+    made = study(1500)
+    path = common.analysis_dir(made, "gradcam") / "seed0.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"seed": 0, "models": {}, common.SETTINGS_KEY: [
+        str(made.unit_dir(v, 0)) for v in gradcam.MODELS]}))
+    assert gradcam.run_seed(made, 0) == {"seed": 0, "models": {}}
+    with pytest.raises(common.StageMissing, match="other settings"):
+        gradcam.run_seed(study(300), 0)

@@ -174,6 +174,24 @@ def nlvr2_statements(version: int, count: int, seed: int) -> list[tuple[str, boo
             for i in range(count)]
 
 
+def test_every_nlvr2_statement_is_told_its_template_kind():
+    """nlvr2_statement_kind names the template of each generated statement (the per-kind NLVR2 accuracy): one
+    hand-written statement per kind, every kind drawn by version 2 (version 1 has no relation or binding)."""
+    from collections import Counter
+
+    from epic.data.tasks import NLVR2_KINDS, nlvr2_statement_kind
+
+    hand = ["the left image has a red background", "both images have a black background",
+            "there is a red circle in the right image", "the right image contains more shapes than the left image",
+            "in the left image the purple triangle is to the right of the pink diamond",
+            "the right image has a red diamond"]
+    assert [nlvr2_statement_kind(s) for s in hand] == list(NLVR2_KINDS)
+    assert nlvr2_statement_kind("the dog is asleep") is None
+    for version, kinds in ((1, NLVR2_KINDS[:4]), (2, NLVR2_KINDS)):
+        drawn = Counter(nlvr2_statement_kind(s) for s, _ in nlvr2_statements(version, 1000, seed=0))
+        assert set(drawn) == set(kinds), (version, drawn)
+
+
 def test_v2_nlvr2_statements_tell_nothing_about_their_label():
     """A text-only classifier is at chance on version 2's NLVR2 statements, and every template is as often true as
     false; on version 1 (kept as it was) the same classifier reads the label off "both images have ...", which

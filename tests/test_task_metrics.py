@@ -84,6 +84,10 @@ def test_evaluate_loops_hand_computed():
             yield batch
 
     assert nlvr2.evaluate_nlvr2(model, loader()) == {"accuracy": pytest.approx(200 / 3), "num_examples": 3}
+    batches[0]["kinds"], batches[1]["kinds"] = torch.tensor([0, 2]), torch.tensor([2])  # the shapes world's
+    assert nlvr2.evaluate_nlvr2(model, loader(), kinds=("a", "b", "c")) == {  # kind "b" has no example
+        "accuracy": pytest.approx(200 / 3), "num_examples": 3, "by_kind": {"a": 100.0, "c": 50.0}}
+    assert "by_kind" not in nlvr2.evaluate_nlvr2(model, loader())  # no names given: overall accuracy only
     assert snli_ve.evaluate_snli_ve(model, loader())["accuracy"] == pytest.approx(200 / 3)
     assert vqa.evaluate_vqa(model, loader())["vqa_score"] == pytest.approx(100 * (0.0 + 0.6 + 0.9) / 3)
 
@@ -312,3 +316,23 @@ def test_eval_loaders_split_examples_across_ranks(tasks_root, shapes_world):
     assert images == set(range(8))
     assert all(rank == i % 2 for rank, i in seen)
     assert len(seen) == sum(len(e["captions"]) for e in data.examples)
+
+
+def test_nlvr2_batches_carry_the_statement_kind_only_for_the_shapes_world(tasks_root, shapes_world, tmp_path):
+    from epic.data import load_tokenizer
+    from epic.data.tasks import NLVR2_KINDS, build_task_eval_loader, load_task_data, nlvr2_statement_kind
+
+    tokenizer = load_tokenizer(shapes_world / "tokenizer")
+    val = tasks_root / "nlvr2" / "val.json"
+    data = load_task_data("nlvr2", str(val), str(tasks_root / "images"), for_training=False)
+    kinds = [int(k) for b in build_task_eval_loader(data, tokenizer, image_size=32, max_text_len=16, batch_size=3,
+                                                    rank=0, world_size=1) for k in b["kinds"]]
+    assert kinds == [NLVR2_KINDS.index(nlvr2_statement_kind(r["sentence"])) for r in json.loads(val.read_text())]
+    records = json.loads(val.read_text())
+    records[0]["sentence"] = "the dog is asleep"  # a statement of no template: a real NLVR2 file has no kinds
+    other = tmp_path / "val.json"
+    other.write_text(json.dumps(records))
+    data = load_task_data("nlvr2", str(other), str(tasks_root / "images"), for_training=False)
+    batch = next(iter(build_task_eval_loader(data, tokenizer, image_size=32, max_text_len=16, batch_size=3,
+                                             rank=0, world_size=1)))
+    assert "kinds" not in batch

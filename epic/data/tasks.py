@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import random
 import tarfile
@@ -187,6 +186,10 @@ def load_task_data(task: str, annotation: str, images: str, answers: Sequence[st
                 raise ValueError(f"NLVR2 record has {len(r['images'])} images, expected 2: {r}")
             examples.append({"images": list(r["images"]), "text": r["sentence"],
                              "label": nlvr2_metric.parse_label(r["label"])})
+        kinds = [nlvr2_statement_kind(e["text"]) for e in examples]
+        if examples and None not in kinds:  # the shapes world's statements: evaluation reports accuracy per kind
+            for example, kind in zip(examples, kinds):
+                example["kind"] = NLVR2_KINDS.index(kind)
     elif task == "snli_ve":
         examples = [{"image": r["image"], "text": r["sentence"], "label": snli_metric.parse_label(r["label"])}
                     for r in records]
@@ -260,7 +263,7 @@ class TaskDataset(Dataset):
             item["pixel_values_1"] = self._pixels(example["images"][1], epoch, index, 1)
         else:
             item["pixel_values"] = self._pixels(example["image"], epoch, index)
-        for field in ("label", "target", "image_id"):
+        for field in ("label", "target", "image_id", "kind"):
             if field in example:
                 item[field] = example[field]
         if self.num_negative_texts:
@@ -287,6 +290,8 @@ def make_collate(tokenizer, max_text_len: int):
             batch["target_scores"] = torch.stack([it["target"] for it in items]).float()
         if "image_id" in items[0]:
             batch["image_ids"] = torch.tensor([it["image_id"] for it in items], dtype=torch.long)
+        if "kind" in items[0]:
+            batch["kinds"] = torch.tensor([it["kind"] for it in items], dtype=torch.long)
         if "negative_texts" in items[0]:  # retrieval: [B, n, L] captions of other images
             count = len(items[0]["negative_texts"])
             negatives = tokenizer([t for it in items for t in it["negative_texts"]], max_length=max_text_len,
@@ -541,6 +546,28 @@ def _truth_statement(scenes: list[dict], want: bool, rng: random.Random, version
             bg = rng.choice(sorted(BACKGROUNDS))
             if not all(f["background"] == bg for f in facts):
                 return f"both images have a {bg} background"
+
+
+NLVR2_KINDS = ("background (one image)", "background (both images)", "object present", "more shapes (counting)",
+               "relation", "attribute binding")
+
+
+def nlvr2_statement_kind(sentence: str) -> Optional[str]:
+    """Which of _truth_statement's templates wrote `sentence` (one of NLVR2_KINDS); None for any other sentence.
+    "attribute binding" ("the left image has a red circle") is false of an image holding a red object and a circle,
+    apart; "object present" ("there is a red circle in the left image") is false of an image without one."""
+    one_image = sentence.startswith(("the left image has a ", "the right image has a "))
+    if one_image and sentence.endswith(" background"):
+        return NLVR2_KINDS[0]
+    if sentence.startswith("both images have a ") and sentence.endswith(" background"):
+        return NLVR2_KINDS[1]
+    if sentence.startswith("there is a ") and sentence.endswith((" in the left image", " in the right image")):
+        return NLVR2_KINDS[2]
+    if " image contains more shapes than the " in sentence:
+        return NLVR2_KINDS[3]
+    if sentence.startswith(("in the left image the ", "in the right image the ")):
+        return NLVR2_KINDS[4]
+    return NLVR2_KINDS[5] if one_image else None
 
 
 def _snli_example(scene: dict, image: str, label: str, rng: random.Random, version: int = 1) -> dict:

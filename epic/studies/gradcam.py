@@ -235,7 +235,8 @@ def run_seed(study, seed: int) -> dict:
             results[name] = probe_model(run_dir, probes)
         return {"seed": seed, "image_size": config_size, "models": results}
 
-    return _stage(path, compute, study.collect_only)
+    # the runs it reads (their folders name their pretraining settings): other runs are scored again, never reused
+    return _stage(path, compute, study.collect_only, settings=[str(study.unit_dir(v, seed)) for v in MODELS])
 
 
 def units(study):
