@@ -527,15 +527,20 @@ def downstream_table(results: Sequence[dict], variants: Sequence[Variant], first
                      scale: Scale) -> tuple[str, list]:
     """The paper's ablation layout: one row per variant, NLVR2 dev, retrieval fine-tuned / zero-shot R@1."""
     grouped = results_by_variant(results, variants)
-    rows, failures = [], []
+    failures = [f"- {v.name} seed {r['seed']}: {r['error']}" for v in variants for r in grouped[v.name] if "error" in r]
+    return variant_table(results, variants, first_column, DOWNSTREAM_COLUMNS, scale), failures
+
+
+def variant_table(results: Sequence[dict], variants: Sequence[Variant], first_column: str,
+                  columns: Sequence[tuple[str, str]], scale: Scale) -> str:
+    """One row per variant: each (header, dotted result path) column as mean ± std over its finished seeds."""
+    grouped = results_by_variant(results, variants)
+    rows = []
     for variant in variants:
-        runs = grouped[variant.name]
-        ok = [r for r in runs if "error" not in r]
-        failures += [f"- {variant.name} seed {r['seed']}: {r['error']}" for r in runs if "error" in r]
+        ok = [r for r in grouped[variant.name] if "error" not in r]
         rows.append([row_label(variant.name, scale), *[format_cell([metric(r, path) for r in ok])
-                                                        for _, path in DOWNSTREAM_COLUMNS], str(len(ok))])
-    header = [first_column, *[c for c, _ in DOWNSTREAM_COLUMNS], "seeds"]
-    return markdown_table(header, rows), failures
+                                                        for _, path in columns], str(len(ok))])
+    return markdown_table([first_column, *[c for c, _ in columns], "seeds"], rows)
 
 
 def nlvr2_kind_table(results: Sequence[dict], variants: Sequence[Variant], scale: Scale) -> list[str]:
@@ -543,16 +548,11 @@ def nlvr2_kind_table(results: Sequence[dict], variants: Sequence[Variant], scale
     none where no run recorded the breakdown (results of an earlier version, or data of no shapes world)."""
     from epic.data.tasks import NLVR2_KINDS
 
-    grouped = results_by_variant(results, variants)
     if not any(isinstance(result_at(r, "nlvr2.by_kind"), dict) for r in results):
         return []
-    rows = []
-    for variant in variants:
-        ok = [r for r in grouped[variant.name] if "error" not in r]
-        rows.append([row_label(variant.name, scale), *[format_cell([metric(r, f"nlvr2.by_kind.{kind}") for r in ok])
-                                                        for kind in NLVR2_KINDS], str(len(ok))])
+    columns = [(kind, f"nlvr2.by_kind.{kind}") for kind in NLVR2_KINDS]
     return ["", "NLVR2 dev accuracy (%) per statement kind (chance 50; the fine-grained kinds have few dev pairs):",
-            "", markdown_table(["", *NLVR2_KINDS, "seeds"], rows)]
+            "", variant_table(results, variants, "", columns, scale)]
 
 
 def bar_plot(path: Path, results: Sequence[dict], variants: Sequence[Variant], title: str, scale: Scale) -> Path:
