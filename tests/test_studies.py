@@ -336,13 +336,18 @@ def test_modality_bias_smoke_for_another_family(family, smoke_base):
     """ViLT (single stream, BERT text side) and ALBEF (momentum model): the joint VLM + LM training and its table."""
     import study as study_tool
 
+    from epic.studies import modality_bias_study
+
     root, base = smoke_base
     out = root / f"modality-bias_{family}"
     assert study_tool.main(["modality-bias", *base, "--family", family, "--out", str(out)]) == 0
     report = (out / "modality-bias.md").read_text()
     label = {"vilt": "ViLT", "albef": "ALBEF"}[family]
     assert f"`{family}_shapes_tiny`" in report and f"{label}'s pretraining step" in report
-    assert (root / "runs" / "smoke" / f"modality-bias-{family}" / "seed0" / "summary.json").is_file()
+    args = study_tool.parse_args(["modality-bias", *base, "--family", family, "--out", str(out)])
+    seed_dir = modality_bias_study.seed_dir(study_tool.build_study(args), 0)
+    assert seed_dir.parent.parent == root / "runs" / "smoke" / f"modality-bias-{family}"
+    assert (seed_dir / "summary.json").is_file()
     rows = table_rows(report)
     assert [r[0] for r in rows[2:4]] == ["VLM (CMLM, sees the image)", "LM (MLM, text only)"]
     assert all(CELL.match(c) for c in rows[2][1:4]) and rows[2][-1] == "1"
@@ -579,3 +584,28 @@ def test_gradcam_scores_made_from_other_runs_are_not_reused(tmp_path):
     assert gradcam.run_seed(made, 0) == {"seed": 0, "models": {}}
     with pytest.raises(common.StageMissing, match="other settings"):
         gradcam.run_seed(study(300), 0)
+
+
+def test_modality_bias_runs_of_other_settings_are_not_reused(tmp_path):
+    """The modality-bias run of a seed lives in a folder named by its settings, so a study with another --steps
+    neither reports nor feeds unmasked-use from it; unmasked-use's measurement records the run it read."""
+    from epic.studies import common, modality_bias_study, unmasked_use
+
+    def study(steps):
+        scale = common.make_scale("tiny", tmp_path / "world")
+        scale.modality_steps = steps
+        return common.Study("modality-bias", scale, tmp_path / "out", tmp_path / "runs", [0], collect_only=True)
+
+    made, other = study(1500), study(300)
+    assert modality_bias_study.seed_dir(made, 0) != modality_bias_study.seed_dir(other, 0)
+    assert modality_bias_study.seed_dir(made, 0) == modality_bias_study.seed_dir(study(1500), 0)
+    out = modality_bias_study.command(made, 0)
+    assert out[out.index("--out") + 1] == str(modality_bias_study.seed_dir(made, 0))
+    assert out[out.index("--steps") + 1] == "1500"
+    path = common.analysis_dir(made, "unmasked-use") / "seed0.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"seed": 0, "rows": [], common.SETTINGS_KEY: [
+        str(modality_bias_study.seed_dir(made, 0))]}))
+    assert unmasked_use.run_seed(made, 0) == {"seed": 0, "rows": []}
+    with pytest.raises(common.StageMissing, match="other settings"):
+        unmasked_use.run_seed(other, 0)

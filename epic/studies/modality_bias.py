@@ -18,6 +18,7 @@ models go to DIR/{vlm,lm,sampler}.pt with DIR/models.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -211,8 +212,7 @@ def train(config: str, overrides: list[str], out: Path, steps: int, eval_every: 
             + " ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)))
         return row
 
-    import dataclasses
-
+    # written before training: a stopped run's saved models still serve unmasked-use
     (out / "models.json").write_text(json.dumps({"config": config, "overrides": overrides,
                                                  "model": dataclasses.asdict(cfg.model), "steps": steps,
                                                  "tokenizer": paths.tokenizer, "val_shards": paths.val_shards,
@@ -239,15 +239,6 @@ def train(config: str, overrides: list[str], out: Path, steps: int, eval_every: 
         if step % eval_every == 0 or step == steps:
             last = record(step)
             save_models()
-    (out / "models.json").write_text(json.dumps({"config": config, "overrides": overrides,
-                                                 "model": dataclasses.asdict(cfg.model), "steps": steps,
-                                                 "tokenizer": paths.tokenizer, "val_shards": paths.val_shards,
-                                                 "vlm_objective": vlm_objective,
-                                                 "data": {"image_size": cfg.data.image_size,
-                                                          "max_text_len": cfg.data.max_text_len,
-                                                          "eval_batch_size": cfg.data.eval_batch_size,
-                                                          "normalization": cfg.data.normalization}},
-                                                indent=1) + "\n")
     (out / "summary.json").write_text(json.dumps(last, indent=1) + "\n")
     return last
 

@@ -2,6 +2,7 @@
 subprocess with the scale's vanilla config), then Fig. 2a (accuracy over training) and the table."""
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -13,18 +14,26 @@ TITLE = "Sec. 3 / Fig. 2a: modality bias, CMLM accuracy of a VLM vs MLM accuracy
 COLUMNS = (("all", "acc"), ("content words", "acc_content"), ("filler words", "acc_filler"))
 
 
-def seed_dir(study, seed: int) -> Path:
-    return analysis_dir(study, "modality-bias") / f"seed{seed}"
-
-
-def command(study, seed: int) -> list[str]:
+def settings(study) -> list[str]:
+    """The joint training's arguments, except the seed and the output folder."""
     scale = study.scale
     overrides = [f"data.root={scale.world}", "data.num_workers=0"] if scale.world is not None else []
     batch = ["data.micro_batch_size=32"] if scale.world is not None else []
     every = max(1, scale.modality_steps // 10)
-    return [sys.executable, "-m", "epic.studies.modality_bias", "--config", scale.vanilla_config, "--out",
-            str(seed_dir(study, seed)), "--steps", str(scale.modality_steps), "--eval-every", str(every),
-            "--eval-batches", "2" if scale.name == "smoke" else "8", *overrides, *batch, f"run.seed={seed}"]
+    return ["--config", scale.vanilla_config, "--steps", str(scale.modality_steps), "--eval-every", str(every),
+            "--eval-batches", "2" if scale.name == "smoke" else "8", *overrides, *batch]
+
+
+def seed_dir(study, seed: int) -> Path:
+    """RUNS/<scale>/modality-bias/<steps>-steps-<digest of the settings>/seed<N>: a run with other settings (another
+    --steps, world or config) gets its own folder, so neither this report nor unmasked-use reads a stale one."""
+    digest = hashlib.sha1(json.dumps(settings(study)).encode()).hexdigest()[:8]
+    return analysis_dir(study, "modality-bias") / f"{study.scale.modality_steps}-steps-{digest}" / f"seed{seed}"
+
+
+def command(study, seed: int) -> list[str]:
+    return [sys.executable, "-m", "epic.studies.modality_bias", "--out", str(seed_dir(study, seed)),
+            *settings(study), f"run.seed={seed}"]
 
 
 def run_seed(study, seed: int) -> dict:

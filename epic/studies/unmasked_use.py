@@ -118,7 +118,8 @@ def run_seed(study, seed: int) -> dict:
             batch_size=data["eval_batch_size"], normalization=data.get("normalization", "clip")))]
         return {"seed": seed, "rows": measure(vlm, lm, sampler, batches, tokenizer, TAUS, seed)}
 
-    return _stage(out, compute, study.collect_only)
+    # the run it reads (its folder names its settings): a run with other settings is measured again, never reused
+    return _stage(out, compute, study.collect_only, settings=[str(seed_dir(study, seed))])
 
 
 def units(study):
