@@ -207,3 +207,81 @@ def test_v2_nlvr2_statements_tell_nothing_about_their_label():
         true, false = per_template[(template, True)], per_template[(template, False)]
         assert abs(true - false) <= 4 * (true + false) ** 0.5, (template, true, false)
     assert text_only_accuracy(nlvr2_statements(1, 4000, seed=0), nlvr2_statements(1, 2000, seed=1)) > 0.54
+
+
+def statement_is_true(sentence: str, scenes: list[dict]) -> bool:
+    """An NLVR2 statement's truth read off the two scenes, independently of the generator's templates."""
+    import re
+
+    def has(scene, colour, shape):
+        return any(o["colour"] == colour and o["shape"] == shape for o in scene["objects"])
+
+    side = {"left": 0, "right": 1}
+    if m := re.fullmatch(r"the (left|right) image has an? (\w+) background", sentence):
+        return scenes[side[m[1]]]["background"] == m[2]
+    if m := re.fullmatch(r"both images have an? (\w+) background", sentence):
+        return all(s["background"] == m[1] for s in scenes)
+    if m := re.fullmatch(r"there is an? (\w+) (\w+) in the (left|right) image", sentence):
+        return has(scenes[side[m[3]]], m[1], m[2])
+    if m := re.fullmatch(r"the (left|right) image contains more shapes than the (left|right) image", sentence):
+        return len(scenes[side[m[1]]]["objects"]) > len(scenes[side[m[2]]]["objects"])
+    if m := re.fullmatch(r"in the (left|right) image the (\w+) (\w+) is (.+) the (\w+) (\w+)", sentence):
+        scene = scenes[side[m[1]]]
+        first, second = scene["objects"]
+        words = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below"}
+        assert (first["colour"], first["shape"], second["colour"], second["shape"]) == m.group(2, 3, 5, 6)
+        return words[m[4]] == scene["relation"]
+    m = re.fullmatch(r"the (left|right) image has an? (\w+) (\w+)", sentence)
+    assert m, sentence
+    return has(scenes[side[m[1]]], m[2], m[3])
+
+
+def nlvr2_task(tmp_path, **options) -> tuple[list[dict], dict[str, dict]]:
+    """(NLVR2 train examples, scene of each image name) of generate_shapes_tasks with `options`."""
+    import random
+
+    from epic.data.synthetic import sample_scene
+    from epic.data.tasks import generate_shapes_tasks
+
+    root = generate_shapes_tasks(tmp_path, n_train=300, n_val=4, image_size=8, write_shards=False, version=2,
+                                 **options)
+    scenes = {f"train_{i:05d}.jpg": sample_scene(random.Random(f"shapes-tasks/0/train/{i}"), 2) for i in range(300)}
+    return json.loads((root / "nlvr2" / "train.json").read_text()), scenes
+
+
+@pytest.mark.parametrize("options", [{}, {"nlvr2_per_image": 3, "nlvr2_balanced": True}],
+                         ids=["drawn", "balanced-3-per-image"])
+def test_every_nlvr2_label_is_the_statements_truth_about_its_images(tmp_path, options):
+    examples, scenes = nlvr2_task(tmp_path, **options)
+    for example in examples:
+        truth = statement_is_true(example["sentence"], [scenes[name] for name in example["images"]])
+        assert truth == (example["label"] == "True"), example
+
+
+def test_balanced_nlvr2_gives_every_kind_and_label_the_same_share(tmp_path):
+    """nlvr2_balanced: each (kind, label) within one of the others; drawn per pair (the default) the fine-grained
+    kinds are rare. nlvr2_per_image: every image is on the left that many times, half of them true."""
+    from collections import Counter
+
+    from epic.data.tasks import NLVR2_KINDS, nlvr2_statement_kind
+
+    examples, _ = nlvr2_task(tmp_path / "balanced", nlvr2_per_image=4, nlvr2_balanced=True)
+    assert len(examples) == 1200
+    assert Counter(e["images"][0] for e in examples) == Counter({f"train_{i:05d}.jpg": 4 for i in range(300)})
+    shares = Counter((nlvr2_statement_kind(e["sentence"]), e["label"]) for e in examples)
+    assert set(shares) == {(k, label) for k in NLVR2_KINDS for label in ("True", "False")}
+    assert max(shares.values()) - min(shares.values()) <= 1, shares
+    drawn = Counter(nlvr2_statement_kind(e["sentence"]) for e in nlvr2_task(tmp_path / "drawn")[0])
+    assert drawn["attribute binding"] < drawn["background (one image)"] / 2, drawn
+
+
+def test_nlvr2_options_reject_what_they_cannot_make(tmp_path):
+    from epic.data.tasks import generate_shapes_tasks
+
+    with pytest.raises(ValueError, match="nlvr2_per_image"):
+        generate_shapes_tasks(tmp_path, 4, 2, image_size=8, write_shards=False, version=2, nlvr2_per_image=0)
+    with pytest.raises(ValueError, match="version 2"):
+        generate_shapes_tasks(tmp_path, 4, 2, image_size=8, write_shards=False, version=1, nlvr2_balanced=True)
+    with pytest.raises(ValueError, match="fits NLVR2's .* statements"):  # too few images for every kind to fit
+        generate_shapes_tasks(tmp_path, 8, 4, image_size=8, write_shards=False, version=2, nlvr2_per_image=2,
+                              nlvr2_balanced=True)

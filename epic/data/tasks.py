@@ -477,6 +477,9 @@ def _vqa_example(scene: dict, image: str, rng: random.Random, qid: int) -> dict:
     return {"question_id": qid, "image": image, "question": question, "answer": [answer] * 10}
 
 
+NLVR2_TEMPLATES = ("bg_one", "pair_in", "more", "bg_both", "relation", "binding")  # in NLVR2_KINDS' order
+
+
 def _truth_statement(scenes: list[dict], want: bool, rng: random.Random, version: int = 1) -> str:
     """An NLVR2-style statement about (left, right) whose truth is `want`.
 
@@ -488,64 +491,109 @@ def _truth_statement(scenes: list[dict], want: bool, rng: random.Random, version
     that template.
     World version 2 adds the fine-grained kinds: a relation between the two objects of a pair scene (false: the
     inverse relation) and attribute binding (false pairs are a colour and a shape that are both in the image,
-    on different objects, whenever the image has such a pair).
+    on different objects, whenever the image has such a pair). A template that does not fit the pair is drawn
+    again, so the kinds that fit fewer pairs (relation, binding) are rarer: see _balanced_statement.
     """
-    from .synthetic import BACKGROUNDS, SHAPES, world_tables
+    templates = NLVR2_TEMPLATES[:4] + (NLVR2_TEMPLATES[4:] if version >= 2 else ())
+    while True:
+        template = rng.choice(templates)
+        side = rng.randrange(2)
+        statement = _statement_of(template, side, scenes, want, rng, version)
+        if statement is not None:
+            return statement
+
+
+def _statement_of(template: str, side: int, scenes: list[dict], want: bool, rng: random.Random,
+                  version: int) -> Optional[str]:
+    """One template's statement about (left, right) with truth `want`, about image `side` where the template names
+    one; None where the template does not fit the pair (for either label, from version 2 on)."""
+    from .synthetic import BACKGROUNDS, RELATIONS, SHAPES, world_tables
 
     COLOURS = world_tables(version)["colours"]  # noqa: N806
     facts = [_scene_facts(s) for s in scenes]
     sides = ("left", "right")
-    kinds = ("bg_one", "pair_in", "more", "bg_both") + (("relation", "binding") if version >= 2 else ())
-    while True:
-        kind = rng.choice(kinds)
-        side = rng.randrange(2)
-        if kind == "relation":
-            scene = scenes[side]
-            if scene["scene"] != "pair":
-                continue
-            from .synthetic import RELATIONS
-
-            first, second = scene["objects"]
-            relation = scene["relation"] if want else RELATIONS[scene["relation"]][1]
-            phrase = RELATIONS[relation][0].replace("*", "")
-            return (f"in the {sides[side]} image the {first['colour']} {first['shape']} is {phrase} the "
-                    f"{second['colour']} {second['shape']}")
-        if kind == "binding":
-            pairs = facts[side]["pairs"]
-            swapped = sorted({(c, s) for c in facts[side]["colours"] for s in facts[side]["shapes"]} - pairs)
-            if not swapped:
-                continue
-            colour, shape = rng.choice(sorted(pairs) if want else swapped)
-            return f"the {sides[side]} image has a {colour} {shape}"
-        if kind == "bg_one":
-            actual = facts[side]["background"]
-            bg = actual if want else rng.choice(sorted(set(BACKGROUNDS) - {actual}))
-            return f"the {sides[side]} image has a {bg} background"
-        if kind == "pair_in":
-            present = sorted(facts[side]["pairs"])
-            absent = sorted({(c, s) for c in COLOURS for s in SHAPES} - facts[side]["pairs"])
-            colour, shape = rng.choice(present if want else absent)
-            return f"there is a {colour} {shape} in the {sides[side]} image"
-        if kind == "more":
-            counts = (facts[0]["count"], facts[1]["count"])
-            if counts[0] == counts[1]:
-                continue
-            more = 0 if counts[0] > counts[1] else 1
-            side = more if want else 1 - more
-            return f"the {sides[side]} image contains more shapes than the {sides[1 - side]} image"
-        backgrounds = {f["background"] for f in facts}
-        if version >= 2:  # only pairs that share a background, for either label (else "both images have" is a
-            if len(backgrounds) != 1:  # false statement three times as often as a true one: a language shortcut)
-                continue
-            shared = backgrounds.pop()
-            bg = shared if want else rng.choice(sorted(set(BACKGROUNDS) - {shared}))
+    if template == "relation":
+        scene = scenes[side]
+        if scene["scene"] != "pair":
+            return None
+        first, second = scene["objects"]
+        relation = scene["relation"] if want else RELATIONS[scene["relation"]][1]
+        phrase = RELATIONS[relation][0].replace("*", "")
+        return (f"in the {sides[side]} image the {first['colour']} {first['shape']} is {phrase} the "
+                f"{second['colour']} {second['shape']}")
+    if template == "binding":
+        pairs = facts[side]["pairs"]
+        swapped = sorted({(c, s) for c in facts[side]["colours"] for s in facts[side]["shapes"]} - pairs)
+        if not swapped:
+            return None
+        colour, shape = rng.choice(sorted(pairs) if want else swapped)
+        return f"the {sides[side]} image has a {colour} {shape}"
+    if template == "bg_one":
+        actual = facts[side]["background"]
+        bg = actual if want else rng.choice(sorted(set(BACKGROUNDS) - {actual}))
+        return f"the {sides[side]} image has a {bg} background"
+    if template == "pair_in":
+        present = sorted(facts[side]["pairs"])
+        absent = sorted({(c, s) for c in COLOURS for s in SHAPES} - facts[side]["pairs"])
+        colour, shape = rng.choice(present if want else absent)
+        return f"there is a {colour} {shape} in the {sides[side]} image"
+    if template == "more":
+        counts = (facts[0]["count"], facts[1]["count"])
+        if counts[0] == counts[1]:
+            return None
+        more = 0 if counts[0] > counts[1] else 1
+        side = more if want else 1 - more
+        return f"the {sides[side]} image contains more shapes than the {sides[1 - side]} image"
+    backgrounds = {f["background"] for f in facts}  # "bg_both"
+    if version >= 2:  # only pairs that share a background, for either label (else "both images have" is a
+        if len(backgrounds) != 1:  # false statement three times as often as a true one: a language shortcut)
+            return None
+        shared = backgrounds.pop()
+        bg = shared if want else rng.choice(sorted(set(BACKGROUNDS) - {shared}))
+        return f"both images have a {bg} background"
+    if want and len(backgrounds) == 1:  # version 1, unchanged
+        return f"both images have a {backgrounds.pop()} background"
+    if not want:
+        bg = rng.choice(sorted(BACKGROUNDS))
+        if not all(f["background"] == bg for f in facts):
             return f"both images have a {bg} background"
-        if want and len(backgrounds) == 1:  # version 1, unchanged
-            return f"both images have a {backgrounds.pop()} background"
-        if not want:
-            bg = rng.choice(sorted(BACKGROUNDS))
-            if not all(f["background"] == bg for f in facts):
-                return f"both images have a {bg} background"
+    return None
+
+
+def _balanced_statement(template: str, left: int, scenes: Sequence[dict], names: Sequence[str], want: bool,
+                        rng: random.Random, version: int) -> dict:
+    """An NLVR2 example of a given template with image `left` on the left: right images (and the side the
+    statement names) are drawn until the template fits the pair, so every kind is as frequent as any other
+    (version 2 or later: whether a template fits does not depend on the label, so the pairing tells nothing)."""
+    for _ in range(BALANCED_TRIES):
+        right = rng.randrange(len(scenes))
+        statement = _statement_of(template, rng.randrange(2), [scenes[left], scenes[right]], want, rng, version)
+        if statement is not None:
+            return {"images": [names[left], names[right]], "sentence": statement, "label": "True" if want else "False"}
+    raise ValueError(f"no pair of the split's {len(scenes)} images with {names[left]} on the left fits NLVR2's "
+                     f"{template!r} statements after {BALANCED_TRIES} draws: generate more images, or leave "
+                     "nlvr2_balanced off")
+
+
+BALANCED_TRIES = 10_000  # a template fits about one random pair in ten (binding) or more often
+
+
+def _nlvr2_examples(scenes: Sequence[dict], names: Sequence[str], rng: random.Random, version: int,
+                    per_image: int, balanced: bool) -> list[dict]:
+    """`per_image` statements with each image on the left, alternately true and false; balanced: the templates
+    in turn (each kind as often as any other), else drawn per pair (_truth_statement)."""
+    examples = []
+    for index in range(len(scenes) * per_image):
+        left, want = index // per_image, index % 2 == 0
+        if balanced:
+            template = NLVR2_TEMPLATES[(index // 2) % len(NLVR2_TEMPLATES)]  # both labels of each template
+            examples.append(_balanced_statement(template, left, scenes, names, want, rng, version))
+            continue
+        right = rng.randrange(len(scenes))
+        statement = _truth_statement([scenes[left], scenes[right]], want, rng, version)
+        examples.append({"images": [names[left], names[right]], "sentence": statement,
+                         "label": "True" if want else "False"})
+    return examples
 
 
 NLVR2_KINDS = ("background (one image)", "background (both images)", "object present", "more shapes (counting)",
@@ -595,12 +643,20 @@ def _snli_example(scene: dict, image: str, label: str, rng: random.Random, versi
 
 
 def generate_shapes_tasks(out: str | Path, n_train: int = 512, n_val: int = 128, image_size: int = 64,
-                          seed: int = 0, write_shards: bool = True, version: int = 1) -> Path:
+                          seed: int = 0, write_shards: bool = True, version: int = 1, nlvr2_per_image: int = 1,
+                          nlvr2_balanced: bool = False) -> Path:
     """Write OUT/tasks: images/ (+ image_shards/), {retrieval,vqa,nlvr2,snli_ve}/{train,val}.json, vqa/answers.json.
 
     Pure function of the arguments. Images are scenes of the pretraining generator in their own seed space;
     `version` is the shapes-world version (epic.data.synthetic; 2 adds NLVR2's relation and binding statements).
+    NLVR2 has `nlvr2_per_image` statements with each image on the left (half of them true); `nlvr2_balanced`
+    (version 2 or later) gives every statement kind the same share instead of the share of pairs it fits.
     """
+    if nlvr2_per_image < 1:
+        raise ValueError(f"nlvr2_per_image must be at least 1, got {nlvr2_per_image}")
+    if nlvr2_balanced and version < 2:
+        raise ValueError("nlvr2_balanced needs world version 2 or later (version 1's 'both images' statements fit "
+                         "a pair depending on their label)")
     from .synthetic import encode_jpeg, make_captions, render_scene, sample_scene
 
     if n_train < 2 or n_val < 2:
@@ -629,13 +685,7 @@ def generate_shapes_tasks(out: str | Path, n_train: int = 512, n_val: int = 128,
             [{"image": n, "caption": s["captions"]} for n, s in zip(names, scenes)])
         annotations["vqa"][split] = [_vqa_example(s, n, rng, qid) for qid, (s, n) in
                                      enumerate((s, n) for s, n in zip(scenes, names) for _ in range(2))]
-        nlvr = []
-        for i in range(count):
-            j = rng.randrange(count)
-            want = i % 2 == 0
-            nlvr.append({"images": [names[i], names[j]], "sentence": _truth_statement([scenes[i], scenes[j]], want, rng, version),
-                         "label": "True" if want else "False"})
-        annotations["nlvr2"][split] = nlvr
+        annotations["nlvr2"][split] = _nlvr2_examples(scenes, names, rng, version, nlvr2_per_image, nlvr2_balanced)
         labels = ("entailment", "neutral", "contradiction")
         annotations["snli_ve"][split] = [_snli_example(s, n, labels[(i + k) % 3], rng, version)
                                          for i, (s, n) in enumerate(zip(scenes, names)) for k in range(2)]
@@ -652,9 +702,12 @@ def generate_shapes_tasks(out: str | Path, n_train: int = 512, n_val: int = 128,
         with wds.TarWriter(str(root / "image_shards" / "00000.tar"), encoder=False, mtime=0) as writer:
             for name, data in shard_rows:
                 writer.write({"__key__": image_key(name), "jpg": data})
+    nlvr2_options = {**({"nlvr2_per_image": nlvr2_per_image} if nlvr2_per_image != 1 else {}),
+                     **({"nlvr2_balanced": True} if nlvr2_balanced else {})}  # only where not the default
     (root / "manifest.json").write_text(json.dumps({"n_train": n_train, "n_val": n_val, "image_size": image_size,
                                                     "seed": seed, "tasks": list(TASKS),
-                                                    **({"version": version} if version != 1 else {})},
+                                                    **({"version": version} if version != 1 else {}),
+                                                    **nlvr2_options},
                                                    indent=1) + "\n")
     return root
 
@@ -672,8 +725,8 @@ def shapes_task_paths(root: str | Path, task: str) -> dict:
 
 
 def main(argv=None) -> int:
-    """`python -m epic.data.tasks --out DIR [--train N --val M --image-size S --seed K --world-version V]` writes
-    DIR/tasks."""
+    """`python -m epic.data.tasks --out DIR [--train N --val M --image-size S --seed K --world-version V
+    --nlvr2-per-image K --nlvr2-balanced]` writes DIR/tasks."""
     import argparse
 
     parser = argparse.ArgumentParser(description=generate_shapes_tasks.__doc__)
@@ -684,9 +737,16 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--world-version", type=int, default=1, choices=(1, 2),
                         help="shapes-world version (2: fine-grained NLVR2 statements, no text leaks)")
+    parser.add_argument("--nlvr2-per-image", type=int, default=1, help="NLVR2 statements with each image on the left")
+    parser.add_argument("--nlvr2-balanced", action="store_true",
+                        help="every NLVR2 statement kind equally often (version 2; default: as often as it fits)")
     args = parser.parse_args(argv)
-    root = generate_shapes_tasks(args.out, args.train, args.val, args.image_size, args.seed,
-                                 version=args.world_version)
+    try:
+        root = generate_shapes_tasks(args.out, args.train, args.val, args.image_size, args.seed,
+                                     version=args.world_version, nlvr2_per_image=args.nlvr2_per_image,
+                                     nlvr2_balanced=args.nlvr2_balanced)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
     print(json.dumps({"tasks": str(root), "train": args.train, "val": args.val}))
     return 0
 
