@@ -492,7 +492,7 @@ def _truth_statement(scenes: list[dict], want: bool, rng: random.Random, version
     World version 2 adds the fine-grained kinds: a relation between the two objects of a pair scene (false: the
     inverse relation) and attribute binding (false pairs are a colour and a shape that are both in the image,
     on different objects, whenever the image has such a pair). A template that does not fit the pair is drawn
-    again, so the kinds that fit fewer pairs (relation, binding) are rarer: see _balanced_statement.
+    again, so the kinds that fit fewer pairs (relation, binding) are rarer: see _balanced_pair.
     """
     templates = NLVR2_TEMPLATES[:4] + (NLVR2_TEMPLATES[4:] if version >= 2 else ())
     while True:
@@ -560,22 +560,22 @@ def _statement_of(template: str, side: int, scenes: list[dict], want: bool, rng:
     return None
 
 
-def _balanced_statement(template: str, left: int, scenes: Sequence[dict], names: Sequence[str], want: bool,
-                        rng: random.Random, version: int) -> dict:
-    """An NLVR2 example of a given template with image `left` on the left: right images (and the side the
+BALANCED_TRIES = 10_000  # a template fits about one random pair in ten (binding) or more often
+
+
+def _balanced_pair(template: str, left: int, scenes: Sequence[dict], names: Sequence[str], want: bool,
+                   rng: random.Random, version: int) -> tuple[int, str]:
+    """(right image, statement) of a given template with image `left` on the left: right images (and the side the
     statement names) are drawn until the template fits the pair, so every kind is as frequent as any other
     (version 2 or later: whether a template fits does not depend on the label, so the pairing tells nothing)."""
     for _ in range(BALANCED_TRIES):
         right = rng.randrange(len(scenes))
         statement = _statement_of(template, rng.randrange(2), [scenes[left], scenes[right]], want, rng, version)
         if statement is not None:
-            return {"images": [names[left], names[right]], "sentence": statement, "label": "True" if want else "False"}
+            return right, statement
     raise ValueError(f"no pair of the split's {len(scenes)} images with {names[left]} on the left fits NLVR2's "
                      f"{template!r} statements after {BALANCED_TRIES} draws: generate more images, or leave "
                      "nlvr2_balanced off")
-
-
-BALANCED_TRIES = 10_000  # a template fits about one random pair in ten (binding) or more often
 
 
 def _nlvr2_examples(scenes: Sequence[dict], names: Sequence[str], rng: random.Random, version: int,
@@ -587,10 +587,10 @@ def _nlvr2_examples(scenes: Sequence[dict], names: Sequence[str], rng: random.Ra
         left, want = index // per_image, index % 2 == 0
         if balanced:
             template = NLVR2_TEMPLATES[(index // 2) % len(NLVR2_TEMPLATES)]  # both labels of each template
-            examples.append(_balanced_statement(template, left, scenes, names, want, rng, version))
-            continue
-        right = rng.randrange(len(scenes))
-        statement = _truth_statement([scenes[left], scenes[right]], want, rng, version)
+            right, statement = _balanced_pair(template, left, scenes, names, want, rng, version)
+        else:
+            right = rng.randrange(len(scenes))
+            statement = _truth_statement([scenes[left], scenes[right]], want, rng, version)
         examples.append({"images": [names[left], names[right]], "sentence": statement,
                          "label": "True" if want else "False"})
     return examples
